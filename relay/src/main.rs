@@ -1,0 +1,174 @@
+//! `cloudllm-relay`: run the relay, or mint tokens with its secret.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cloudllm_proto::Secret;
+use cloudllm_relay::{Keys, RelayConfig, Scope};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "The cloudllm relay: reach the Ollama on your own machine from anywhere")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Serve {
+        /// Address to listen on [default: 127.0.0.1:8080, or `listen` in the config file].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Config file (TOML).
+        #[arg(long, env = "CLOUDLLM_RELAY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Development mode: without a configured secret, generate a throwaway one and print
+        /// ready-to-use tokens. Never for production: tokens die with the process.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Manage tokens signed with this relay's secret.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new token: `agent` for a daemon, `client` for API callers.
+    Issue {
+        /// The user the token belongs to.
+        #[arg(long)]
+        user: String,
+        /// What the token may do.
+        #[arg(long, value_enum)]
+        scope: Scope,
+        /// The user's tier.
+        #[arg(long)]
+        tier: Option<String>,
+        /// How long the token is valid, e.g. `12h`, `30d`.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Config file holding the secret (else CLOUDLLM_RELAY_SECRET).
+        #[arg(long, env = "CLOUDLLM_RELAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
+    let mut config = match path {
+        Some(path) => RelayConfig::load(path)?,
+        None => RelayConfig::default(),
+    };
+    config.apply_env();
+    Ok(config)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve {
+            listen,
+            config,
+            dev,
+        } => serve(listen, config, dev),
+        Command::Token {
+            command:
+                TokenCommand::Issue {
+                    user,
+                    scope,
+                    tier,
+                    ttl,
+                    config,
+                },
+        } => load_config(config.as_ref()).and_then(|config| {
+            let keys = Keys::new(config.require_secret()?);
+            println!("{}", keys.issue(&user, scope, tier.as_deref(), ttl)?);
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cloudllm-relay: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(listen: Option<SocketAddr>, path: Option<PathBuf>, dev: bool) -> anyhow::Result<()> {
+    let mut config = load_config(path.as_ref())?;
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    if dev && config.secret.is_none() {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|err| anyhow::anyhow!("no randomness: {err}"))?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        config.secret = Some(Secret::new(hex));
+    }
+    let shutdown = CancellationToken::new();
+    let relay = cloudllm_relay::serve(config.clone(), shutdown.clone()).await?;
+    if dev {
+        print_dev_tokens(&config, relay.addr)?;
+    }
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining tunnels (a second signal exits at once)");
+        shutdown.cancel();
+        wait_for_signal().await;
+        std::process::exit(130);
+    });
+    relay.done.await.context("relay task")?
+}
+
+fn print_dev_tokens(config: &RelayConfig, addr: SocketAddr) -> anyhow::Result<()> {
+    let keys = Keys::new(config.require_secret()?);
+    let ttl = Duration::from_secs(24 * 3600);
+    let agent = keys.issue("dev", Scope::Agent, None, ttl)?;
+    let client = keys.issue("dev", Scope::Client, None, ttl)?;
+    println!(
+        "\nDevelopment mode: throwaway secret, tokens for user \"dev\" valid 24 h.\n\n\
+         Start the daemon on the machine with Ollama:\n  \
+         CLOUDLLM_RELAY_URL=http://{addr} CLOUDLLM_TOKEN={agent} cloudllmd\n\n\
+         Then call your Ollama through the relay:\n  \
+         curl -H 'Authorization: Bearer {client}' http://{addr}/api/tags\n"
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

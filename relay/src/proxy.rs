@@ -1,0 +1,279 @@
+//! The user-facing API: `/api/*` (Ollama) and `/v1/*` (OpenAI-compatible), forwarded as one
+//! HTTP/2 stream each to one of the caller's own devices.
+//!
+//! Bodies stream both ways without buffering. The relay strips the caller's credentials and
+//! hop-by-hop headers before anything reaches the device, and tags the request with an
+//! `x-request-id` that comes back on the response. When the caller goes away, dropping the
+//! response body resets the stream, which makes the daemon abort its request to Ollama.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use cloudllm_proto as proto;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tracing::{debug, info};
+
+use crate::AppState;
+use crate::auth::Scope;
+use crate::registry::InFlight;
+
+/// Headers that belong to one hop and are never forwarded (RFC 9110 §7.6.1), plus the
+/// caller's credentials, which stay at the relay.
+const STRIPPED_REQUEST_HEADERS: &[header::HeaderName] = &[
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::CONNECTION,
+    header::HOST,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Which API a path belongs to, so errors come in the shape its clients parse.
+#[derive(Clone, Copy)]
+enum Api {
+    Ollama,
+    OpenAi,
+}
+
+impl Api {
+    fn of(path: &str) -> Api {
+        if path.starts_with("/v1/") {
+            Api::OpenAi
+        } else {
+            Api::Ollama
+        }
+    }
+
+    fn error(self, status: StatusCode, message: &str) -> Response {
+        let body = match self {
+            Api::Ollama => proto::ollama_error(message),
+            Api::OpenAi => {
+                let kind = if status.is_server_error() {
+                    "api_error"
+                } else {
+                    "invalid_request_error"
+                };
+                proto::openai_error(message, kind)
+            }
+        };
+        let mut response = (
+            status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body,
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// `/api/*` and `/v1/*`: authenticate, pick the caller's device, forward, stream back.
+pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let api = Api::of(req.uri().path());
+    let identity = match state.keys.authenticate(req.headers(), Scope::Client) {
+        Ok(identity) => identity,
+        Err(err) => return api.error(err.status(), &err.to_string()),
+    };
+    let request_id = request_id(req.headers());
+    let mut response = forward_for(&state, api, &identity.user, &request_id, req).await;
+    response
+        .headers_mut()
+        .insert(proto::HEADER_REQUEST_ID, request_id);
+    response
+}
+
+async fn forward_for(
+    state: &AppState,
+    api: Api,
+    user: &str,
+    request_id: &HeaderValue,
+    req: Request,
+) -> Response {
+    let limit = state.config.max_body_bytes;
+    if declared_length(req.headers()).is_some_and(|len| len > limit) {
+        return too_large(api, limit);
+    }
+    let wanted = req
+        .headers()
+        .get(proto::HEADER_DEVICE)
+        .and_then(|v| v.to_str().ok());
+    let device = match state.registry.pick(user, wanted) {
+        Ok(device) => device,
+        Err(err) => return api.error(StatusCode::SERVICE_UNAVAILABLE, &err.to_string()),
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = match format!("http://tunnel{path}").parse() {
+        Ok(uri) => uri,
+        Err(_) => return api.error(StatusCode::BAD_REQUEST, "malformed request path"),
+    };
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_2;
+    strip_hop_headers(&mut parts.headers);
+    parts.headers.remove(proto::HEADER_DEVICE);
+    parts
+        .headers
+        .insert(proto::HEADER_REQUEST_ID, request_id.clone());
+    let over_limit = Arc::new(AtomicBool::new(false));
+    let body = Body::new(CappedBody {
+        inner: body,
+        remaining: limit,
+        tripped: over_limit.clone(),
+    });
+    let request = http::Request::from_parts(parts, body);
+
+    let in_flight = device.begin_request();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    match device.sender().send_request(request).await {
+        Ok(response) => {
+            info!(user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
+            let (mut parts, body) = response.into_parts();
+            strip_hop_headers(&mut parts.headers);
+            let body = Body::new(TrackedBody {
+                inner: body,
+                _in_flight: in_flight,
+            });
+            Response::from_parts(parts, body)
+        }
+        Err(_) if over_limit.load(Ordering::Relaxed) => too_large(api, limit),
+        Err(err) => {
+            debug!(error = %err, "tunnel request failed");
+            let message = format!(
+                "the tunnel to device {:?} failed before the response started ({err}); it may have just gone offline — try again",
+                device.name
+            );
+            api.error(StatusCode::BAD_GATEWAY, &message)
+        }
+    }
+}
+
+fn too_large(api: Api, limit: u64) -> Response {
+    api.error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("request body is larger than this relay's limit of {limit} bytes"),
+    )
+}
+
+fn strip_hop_headers(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| name.trim().parse().ok())
+        .collect();
+    for name in named.iter().chain(STRIPPED_REQUEST_HEADERS) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// The caller's `x-request-id` if it is a sane token, else a fresh UUID.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(proto::HEADER_REQUEST_ID)
+        .filter(|v| {
+            let bytes = v.as_bytes();
+            !bytes.is_empty()
+                && bytes.len() <= 128
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .unwrap_or(HeaderValue::from_static("unknown"))
+        })
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A request body that fails once more than `remaining` bytes have passed, and says so in
+/// `tripped` so the relay can answer 413 rather than a generic tunnel error.
+struct CappedBody {
+    inner: Body,
+    remaining: u64,
+    tripped: Arc<AtomicBool>,
+}
+
+impl HttpBody for CappedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+            let len = data.map_or(0, |d| d.len() as u64);
+            if len > self.remaining {
+                self.tripped.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(axum::Error::new("request body over the limit"))));
+            }
+            self.remaining -= len;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body from a device that keeps the request counted in flight until it ends or
+/// the caller drops it.
+struct TrackedBody {
+    inner: hyper::body::Incoming,
+    _in_flight: InFlight,
+}
+
+impl HttpBody for TrackedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

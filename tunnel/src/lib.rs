@@ -1,0 +1,115 @@
+//! The tunnel transport shared by the relay and the daemon.
+//!
+//! A tunnel is one WebSocket connection, dialled out by the daemon, carrying one HTTP/2
+//! connection in its binary messages: the relay is the HTTP/2 client and the daemon the server,
+//! one stream per user request. HTTP/2 (hyper's) gives multiplexing, per-stream flow control,
+//! cancellation in both directions and PING liveness; this crate only supplies the byte stream
+//! ([`WsIo`]) and the HTTP/2 settings both ends must use ([`h2_client`], [`h2_server`]).
+
+mod ws_io;
+
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use ws_io::WsIo;
+
+/// Per-stream HTTP/2 flow-control window: 64 KiB. With hyper's larger defaults, many streams of
+/// small NDJSON chunks make h2 answer `GOAWAY(ENHANCE_YOUR_CALM, too_many_data_frames)` and kill
+/// every stream of the tunnel; 64 KiB per stream with a large connection window was measured to
+/// survive it, stalled readers included.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
+
+/// Connection-wide HTTP/2 window: 64 MiB, so that a few stalled readers (each holding at most
+/// [`STREAM_WINDOW`]) can never exhaust the connection window and block the other streams.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+
+/// Most concurrent streams (user requests) one tunnel carries. The daemon announces it; the
+/// relay queues nothing past it (hyper waits for a free slot).
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// Largest header block accepted on the tunnel, in bytes: far above any real request, far
+/// below what would let a peer make us buffer without end.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// Largest WebSocket message we send: 16 KiB, one HTTP/2 frame's worth. Bigger messages add
+/// latency for the streams queued behind them; smaller ones add per-message overhead.
+pub const MAX_WS_MESSAGE_OUT: usize = 16 * 1024;
+
+/// Largest WebSocket message (and frame) we accept: 256 KiB. Our own peer never sends more
+/// than [`MAX_WS_MESSAGE_OUT`]; anything far beyond it is hostile.
+pub const MAX_WS_MESSAGE_IN: usize = 256 * 1024;
+
+/// WebSocket read buffer: 8 KiB instead of tungstenite's 128 KiB, which dominates the memory of
+/// an idle tunnel (≈34 KiB instead of ≈159 KiB per tunnel on the relay).
+pub const WS_READ_BUFFER: usize = 8 * 1024;
+
+/// How each end finds out that its peer is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// How often to send a WebSocket ping and an HTTP/2 PING.
+    pub ping_interval: Duration,
+    /// How long a PING may go unanswered (and the socket stay silent after the last ping was
+    /// due) before the peer is declared dead.
+    pub timeout: Duration,
+}
+
+impl Liveness {
+    /// The longest a dead peer can go unnoticed: one interval plus the timeout.
+    pub fn detection_bound(&self) -> Duration {
+        self.ping_interval + self.timeout
+    }
+}
+
+impl Default for Liveness {
+    /// 10 s + 10 s: a dead peer is noticed within 20 s, and the pings keep load balancers with
+    /// the common 60 s idle timeout from cutting an idle tunnel.
+    fn default() -> Self {
+        Liveness {
+            ping_interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The WebSocket settings both ends use.
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        // Our messages are already batched up to MAX_WS_MESSAGE_OUT: write each one at once.
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * MAX_WS_MESSAGE_IN)
+        .max_message_size(Some(MAX_WS_MESSAGE_IN))
+        .max_frame_size(Some(MAX_WS_MESSAGE_IN))
+}
+
+/// The relay's end: an HTTP/2 client builder with the tunnel's windows and PING liveness.
+pub fn h2_client(liveness: Liveness) -> hyper::client::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .adaptive_window(false)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .keep_alive_interval(liveness.ping_interval)
+        .keep_alive_timeout(liveness.timeout)
+        .keep_alive_while_idle(true);
+    builder
+}
+
+/// The daemon's end: an HTTP/2 server builder with the tunnel's windows, stream limit and PING
+/// liveness.
+pub fn h2_server(liveness: Liveness) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .adaptive_window(false)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .keep_alive_interval(liveness.ping_interval)
+        .keep_alive_timeout(liveness.timeout);
+    builder
+}

@@ -1,0 +1,289 @@
+//! [`WsIo`]: a WebSocket seen as a plain byte stream, so hyper can run HTTP/2 over it.
+//!
+//! Writes are gathered and sent as one binary message per flush (at most
+//! [`MAX_WS_MESSAGE_OUT`](crate::MAX_WS_MESSAGE_OUT) bytes each); reads hand out the payload of
+//! binary messages and skip pings, pongs and text; a close or the end of the socket is the end
+//! of the stream. The adapter also keeps the WebSocket itself alive: it sends a ping every
+//! interval and fails the stream when nothing at all has arrived for too long, so a peer that
+//! vanished without a FIN is noticed even before HTTP/2's own PING timeout.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::{Liveness, MAX_WS_MESSAGE_OUT};
+
+/// A WebSocket connection as an `AsyncRead + AsyncWrite` byte stream. See the module docs.
+pub struct WsIo<S> {
+    ws: WebSocketStream<S>,
+    /// Unread rest of the last binary message received.
+    read_buf: Bytes,
+    /// Bytes written by hyper and not yet sent as a message.
+    write_buf: BytesMut,
+    liveness: Liveness,
+    /// When anything (data, ping, pong) last arrived from the peer.
+    last_received: Instant,
+    /// Fires when the next ping is due.
+    ping_timer: Pin<Box<Sleep>>,
+    /// Fires when the peer may be declared dead unless something arrived meanwhile.
+    idle_timer: Pin<Box<Sleep>>,
+    /// A ping was queued but the socket has not been flushed since.
+    ping_unflushed: bool,
+}
+
+impl<S> WsIo<S> {
+    /// Wraps an established WebSocket. `liveness` sets the ping interval and how long the
+    /// peer may stay silent ([`Liveness::detection_bound`]) before reads fail.
+    pub fn new(ws: WebSocketStream<S>, liveness: Liveness) -> Self {
+        let now = Instant::now();
+        WsIo {
+            ws,
+            read_buf: Bytes::new(),
+            write_buf: BytesMut::new(),
+            liveness,
+            last_received: now,
+            ping_timer: Box::pin(tokio::time::sleep_until(now + liveness.ping_interval)),
+            idle_timer: Box::pin(tokio::time::sleep_until(now + liveness.detection_bound())),
+            ping_unflushed: false,
+        }
+    }
+}
+
+fn to_io(err: WsError) -> io::Error {
+    match err {
+        WsError::Io(err) => err,
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed")
+        }
+        other => io::Error::other(other),
+    }
+}
+
+impl<S> WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Sends a due ping and fails when the peer has been silent past the detection bound.
+    /// Never returns `Ready(Ok)`: it only registers timers and reports death.
+    fn poll_liveness(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.idle_timer.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_received + self.liveness.detection_bound();
+            if deadline <= Instant::now() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "tunnel peer silent for {:?}: connection presumed dead",
+                        self.liveness.detection_bound()
+                    ),
+                ));
+            }
+            self.idle_timer.as_mut().reset(deadline);
+            // Register the waker on the new deadline.
+            let _ = self.idle_timer.as_mut().poll(cx);
+        }
+        if self.ping_timer.as_mut().poll(cx).is_ready() {
+            if let Poll::Ready(ready) = Pin::new(&mut self.ws).poll_ready(cx) {
+                ready.map_err(to_io)?;
+                Pin::new(&mut self.ws)
+                    .start_send(Message::Ping(Bytes::new()))
+                    .map_err(to_io)?;
+                self.ping_unflushed = true;
+                let next = Instant::now() + self.liveness.ping_interval;
+                self.ping_timer.as_mut().reset(next);
+                let _ = self.ping_timer.as_mut().poll(cx);
+            }
+        }
+        if self.ping_unflushed {
+            if let Poll::Ready(flushed) = Pin::new(&mut self.ws).poll_flush(cx) {
+                flushed.map_err(to_io)?;
+                self.ping_unflushed = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what hyper has written so far as one binary message.
+    fn poll_send_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.write_buf.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(to_io)?;
+        let payload = self.write_buf.split().freeze();
+        Pin::new(&mut self.ws)
+            .start_send(Message::Binary(payload))
+            .map_err(to_io)?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S> AsyncRead for WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.read_buf.is_empty() {
+                let n = this.read_buf.len().min(buf.remaining());
+                buf.put_slice(&this.read_buf[..n]);
+                this.read_buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            this.poll_liveness(cx)?;
+            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                Some(Ok(message)) => {
+                    this.last_received = Instant::now();
+                    match message {
+                        Message::Binary(data) => this.read_buf = data,
+                        // A close ends the byte stream; tungstenite answers it for us.
+                        Message::Close(_) => return Poll::Ready(Ok(())),
+                        // Pings are answered by tungstenite; pongs and text carry no data.
+                        Message::Ping(_) | Message::Pong(_) | Message::Text(_) => {}
+                        Message::Frame(_) => {}
+                    }
+                }
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) | None => {
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(err)) => return Poll::Ready(Err(to_io(err))),
+            }
+        }
+    }
+}
+
+impl<S> AsyncWrite for WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_buf.len() >= MAX_WS_MESSAGE_OUT {
+            ready!(this.poll_send_buffered(cx))?;
+        }
+        let n = data.len().min(MAX_WS_MESSAGE_OUT - this.write_buf.len());
+        this.write_buf.extend_from_slice(&data[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send_buffered(cx))?;
+        ready!(Pin::new(&mut this.ws).poll_flush(cx)).map_err(to_io)?;
+        this.ping_unflushed = false;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send_buffered(cx))?;
+        match ready!(Pin::new(&mut this.ws).poll_close(cx)) {
+            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                Poll::Ready(Ok(()))
+            }
+            Err(err) => Poll::Ready(Err(to_io(err))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+
+    async fn pair(liveness: Liveness) -> (WsIo<DuplexStream>, WebSocketStream<DuplexStream>) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let ours = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let theirs = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        (WsIo::new(ours, liveness), theirs)
+    }
+
+    #[tokio::test]
+    async fn bytes_round_trip_as_binary_messages_split_at_the_cap() {
+        use futures_util::{SinkExt, StreamExt};
+        let (mut io, mut peer) = pair(Liveness::default()).await;
+        let data = vec![7u8; MAX_WS_MESSAGE_OUT + 10];
+        io.write_all(&data).await.unwrap();
+        io.flush().await.unwrap();
+        let first = peer.next().await.unwrap().unwrap();
+        let second = peer.next().await.unwrap().unwrap();
+        assert_eq!(first.len(), MAX_WS_MESSAGE_OUT);
+        assert_eq!(second.len(), 10);
+        assert!(matches!(first, Message::Binary(_)));
+
+        peer.send(Message::Text("ignored".into())).await.unwrap();
+        peer.send(Message::Binary(Bytes::from_static(b"hello")))
+            .await
+            .unwrap();
+        let mut got = [0u8; 5];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+
+        peer.close(None).await.unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(io.read_to_end(&mut rest).await.unwrap(), 0, "close is EOF");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_peer_is_declared_dead_within_the_bound_and_pinged_before() {
+        use futures_util::StreamExt;
+        let liveness = Liveness {
+            ping_interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(3),
+        };
+        let (mut io, mut peer) = pair(liveness).await;
+        let start = Instant::now();
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let err = io.read(&mut buf).await.unwrap_err();
+            (err.kind(), Instant::now())
+        });
+        // The peer sees our ping (it never reads again, so it never answers).
+        let first = peer.next().await.unwrap().unwrap();
+        assert!(matches!(first, Message::Ping(_)));
+        assert_eq!(Instant::now() - start, liveness.ping_interval);
+        let (kind, died) = reader.await.unwrap();
+        assert_eq!(kind, io::ErrorKind::TimedOut);
+        assert_eq!(died - start, liveness.detection_bound());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_keeps_talking_stays_alive() {
+        use futures_util::SinkExt;
+        let liveness = Liveness {
+            ping_interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(3),
+        };
+        let (mut io, mut peer) = pair(liveness).await;
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 4];
+            io.read_exact(&mut buf).await.map(|_| buf)
+        });
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            peer.send(Message::Pong(Bytes::new())).await.unwrap();
+        }
+        peer.send(Message::Binary(Bytes::from_static(b"live")))
+            .await
+            .unwrap();
+        assert_eq!(&reader.await.unwrap().unwrap(), b"live");
+    }
+}
