@@ -96,6 +96,21 @@ pub fn openai_error(message: &str, kind: &str) -> String {
     .to_string()
 }
 
+/// An error body in the shape the caller's API uses: OpenAI's for `/v1/*`, Ollama's otherwise.
+/// `server_fault` picks the OpenAI error type (`api_error` or `invalid_request_error`).
+pub fn api_error_body(path: &str, server_fault: bool, message: &str) -> String {
+    if path.starts_with("/v1/") {
+        let kind = if server_fault {
+            "api_error"
+        } else {
+            "invalid_request_error"
+        };
+        openai_error(message, kind)
+    } else {
+        ollama_error(message)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +153,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&openai_error("m", "t")).unwrap();
         assert_eq!(v["error"]["message"], "m");
         assert_eq!(v["error"]["type"], "t");
+        let v: serde_json::Value =
+            serde_json::from_str(&api_error_body("/v1/models", true, "m")).unwrap();
+        assert_eq!(v["error"]["type"], "api_error");
+        let v: serde_json::Value =
+            serde_json::from_str(&api_error_body("/api/tags", true, "m")).unwrap();
+        assert_eq!(v["error"], "m");
     }
 }

@@ -38,34 +38,13 @@ const STRIPPED_REQUEST_HEADERS: &[header::HeaderName] = &[
     header::UPGRADE,
 ];
 
-/// Which API a path belongs to, so errors come in the shape its clients parse.
+/// The API a request came in on, so errors come in the shape its clients parse.
 #[derive(Clone, Copy)]
-enum Api {
-    Ollama,
-    OpenAi,
-}
+struct Api<'a>(&'a str);
 
-impl Api {
-    fn of(path: &str) -> Api {
-        if path.starts_with("/v1/") {
-            Api::OpenAi
-        } else {
-            Api::Ollama
-        }
-    }
-
+impl Api<'_> {
     fn error(self, status: StatusCode, message: &str) -> Response {
-        let body = match self {
-            Api::Ollama => proto::ollama_error(message),
-            Api::OpenAi => {
-                let kind = if status.is_server_error() {
-                    "api_error"
-                } else {
-                    "invalid_request_error"
-                };
-                proto::openai_error(message, kind)
-            }
-        };
+        let body = proto::api_error_body(self.0, status.is_server_error(), message);
         let mut response = (
             status,
             [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
@@ -83,7 +62,8 @@ impl Api {
 
 /// `/api/*` and `/v1/*`: authenticate, pick the caller's device, forward, stream back.
 pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let api = Api::of(req.uri().path());
+    let path = req.uri().path().to_owned();
+    let api = Api(&path);
     let identity = match state.keys.authenticate(req.headers(), Scope::Client) {
         Ok(identity) => identity,
         Err(err) => return api.error(err.status(), &err.to_string()),
@@ -98,7 +78,7 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
 
 async fn forward_for(
     state: &AppState,
-    api: Api,
+    api: Api<'_>,
     user: &str,
     request_id: &HeaderValue,
     req: Request,
@@ -163,7 +143,7 @@ async fn forward_for(
     }
 }
 
-fn too_large(api: Api, limit: u64) -> Response {
+fn too_large(api: Api<'_>, limit: u64) -> Response {
     api.error(
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("request body is larger than this relay's limit of {limit} bytes"),

@@ -1,0 +1,255 @@
+//! The daemon's HTTP/2 service: what the relay may ask through the tunnel.
+//!
+//! Control paths (`/.cloudllm/…`) answer the relay itself; everything else is a user request,
+//! checked against the [allowlist](crate::allowlist) and forwarded to the local Ollama with its
+//! body streamed both ways. Ollama refuses (403) requests whose `Host` is not local or that
+//! carry an `Origin`, so the forwarder sets `Host` to Ollama's address and drops `Origin`,
+//! `Referer`, credentials, cookies and hop-by-hop headers. When the relay resets the stream
+//! (the user went away), hyper drops the response future or body, which closes the connection
+//! to Ollama and stops the generation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cloudllm_proto::{self as proto, Hello};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use url::Url;
+
+use crate::allowlist::{self, Verdict};
+
+/// Response body of the tunnel service.
+pub type TunnelBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Time to open a TCP connection to Ollama: it is local, so 5 s means it is not there.
+const OLLAMA_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Request headers never passed to Ollama: hop-by-hop headers, the caller's credentials and
+/// browser context (Ollama answers 403 to any `Origin` it does not know), and our own.
+const STRIPPED_HEADERS: &[&str] = &[
+    "authorization",
+    "connection",
+    "cookie",
+    "forwarded",
+    "host",
+    "keep-alive",
+    "origin",
+    "proxy-authorization",
+    "proxy-connection",
+    "referer",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// Forwards tunnel requests to the local Ollama.
+pub struct Forwarder {
+    client: Client<HttpConnector, Incoming>,
+    ollama: Url,
+    /// `Host` header Ollama accepts: its own address.
+    ollama_host: HeaderValue,
+    allow_management: bool,
+    device_name: String,
+}
+
+impl Forwarder {
+    /// A forwarder to the Ollama at `ollama`.
+    pub fn new(ollama: Url, allow_management: bool, device_name: String) -> anyhow::Result<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(OLLAMA_CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let host = ollama
+            .host_str()
+            .ok_or_else(|| anyhow::anyhow!("Ollama URL {ollama} has no host"))?;
+        let host = match ollama.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        Ok(Forwarder {
+            client,
+            ollama_host: HeaderValue::from_str(&host)?,
+            ollama,
+            allow_management,
+            device_name,
+        })
+    }
+
+    /// The Ollama base URL.
+    pub fn ollama_url(&self) -> &Url {
+        &self.ollama
+    }
+
+    /// Serves one request that came through the tunnel. `drain` is cancelled when the relay
+    /// asks this tunnel to drain.
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        drain: CancellationToken,
+    ) -> Result<Response<TunnelBody>, std::convert::Infallible> {
+        let path = req.uri().path().to_owned();
+        if path.starts_with(proto::CONTROL_PREFIX) {
+            return Ok(self.control(&path, &drain));
+        }
+        match allowlist::check(&path, self.allow_management) {
+            Verdict::Allow => Ok(self.forward(req).await),
+            Verdict::ManagementDisabled => Ok(error(
+                &path,
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "{path} (model management) is disabled on device {:?}; its owner can enable it with \
+                     `allow_model_management = true` in cloudllmd's config",
+                    self.device_name
+                ),
+            )),
+            Verdict::NotExposed => Ok(error(
+                &path,
+                StatusCode::FORBIDDEN,
+                &format!("{path} is not an endpoint cloudllm exposes"),
+            )),
+        }
+    }
+
+    fn control(&self, path: &str, drain: &CancellationToken) -> Response<TunnelBody> {
+        match path {
+            proto::CONTROL_HELLO => {
+                let hello = Hello {
+                    protocol_version: proto::PROTOCOL_VERSION,
+                    daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+                };
+                let body = serde_json::to_vec(&hello).unwrap_or_default();
+                json(StatusCode::OK, body.into())
+            }
+            proto::CONTROL_DRAIN => {
+                info!("relay asked this tunnel to drain");
+                drain.cancel();
+                json(StatusCode::ACCEPTED, Bytes::from_static(b"{}"))
+            }
+            _ => error(path, StatusCode::NOT_FOUND, "unknown control path"),
+        }
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Response<TunnelBody> {
+        let started = tokio::time::Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let path = parts.uri.path().to_owned();
+        let request_id = parts.headers.get(proto::HEADER_REQUEST_ID).cloned();
+        let mut target = self.ollama.clone();
+        let base = target.path().trim_end_matches('/').to_owned();
+        target.set_path(&format!("{base}{path}"));
+        target.set_query(parts.uri.query());
+        parts.uri = match target.as_str().parse() {
+            Ok(uri) => uri,
+            Err(_) => return error(&path, StatusCode::BAD_REQUEST, "malformed request path"),
+        };
+        parts.version = http::Version::HTTP_11;
+        strip(&mut parts.headers);
+        parts.headers.insert(header::HOST, self.ollama_host.clone());
+
+        match self.client.request(Request::from_parts(parts, body)).await {
+            Ok(response) => {
+                info!(
+                    method = "forward",
+                    %path,
+                    status = response.status().as_u16(),
+                    request_id = ?request_id,
+                    headers_after = ?started.elapsed(),
+                    "request"
+                );
+                let (mut parts, body) = response.into_parts();
+                strip(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(Into::into).boxed())
+            }
+            Err(err) => {
+                warn!(%path, error = %err, "Ollama request failed");
+                let cause = std::error::Error::source(&err)
+                    .map_or_else(|| err.to_string(), ToString::to_string);
+                error(
+                    &path,
+                    StatusCode::BAD_GATEWAY,
+                    &format!(
+                        "cannot reach Ollama at {} on device {:?} ({cause}). Start Ollama there (`ollama serve`) \
+                         or point cloudllmd at it with CLOUDLLM_OLLAMA_URL",
+                        self.ollama, self.device_name
+                    ),
+                )
+            }
+        }
+    }
+}
+
+fn strip(headers: &mut HeaderMap) {
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| name.trim().parse().ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in STRIPPED_HEADERS {
+        headers.remove(*name);
+    }
+    let ours: Vec<header::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-cloudllm-"))
+        .cloned()
+        .collect();
+    for name in ours {
+        headers.remove(name);
+    }
+}
+
+fn json(status: StatusCode, body: Bytes) -> Response<TunnelBody> {
+    let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(path: &str, status: StatusCode, message: &str) -> Response<TunnelBody> {
+    let body = proto::api_error_body(path, status.is_server_error(), message);
+    json(status, Bytes::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_removes_credentials_browser_context_and_hop_headers() {
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer x"),
+            ("origin", "https://evil.example"),
+            ("referer", "https://evil.example/page"),
+            ("cookie", "a=b"),
+            ("connection", "keep-alive, x-custom-hop"),
+            ("x-custom-hop", "1"),
+            ("x-cloudllm-device", "laptop"),
+            ("content-type", "application/json"),
+            ("x-request-id", "abc"),
+        ] {
+            headers.insert(header::HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type", "x-request-id"]);
+    }
+}
