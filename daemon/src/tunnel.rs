@@ -47,7 +47,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let mut backoff = Backoff::new(config.reconnect_max);
-    let mut rng = rand::rng();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     loop {
         let attempt = async {
             let ws = dial::dial(&config, &tls, &device_id).await?;

@@ -1,0 +1,243 @@
+//! Test harness for cloudllm's end-to-end tests: a relay and daemons started in-process through
+//! their library entry points on `127.0.0.1:0`, a fake Ollama backend for exact timing and fault
+//! injection, and a TCP proxy that can stall a connection.
+//!
+//! The fake backend is a fake: it speaks enough of Ollama's API shape to exercise streaming,
+//! cancellation and failures deterministically. Conformance with the real Ollama is tested
+//! against the genuine server (`real_ollama`).
+
+pub mod fake_ollama;
+pub mod stall_proxy;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cloudllm_daemon::DaemonConfig;
+use cloudllm_proto::Secret;
+use cloudllm_relay::{Keys, Relay, RelayConfig, Scope};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+pub use fake_ollama::FakeOllama;
+pub use stall_proxy::StallProxy;
+
+/// Every await in these tests that could hang is bounded by this.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// The signing secret of test relays.
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A relay config for tests: loopback port 0, the test secret.
+pub fn relay_config() -> RelayConfig {
+    RelayConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        secret: Some(Secret::new(SECRET)),
+        ..RelayConfig::default()
+    }
+}
+
+/// Tokens signed with [`SECRET`].
+pub fn keys() -> Keys {
+    Keys::new(&Secret::new(SECRET))
+}
+
+/// A token for `user` with `scope`, valid for an hour.
+pub fn token(user: &str, scope: Scope) -> String {
+    keys()
+        .issue(user, scope, None, Duration::from_secs(3600))
+        .expect("issue token")
+}
+
+/// A relay running in this process.
+pub struct TestRelay {
+    /// The running relay.
+    pub relay: Relay,
+    shutdown: CancellationToken,
+}
+
+impl TestRelay {
+    /// Starts a relay with `config`.
+    pub async fn start(config: RelayConfig) -> TestRelay {
+        let shutdown = CancellationToken::new();
+        let relay = tokio::time::timeout(STEP, cloudllm_relay::serve(config, shutdown.clone()))
+            .await
+            .expect("relay start timed out")
+            .expect("relay start");
+        TestRelay { relay, shutdown }
+    }
+
+    /// The relay's base URL.
+    pub fn url(&self) -> Url {
+        Url::parse(&format!("http://{}", self.relay.addr)).expect("relay URL")
+    }
+
+    /// The URL of `path` on the relay.
+    pub fn api(&self, path: &str) -> String {
+        format!("http://{}{path}", self.relay.addr)
+    }
+
+    /// Waits until `user` has `count` devices connected.
+    pub async fn wait_for_devices(&self, user: &str, count: usize) {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let connected = self
+                .relay
+                .registry
+                .all()
+                .iter()
+                .filter(|d| d.user == user)
+                .count();
+            if connected == count {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user} has {connected} devices, expected {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts a graceful shutdown (like SIGTERM) without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shuts down gracefully and waits until it has stopped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(STEP * 2, self.relay.done)
+            .await
+            .expect("relay shutdown timed out")
+            .expect("relay task")
+            .expect("relay result");
+    }
+}
+
+/// A daemon config that dials `relay` for `user` and forwards to `ollama`.
+pub fn daemon_config(relay: &Url, user: &str, device: &str, ollama: &Url) -> DaemonConfig {
+    DaemonConfig {
+        relay_url: Some(relay.clone()),
+        ollama_url: ollama.clone(),
+        token: Some(Secret::new(token(user, Scope::Agent))),
+        device_name: device.to_owned(),
+        device_id: Some(format!("{user}-{device}")),
+        reconnect_max: Duration::from_secs(2),
+        ..DaemonConfig::default()
+    }
+}
+
+/// A daemon running in this process. Dropping it stops it abruptly (like a crash: the tunnel
+/// is cut, nothing drains).
+pub struct TestDaemon {
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon with `config`.
+    pub fn start(config: DaemonConfig) -> TestDaemon {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(cloudllm_daemon::run(config, shutdown.clone()));
+        TestDaemon { shutdown, task }
+    }
+
+    /// Stops gracefully: in-flight requests finish, then the daemon returns.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
+        tokio::time::timeout(STEP, task)
+            .await
+            .expect("daemon shutdown timed out")?
+    }
+
+    /// Whether the daemon task has ended (it should not, except on a bad config).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Relay, fake backend and one daemon of user `alice` (device `laptop`), connected.
+pub struct Stack {
+    /// The relay.
+    pub relay: TestRelay,
+    /// Alice's fake Ollama.
+    pub backend: FakeOllama,
+    /// Alice's daemon.
+    pub daemon: TestDaemon,
+    /// An HTTP client.
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    /// Starts the stack with the default test relay config.
+    pub async fn start() -> Stack {
+        Stack::with_relay_config(relay_config()).await
+    }
+
+    /// Starts the stack with `config` for the relay.
+    pub async fn with_relay_config(config: RelayConfig) -> Stack {
+        init_logs();
+        let relay = TestRelay::start(config).await;
+        let backend = FakeOllama::start().await;
+        let daemon = TestDaemon::start(daemon_config(&relay.url(), "alice", "laptop", &backend.url()));
+        relay.wait_for_devices("alice", 1).await;
+        Stack {
+            relay,
+            backend,
+            daemon,
+            http: client(),
+        }
+    }
+
+    /// A request builder for `path` on the relay with alice's client token.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.relay.api(path))
+            .bearer_auth(token("alice", Scope::Client))
+    }
+
+    /// A GET request builder for `path` on the relay with alice's client token.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(self.relay.api(path))
+            .bearer_auth(token("alice", Scope::Client))
+    }
+}
+
+/// An HTTP client that never pools connections across tests and has no proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .build()
+        .expect("http client")
+}
+
+/// Splits a byte buffer into complete NDJSON lines, keeping the unfinished tail in `buf`.
+pub fn take_lines(buf: &mut Vec<u8>) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=end).collect();
+        let text = &line[..line.len() - 1];
+        if !text.is_empty() {
+            lines.push(serde_json::from_slice(text).expect("an NDJSON line"));
+        }
+    }
+    lines
+}

@@ -1,0 +1,84 @@
+//! A TCP proxy for fault injection: forwards bytes both ways until told to stall, then holds
+//! every connection open while moving nothing — a network path that silently died, with no FIN
+//! and no RST. Used to check that both tunnel ends notice a dead peer within their bound.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// A running stall proxy.
+pub struct StallProxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stalled: Arc<(AtomicBool, Notify)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StallProxy {
+    /// Starts a proxy on `127.0.0.1:0` to `target`.
+    pub async fn start(target: SocketAddr) -> StallProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let stalled = Arc::new((AtomicBool::new(false), Notify::new()));
+        let flag = stalled.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(target).await else { continue };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                connections.spawn(pump(ri, wo, flag.clone()));
+                connections.spawn(pump(ro, wi, flag.clone()));
+            }
+        });
+        StallProxy { addr, stalled, task }
+    }
+
+    /// Stops moving bytes (connections stay open) or resumes.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.0.store(stalled, Ordering::SeqCst);
+        self.stalled.1.notify_waiters();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<(AtomicBool, Notify)>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while stalled.0.load(Ordering::SeqCst) {
+            let wake = stalled.1.notified();
+            if !stalled.0.load(Ordering::SeqCst) {
+                break;
+            }
+            wake.await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes read just before a stall are held back, as a dead path would.
+        while stalled.0.load(Ordering::SeqCst) {
+            let wake = stalled.1.notified();
+            if !stalled.0.load(Ordering::SeqCst) {
+                break;
+            }
+            wake.await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
