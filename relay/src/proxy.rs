@@ -85,6 +85,7 @@ async fn forward_for(
 ) -> Response {
     let limit = state.config.max_body_bytes;
     if declared_length(req.headers()).is_some_and(|len| len > limit) {
+        tokio::spawn(discard(req.into_body()));
         return too_large(api, limit);
     }
     let wanted = req
@@ -111,7 +112,7 @@ async fn forward_for(
         .insert(proto::HEADER_REQUEST_ID, request_id.clone());
     let over_limit = Arc::new(AtomicBool::new(false));
     let body = Body::new(CappedBody {
-        inner: body,
+        inner: Some(body),
         remaining: limit,
         tripped: over_limit.clone(),
     });
@@ -196,11 +197,20 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 
 /// A request body that fails once more than `remaining` bytes have passed, and says so in
 /// `tripped` so the relay can answer 413 rather than a generic tunnel error.
+///
+/// When it trips, the rest of the caller's upload is read and thrown away in the background
+/// (bounded by [`DRAIN_BYTES`] and [`DRAIN_TIME`]): closing a socket with unread data makes the
+/// kernel send a reset, and the caller would see "connection reset" instead of the 413.
 struct CappedBody {
-    inner: Body,
+    inner: Option<Body>,
     remaining: u64,
     tripped: Arc<AtomicBool>,
 }
+
+/// Most of an oversized upload the relay reads and discards so the caller gets its 413.
+const DRAIN_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest the relay spends discarding an oversized upload.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl HttpBody for CappedBody {
     type Data = Bytes;
@@ -210,11 +220,17 @@ impl HttpBody for CappedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
         if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
             let len = data.map_or(0, |d| d.len() as u64);
             if len > self.remaining {
                 self.tripped.store(true, Ordering::Relaxed);
+                if let Some(rest) = self.inner.take() {
+                    tokio::spawn(discard(rest));
+                }
                 return Poll::Ready(Some(Err(axum::Error::new("request body over the limit"))));
             }
             self.remaining -= len;
@@ -223,12 +239,22 @@ impl HttpBody for CappedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(HttpBody::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map(HttpBody::size_hint).unwrap_or_default()
     }
+}
+
+/// Reads and drops the rest of an oversized upload, within bounds.
+async fn discard(body: Body) {
+    use http_body_util::BodyExt;
+    let mut body = http_body_util::Limited::new(body, DRAIN_BYTES as usize);
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
 }
 
 /// A response body from a device that keeps the request counted in flight until it ends or

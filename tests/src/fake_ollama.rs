@@ -113,6 +113,7 @@ impl FakeOllama {
             .route("/v1/chat/completions", post(chat_sse))
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
             .layer(middleware::from_fn_with_state(records.clone(), record_hit))
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(records.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -229,8 +230,6 @@ async fn produce(
             return StreamEnd::Cancelled;
         }
     }
-    // Keep the stream counted as open until the server has taken the last line.
-    tx.closed().await;
     StreamEnd::Completed
 }
 

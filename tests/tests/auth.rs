@@ -1,0 +1,195 @@
+//! Who may do what: bad tokens are refused before anything else happens, scopes are enforced,
+//! and one user's requests never reach another user's device.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use cloudllm_e2e::{FakeOllama, STEP, Stack, TestDaemon, client, daemon_config, token};
+use cloudllm_proto::Secret;
+use cloudllm_relay::{Keys, Scope};
+use serde_json::json;
+use tokio::time::timeout;
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Tokens that must all be refused with 401.
+fn bad_tokens() -> Vec<(&'static str, String)> {
+    let b64 = |v: serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let claims = |scope: &str| json!({"sub": "alice", "scope": scope, "exp": now() + 600});
+    let other_key = Keys::new(&Secret::new("another-secret-another-secret-0123456"));
+    vec![
+        ("garbage", "not-a-jwt".to_owned()),
+        (
+            "expired an hour ago",
+            sign_with_relay_secret(&json!({"sub": "alice", "scope": "client", "exp": now() - 3600})),
+        ),
+        (
+            "unknown scope",
+            sign_with_relay_secret(&json!({"sub": "alice", "scope": "admin", "exp": now() + 600})),
+        ),
+        (
+            "no subject",
+            sign_with_relay_secret(&json!({"scope": "client", "exp": now() + 600})),
+        ),
+        (
+            "no expiry",
+            sign_with_relay_secret(&json!({"sub": "alice", "scope": "client"})),
+        ),
+        (
+            "HS384 with the right secret",
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS384),
+                &claims("client"),
+                &jsonwebtoken::EncodingKey::from_secret(cloudllm_e2e::SECRET.as_bytes()),
+            )
+            .unwrap(),
+        ),
+        (
+            "wrong signature",
+            other_key
+                .issue("alice", Scope::Client, None, Duration::from_secs(600))
+                .unwrap(),
+        ),
+        ("alg none", format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(claims("client")))),
+        ("tampered", {
+            let good = token("bob", Scope::Client);
+            let parts: Vec<&str> = good.split('.').collect();
+            format!("{}.{}.{}", parts[0], b64(claims("client")), parts[2])
+        }),
+    ]
+}
+
+/// Signs `claims` with the test relay's own secret, so only the claims make it invalid.
+fn sign_with_relay_secret(claims: &serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(cloudllm_e2e::SECRET.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_get_401_on_the_api_and_nothing_reaches_the_device() {
+    let stack = Stack::start().await;
+    let http = client();
+    let no_token = http.get(stack.relay.api("/api/tags")).send().await.unwrap();
+    assert_eq!(no_token.status(), 401);
+    assert_eq!(no_token.headers()["www-authenticate"], "Bearer");
+    let body: serde_json::Value = no_token.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("bearer token"));
+    for (what, bad) in bad_tokens() {
+        let response = http
+            .get(stack.relay.api("/api/tags"))
+            .bearer_auth(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{what}");
+        let v1 = http
+            .get(stack.relay.api("/v1/models"))
+            .bearer_auth(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(v1.status(), 401, "{what} on /v1");
+        let body: serde_json::Value = v1.json().await.unwrap();
+        assert!(body["error"]["message"].is_string(), "OpenAI error shape on /v1: {body}");
+    }
+    let agent_token = http
+        .get(stack.relay.api("/api/tags"))
+        .bearer_auth(token("alice", Scope::Agent))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(agent_token.status(), 403, "an agent token cannot send requests");
+    assert_eq!(stack.backend.records.hit_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_get_401_on_the_tunnel_before_any_upgrade() {
+    let stack = Stack::start().await;
+    let http = client();
+    let upgrade = |token: Option<&str>| {
+        let mut request = http
+            .get(stack.relay.api("/tunnel"))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("x-cloudllm-protocol", "1")
+            .header("x-cloudllm-device-id", "intruder")
+            .header("x-cloudllm-device-name", "intruder");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(upgrade(None).await.unwrap().status(), 401);
+    for (what, bad) in bad_tokens() {
+        assert_eq!(upgrade(Some(&bad)).await.unwrap().status(), 401, "{what}");
+    }
+    let client_scope = upgrade(Some(&token("mallory", Scope::Client))).await.unwrap();
+    assert_eq!(client_scope.status(), 403, "a client token cannot open a tunnel");
+    // A good token without a WebSocket upgrade is a plain 400.
+    let plain = http
+        .get(stack.relay.api("/tunnel"))
+        .bearer_auth(token("mallory", Scope::Agent))
+        .header("x-cloudllm-protocol", "1")
+        .header("x-cloudllm-device-id", "d")
+        .header("x-cloudllm-device-name", "d")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 400);
+    assert_eq!(stack.relay.relay.registry.len(), 1, "only alice's device is connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_only_ever_reaches_their_own_devices() {
+    let stack = Stack::start().await;
+    // Bob has no device yet: his requests fail and never touch alice's.
+    let bob = |path: &str| {
+        stack
+            .http
+            .post(stack.relay.api(path))
+            .bearer_auth(token("bob", Scope::Client))
+    };
+    let offline = bob("/api/generate")
+        .json(&json!({"prompt": "bob-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(offline.status(), 503);
+    let body: serde_json::Value = offline.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("offline"), "{body}");
+    // Naming alice's device does not help.
+    let named = bob("/api/generate")
+        .header("x-cloudllm-device", "laptop")
+        .json(&json!({"prompt": "bob-2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(named.status(), 503);
+    assert_eq!(stack.backend.records.hit_count(), 0);
+
+    // Bob connects his own device with the same name; each user reaches only their own.
+    let bob_backend = FakeOllama::start().await;
+    let _bob_daemon = TestDaemon::start(daemon_config(&stack.relay.url(), "bob", "laptop", &bob_backend.url()));
+    stack.relay.wait_for_devices("bob", 1).await;
+    for i in 0..10 {
+        let tag = format!("bob-{i}");
+        let response = bob("/api/generate").json(&json!({"prompt": tag})).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        timeout(STEP, response.bytes()).await.unwrap().unwrap();
+        let tag = format!("alice-{i}");
+        let response = stack.post("/api/generate").json(&json!({"prompt": tag})).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        timeout(STEP, response.bytes()).await.unwrap().unwrap();
+    }
+    let alice_tags: Vec<String> = stack.backend.records.produced.lock().unwrap().keys().cloned().collect();
+    let bob_tags: Vec<String> = bob_backend.records.produced.lock().unwrap().keys().cloned().collect();
+    assert_eq!(alice_tags.len(), 10);
+    assert_eq!(bob_tags.len(), 10);
+    assert!(alice_tags.iter().all(|t| t.starts_with("alice-")), "{alice_tags:?}");
+    assert!(bob_tags.iter().all(|t| t.starts_with("bob-")), "{bob_tags:?}");
+}
