@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,6 +15,7 @@ pub struct StallProxy {
     /// Where it listens.
     pub addr: SocketAddr,
     stalled: Arc<(AtomicBool, Notify)>,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -31,9 +32,12 @@ impl StallProxy {
         let addr = listener.local_addr().expect("proxy address");
         let stalled = Arc::new((AtomicBool::new(false), Notify::new()));
         let flag = stalled.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((inbound, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
                 let Ok(outbound) = TcpStream::connect(target).await else { continue };
                 let (ri, wi) = inbound.into_split();
                 let (ro, wo) = outbound.into_split();
@@ -41,7 +45,17 @@ impl StallProxy {
                 connections.spawn(pump(ro, wi, flag.clone()));
             }
         });
-        StallProxy { addr, stalled, task }
+        StallProxy {
+            addr,
+            stalled,
+            accepted,
+            task,
+        }
+    }
+
+    /// How many connections it has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Stops moving bytes (connections stay open) or resumes.
