@@ -22,7 +22,13 @@ const INFERENCE: &[&str] = &[
 ];
 
 /// Model management endpoints, open only with `allow_model_management`.
-const MANAGEMENT: &[&str] = &["/api/pull", "/api/push", "/api/delete", "/api/create", "/api/copy"];
+const MANAGEMENT: &[&str] = &[
+    "/api/pull",
+    "/api/push",
+    "/api/delete",
+    "/api/create",
+    "/api/copy",
+];
 
 /// Model management endpoints with a parameter in the path.
 const MANAGEMENT_PREFIXES: &[&str] = &["/api/blobs/"];
@@ -44,9 +50,10 @@ pub enum Verdict {
 /// Decides whether `path` (without the query) may be forwarded.
 pub fn check(path: &str, allow_management: bool) -> Verdict {
     let under = |prefixes: &[&str]| {
-        prefixes
-            .iter()
-            .any(|p| path.strip_prefix(p).is_some_and(|rest| !rest.is_empty() && !rest.contains('/')))
+        prefixes.iter().any(|p| {
+            path.strip_prefix(p)
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+        })
     };
     if INFERENCE.contains(&path) || under(INFERENCE_PREFIXES) {
         Verdict::Allow
@@ -71,7 +78,12 @@ mod tests {
             assert_eq!(check(path, false), Verdict::Allow, "{path}");
         }
         assert_eq!(check("/v1/models/smollm2:135m", false), Verdict::Allow);
-        for path in ["/api/pull", "/api/delete", "/api/blobs/sha256:abc", "/api/create"] {
+        for path in [
+            "/api/pull",
+            "/api/delete",
+            "/api/blobs/sha256:abc",
+            "/api/create",
+        ] {
             assert_eq!(check(path, false), Verdict::ManagementDisabled, "{path}");
             assert_eq!(check(path, true), Verdict::Allow, "{path}");
         }

@@ -25,7 +25,8 @@ impl Backoff {
 
     /// The ceiling for the next delay: `BASE · 2^attempt`, at most the cap.
     pub fn ceiling(&self) -> Duration {
-        BASE.saturating_mul(1u32 << self.attempt.min(20)).min(self.cap)
+        BASE.saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.cap)
     }
 
     /// How many failures in a row so far.
@@ -74,10 +75,22 @@ mod tests {
     fn delays_are_spread_over_the_whole_window() {
         let mut rng = StdRng::seed_from_u64(1);
         let delays: Vec<Duration> = (0..1000)
-            .map(|_| Backoff { cap: Duration::from_secs(30), attempt: 10 }.next_delay(&mut rng))
+            .map(|_| {
+                Backoff {
+                    cap: Duration::from_secs(30),
+                    attempt: 10,
+                }
+                .next_delay(&mut rng)
+            })
             .collect();
-        let low = delays.iter().filter(|d| **d < Duration::from_secs(10)).count();
-        let high = delays.iter().filter(|d| **d > Duration::from_secs(20)).count();
+        let low = delays
+            .iter()
+            .filter(|d| **d < Duration::from_secs(10))
+            .count();
+        let high = delays
+            .iter()
+            .filter(|d| **d > Duration::from_secs(20))
+            .count();
         // Uniform over [0, 30 s]: about a third in each band.
         assert!((250..420).contains(&low), "{low}");
         assert!((250..420).contains(&high), "{high}");

@@ -143,10 +143,13 @@ impl DaemonConfig {
                 proto::MAX_DEVICE_FIELD_BYTES
             );
         }
-        if let Some(id) = &self.device_id {
-            if !proto::valid_device_field(id) {
-                bail!("device_id {id:?} must be 1-{} printable ASCII characters", proto::MAX_DEVICE_FIELD_BYTES);
-            }
+        if let Some(id) = &self.device_id
+            && !proto::valid_device_field(id)
+        {
+            bail!(
+                "device_id {id:?} must be 1-{} printable ASCII characters",
+                proto::MAX_DEVICE_FIELD_BYTES
+            );
         }
         if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
             bail!("ping_interval and ping_timeout must be above zero");
@@ -164,11 +167,14 @@ impl DaemonConfig {
 }
 
 fn shown_path() -> String {
-    DaemonConfig::default_path().map_or_else(|| "cloudllmd.toml".to_owned(), |p| p.display().to_string())
+    DaemonConfig::default_path()
+        .map_or_else(|| "cloudllmd.toml".to_owned(), |p| p.display().to_string())
 }
 
 fn parse_url(name: &str, value: &str) -> anyhow::Result<Url> {
-    Url::parse(value).with_context(|| format!("{name}={value:?} is not a URL (expected e.g. http://127.0.0.1:8080)"))
+    Url::parse(value).with_context(|| {
+        format!("{name}={value:?} is not a URL (expected e.g. http://127.0.0.1:8080)")
+    })
 }
 
 #[cfg(test)]
@@ -176,14 +182,25 @@ mod tests {
     use super::*;
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
     fn env_overrides_file_and_validation_names_the_setting() {
         let mut config: DaemonConfig =
             toml::from_str("relay_url = \"http://file:1\"\ndevice_name = \"box\"\n").unwrap();
-        assert!(config.validate().unwrap_err().to_string().contains("CLOUDLLM_TOKEN"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("CLOUDLLM_TOKEN")
+        );
         config
             .apply_env(env(&[
                 ("CLOUDLLM_RELAY_URL", "https://relay.example.com"),
@@ -191,13 +208,18 @@ mod tests {
                 ("CLOUDLLM_OLLAMA_URL", "http://127.0.0.1:9"),
             ]))
             .unwrap();
-        assert_eq!(config.relay_url.as_ref().unwrap().host_str(), Some("relay.example.com"));
+        assert_eq!(
+            config.relay_url.as_ref().unwrap().host_str(),
+            Some("relay.example.com")
+        );
         assert_eq!(config.token.as_ref().unwrap().expose(), "tok");
         assert_eq!(config.ollama_url.port(), Some(9));
         assert_eq!(config.device_name, "box");
         config.validate().unwrap();
 
-        let err = config.apply_env(env(&[("CLOUDLLM_RELAY_URL", "not a url")])).unwrap_err();
+        let err = config
+            .apply_env(env(&[("CLOUDLLM_RELAY_URL", "not a url")]))
+            .unwrap_err();
         assert!(format!("{err:#}").contains("CLOUDLLM_RELAY_URL"));
     }
 
@@ -207,12 +229,33 @@ mod tests {
             token: Some(Secret::new("t")),
             ..DaemonConfig::default()
         };
-        assert!(config.validate().unwrap_err().to_string().contains("CLOUDLLM_RELAY_URL"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("CLOUDLLM_RELAY_URL")
+        );
         config.relay_url = Some(Url::parse("ftp://x").unwrap());
-        assert!(config.validate().unwrap_err().to_string().contains("ftp://"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("ftp://")
+        );
         config.relay_url = Some(Url::parse("http://relay").unwrap());
         config.device_name = "bad\nname".into();
-        assert!(config.validate().unwrap_err().to_string().contains("device name"));
-        assert!(toml::from_str::<DaemonConfig>("token = \"x\"").is_err(), "tokens never live in the file");
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("device name")
+        );
+        assert!(
+            toml::from_str::<DaemonConfig>("token = \"x\"").is_err(),
+            "tokens never live in the file"
+        );
     }
 }

@@ -46,8 +46,8 @@ pub fn tls_config(config: &DaemonConfig) -> anyhow::Result<Arc<rustls::ClientCon
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
     if let Some(path) = &config.ca_file {
-        let pem = std::fs::read(path)
-            .with_context(|| format!("reading ca_file {}", path.display()))?;
+        let pem =
+            std::fs::read(path).with_context(|| format!("reading ca_file {}", path.display()))?;
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
             let cert = cert.with_context(|| format!("parsing ca_file {}", path.display()))?;
@@ -56,7 +56,11 @@ pub fn tls_config(config: &DaemonConfig) -> anyhow::Result<Arc<rustls::ClientCon
                 .with_context(|| format!("adding a certificate from ca_file {}", path.display()))?;
             added += 1;
         }
-        anyhow::ensure!(added > 0, "ca_file {} holds no PEM certificate", path.display());
+        anyhow::ensure!(
+            added > 0,
+            "ca_file {} holds no PEM certificate",
+            path.display()
+        );
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -97,7 +101,8 @@ async fn dial_inner(
     tls: &Arc<rustls::ClientConfig>,
     device_id: &str,
 ) -> Result<WebSocketStream<Box<dyn Stream>>, DialError> {
-    let net = |what: &str, err: &dyn std::fmt::Display| DialError::Network(format!("{what}: {err}"));
+    let net =
+        |what: &str, err: &dyn std::fmt::Display| DialError::Network(format!("{what}: {err}"));
     let relay = config
         .relay_url
         .as_ref()
@@ -111,10 +116,12 @@ async fn dial_inner(
     let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port))
         .await
         .map_err(|err| net(&format!("connecting to {host}:{port}"), &err))?;
-    tcp.set_nodelay(true).map_err(|err| net("TCP_NODELAY", &err))?;
+    tcp.set_nodelay(true)
+        .map_err(|err| net("TCP_NODELAY", &err))?;
     let stream: Box<dyn Stream> = if url.scheme() == "wss" {
-        let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
-            .map_err(|err| net("relay host name", &err))?;
+        let name =
+            rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                .map_err(|err| net("relay host name", &err))?;
         let tls = tokio_rustls::TlsConnector::from(tls.clone())
             .connect(name, tcp)
             .await
@@ -134,10 +141,17 @@ async fn dial_inner(
         .ok_or_else(|| DialError::Network("no agent token".into()))?;
     let headers = request.headers_mut();
     let value = |v: &str| {
-        http::HeaderValue::from_str(v).map_err(|_| DialError::Network("header value is not valid".into()))
+        http::HeaderValue::from_str(v)
+            .map_err(|_| DialError::Network("header value is not valid".into()))
     };
-    headers.insert(http::header::AUTHORIZATION, value(&format!("Bearer {}", token.expose()))?);
-    headers.insert(proto::HEADER_PROTOCOL, value(&proto::PROTOCOL_VERSION.to_string())?);
+    headers.insert(
+        http::header::AUTHORIZATION,
+        value(&format!("Bearer {}", token.expose()))?,
+    );
+    headers.insert(
+        proto::HEADER_PROTOCOL,
+        value(&proto::PROTOCOL_VERSION.to_string())?,
+    );
     headers.insert(proto::HEADER_DEVICE_ID, value(device_id)?);
     headers.insert(proto::HEADER_DEVICE_NAME, value(&config.device_name)?);
     headers.insert(
@@ -158,9 +172,19 @@ async fn dial_inner(
             let reason = response
                 .body()
                 .as_deref()
-                .map(|b| String::from_utf8_lossy(&b[..b.len().min(512)]).trim().to_owned())
+                .map(|b| {
+                    String::from_utf8_lossy(&b[..b.len().min(512)])
+                        .trim()
+                        .to_owned()
+                })
                 .filter(|r| !r.is_empty())
-                .unwrap_or_else(|| response.status().canonical_reason().unwrap_or("").to_owned());
+                .unwrap_or_else(|| {
+                    response
+                        .status()
+                        .canonical_reason()
+                        .unwrap_or("")
+                        .to_owned()
+                });
             Err(DialError::Refused { status, reason })
         }
         Err(err) => Err(net("WebSocket upgrade", &err)),
@@ -175,9 +199,18 @@ mod tests {
     fn tunnel_urls_follow_the_relay_base_url() {
         let cases = [
             ("http://127.0.0.1:8080", "ws://127.0.0.1:8080/tunnel"),
-            ("https://relay.example.com", "wss://relay.example.com/tunnel"),
-            ("https://example.com/cloudllm/", "wss://example.com/cloudllm/tunnel"),
-            ("wss://example.com:9443?x=1", "wss://example.com:9443/tunnel"),
+            (
+                "https://relay.example.com",
+                "wss://relay.example.com/tunnel",
+            ),
+            (
+                "https://example.com/cloudllm/",
+                "wss://example.com/cloudllm/tunnel",
+            ),
+            (
+                "wss://example.com:9443?x=1",
+                "wss://example.com:9443/tunnel",
+            ),
         ];
         for (base, want) in cases {
             assert_eq!(tunnel_url(&Url::parse(base).unwrap()).as_str(), want);

@@ -217,9 +217,10 @@ fn strip(headers: &mut HeaderMap) {
 fn json(status: StatusCode, body: Bytes) -> Response<TunnelBody> {
     let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -246,7 +247,10 @@ mod tests {
             ("content-type", "application/json"),
             ("x-request-id", "abc"),
         ] {
-            headers.insert(header::HeaderName::from_static(k), HeaderValue::from_static(v));
+            headers.insert(
+                header::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            );
         }
         strip(&mut headers);
         let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();

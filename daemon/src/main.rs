@@ -23,8 +23,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -57,7 +56,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let signal = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down: finishing in-flight requests (a second signal exits at once)");
+        tracing::info!(
+            "shutting down: finishing in-flight requests (a second signal exits at once)"
+        );
         signal.cancel();
         wait_for_signal().await;
         std::process::exit(130);

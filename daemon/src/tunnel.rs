@@ -81,7 +81,9 @@ pub async fn run(
                         error = %err, retry_in = ?delay,
                         "the relay does not accept this agent token: get a new one (CLOUDLLM_TOKEN)"
                     ),
-                    _ => warn!(error = %err, attempt = backoff.attempt(), retry_in = ?delay, "cannot reach the relay"),
+                    _ => {
+                        warn!(error = %err, attempt = backoff.attempt(), retry_in = ?delay, "cannot reach the relay")
+                    }
                 }
                 delay
             }
@@ -100,7 +102,11 @@ async fn serve(
     forwarder: &Arc<Forwarder>,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let relay = config.relay_url.as_ref().map(|u| u.as_str()).unwrap_or_default();
+    let relay = config
+        .relay_url
+        .as_ref()
+        .map(|u| u.as_str())
+        .unwrap_or_default();
     info!(%relay, device = %config.device_name, "tunnel up");
     let liveness = config.liveness();
     let io = TokioIo::new(WsIo::new(ws, liveness));
@@ -130,7 +136,10 @@ async fn serve(
     };
     // GOAWAY: no new streams; the ones in flight finish (within the grace period).
     connection.as_mut().graceful_shutdown();
-    if tokio::time::timeout(config.shutdown_grace, connection).await.is_err() {
+    if tokio::time::timeout(config.shutdown_grace, connection)
+        .await
+        .is_err()
+    {
         warn!(grace = ?config.shutdown_grace, "in-flight requests still running after the grace period: cut");
     }
     closing

@@ -148,7 +148,8 @@ mod tests {
 
     #[test]
     fn error_bodies_have_the_client_shapes() {
-        let v: serde_json::Value = serde_json::from_str(&ollama_error("a \"quoted\" word")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&ollama_error("a \"quoted\" word")).unwrap();
         assert_eq!(v["error"], "a \"quoted\" word");
         let v: serde_json::Value = serde_json::from_str(&openai_error("m", "t")).unwrap();
         assert_eq!(v["error"]["message"], "m");

@@ -225,26 +225,45 @@ mod tests {
     fn issued_tokens_verify_with_their_scope() {
         let keys = keys();
         let token = keys
-            .issue("alice", Scope::Client, Some("premium"), Duration::from_secs(60))
+            .issue(
+                "alice",
+                Scope::Client,
+                Some("premium"),
+                Duration::from_secs(60),
+            )
             .unwrap();
         let id = keys.authenticate(&headers(&token), Scope::Client).unwrap();
         assert_eq!(id.user, "alice");
         assert_eq!(id.tier.as_deref(), Some("premium"));
         assert_eq!(
             keys.authenticate(&headers(&token), Scope::Agent),
-            Err(AuthError::WrongScope { need: "agent", got: "client" })
+            Err(AuthError::WrongScope {
+                need: "agent",
+                got: "client"
+            })
         );
     }
 
     #[test]
     fn missing_forged_expired_and_unsigned_tokens_are_rejected() {
         let keys = keys();
-        assert_eq!(keys.authenticate(&HeaderMap::new(), Scope::Client), Err(AuthError::Missing));
+        assert_eq!(
+            keys.authenticate(&HeaderMap::new(), Scope::Client),
+            Err(AuthError::Missing)
+        );
         let other = Keys::new(&Secret::new("b".repeat(32)));
-        let forged = other.issue("alice", Scope::Client, None, Duration::from_secs(60)).unwrap();
-        assert_eq!(keys.authenticate(&headers(&forged), Scope::Client), Err(AuthError::Invalid));
+        let forged = other
+            .issue("alice", Scope::Client, None, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            keys.authenticate(&headers(&forged), Scope::Client),
+            Err(AuthError::Invalid)
+        );
 
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let expired = Claims {
             sub: "alice".into(),
             scope: Scope::Client,
@@ -253,22 +272,39 @@ mod tests {
             iat: now - 3600,
             iss: ISSUER.into(),
         };
-        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &keys.encoding).unwrap();
-        assert_eq!(keys.authenticate(&headers(&expired), Scope::Client), Err(AuthError::Expired));
+        let expired =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &keys.encoding).unwrap();
+        assert_eq!(
+            keys.authenticate(&headers(&expired), Scope::Client),
+            Err(AuthError::Expired)
+        );
 
         let claims = format!(r#"{{"sub":"alice","scope":"client","exp":{}}}"#, now + 600);
-        let unsigned = format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), b64(claims.as_bytes()));
-        assert_eq!(keys.authenticate(&headers(&unsigned), Scope::Client), Err(AuthError::Invalid));
+        let unsigned = format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","typ":"JWT"}"#),
+            b64(claims.as_bytes())
+        );
+        assert_eq!(
+            keys.authenticate(&headers(&unsigned), Scope::Client),
+            Err(AuthError::Invalid)
+        );
 
         for garbage in ["x", "a.b.c", "Bearer", &"A".repeat(MAX_TOKEN_BYTES + 1)] {
-            assert_eq!(keys.authenticate(&headers(garbage), Scope::Client), Err(AuthError::Invalid));
+            assert_eq!(
+                keys.authenticate(&headers(garbage), Scope::Client),
+                Err(AuthError::Invalid)
+            );
         }
     }
 
     #[test]
     fn only_bearer_scheme_counts() {
         let mut h = HeaderMap::new();
-        h.insert(http::header::AUTHORIZATION, "Basic YWxpY2U6cHc=".parse().unwrap());
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Basic YWxpY2U6cHc=".parse().unwrap(),
+        );
         assert_eq!(bearer_token(&h), None);
         h.insert(http::header::AUTHORIZATION, "bearer  tok ".parse().unwrap());
         assert_eq!(bearer_token(&h), Some("tok"));

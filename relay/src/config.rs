@@ -65,10 +65,10 @@ impl RelayConfig {
 
     /// Applies the environment: `CLOUDLLM_RELAY_SECRET` overrides the file's secret.
     pub fn apply_env(&mut self) {
-        if let Ok(secret) = std::env::var(SECRET_ENV) {
-            if !secret.is_empty() {
-                self.secret = Some(Secret::new(secret));
-            }
+        if let Ok(secret) = std::env::var(SECRET_ENV)
+            && !secret.is_empty()
+        {
+            self.secret = Some(Secret::new(secret));
         }
     }
 

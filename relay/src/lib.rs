@@ -80,13 +80,10 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
             state.tasks.close();
             state.tasks.wait().await;
         };
-        let (served, ()) = tokio::join!(
-            async { server.await.context("serving") },
-            async {
-                // Tunnel tasks bound their own drain by the grace period; this is a backstop.
-                let _ = tokio::time::timeout(grace * 2, tunnels).await;
-            }
-        );
+        let (served, ()) = tokio::join!(async { server.await.context("serving") }, async {
+            // Tunnel tasks bound their own drain by the grace period; this is a backstop.
+            let _ = tokio::time::timeout(grace * 2, tunnels).await;
+        });
         info!("relay stopped");
         served
     });

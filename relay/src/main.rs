@@ -11,7 +11,10 @@ use cloudllm_relay::{Keys, RelayConfig, Scope};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "The cloudllm relay: reach the Ollama on your own machine from anywhere")]
+#[command(
+    version,
+    about = "The cloudllm relay: reach the Ollama on your own machine from anywhere"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,8 +77,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

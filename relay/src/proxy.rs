@@ -47,7 +47,10 @@ impl Api<'_> {
         let body = proto::api_error_body(self.0, status.is_server_error(), message);
         let mut response = (
             status,
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             body,
         )
             .into_response();
@@ -243,7 +246,10 @@ impl HttpBody for CappedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map(HttpBody::size_hint).unwrap_or_default()
+        self.inner
+            .as_ref()
+            .map(HttpBody::size_hint)
+            .unwrap_or_default()
     }
 }
 

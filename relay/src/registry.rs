@@ -72,7 +72,9 @@ impl Drop for InFlight {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
     /// The user has no connected device.
-    #[error("your device is offline: no cloudllm daemon is connected for your account. Start it on the machine that runs Ollama (`cloudllmd`), then try again")]
+    #[error(
+        "your device is offline: no cloudllm daemon is connected for your account. Start it on the machine that runs Ollama (`cloudllmd`), then try again"
+    )]
     NoDevice,
     /// The user asked for a device by name or id that is not connected.
     #[error("device {0:?} is not connected; connected devices: {1}")]
@@ -145,6 +147,8 @@ impl Registry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Device>>>> {
         // The map stays consistent even if a holder panicked: every update is one call.
-        self.by_user.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.by_user
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

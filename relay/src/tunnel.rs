@@ -124,10 +124,10 @@ async fn run(
             let drain = http::Request::post(format!("http://tunnel{}", proto::CONTROL_DRAIN))
                 .body(Body::empty())
                 .map(|req| device.sender().send_request(req));
-            if let Ok(drain) = drain {
-                if let Err(err) = drain.await {
-                    warn!(error = %err, "drain request failed");
-                }
+            if let Ok(drain) = drain
+                && let Err(err) = drain.await
+            {
+                warn!(error = %err, "drain request failed");
             }
             drop(device);
             match tokio::time::timeout(state.config.shutdown_grace, &mut connection).await {
@@ -145,8 +145,8 @@ async fn run(
 async fn fetch_hello(
     sender: &mut hyper::client::conn::http2::SendRequest<Body>,
 ) -> anyhow::Result<Hello> {
-    let req = http::Request::get(format!("http://tunnel{}", proto::CONTROL_HELLO))
-        .body(Body::empty())?;
+    let req =
+        http::Request::get(format!("http://tunnel{}", proto::CONTROL_HELLO)).body(Body::empty())?;
     let response = sender.send_request(req).await.context("hello request")?;
     anyhow::ensure!(
         response.status().is_success(),
@@ -181,7 +181,10 @@ fn device_headers(headers: &HeaderMap) -> Result<(String, String), String> {
             proto::PROTOCOL_VERSION
         ));
     }
-    Ok((field(proto::HEADER_DEVICE_ID)?, field(proto::HEADER_DEVICE_NAME)?))
+    Ok((
+        field(proto::HEADER_DEVICE_ID)?,
+        field(proto::HEADER_DEVICE_NAME)?,
+    ))
 }
 
 /// Checks the WebSocket upgrade headers (RFC 6455 §4.2.1) and returns the accept key.
@@ -197,7 +200,11 @@ fn websocket_key(headers: &HeaderMap) -> Result<HeaderValue, &'static str> {
     if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
         return Err("this endpoint takes a WebSocket upgrade");
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
         return Err("unsupported WebSocket version (need 13)");
     }
     let key = headers

@@ -75,7 +75,12 @@ impl Records {
 
     /// When stream `tag` produced its lines.
     pub fn produced(&self, tag: &str) -> Vec<Instant> {
-        self.produced.lock().unwrap().get(tag).cloned().unwrap_or_default()
+        self.produced
+            .lock()
+            .unwrap()
+            .get(tag)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -97,7 +102,9 @@ impl Drop for FakeOllama {
 impl FakeOllama {
     /// Starts the fake on `127.0.0.1:0`.
     pub async fn start() -> FakeOllama {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake");
         FakeOllama::serve(listener)
     }
 
@@ -106,7 +113,10 @@ impl FakeOllama {
         let addr = listener.local_addr().expect("fake address");
         let records = Arc::new(Records::default());
         let app = Router::new()
-            .route("/api/version", get(|| async { axum::Json(serde_json::json!({"version": "0.0.0-fake"})) }))
+            .route(
+                "/api/version",
+                get(|| async { axum::Json(serde_json::json!({"version": "0.0.0-fake"})) }),
+            )
             .route("/api/tags", get(tags))
             .route("/api/generate", post(generate))
             .route("/api/show", any(echo_headers))
@@ -118,7 +128,11 @@ impl FakeOllama {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        FakeOllama { addr, records, task }
+        FakeOllama {
+            addr,
+            records,
+            task,
+        }
     }
 
     /// Its base URL.
@@ -127,8 +141,16 @@ impl FakeOllama {
     }
 }
 
-async fn record_hit(State(records): State<Arc<Records>>, req: Request<Body>, next: Next) -> Response {
-    records.hits.lock().unwrap().push(req.uri().path().to_owned());
+async fn record_hit(
+    State(records): State<Arc<Records>>,
+    req: Request<Body>,
+    next: Next,
+) -> Response {
+    records
+        .hits
+        .lock()
+        .unwrap()
+        .push(req.uri().path().to_owned());
     next.run(req).await
 }
 
@@ -138,10 +160,18 @@ async fn tags() -> impl IntoResponse {
     }))
 }
 
-async fn echo_headers(State(records): State<Arc<Records>>, headers: HeaderMap) -> impl IntoResponse {
+async fn echo_headers(
+    State(records): State<Arc<Records>>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
     let map: HashMap<String, String> = headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     *records.echoed.lock().unwrap() = Some(headers);
     axum::Json(serde_json::json!({ "headers": map }))
@@ -168,7 +198,10 @@ async fn generate(State(records): State<Arc<Records>>, body: Bytes) -> Response 
     let req: GenerateRequest = match serde_json::from_slice(&body) {
         Ok(req) => req,
         Err(err) => {
-            return (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"error": err.to_string()})))
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": err.to_string()})),
+            )
                 .into_response();
         }
     };
@@ -180,9 +213,22 @@ async fn generate(State(records): State<Arc<Records>>, body: Bytes) -> Response 
     records.open_streams.fetch_add(1, Ordering::SeqCst);
     let task_records = records.clone();
     tokio::spawn(async move {
-        let end = produce(&task_records, &tag, lines, interval, req.fake_fail_after, &padding, &tx).await;
+        let end = produce(
+            &task_records,
+            &tag,
+            lines,
+            interval,
+            req.fake_fail_after,
+            &padding,
+            &tx,
+        )
+        .await;
         task_records.open_streams.fetch_sub(1, Ordering::SeqCst);
-        task_records.ended.lock().unwrap().insert(tag, (Instant::now(), end));
+        task_records
+            .ended
+            .lock()
+            .unwrap()
+            .insert(tag, (Instant::now(), end));
         task_records.changed.notify_waiters();
     });
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
@@ -214,7 +260,9 @@ async fn produce(
         }
         let done = i == lines;
         let line = if done {
-            format!("{{\"model\":\"fake\",\"response\":\"\",\"done\":true,\"eval_count\":{lines}}}\n")
+            format!(
+                "{{\"model\":\"fake\",\"response\":\"\",\"done\":true,\"eval_count\":{lines}}}\n"
+            )
         } else {
             format!("{{\"model\":\"fake\",\"response\":\"t{i}{padding}\",\"done\":false}}\n")
         };

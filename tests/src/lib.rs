@@ -195,7 +195,12 @@ impl Stack {
         init_logs();
         let relay = TestRelay::start(config).await;
         let backend = FakeOllama::start().await;
-        let daemon = TestDaemon::start(daemon_config(&relay.url(), "alice", "laptop", &backend.url()));
+        let daemon = TestDaemon::start(daemon_config(
+            &relay.url(),
+            "alice",
+            "laptop",
+            &backend.url(),
+        ));
         relay.wait_for_devices("alice", 1).await;
         Stack {
             relay,

@@ -38,7 +38,9 @@ impl StallProxy {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((inbound, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                let Ok(outbound) = TcpStream::connect(target).await else { continue };
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    continue;
+                };
                 let (ri, wi) = inbound.into_split();
                 let (ro, wo) = outbound.into_split();
                 connections.spawn(pump(ri, wo, flag.clone()));

@@ -12,7 +12,10 @@ use serde_json::json;
 use tokio::time::timeout;
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// Tokens that must all be refused with 401.
@@ -24,7 +27,9 @@ fn bad_tokens() -> Vec<(&'static str, String)> {
         ("garbage", "not-a-jwt".to_owned()),
         (
             "expired an hour ago",
-            sign_with_relay_secret(&json!({"sub": "alice", "scope": "client", "exp": now() - 3600})),
+            sign_with_relay_secret(
+                &json!({"sub": "alice", "scope": "client", "exp": now() - 3600}),
+            ),
         ),
         (
             "unknown scope",
@@ -53,7 +58,14 @@ fn bad_tokens() -> Vec<(&'static str, String)> {
                 .issue("alice", Scope::Client, None, Duration::from_secs(600))
                 .unwrap(),
         ),
-        ("alg none", format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(claims("client")))),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(json!({"alg": "none", "typ": "JWT"})),
+                b64(claims("client"))
+            ),
+        ),
         ("tampered", {
             let good = token("bob", Scope::Client);
             let parts: Vec<&str> = good.split('.').collect();
@@ -93,7 +105,10 @@ async fn bad_tokens_get_401_on_the_api_and_nothing_reaches_the_device() {
             .unwrap();
         assert_eq!(v1.status(), 401, "{what} on /v1");
         let body: serde_json::Value = v1.json().await.unwrap();
-        assert!(body["error"]["message"].is_string(), "OpenAI error shape on /v1: {body}");
+        assert!(
+            body["error"]["message"].is_string(),
+            "OpenAI error shape on /v1: {body}"
+        );
     }
     let agent_token = http
         .get(stack.relay.api("/api/tags"))
@@ -101,7 +116,11 @@ async fn bad_tokens_get_401_on_the_api_and_nothing_reaches_the_device() {
         .send()
         .await
         .unwrap();
-    assert_eq!(agent_token.status(), 403, "an agent token cannot send requests");
+    assert_eq!(
+        agent_token.status(),
+        403,
+        "an agent token cannot send requests"
+    );
     assert_eq!(stack.backend.records.hit_count(), 0);
 }
 
@@ -128,8 +147,14 @@ async fn bad_tokens_get_401_on_the_tunnel_before_any_upgrade() {
     for (what, bad) in bad_tokens() {
         assert_eq!(upgrade(Some(&bad)).await.unwrap().status(), 401, "{what}");
     }
-    let client_scope = upgrade(Some(&token("mallory", Scope::Client))).await.unwrap();
-    assert_eq!(client_scope.status(), 403, "a client token cannot open a tunnel");
+    let client_scope = upgrade(Some(&token("mallory", Scope::Client)))
+        .await
+        .unwrap();
+    assert_eq!(
+        client_scope.status(),
+        403,
+        "a client token cannot open a tunnel"
+    );
     // A good token without a WebSocket upgrade is a plain 400.
     let plain = http
         .get(stack.relay.api("/tunnel"))
@@ -141,7 +166,11 @@ async fn bad_tokens_get_401_on_the_tunnel_before_any_upgrade() {
         .await
         .unwrap();
     assert_eq!(plain.status(), 400);
-    assert_eq!(stack.relay.relay.registry.len(), 1, "only alice's device is connected");
+    assert_eq!(
+        stack.relay.relay.registry.len(),
+        1,
+        "only alice's device is connected"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +190,10 @@ async fn a_user_only_ever_reaches_their_own_devices() {
         .unwrap();
     assert_eq!(offline.status(), 503);
     let body: serde_json::Value = offline.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("offline"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("offline"),
+        "{body}"
+    );
     // Naming alice's device does not help.
     let named = bob("/api/generate")
         .header("x-cloudllm-device", "laptop")
@@ -174,22 +206,57 @@ async fn a_user_only_ever_reaches_their_own_devices() {
 
     // Bob connects his own device with the same name; each user reaches only their own.
     let bob_backend = FakeOllama::start().await;
-    let _bob_daemon = TestDaemon::start(daemon_config(&stack.relay.url(), "bob", "laptop", &bob_backend.url()));
+    let _bob_daemon = TestDaemon::start(daemon_config(
+        &stack.relay.url(),
+        "bob",
+        "laptop",
+        &bob_backend.url(),
+    ));
     stack.relay.wait_for_devices("bob", 1).await;
     for i in 0..10 {
         let tag = format!("bob-{i}");
-        let response = bob("/api/generate").json(&json!({"prompt": tag})).send().await.unwrap();
+        let response = bob("/api/generate")
+            .json(&json!({"prompt": tag}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         timeout(STEP, response.bytes()).await.unwrap().unwrap();
         let tag = format!("alice-{i}");
-        let response = stack.post("/api/generate").json(&json!({"prompt": tag})).send().await.unwrap();
+        let response = stack
+            .post("/api/generate")
+            .json(&json!({"prompt": tag}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         timeout(STEP, response.bytes()).await.unwrap().unwrap();
     }
-    let alice_tags: Vec<String> = stack.backend.records.produced.lock().unwrap().keys().cloned().collect();
-    let bob_tags: Vec<String> = bob_backend.records.produced.lock().unwrap().keys().cloned().collect();
+    let alice_tags: Vec<String> = stack
+        .backend
+        .records
+        .produced
+        .lock()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let bob_tags: Vec<String> = bob_backend
+        .records
+        .produced
+        .lock()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     assert_eq!(alice_tags.len(), 10);
     assert_eq!(bob_tags.len(), 10);
-    assert!(alice_tags.iter().all(|t| t.starts_with("alice-")), "{alice_tags:?}");
-    assert!(bob_tags.iter().all(|t| t.starts_with("bob-")), "{bob_tags:?}");
+    assert!(
+        alice_tags.iter().all(|t| t.starts_with("alice-")),
+        "{alice_tags:?}"
+    );
+    assert!(
+        bob_tags.iter().all(|t| t.starts_with("bob-")),
+        "{bob_tags:?}"
+    );
 }

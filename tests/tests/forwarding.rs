@@ -24,36 +24,79 @@ async fn ollama_sees_its_own_host_and_none_of_the_callers_credentials() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-request-id"], "trace-42");
-    let seen = stack.backend.records.echoed.lock().unwrap().clone().unwrap();
+    let seen = stack
+        .backend
+        .records
+        .echoed
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
     assert_eq!(seen["host"], stack.backend.addr.to_string().as_str());
     assert_eq!(seen["x-request-id"], "trace-42");
     assert_eq!(seen["content-type"], "application/json");
-    for gone in ["authorization", "origin", "referer", "cookie", "x-cloudllm-device"] {
+    for gone in [
+        "authorization",
+        "origin",
+        "referer",
+        "cookie",
+        "x-cloudllm-device",
+    ] {
         assert!(!seen.contains_key(gone), "{gone} reached Ollama");
     }
-    assert_eq!(stack.backend.records.hits.lock().unwrap().last().unwrap(), "/api/show");
+    assert_eq!(
+        stack.backend.records.hits.lock().unwrap().last().unwrap(),
+        "/api/show"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_is_generated_when_the_caller_sends_none() {
     let stack = Stack::start().await;
     let response = stack.get("/api/show").send().await.unwrap();
-    let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(id.len(), 36, "a UUID: {id}");
-    let seen = stack.backend.records.echoed.lock().unwrap().clone().unwrap();
+    let seen = stack
+        .backend
+        .records
+        .echoed
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
     assert_eq!(seen["x-request-id"], id.as_str());
     // A hostile id is replaced, not forwarded.
-    let response = stack.get("/api/show").header("x-request-id", "a b\"c").send().await.unwrap();
+    let response = stack
+        .get("/api/show")
+        .header("x-request-id", "a b\"c")
+        .send()
+        .await
+        .unwrap();
     assert_ne!(response.headers()["x-request-id"], "a b\"c");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_codes_and_bodies_pass_unchanged() {
     let stack = Stack::start().await;
-    let tags: serde_json::Value = stack.get("/api/tags").send().await.unwrap().json().await.unwrap();
+    let tags: serde_json::Value = stack
+        .get("/api/tags")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(tags["models"][0]["name"], "fake:latest");
     // The fake's own 400 for a bad body comes back as is.
-    let bad = stack.post("/api/generate").body("{not json").send().await.unwrap();
+    let bad = stack
+        .post("/api/generate")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
     let body: serde_json::Value = bad.json().await.unwrap();
     assert!(body["error"].is_string());
@@ -72,18 +115,37 @@ async fn status_codes_and_bodies_pass_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_management_is_refused_and_names_the_setting() {
     let stack = Stack::start().await;
-    for path in ["/api/pull", "/api/delete", "/api/create", "/api/copy", "/api/push", "/api/blobs/sha256:00"] {
-        let response = stack.post(path).json(&json!({"model": "x"})).send().await.unwrap();
+    for path in [
+        "/api/pull",
+        "/api/delete",
+        "/api/create",
+        "/api/copy",
+        "/api/push",
+        "/api/blobs/sha256:00",
+    ] {
+        let response = stack
+            .post(path)
+            .json(&json!({"model": "x"}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 403, "{path}");
         let body: serde_json::Value = response.json().await.unwrap();
         assert!(
-            body["error"].as_str().unwrap().contains("allow_model_management"),
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("allow_model_management"),
             "{path}: {body}"
         );
     }
     let unknown = stack.post("/api/something-new").send().await.unwrap();
     assert_eq!(unknown.status(), 403);
-    assert_eq!(stack.backend.records.hit_count(), 0, "nothing reached Ollama");
+    assert_eq!(
+        stack.backend.records.hit_count(),
+        0,
+        "nothing reached Ollama"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +164,10 @@ async fn model_management_passes_when_the_owner_enables_it() {
         .unwrap();
     // The fake has no /api/pull: its 404 proves the request got through.
     assert_eq!(response.status(), 404);
-    assert_eq!(backend.records.hits.lock().unwrap().as_slice(), ["/api/pull"]);
+    assert_eq!(
+        backend.records.hits.lock().unwrap().as_slice(),
+        ["/api/pull"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +182,13 @@ async fn no_device_gives_503_in_each_api_shape() {
         .unwrap();
     assert_eq!(response.status(), 503);
     let body: serde_json::Value = response.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("device is offline"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("device is offline"),
+        "{body}"
+    );
     let response = http
         .get(relay.api("/v1/models"))
         .bearer_auth(token("alice", Scope::Client))
@@ -126,7 +197,13 @@ async fn no_device_gives_503_in_each_api_shape() {
         .unwrap();
     assert_eq!(response.status(), 503);
     let body: serde_json::Value = response.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("offline"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("offline"),
+        "{body}"
+    );
     assert_eq!(body["error"]["type"], "api_error");
     // Unknown routes say where the APIs are.
     let response = http.get(relay.api("/nothing")).send().await.unwrap();
@@ -151,7 +228,10 @@ async fn ollama_not_running_gives_502_saying_so() {
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = response.json().await.unwrap();
     let message = body["error"].as_str().unwrap();
-    assert!(message.contains("cannot reach Ollama") && message.contains("ollama serve"), "{message}");
+    assert!(
+        message.contains("cannot reach Ollama") && message.contains("ollama serve"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,15 +240,23 @@ async fn bodies_over_the_limit_get_413_declared_or_streamed() {
     config.max_body_bytes = 64 * 1024;
     let stack = Stack::with_relay_config(config).await;
     let big = vec![b'x'; 200 * 1024];
-    let declared = stack.post("/api/generate").body(big.clone()).send().await.unwrap();
+    let declared = stack
+        .post("/api/generate")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(declared.status(), 413);
     let body: serde_json::Value = declared.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("65536"), "{body}");
     // Chunked, no Content-Length: the relay counts as it streams.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
     let streamed = stack
         .post("/api/generate")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();

@@ -9,7 +9,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cloudllm_e2e::{STEP, TestDaemon, TestRelay, client, daemon_config, relay_config, take_lines, token};
+use cloudllm_e2e::{
+    STEP, TestDaemon, TestRelay, client, daemon_config, relay_config, take_lines, token,
+};
 use cloudllm_relay::Scope;
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -89,28 +91,56 @@ impl Through {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_and_version_come_from_the_real_server() {
-    let Some(t) = Through::start().await else { return };
-    let version = t.request(reqwest::Method::GET, "/api/version").send().await.unwrap();
+    let Some(t) = Through::start().await else {
+        return;
+    };
+    let version = t
+        .request(reqwest::Method::GET, "/api/version")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(version.status(), 200);
     let version: serde_json::Value = version.json().await.unwrap();
     assert!(version["version"].is_string(), "{version}");
 
-    let tags = t.request(reqwest::Method::GET, "/api/tags").send().await.unwrap();
+    let tags = t
+        .request(reqwest::Method::GET, "/api/tags")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(tags.status(), 200);
     let tags: serde_json::Value = tags.json().await.unwrap();
-    let names: Vec<&str> = tags["models"].as_array().unwrap().iter().filter_map(|m| m["name"].as_str()).collect();
+    let names: Vec<&str> = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
     assert!(names.contains(&MODEL), "{names:?}");
 
-    let models = t.request(reqwest::Method::GET, "/v1/models").send().await.unwrap();
+    let models = t
+        .request(reqwest::Method::GET, "/v1/models")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(models.status(), 200);
     let models: serde_json::Value = models.json().await.unwrap();
     assert_eq!(models["object"], "list");
-    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == MODEL), "{models}");
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == MODEL),
+        "{models}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_streams_ndjson_from_the_real_server() {
-    let Some(t) = Through::start().await else { return };
+    let Some(t) = Through::start().await else {
+        return;
+    };
     let mut response = t
         .request(reqwest::Method::POST, "/api/generate")
         .json(&json!({"model": MODEL, "prompt": "Say hi", "options": {"num_predict": 8, "temperature": 0}}))
@@ -141,7 +171,9 @@ async fn generate_streams_ndjson_from_the_real_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_chat_completions_stream_from_the_real_server() {
-    let Some(t) = Through::start().await else { return };
+    let Some(t) = Through::start().await else {
+        return;
+    };
     let response = t
         .request(reqwest::Method::POST, "/v1/chat/completions")
         .json(&json!({
@@ -152,14 +184,24 @@ async fn openai_chat_completions_stream_from_the_real_server() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let body = timeout(STEP * 3, response.text()).await.unwrap().unwrap();
-    let events: Vec<&str> = body.split("\n\n").map(str::trim).filter(|e| !e.is_empty()).collect();
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
     assert_eq!(*events.last().unwrap(), "data: [DONE]");
     let chunks = &events[..events.len() - 1];
     assert!(!chunks.is_empty());
     for event in chunks {
-        let chunk: serde_json::Value = serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap();
+        let chunk: serde_json::Value =
+            serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap();
         assert_eq!(chunk["object"], "chat.completion.chunk");
         assert_eq!(chunk["model"], MODEL);
     }
@@ -167,7 +209,9 @@ async fn openai_chat_completions_stream_from_the_real_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_streaming_chat_and_real_errors_pass_through() {
-    let Some(t) = Through::start().await else { return };
+    let Some(t) = Through::start().await else {
+        return;
+    };
     let response = t
         .request(reqwest::Method::POST, "/api/chat")
         .json(&json!({
@@ -191,8 +235,16 @@ async fn non_streaming_chat_and_real_errors_pass_through() {
         .unwrap();
     assert_eq!(missing.status(), 404);
     let body: serde_json::Value = missing.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("not found"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not found"),
+        "{body}"
+    );
     // The relay never forwards model management by default, even to a real server.
-    let pull = t.request(reqwest::Method::POST, "/api/pull").json(&json!({"model": MODEL})).send().await.unwrap();
+    let pull = t
+        .request(reqwest::Method::POST, "/api/pull")
+        .json(&json!({"model": MODEL}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(pull.status(), 403);
 }

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use cloudllm_e2e::{
-    FakeOllama, STEP, StallProxy, TestDaemon, TestRelay, client, daemon_config, relay_config, take_lines, token,
+    FakeOllama, STEP, StallProxy, TestDaemon, TestRelay, client, daemon_config, relay_config,
+    take_lines, token,
 };
 use cloudllm_relay::Scope;
 use serde_json::json;
@@ -16,7 +17,12 @@ async fn relay_restart_in_flight_stream_finishes_and_the_daemon_comes_back() {
     let relay = TestRelay::start(relay_config()).await;
     let addr = relay.relay.addr;
     let backend = FakeOllama::start().await;
-    let _daemon = TestDaemon::start(daemon_config(&relay.url(), "alice", "laptop", &backend.url()));
+    let _daemon = TestDaemon::start(daemon_config(
+        &relay.url(),
+        "alice",
+        "laptop",
+        &backend.url(),
+    ));
     relay.wait_for_devices("alice", 1).await;
     let http = client();
 
@@ -24,18 +30,28 @@ async fn relay_restart_in_flight_stream_finishes_and_the_daemon_comes_back() {
     let mut response = http
         .post(relay.api("/api/generate"))
         .bearer_auth(token("alice", Scope::Client))
-        .json(&json!({"prompt": "in-flight", "options": {"num_predict": 20}, "fake_interval_ms": 25}))
+        .json(
+            &json!({"prompt": "in-flight", "options": {"num_predict": 20}, "fake_interval_ms": 25}),
+        )
         .send()
         .await
         .unwrap();
-    let first = timeout(STEP, response.chunk()).await.unwrap().unwrap().unwrap();
+    let first = timeout(STEP, response.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     relay.begin_shutdown();
     let mut buf = first.to_vec();
     while let Some(chunk) = timeout(STEP, response.chunk()).await.unwrap().unwrap() {
         buf.extend_from_slice(&chunk);
     }
     let lines = take_lines(&mut buf);
-    assert_eq!(lines.len(), 21, "the in-flight stream finished during the drain");
+    assert_eq!(
+        lines.len(),
+        21,
+        "the in-flight stream finished during the drain"
+    );
     assert_eq!(lines.last().unwrap()["done"], true);
     relay.stop().await;
 
@@ -46,7 +62,10 @@ async fn relay_restart_in_flight_stream_finishes_and_the_daemon_comes_back() {
     let relay = TestRelay::start(config).await;
     relay.wait_for_devices("alice", 1).await;
     let back_after = restarted.elapsed();
-    assert!(back_after < Duration::from_secs(5), "daemon took {back_after:?} to come back");
+    assert!(
+        back_after < Duration::from_secs(5),
+        "daemon took {back_after:?} to come back"
+    );
     let response = http
         .get(relay.api("/api/tags"))
         .bearer_auth(token("alice", Scope::Client))
@@ -79,7 +98,10 @@ async fn a_silently_dead_path_is_noticed_by_both_ends_and_recovers() {
     relay.wait_for_devices("alice", 0).await;
     let relay_noticed = stalled_at.elapsed();
     // Detection bound: interval + timeout = 1 s; allow scheduling slack.
-    assert!(relay_noticed < Duration::from_secs(3), "relay noticed after {relay_noticed:?}");
+    assert!(
+        relay_noticed < Duration::from_secs(3),
+        "relay noticed after {relay_noticed:?}"
+    );
     let response = client()
         .get(relay.api("/api/tags"))
         .bearer_auth(token("alice", Scope::Client))
@@ -95,7 +117,10 @@ async fn a_silently_dead_path_is_noticed_by_both_ends_and_recovers() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let daemon_noticed = stalled_at.elapsed();
-    assert!(daemon_noticed < Duration::from_secs(5), "daemon noticed after {daemon_noticed:?}");
+    assert!(
+        daemon_noticed < Duration::from_secs(5),
+        "daemon noticed after {daemon_noticed:?}"
+    );
 
     proxy.set_stalled(false);
     relay.wait_for_devices("alice", 1).await;
@@ -117,5 +142,8 @@ async fn a_daemon_with_a_rejected_token_keeps_retrying_without_connecting() {
     let daemon = TestDaemon::start(config);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(relay.relay.registry.is_empty());
-    assert!(!daemon.is_finished(), "the daemon keeps running and retrying");
+    assert!(
+        !daemon.is_finished(),
+        "the daemon keeps running and retrying"
+    );
 }

@@ -56,7 +56,11 @@ async fn closing_the_client_stops_the_backend_within_100ms() {
     let mut buf = Vec::new();
     let mut seen = 0;
     while seen < 3 {
-        let chunk = timeout(STEP, response.chunk()).await.unwrap().unwrap().unwrap();
+        let chunk = timeout(STEP, response.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         buf.extend_from_slice(&chunk);
         seen += take_lines(&mut buf).len();
     }
@@ -65,7 +69,10 @@ async fn closing_the_client_stops_the_backend_within_100ms() {
     let (ended_at, how) = stack.backend.records.wait_end("abandoned").await;
     assert_eq!(how, StreamEnd::Cancelled);
     let after = ended_at.saturating_duration_since(hung_up);
-    assert!(after < Duration::from_millis(100), "backend noticed after {after:?}");
+    assert!(
+        after < Duration::from_millis(100),
+        "backend noticed after {after:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +152,10 @@ async fn backend_failure_mid_stream_ends_the_response_with_an_error() {
     })
     .await
     .expect("the response hung instead of failing");
-    assert!(outcome.is_err(), "a truncated stream must not look complete");
+    assert!(
+        outcome.is_err(),
+        "a truncated stream must not look complete"
+    );
     let lines = take_lines(&mut buf);
     assert_eq!(lines.len(), 5);
     assert!(lines.iter().all(|l| l["done"] == false));
@@ -156,12 +166,19 @@ async fn daemon_dying_mid_stream_ends_the_response_with_an_error() {
     let stack = Stack::start().await;
     let mut response = stack
         .post("/api/generate")
-        .json(&json!({"prompt": "orphan", "options": {"num_predict": 1000}, "fake_interval_ms": 10}))
+        .json(
+            &json!({"prompt": "orphan", "options": {"num_predict": 1000}, "fake_interval_ms": 10}),
+        )
         .send()
         .await
         .unwrap();
     let _ = timeout(STEP, response.chunk()).await.unwrap().unwrap();
-    let Stack { daemon, relay, backend, .. } = stack;
+    let Stack {
+        daemon,
+        relay,
+        backend,
+        ..
+    } = stack;
     drop(daemon); // abrupt: the tunnel is cut, nothing drains
     let outcome = timeout(STEP, async {
         loop {
@@ -177,7 +194,10 @@ async fn daemon_dying_mid_stream_ends_the_response_with_an_error() {
     assert!(outcome.is_err(), "a cut stream must not look complete");
     relay.wait_for_devices("alice", 0).await;
     // The backend's request was dropped too.
-    assert_eq!(backend.records.wait_end("orphan").await.1, StreamEnd::Cancelled);
+    assert_eq!(
+        backend.records.wait_end("orphan").await.1,
+        StreamEnd::Cancelled
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +216,8 @@ async fn openai_server_sent_events_pass_unchanged() {
     assert_eq!(events.len(), 5);
     assert_eq!(*events.last().unwrap(), "data: [DONE]");
     for (i, event) in events[..4].iter().enumerate() {
-        let chunk: serde_json::Value = serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap();
+        let chunk: serde_json::Value =
+            serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap();
         assert_eq!(chunk["choices"][0]["delta"]["content"], format!("t{i}"));
     }
 }

@@ -88,23 +88,23 @@ where
             // Register the waker on the new deadline.
             let _ = self.idle_timer.as_mut().poll(cx);
         }
-        if self.ping_timer.as_mut().poll(cx).is_ready() {
-            if let Poll::Ready(ready) = Pin::new(&mut self.ws).poll_ready(cx) {
-                ready.map_err(to_io)?;
-                Pin::new(&mut self.ws)
-                    .start_send(Message::Ping(Bytes::new()))
-                    .map_err(to_io)?;
-                self.ping_unflushed = true;
-                let next = Instant::now() + self.liveness.ping_interval;
-                self.ping_timer.as_mut().reset(next);
-                let _ = self.ping_timer.as_mut().poll(cx);
-            }
+        if self.ping_timer.as_mut().poll(cx).is_ready()
+            && let Poll::Ready(ready) = Pin::new(&mut self.ws).poll_ready(cx)
+        {
+            ready.map_err(to_io)?;
+            Pin::new(&mut self.ws)
+                .start_send(Message::Ping(Bytes::new()))
+                .map_err(to_io)?;
+            self.ping_unflushed = true;
+            let next = Instant::now() + self.liveness.ping_interval;
+            self.ping_timer.as_mut().reset(next);
+            let _ = self.ping_timer.as_mut().poll(cx);
         }
-        if self.ping_unflushed {
-            if let Poll::Ready(flushed) = Pin::new(&mut self.ws).poll_flush(cx) {
-                flushed.map_err(to_io)?;
-                self.ping_unflushed = false;
-            }
+        if self.ping_unflushed
+            && let Poll::Ready(flushed) = Pin::new(&mut self.ws).poll_flush(cx)
+        {
+            flushed.map_err(to_io)?;
+            self.ping_unflushed = false;
         }
         Ok(())
     }
@@ -192,9 +192,7 @@ where
         let this = self.get_mut();
         ready!(this.poll_send_buffered(cx))?;
         match ready!(Pin::new(&mut this.ws).poll_close(cx)) {
-            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-                Poll::Ready(Ok(()))
-            }
+            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
             Err(err) => Poll::Ready(Err(to_io(err))),
         }
     }

@@ -1,0 +1,159 @@
+//! The `cloudllm-relay` binary as an operator meets it: refusing to start without a secret,
+//! dev mode with working tokens, `token issue`, config errors, and a clean exit on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloudllm_proto::Secret;
+use cloudllm_relay::{Keys, Scope};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cloudllm-relay");
+const SECRET: &str = "cli-test-secret-cli-test-secret-01234";
+
+fn relay() -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_remove("CLOUDLLM_RELAY_SECRET")
+        .env_remove("CLOUDLLM_RELAY_CONFIG");
+    command
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_without_a_secret_refuses_and_says_how_to_set_one() {
+    let output = relay()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("CLOUDLLM_RELAY_SECRET") && stderr.contains("--dev"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn token_issue_mints_tokens_the_relay_accepts() {
+    let output = relay()
+        .env("CLOUDLLM_RELAY_SECRET", SECRET)
+        .args([
+            "token", "issue", "--user", "u1", "--scope", "client", "--tier", "premium", "--ttl",
+            "2h",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).unwrap();
+    let claims = Keys::new(&Secret::new(SECRET))
+        .verify(token.trim())
+        .unwrap();
+    assert_eq!(claims.sub, "u1");
+    assert_eq!(claims.scope, Scope::Client);
+    assert_eq!(claims.tier.as_deref(), Some("premium"));
+    assert!((7100..=7200).contains(&(claims.exp - claims.iat)));
+
+    let bad_scope = relay()
+        .env("CLOUDLLM_RELAY_SECRET", SECRET)
+        .args(["token", "issue", "--user", "u1", "--scope", "root"])
+        .output()
+        .unwrap();
+    assert!(!bad_scope.status.success());
+    assert!(String::from_utf8_lossy(&bad_scope.stderr).contains("--scope"));
+}
+
+#[test]
+fn config_file_errors_name_the_file_and_the_key() {
+    let dir = std::env::temp_dir().join(format!("cloudllm-relay-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\nmax_body_byte = 5\n").unwrap();
+    let output = relay()
+        .env("CLOUDLLM_RELAY_SECRET", SECRET)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("relay.toml") && stderr.contains("max_body_byte"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn dev_mode_prints_working_tokens_and_sigterm_stops_it_cleanly() {
+    let mut child = relay()
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut curl_line = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line.contains("curl -H") {
+            curl_line = Some(line);
+            break;
+        }
+    }
+    let line = curl_line.expect("dev mode prints a curl line");
+    let token = line
+        .split("Bearer ")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap()
+        .to_owned();
+    let url = line.rsplit(' ').next().unwrap().to_owned();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let status = runtime.block_on(get_status(&url, &token));
+    // No daemon is connected: the token was accepted and the relay says the device is offline.
+    assert_eq!(status, 503, "{url}");
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+}
+
+/// A GET with a bearer token over a plain TCP socket, returning the status code.
+async fn get_status(url: &str, token: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!(
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response.split(' ').nth(1).unwrap().parse().unwrap()
+}
