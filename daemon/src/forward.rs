@@ -145,7 +145,6 @@ impl Forwarder {
         let started = tokio::time::Instant::now();
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
-        let request_id = parts.headers.get(proto::HEADER_REQUEST_ID).cloned();
         let mut target = self.ollama.clone();
         let base = target.path().trim_end_matches('/').to_owned();
         target.set_path(&format!("{base}{path}"));
@@ -157,14 +156,14 @@ impl Forwarder {
         parts.version = http::Version::HTTP_11;
         strip(&mut parts.headers);
         parts.headers.insert(header::HOST, self.ollama_host.clone());
+        let method = parts.method.clone();
 
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(response) => {
                 info!(
-                    method = "forward",
+                    %method,
                     %path,
                     status = response.status().as_u16(),
-                    request_id = ?request_id,
                     headers_after = ?started.elapsed(),
                     "request"
                 );
