@@ -47,7 +47,54 @@ pub struct DaemonConfig {
     /// On shutdown, how long in-flight requests get to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The IPC socket (default: the user's runtime dir, or `/run/cloudllm/` for a system
+    /// service).
+    pub socket_path: Option<PathBuf>,
+    /// Where credentials (without a keyring) and preferences live (default: the user's state
+    /// dir, or `/var/lib/cloudllm` for a system service).
+    pub state_dir: Option<PathBuf>,
+    /// A group whose members may change this daemon's state over IPC, besides its own user and
+    /// root (system service: `cloudllm`).
+    pub operator_group: Option<String>,
+    /// Where to keep credentials: `auto` (the OS keyring, else a file) or `file`.
+    pub credential_store: StoreChoice,
+    /// Run as a system service (set by `cloudllmd --system`, not by the file).
+    #[serde(skip)]
+    pub system: bool,
+    /// The file these settings came from, which `cloudllm config set` writes (default: the
+    /// platform's config file).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
+
+/// Where credentials are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreChoice {
+    /// The OS keyring where one answers, else a 0600 file in the state dir.
+    #[default]
+    Auto,
+    /// Always the file.
+    File,
+}
+
+/// Settings `cloudllm config get/set` may read and change, in the order they are listed.
+pub const SETTINGS: &[&str] = &[
+    "relay_url",
+    "ollama_url",
+    "device_name",
+    "device_id",
+    "ca_file",
+    "allow_model_management",
+    "ping_interval",
+    "ping_timeout",
+    "reconnect_max",
+    "shutdown_grace",
+    "socket_path",
+    "state_dir",
+    "operator_group",
+    "credential_store",
+];
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -66,6 +113,12 @@ impl Default for DaemonConfig {
             reconnect_max: Duration::from_secs(30),
             // 20 s: fits systemd's default 90 s stop timeout with room to spare.
             shutdown_grace: Duration::from_secs(20),
+            socket_path: None,
+            state_dir: None,
+            operator_group: None,
+            credential_store: StoreChoice::Auto,
+            system: false,
+            file: None,
         }
     }
 }
@@ -81,10 +134,37 @@ fn default_device_name() -> String {
 
 impl DaemonConfig {
     /// The default config file: `cloudllmd.toml` in the platform's config directory
-    /// (`~/.config/cloudllm/` on Linux).
-    pub fn default_path() -> Option<PathBuf> {
-        directories::ProjectDirs::from("", "", "cloudllm")
-            .map(|dirs| dirs.config_dir().join("cloudllmd.toml"))
+    /// (`~/.config/cloudllm/` on Linux), or `/etc/cloudllm/cloudllmd.toml` for a system service.
+    pub fn default_path(system: bool) -> Option<PathBuf> {
+        if system {
+            return Some(PathBuf::from(SYSTEM_CONFIG_DIR).join("cloudllmd.toml"));
+        }
+        project_dirs().map(|dirs| dirs.config_dir().join("cloudllmd.toml"))
+    }
+
+    /// Where the IPC socket is.
+    pub fn socket_path(&self) -> PathBuf {
+        if let Some(path) = &self.socket_path {
+            return path.clone();
+        }
+        default_socket_path(self.system)
+    }
+
+    /// Where state (credential file, preferences) lives.
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(path) = &self.state_dir {
+            return path.clone();
+        }
+        if self.system {
+            return PathBuf::from(SYSTEM_STATE_DIR);
+        }
+        project_dirs()
+            .map(|dirs| {
+                dirs.state_dir()
+                    .unwrap_or_else(|| dirs.data_local_dir())
+                    .to_path_buf()
+            })
+            .unwrap_or_else(|| PathBuf::from(".cloudllm"))
     }
 
     /// Reads a config file. Unknown keys are an error, so a typo never silently does nothing.
@@ -113,27 +193,19 @@ impl DaemonConfig {
         Ok(())
     }
 
-    /// Checks that the daemon can run, with an error that says which setting to fix.
+    /// Checks the settings, with an error that says which one to fix. No relay URL is fine:
+    /// the daemon then waits for `cloudllm login --relay URL`.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let Some(relay) = &self.relay_url else {
-            bail!(
-                "no relay URL: set CLOUDLLM_RELAY_URL (for example http://127.0.0.1:8080) or `relay_url` in {}",
-                shown_path()
-            );
-        };
-        if !matches!(relay.scheme(), "http" | "https" | "ws" | "wss") || relay.host().is_none() {
+        if let Some(relay) = &self.relay_url
+            && (!matches!(relay.scheme(), "http" | "https" | "ws" | "wss")
+                || relay.host().is_none())
+        {
             bail!("relay URL {relay} must be http://, https://, ws:// or wss:// with a host");
         }
         if !matches!(self.ollama_url.scheme(), "http") || self.ollama_url.host().is_none() {
             bail!(
                 "Ollama URL {} must be http:// with a host (Ollama serves plain HTTP)",
                 self.ollama_url
-            );
-        }
-        if self.token.is_none() {
-            bail!(
-                "no agent token: set CLOUDLLM_TOKEN (a self-hosted relay mints one with \
-                 `cloudllm-relay token issue --scope agent --user YOU`)"
             );
         }
         if !proto::valid_device_field(&self.device_name) {
@@ -157,6 +229,40 @@ impl DaemonConfig {
         Ok(())
     }
 
+    /// A setting's value as it would be written in the config file ("" when unset).
+    pub fn get(&self, key: &str) -> Option<String> {
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
+        let duration = |d: &Duration| humantime::format_duration(*d).to_string();
+        Some(match key {
+            "relay_url" => self
+                .relay_url
+                .as_ref()
+                .map(Url::to_string)
+                .unwrap_or_default(),
+            "ollama_url" => self.ollama_url.to_string(),
+            "device_name" => self.device_name.clone(),
+            "device_id" => self.device_id.clone().unwrap_or_default(),
+            "ca_file" => path(&self.ca_file),
+            "allow_model_management" => self.allow_model_management.to_string(),
+            "ping_interval" => duration(&self.ping_interval),
+            "ping_timeout" => duration(&self.ping_timeout),
+            "reconnect_max" => duration(&self.reconnect_max),
+            "shutdown_grace" => duration(&self.shutdown_grace),
+            "socket_path" => self.socket_path().display().to_string(),
+            "state_dir" => self.state_dir().display().to_string(),
+            "operator_group" => self.operator_group.clone().unwrap_or_default(),
+            "credential_store" => match self.credential_store {
+                StoreChoice::Auto => "auto".to_owned(),
+                StoreChoice::File => "file".to_owned(),
+            },
+            _ => return None,
+        })
+    }
+
     /// The tunnel liveness settings.
     pub fn liveness(&self) -> Liveness {
         Liveness {
@@ -166,9 +272,92 @@ impl DaemonConfig {
     }
 }
 
-fn shown_path() -> String {
-    DaemonConfig::default_path()
-        .map_or_else(|| "cloudllmd.toml".to_owned(), |p| p.display().to_string())
+/// The system service's config directory.
+pub const SYSTEM_CONFIG_DIR: &str = "/etc/cloudllm";
+/// The system service's state directory (systemd `StateDirectory=cloudllm`).
+pub const SYSTEM_STATE_DIR: &str = "/var/lib/cloudllm";
+/// The system service's IPC socket (systemd `RuntimeDirectory=cloudllm`).
+pub const SYSTEM_SOCKET: &str = "/run/cloudllm/cloudllmd.sock";
+
+fn project_dirs() -> Option<directories::ProjectDirs> {
+    directories::ProjectDirs::from("", "", "cloudllm")
+}
+
+/// The IPC socket of a user daemon (`$XDG_RUNTIME_DIR/cloudllm/cloudllmd.sock` on Linux) or of
+/// the system daemon. Clients look in both.
+pub fn default_socket_path(system: bool) -> PathBuf {
+    if system {
+        return PathBuf::from(SYSTEM_SOCKET);
+    }
+    let dir = project_dirs().and_then(|dirs| {
+        dirs.runtime_dir()
+            .map(Path::to_path_buf)
+            .or_else(|| Some(dirs.cache_dir().to_path_buf()))
+    });
+    dir.unwrap_or_else(std::env::temp_dir)
+        .join("cloudllmd.sock")
+}
+
+/// Sets `key` to `value` in the config file at `path` (created if missing), keeping the file's
+/// comments and layout, and returns the config the file now holds. An empty value removes the
+/// key (back to its default). Nothing is written unless the result parses and validates; the
+/// file is replaced atomically.
+pub fn set_in_file(path: &Path, key: &str, value: &str) -> anyhow::Result<DaemonConfig> {
+    if !SETTINGS.contains(&key) {
+        bail!("unknown setting {key:?}; settings: {}", SETTINGS.join(", "));
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    if value.is_empty() {
+        doc.remove(key);
+    } else if key == "allow_model_management" {
+        let flag: bool = value
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{key} takes true or false, not {value:?}"))?;
+        doc[key] = toml_edit::value(flag);
+    } else {
+        doc[key] = toml_edit::value(value);
+    }
+    let new_text = doc.to_string();
+    let config: DaemonConfig =
+        toml::from_str(&new_text).with_context(|| format!("{key} = {value:?} is not valid"))?;
+    config.validate()?;
+    write_atomically(path, new_text.as_bytes())?;
+    Ok(config)
+}
+
+/// Writes `data` to `path` through a temporary file in the same directory, so the file is
+/// either the old one or the new one, never half-written.
+fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("config"),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
 }
 
 fn parse_url(name: &str, value: &str) -> anyhow::Result<Url> {
@@ -191,16 +380,10 @@ mod tests {
     }
 
     #[test]
-    fn env_overrides_file_and_validation_names_the_setting() {
+    fn env_overrides_file() {
         let mut config: DaemonConfig =
             toml::from_str("relay_url = \"http://file:1\"\ndevice_name = \"box\"\n").unwrap();
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("CLOUDLLM_TOKEN")
-        );
+        config.validate().unwrap();
         config
             .apply_env(env(&[
                 ("CLOUDLLM_RELAY_URL", "https://relay.example.com"),
@@ -216,7 +399,6 @@ mod tests {
         assert_eq!(config.ollama_url.port(), Some(9));
         assert_eq!(config.device_name, "box");
         config.validate().unwrap();
-
         let err = config
             .apply_env(env(&[("CLOUDLLM_RELAY_URL", "not a url")]))
             .unwrap_err();
@@ -225,17 +407,8 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_reason() {
-        let mut config = DaemonConfig {
-            token: Some(Secret::new("t")),
-            ..DaemonConfig::default()
-        };
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("CLOUDLLM_RELAY_URL")
-        );
+        let mut config = DaemonConfig::default();
+        config.validate().unwrap();
         config.relay_url = Some(Url::parse("ftp://x").unwrap());
         assert!(
             config
@@ -257,5 +430,44 @@ mod tests {
             toml::from_str::<DaemonConfig>("token = \"x\"").is_err(),
             "tokens never live in the file"
         );
+    }
+
+    #[test]
+    fn set_in_file_keeps_comments_validates_and_removes() {
+        let dir = std::env::temp_dir().join(format!("cloudllm-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cloudllmd.toml");
+        std::fs::write(&path, "# my settings\ndevice_name = \"old\"\n").unwrap();
+        let config = set_in_file(&path, "device_name", "new-name").unwrap();
+        assert_eq!(config.device_name, "new-name");
+        let config = set_in_file(&path, "allow_model_management", "true").unwrap();
+        assert!(config.allow_model_management);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# my settings"), "{text}");
+        assert_eq!(config.get("device_name").unwrap(), "new-name");
+
+        let before = std::fs::read_to_string(&path).unwrap();
+        assert!(set_in_file(&path, "ollama_url", "ftp://nope").is_err());
+        assert!(set_in_file(&path, "ping_interval", "soon").is_err());
+        assert!(set_in_file(&path, "allow_model_management", "yes").is_err());
+        let err = set_in_file(&path, "colour", "red").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown setting") && err.contains("relay_url"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            before,
+            "refused changes write nothing"
+        );
+
+        let config = set_in_file(&path, "allow_model_management", "").unwrap();
+        assert!(!config.allow_model_management);
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no temporary files left behind");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

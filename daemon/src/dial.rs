@@ -90,8 +90,9 @@ pub async fn dial(
     config: &DaemonConfig,
     tls: &Arc<rustls::ClientConfig>,
     device_id: &str,
+    token: &cloudllm_proto::Secret,
 ) -> Result<WebSocketStream<Box<dyn Stream>>, DialError> {
-    tokio::time::timeout(DIAL_TIMEOUT, dial_inner(config, tls, device_id))
+    tokio::time::timeout(DIAL_TIMEOUT, dial_inner(config, tls, device_id, token))
         .await
         .map_err(|_| DialError::Network(format!("no answer within {DIAL_TIMEOUT:?}")))?
 }
@@ -100,6 +101,7 @@ async fn dial_inner(
     config: &DaemonConfig,
     tls: &Arc<rustls::ClientConfig>,
     device_id: &str,
+    token: &cloudllm_proto::Secret,
 ) -> Result<WebSocketStream<Box<dyn Stream>>, DialError> {
     let net =
         |what: &str, err: &dyn std::fmt::Display| DialError::Network(format!("{what}: {err}"));
@@ -135,10 +137,6 @@ async fn dial_inner(
         .as_str()
         .into_client_request()
         .map_err(|err| net("tunnel request", &err))?;
-    let token = config
-        .token
-        .as_ref()
-        .ok_or_else(|| DialError::Network("no agent token".into()))?;
     let headers = request.headers_mut();
     let value = |v: &str| {
         http::HeaderValue::from_str(v)

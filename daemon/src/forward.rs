@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use url::Url;
 
 use crate::allowlist::{self, Verdict};
+use crate::state::State;
 
 /// Response body of the tunnel service.
 pub type TunnelBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -54,9 +55,19 @@ const STRIPPED_HEADERS: &[&str] = &[
     "x-forwarded-proto",
 ];
 
+/// What one tunnel connection learns from the relay's control requests.
+#[derive(Clone, Default)]
+pub struct ConnectionSignals {
+    /// Cancelled when the relay has fetched the hello: the device is registered.
+    pub hello: CancellationToken,
+    /// Cancelled when the relay asks this connection to drain.
+    pub drain: CancellationToken,
+}
+
 /// Forwards tunnel requests to the local Ollama.
 pub struct Forwarder {
     client: Client<HttpConnector, Incoming>,
+    state: Arc<State>,
     ollama: Url,
     /// `Host` header Ollama accepts: its own address.
     ollama_host: HeaderValue,
@@ -66,7 +77,12 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// A forwarder to the Ollama at `ollama`.
-    pub fn new(ollama: Url, allow_management: bool, device_name: String) -> anyhow::Result<Self> {
+    pub fn new(
+        ollama: Url,
+        allow_management: bool,
+        device_name: String,
+        state: Arc<State>,
+    ) -> anyhow::Result<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(OLLAMA_CONNECT_TIMEOUT));
@@ -80,6 +96,7 @@ impl Forwarder {
         };
         Ok(Forwarder {
             client,
+            state,
             ollama_host: HeaderValue::from_str(&host)?,
             ollama,
             allow_management,
@@ -87,21 +104,15 @@ impl Forwarder {
         })
     }
 
-    /// The Ollama base URL.
-    pub fn ollama_url(&self) -> &Url {
-        &self.ollama
-    }
-
-    /// Serves one request that came through the tunnel. `drain` is cancelled when the relay
-    /// asks this tunnel to drain.
+    /// Serves one request that came through the tunnel on the connection with `signals`.
     pub async fn serve(
         self: Arc<Self>,
         req: Request<Incoming>,
-        drain: CancellationToken,
+        signals: ConnectionSignals,
     ) -> Result<Response<TunnelBody>, std::convert::Infallible> {
         let path = req.uri().path().to_owned();
         if path.starts_with(proto::CONTROL_PREFIX) {
-            return Ok(self.control(&path, &drain));
+            return Ok(self.control(&path, &signals));
         }
         match allowlist::check(&path, self.allow_management) {
             Verdict::Allow => Ok(self.forward(req).await),
@@ -122,7 +133,7 @@ impl Forwarder {
         }
     }
 
-    fn control(&self, path: &str, drain: &CancellationToken) -> Response<TunnelBody> {
+    fn control(&self, path: &str, signals: &ConnectionSignals) -> Response<TunnelBody> {
         match path {
             proto::CONTROL_HELLO => {
                 let hello = Hello {
@@ -130,11 +141,12 @@ impl Forwarder {
                     daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
                 };
                 let body = serde_json::to_vec(&hello).unwrap_or_default();
+                signals.hello.cancel();
                 json(StatusCode::OK, body.into())
             }
             proto::CONTROL_DRAIN => {
                 info!("relay asked this tunnel to drain");
-                drain.cancel();
+                signals.drain.cancel();
                 json(StatusCode::ACCEPTED, Bytes::from_static(b"{}"))
             }
             _ => error(path, StatusCode::NOT_FOUND, "unknown control path"),
@@ -143,6 +155,7 @@ impl Forwarder {
 
     async fn forward(&self, req: Request<Incoming>) -> Response<TunnelBody> {
         let started = tokio::time::Instant::now();
+        let in_flight = self.state.begin_request();
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
         let mut target = self.ollama.clone();
@@ -169,6 +182,11 @@ impl Forwarder {
                 );
                 let (mut parts, body) = response.into_parts();
                 strip(&mut parts.headers);
+                // The request counts as in flight until its body ends or the caller goes away.
+                let body = body.map_frame(move |frame| {
+                    let _ = &in_flight;
+                    frame
+                });
                 Response::from_parts(parts, body.map_err(Into::into).boxed())
             }
             Err(err) => {

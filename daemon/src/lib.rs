@@ -1,52 +1,65 @@
 //! cloudllmd: the long-lived process on the user's machine.
 //!
-//! It dials the relay, keeps the tunnel up, and forwards the requests that come through it to
-//! the local Ollama, within an endpoint allowlist.
+//! It owns all state on the desktop side: the tunnel to the relay, the forwarding of requests
+//! to the local Ollama within an endpoint allowlist, the credentials, and the IPC socket that
+//! the `cloudllm` CLI and the tray use (the daemon owns state; clients only ask).
 
 pub mod allowlist;
 mod backoff;
 pub mod config;
+pub mod credentials;
 mod dial;
 mod forward;
+mod ipc;
+pub mod login;
+pub mod logs;
+mod ollama;
+mod state;
+mod supervisor;
 mod tunnel;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use config::DaemonConfig;
 use forward::Forwarder;
+use logs::LogBuffer;
+use ollama::OllamaClient;
+use supervisor::Supervisor;
 
-/// How long the start-up check of Ollama may take before it is reported missing.
-const OLLAMA_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Runs the daemon until `shutdown` is cancelled: keeps the tunnel to the relay open and
-/// forwards requests to Ollama. Returns an error only for a configuration it cannot run with.
+/// Runs the daemon until `shutdown` is cancelled: opens the IPC socket, keeps the tunnel to
+/// the relay open while logged in and connected, forwards requests to Ollama, and refreshes
+/// tokens. On shutdown, in-flight requests finish within the grace period. Returns an error
+/// only for a configuration it cannot run with (bad setting, socket in use).
 pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
-    let forwarder = Arc::new(Forwarder::new(
+    let socket_path = config.socket_path();
+    let listener = ipc::bind(&socket_path, config.system).await?;
+    let supervisor = Supervisor::new(config, shutdown.clone()).await?;
+    let config = supervisor.config();
+    info!(socket = %socket_path.display(), credentials = %supervisor.state().snapshot().credential_store, "cloudllmd ready");
+
+    let forwarder = std::sync::Arc::new(Forwarder::new(
         config.ollama_url.clone(),
         config.allow_model_management,
         config.device_name.clone(),
+        supervisor.state().clone(),
     )?);
-    probe_ollama(forwarder.ollama_url()).await;
-    tunnel::run(Arc::new(config), forwarder, shutdown).await
-}
-
-/// Says in one line whether Ollama answers; the daemon runs either way, since Ollama may start
-/// later and each request reports its absence to the caller.
-async fn probe_ollama(url: &url::Url) {
-    let addr = match url.socket_addrs(|| Some(11434)) {
-        Ok(addrs) if !addrs.is_empty() => addrs[0],
-        _ => return warn!(%url, "cannot resolve the Ollama address"),
-    };
-    match tokio::time::timeout(OLLAMA_PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => info!(%url, "Ollama is reachable"),
-        _ => warn!(
-            %url,
-            "Ollama is not reachable: start it with `ollama serve`, or point CLOUDLLM_OLLAMA_URL at another address"
-        ),
-    }
+    let ollama = OllamaClient::new(config.ollama_url.clone());
+    let ipc = tokio::spawn(ipc::serve(
+        listener,
+        supervisor.clone(),
+        LogBuffer::global(),
+        ollama.clone(),
+        shutdown.clone(),
+    ));
+    let watch = tokio::spawn(ollama::watch(
+        ollama,
+        supervisor.state().clone(),
+        shutdown.clone(),
+    ));
+    let refresh = tokio::spawn(supervisor.clone().run_refresh());
+    supervisor.run_tunnels(forwarder).await;
+    let _ = tokio::join!(ipc, watch, refresh);
+    Ok(())
 }

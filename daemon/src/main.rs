@@ -1,31 +1,48 @@
-//! `cloudllmd`: run the cloudllm daemon in the foreground.
+//! `cloudllmd`: run the cloudllm daemon in the foreground (as a service or by hand).
 
 use std::path::PathBuf;
 
 use clap::Parser;
 use cloudllm_daemon::DaemonConfig;
+use cloudllm_daemon::logs::LogBuffer;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(
     version,
     about = "cloudllmd: keeps a tunnel from this machine's Ollama to a cloudllm relay",
-    after_help = "Environment: CLOUDLLM_RELAY_URL, CLOUDLLM_OLLAMA_URL, CLOUDLLM_TOKEN (agent token), \
-                  CLOUDLLM_DEVICE_NAME, RUST_LOG (log filter)."
+    after_help = "Control it with `cloudllm` (login, status, connect, …).\n\
+                  Environment: CLOUDLLM_RELAY_URL, CLOUDLLM_OLLAMA_URL, CLOUDLLM_TOKEN (an agent token, \
+                  instead of `cloudllm login`), CLOUDLLM_DEVICE_NAME, RUST_LOG (log filter)."
 )]
 struct Cli {
-    /// Config file [default: cloudllmd.toml in the platform config dir, if it exists].
+    /// Config file [default: cloudllmd.toml in the platform config dir; /etc/cloudllm/ with --system].
     #[arg(long, env = "CLOUDLLM_CONFIG")]
     config: Option<PathBuf>,
+    /// Run as a system service: socket in /run/cloudllm, state in /var/lib/cloudllm.
+    #[arg(long)]
+    system: bool,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter()),
         )
-        .with_writer(std::io::stderr)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(LogBuffer::global().make_writer())
+                .with_filter(filter()),
+        )
         .init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -37,13 +54,16 @@ fn main() -> std::process::ExitCode {
 }
 
 fn load(cli: &Cli) -> anyhow::Result<DaemonConfig> {
-    let mut config = match &cli.config {
-        Some(path) => DaemonConfig::load(path)?,
-        None => match DaemonConfig::default_path().filter(|p| p.exists()) {
-            Some(path) => DaemonConfig::load(&path)?,
-            None => DaemonConfig::default(),
-        },
+    let path = cli
+        .config
+        .clone()
+        .or_else(|| DaemonConfig::default_path(cli.system));
+    let mut config = match &path {
+        Some(path) if cli.config.is_some() || path.exists() => DaemonConfig::load(path)?,
+        _ => DaemonConfig::default(),
     };
+    config.file = path;
+    config.system = cli.system;
     config.apply_env(|name| std::env::var(name).ok())?;
     config.validate()?;
     Ok(config)

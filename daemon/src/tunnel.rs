@@ -1,13 +1,16 @@
 //! The daemon's end of the tunnel: dial the relay, serve HTTP/2 over the WebSocket, and
-//! redial for ever with backoff.
+//! redial for ever with backoff, reporting each step in the daemon's [`State`].
 //!
-//! A tunnel ends in one of three ways: the relay asked it to drain (it is restarting) — redial
+//! A tunnel ends in one of four ways: the relay asked it to drain (it is restarting) — redial
 //! at once; it closed or failed after working for a while — redial after a short random delay;
-//! or dialling failed — redial with exponential backoff and full jitter, capped.
+//! dialling failed — redial with exponential backoff and full jitter, capped; or the daemon
+//! stopped this tunnel — in-flight requests finish (within the grace period) and it returns.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cloudllm_proto::Secret;
+use cloudllm_proto::ipc::Connection;
 use cloudllm_tunnel::WsIo;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -18,79 +21,111 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::backoff::Backoff;
 use crate::config::DaemonConfig;
 use crate::dial::{self, DialError};
-use crate::forward::Forwarder;
+use crate::forward::{ConnectionSignals, Forwarder};
+use crate::state::State;
 
 /// A tunnel that stayed up this long counts as good: the next failure backs off from the
 /// start again. Shorter-lived tunnels (accepted, then dropped at once) keep backing off, so a
 /// relay that refuses us after the upgrade is not hammered.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
-/// How a tunnel ended.
+/// What one tunnel runs with.
+#[derive(Clone)]
+pub struct Session {
+    /// The daemon's settings.
+    pub config: Arc<DaemonConfig>,
+    /// The agent token.
+    pub token: Secret,
+    /// This device's id on the relay.
+    pub device_id: String,
+}
+
+/// How one connection ended.
 enum Ended {
     /// The relay asked us to drain: it is going away; dial again at once.
     Drained,
     /// The connection closed or failed after it was established.
     Closed(Option<String>),
-    /// The daemon is shutting down.
-    Shutdown,
+    /// The daemon stopped this tunnel.
+    Stopped,
 }
 
-/// Keeps a tunnel to the relay open until `shutdown` is cancelled.
+/// Keeps a tunnel to the relay open until `stop` is cancelled; then lets in-flight requests
+/// finish within the grace period and returns. `up` is cancelled once the relay has fetched
+/// this device's hello on a connection, i.e. once requests can arrive.
 pub async fn run(
-    config: Arc<DaemonConfig>,
+    session: Session,
     forwarder: Arc<Forwarder>,
-    shutdown: CancellationToken,
+    state: Arc<State>,
+    stop: CancellationToken,
+    up: CancellationToken,
 ) -> anyhow::Result<()> {
-    let tls = dial::tls_config(&config)?;
-    let device_id = config
-        .device_id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let config = &session.config;
+    let tls = dial::tls_config(config)?;
     let mut backoff = Backoff::new(config.reconnect_max);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     loop {
-        let attempt = async {
-            let ws = dial::dial(&config, &tls, &device_id).await?;
-            let up = Instant::now();
-            let ended = serve(ws, &config, &forwarder, &shutdown).await;
-            Ok::<_, DialError>((ended, up.elapsed()))
+        if backoff.attempt() == 0 {
+            state.set_connection(Connection::Connecting);
+        }
+        let dialled = tokio::select! {
+            dialled = dial::dial(config, &tls, &session.device_id, &session.token) => dialled,
+            () = stop.cancelled() => return Ok(()),
         };
-        let outcome = tokio::select! {
-            outcome = attempt => outcome,
-            () = shutdown.cancelled() => return Ok(()),
-        };
-        let delay = match outcome {
-            Ok((Ended::Shutdown, _)) => return Ok(()),
-            Ok((Ended::Drained, _)) => {
-                info!("tunnel drained by the relay; reconnecting");
-                backoff.reset();
-                Duration::ZERO
-            }
-            Ok((Ended::Closed(reason), lived)) => {
-                if lived >= STABLE_AFTER {
-                    backoff.reset();
+        let (delay, error) = match dialled {
+            Ok(ws) => {
+                let started = Instant::now();
+                match serve(ws, &session, &forwarder, &state, &stop, &up).await {
+                    Ended::Stopped => return Ok(()),
+                    Ended::Drained => {
+                        info!("tunnel drained by the relay; reconnecting");
+                        backoff.reset();
+                        (Duration::ZERO, "the relay restarted".to_owned())
+                    }
+                    Ended::Closed(reason) => {
+                        if started.elapsed() >= STABLE_AFTER {
+                            backoff.reset();
+                        }
+                        let reason = reason.unwrap_or_else(|| "closed by the relay".to_owned());
+                        let delay = backoff.next_delay(&mut rng);
+                        warn!(%reason, retry_in = ?delay, "tunnel lost");
+                        (delay, format!("tunnel lost: {reason}"))
+                    }
                 }
-                let delay = backoff.next_delay(&mut rng);
-                warn!(reason = reason.as_deref().unwrap_or("closed by the relay"), retry_in = ?delay, "tunnel lost");
-                delay
             }
             Err(err) => {
                 let delay = backoff.next_delay(&mut rng);
-                match &err {
-                    DialError::Refused { status: 401, .. } => warn!(
-                        error = %err, retry_in = ?delay,
-                        "the relay does not accept this agent token: get a new one (CLOUDLLM_TOKEN)"
-                    ),
-                    _ => {
-                        warn!(error = %err, attempt = backoff.attempt(), retry_in = ?delay, "cannot reach the relay")
-                    }
+                if let DialError::Refused {
+                    status: 401,
+                    reason,
+                } = &err
+                {
+                    warn!(error = %err, retry_in = ?delay, "the relay does not accept this agent token");
+                    state.set_connection(Connection::LoginRequired {
+                        reason: format!(
+                            "the relay refused the token ({reason}): run `cloudllm login`"
+                        ),
+                    });
+                } else {
+                    warn!(error = %err, attempt = backoff.attempt(), retry_in = ?delay, "cannot reach the relay");
                 }
-                delay
+                (delay, err.to_string())
             }
         };
+        let refused = matches!(
+            state.snapshot().connection,
+            Connection::LoginRequired { .. }
+        );
+        if !delay.is_zero() && !refused {
+            state.set_connection(Connection::Reconnecting {
+                attempt: backoff.attempt(),
+                next_try: unix_now() + delay.as_secs(),
+                last_error: error,
+            });
+        }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return Ok(()),
+            () = stop.cancelled() => return Ok(()),
         }
     }
 }
@@ -98,22 +133,24 @@ pub async fn run(
 /// Serves HTTP/2 on one established WebSocket until it ends.
 async fn serve(
     ws: tokio_tungstenite::WebSocketStream<Box<dyn dial::Stream>>,
-    config: &DaemonConfig,
+    session: &Session,
     forwarder: &Arc<Forwarder>,
-    shutdown: &CancellationToken,
+    state: &Arc<State>,
+    stop: &CancellationToken,
+    up: &CancellationToken,
 ) -> Ended {
+    let config = &session.config;
     let relay = config
         .relay_url
         .as_ref()
         .map(|u| u.as_str())
         .unwrap_or_default();
-    info!(%relay, device = %config.device_name, "tunnel up");
     let liveness = config.liveness();
-    let io = TokioIo::new(WsIo::new(ws, liveness));
-    let drain = CancellationToken::new();
+    let io = TokioIo::new(WsIo::new(ws, liveness).with_rtt(state.rtt_cell()));
+    let signals = ConnectionSignals::default();
     let service = {
         let forwarder = forwarder.clone();
-        let drain = drain.clone();
+        let signals = signals.clone();
         service_fn(move |req| {
             let id = req
                 .headers()
@@ -123,16 +160,27 @@ async fn serve(
                 .to_owned();
             forwarder
                 .clone()
-                .serve(req, drain.clone())
+                .serve(req, signals.clone())
                 .instrument(info_span!("stream", request_id = %id))
         })
     };
     let connection = cloudllm_tunnel::h2_server(liveness).serve_connection(io, service);
     tokio::pin!(connection);
-    let closing = tokio::select! {
-        result = connection.as_mut() => return Ended::Closed(result.err().map(|e| format!("{e:#}"))),
-        () = drain.cancelled() => Ended::Drained,
-        () = shutdown.cancelled() => Ended::Shutdown,
+    let mut registered = false;
+    let closing = loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                return Ended::Closed(result.err().map(|e| format!("{e:#}")));
+            }
+            () = signals.hello.cancelled(), if !registered => {
+                registered = true;
+                info!(%relay, device = %config.device_name, "tunnel up");
+                state.set_connection(Connection::Connected { since: unix_now(), rtt_ms: None });
+                up.cancel();
+            }
+            () = signals.drain.cancelled() => break Ended::Drained,
+            () = stop.cancelled() => break Ended::Stopped,
+        }
     };
     // GOAWAY: no new streams; the ones in flight finish (within the grace period).
     connection.as_mut().graceful_shutdown();
@@ -143,4 +191,10 @@ async fn serve(
         warn!(grace = ?config.shutdown_grace, "in-flight requests still running after the grace period: cut");
     }
     closing
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

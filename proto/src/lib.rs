@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod ipc;
+
 /// Version of the tunnel protocol. The daemon sends it when it dials and in its [`Hello`];
 /// the relay refuses versions it does not speak.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -46,6 +48,37 @@ pub struct Hello {
     pub protocol_version: u32,
     /// The daemon's package version, for logs and support.
     pub daemon_version: String,
+}
+
+/// Path on the relay that tells clients how to log in: a [`RelayInfo`].
+pub const WELL_KNOWN_PATH: &str = "/.well-known/cloudllm";
+
+/// What `cloudllm login --relay URL` needs to know about a relay, published at
+/// [`WELL_KNOWN_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// The relay's [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// How users get an agent token.
+    pub auth: RelayAuth,
+}
+
+/// How users get an agent token for a relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum RelayAuth {
+    /// Tokens come from the relay operator (`cloudllm-relay token issue`): log in with
+    /// `--with-token`.
+    Token,
+    /// Tokens come from an OpenID Connect provider.
+    Oidc {
+        /// The provider's issuer URL (discovery at `/.well-known/openid-configuration`).
+        issuer: String,
+        /// The public client id registered for cloudllm.
+        client_id: String,
+        /// Scopes to request.
+        scopes: Vec<String>,
+    },
 }
 
 /// A secret (token, signing key) that never shows in `Debug` output or logs.

@@ -40,7 +40,8 @@ pub enum StreamEnd {
 /// What the fake has seen.
 #[derive(Default)]
 pub struct Records {
-    /// Requests received, by path.
+    /// Paths of the requests that came through the tunnel (they carry an `x-request-id`; the
+    /// daemon's own health polls do not).
     pub hits: Mutex<Vec<String>>,
     /// For each stream tag, when each line was produced.
     pub produced: Mutex<HashMap<String, Vec<Instant>>>,
@@ -146,11 +147,13 @@ async fn record_hit(
     req: Request<Body>,
     next: Next,
 ) -> Response {
-    records
-        .hits
-        .lock()
-        .unwrap()
-        .push(req.uri().path().to_owned());
+    if req.headers().contains_key("x-request-id") {
+        records
+            .hits
+            .lock()
+            .unwrap()
+            .push(req.uri().path().to_owned());
+    }
     next.run(req).await
 }
 

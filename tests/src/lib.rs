@@ -123,8 +123,21 @@ impl TestRelay {
     }
 }
 
-/// A daemon config that dials `relay` for `user` and forwards to `ollama`.
+/// A fresh private directory for one test's files (sockets, state, config).
+pub fn scratch_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("cloudllm-e2e-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// A daemon config that dials `relay` for `user` with an agent token from the environment
+/// (as `CLOUDLLM_TOKEN` would give) and forwards to `ollama`. Its socket, state and config
+/// file live in a scratch dir of their own.
 pub fn daemon_config(relay: &Url, user: &str, device: &str, ollama: &Url) -> DaemonConfig {
+    let dir = scratch_dir();
     DaemonConfig {
         relay_url: Some(relay.clone()),
         ollama_url: ollama.clone(),
@@ -132,43 +145,59 @@ pub fn daemon_config(relay: &Url, user: &str, device: &str, ollama: &Url) -> Dae
         device_name: device.to_owned(),
         device_id: Some(format!("{user}-{device}")),
         reconnect_max: Duration::from_secs(2),
+        socket_path: Some(dir.join("d.sock")),
+        state_dir: Some(dir.join("state")),
+        credential_store: cloudllm_daemon::config::StoreChoice::File,
+        file: Some(dir.join("cloudllmd.toml")),
         ..DaemonConfig::default()
     }
 }
 
-/// A daemon running in this process. Dropping it stops it abruptly (like a crash: the tunnel
-/// is cut, nothing drains).
+/// A daemon running in this process on a runtime of its own, so that dropping it kills every
+/// one of its tasks at once, like a crashed process: the tunnel is cut and nothing drains.
 pub struct TestDaemon {
     shutdown: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl TestDaemon {
     /// Starts a daemon with `config`.
     pub fn start(config: DaemonConfig) -> TestDaemon {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("daemon runtime");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(cloudllm_daemon::run(config, shutdown.clone()));
-        TestDaemon { shutdown, task }
+        let task = runtime.spawn(cloudllm_daemon::run(config, shutdown.clone()));
+        TestDaemon {
+            shutdown,
+            task: Some(task),
+            runtime: Some(runtime),
+        }
     }
 
     /// Stops gracefully: in-flight requests finish, then the daemon returns.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
+        let task = self.task.take().expect("running");
         tokio::time::timeout(STEP, task)
             .await
             .expect("daemon shutdown timed out")?
     }
 
-    /// Whether the daemon task has ended (it should not, except on a bad config).
+    /// Whether the daemon has ended (it should not, except on a bad config).
     pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
     }
 }
 
 impl Drop for TestDaemon {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

@@ -121,7 +121,10 @@ async fn bad_tokens_get_401_on_the_api_and_nothing_reaches_the_device() {
         403,
         "an agent token cannot send requests"
     );
-    assert_eq!(stack.backend.records.hit_count(), 0);
+    assert_eq!(
+        stack.backend.records.hits.lock().unwrap().as_slice(),
+        &[] as &[String]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

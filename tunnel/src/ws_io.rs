@@ -9,6 +9,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -36,11 +38,16 @@ pub struct WsIo<S> {
     idle_timer: Pin<Box<Sleep>>,
     /// A ping was queued but the socket has not been flushed since.
     ping_unflushed: bool,
+    /// When our last ping went out, until its pong arrives.
+    ping_sent: Option<Instant>,
+    /// Where the measured round trip goes, in microseconds.
+    rtt_micros: Option<Arc<AtomicU64>>,
 }
 
 impl<S> WsIo<S> {
     /// Wraps an established WebSocket. `liveness` sets the ping interval and how long the
-    /// peer may stay silent ([`Liveness::detection_bound`]) before reads fail.
+    /// peer may stay silent ([`Liveness::detection_bound`]) before reads fail. The first ping
+    /// goes out at once, so the round trip is known right after connecting.
     pub fn new(ws: WebSocketStream<S>, liveness: Liveness) -> Self {
         let now = Instant::now();
         WsIo {
@@ -49,10 +56,18 @@ impl<S> WsIo<S> {
             write_buf: BytesMut::new(),
             liveness,
             last_received: now,
-            ping_timer: Box::pin(tokio::time::sleep_until(now + liveness.ping_interval)),
+            ping_timer: Box::pin(tokio::time::sleep_until(now)),
             idle_timer: Box::pin(tokio::time::sleep_until(now + liveness.detection_bound())),
             ping_unflushed: false,
+            ping_sent: None,
+            rtt_micros: None,
         }
+    }
+
+    /// Stores each measured ping round trip (microseconds) into `cell`.
+    pub fn with_rtt(mut self, cell: Arc<AtomicU64>) -> Self {
+        self.rtt_micros = Some(cell);
+        self
     }
 }
 
@@ -96,6 +111,7 @@ where
                 .start_send(Message::Ping(Bytes::new()))
                 .map_err(to_io)?;
             self.ping_unflushed = true;
+            self.ping_sent = Some(Instant::now());
             let next = Instant::now() + self.liveness.ping_interval;
             self.ping_timer.as_mut().reset(next);
             let _ = self.ping_timer.as_mut().poll(cx);
@@ -148,8 +164,17 @@ where
                         Message::Binary(data) => this.read_buf = data,
                         // A close ends the byte stream; tungstenite answers it for us.
                         Message::Close(_) => return Poll::Ready(Ok(())),
-                        // Pings are answered by tungstenite; pongs and text carry no data.
-                        Message::Ping(_) | Message::Pong(_) | Message::Text(_) => {}
+                        Message::Pong(_) => {
+                            if let (Some(sent), Some(cell)) =
+                                (this.ping_sent.take(), &this.rtt_micros)
+                            {
+                                let micros =
+                                    sent.elapsed().as_micros().clamp(1, u128::from(u64::MAX));
+                                cell.store(micros as u64, Ordering::Relaxed);
+                            }
+                        }
+                        // Pings are answered by tungstenite; text carries no data.
+                        Message::Ping(_) | Message::Text(_) => {}
                         Message::Frame(_) => {}
                     }
                 }
@@ -254,13 +279,42 @@ mod tests {
             let err = io.read(&mut buf).await.unwrap_err();
             (err.kind(), Instant::now())
         });
-        // The peer sees our ping (it never reads again, so it never answers).
+        // The peer sees our first ping at once and the next after one interval (it never
+        // answers them).
         let first = peer.next().await.unwrap().unwrap();
         assert!(matches!(first, Message::Ping(_)));
+        assert_eq!(Instant::now() - start, Duration::ZERO);
+        let second = peer.next().await.unwrap().unwrap();
+        assert!(matches!(second, Message::Ping(_)));
         assert_eq!(Instant::now() - start, liveness.ping_interval);
         let (kind, died) = reader.await.unwrap();
         assert_eq!(kind, io::ErrorKind::TimedOut);
         assert_eq!(died - start, liveness.detection_bound());
+    }
+
+    #[tokio::test]
+    async fn pongs_measure_the_round_trip() {
+        use futures_util::StreamExt;
+        let (io, mut peer) = pair(Liveness::default()).await;
+        let cell = Arc::new(AtomicU64::new(0));
+        let mut io = io.with_rtt(cell.clone());
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 1];
+            let _ = io.read(&mut buf).await;
+        });
+        // The peer reads our first ping; tungstenite answers it with a pong as it reads on.
+        let ping = peer.next().await.unwrap().unwrap();
+        assert!(matches!(ping, Message::Ping(_)));
+        let reading = tokio::spawn(async move { while peer.next().await.is_some() {} });
+        for _ in 0..200 {
+            if cell.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(cell.load(Ordering::Relaxed) > 0, "round trip measured");
+        reader.abort();
+        reading.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,551 @@
+//! The daemon's IPC server: a local socket (Unix socket; named pipe on Windows) speaking the
+//! newline-delimited JSON of [`cloudllm_proto::ipc`]. The CLI and the tray are its clients.
+//!
+//! Who may do what is decided from the peer's credentials: anyone who can open the socket may
+//! read (status, watch, logs, models, config get); changing anything takes the daemon's own
+//! user, root, or a member of the configured operator group. The socket is 0600 for a user
+//! daemon (only its user can connect at all) and 0666 for a system daemon (any local user may
+//! read its status; changes are checked per request).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cloudllm_proto::ipc::{self, ErrorCode, IPC_VERSION, MAX_LINE_BYTES, Request, Response};
+use interprocess::local_socket::tokio::{Listener, Stream};
+use interprocess::local_socket::traits::tokio::{Listener as _, Stream as _};
+use interprocess::local_socket::{ListenerOptions, Name};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::logs::LogBuffer;
+use crate::ollama::OllamaClient;
+use crate::supervisor::{ControlError, Supervisor};
+
+/// How often `watch` re-sends the state while only the request counters move.
+const COUNTER_REFRESH: Duration = Duration::from_secs(1);
+
+/// Most IPC connections served at once: clients are a CLI or two and a tray; 64 leaves room and
+/// bounds a local process opening connections in a loop.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+/// Whose requests may change the daemon's state.
+#[derive(Debug, Clone, Copy)]
+struct Operators {
+    daemon_uid: Option<u32>,
+    group: Option<u32>,
+}
+
+impl Operators {
+    fn allow(&self, peer: Peer) -> bool {
+        if cfg!(not(unix)) {
+            // Named pipes are limited to the creating user and administrators by their ACL.
+            return true;
+        }
+        match peer.uid {
+            Some(0) => true,
+            Some(uid) if Some(uid) == self.daemon_uid => true,
+            _ => self.group.is_some() && peer.gid == self.group,
+        }
+    }
+}
+
+fn socket_name(path: &Path) -> std::io::Result<Name<'_>> {
+    #[cfg(unix)]
+    {
+        use interprocess::local_socket::{GenericFilePath, ToFsName};
+        path.to_fs_name::<GenericFilePath>()
+    }
+    #[cfg(not(unix))]
+    {
+        use interprocess::local_socket::{GenericNamespaced, ToNsName};
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("cloudllmd.sock");
+        name.to_ns_name::<GenericNamespaced>()
+    }
+}
+
+/// Creates the IPC socket at `path`. A socket file left by a dead daemon is replaced; a live
+/// daemon's socket is never taken over.
+pub async fn bind(path: &Path, system: bool) -> anyhow::Result<Listener> {
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        #[cfg(unix)]
+        if !system {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        match Stream::connect(socket_name(path)?).await {
+            Ok(_) => anyhow::bail!(
+                "another cloudllmd is already running on {} (stop it first, or set socket_path)",
+                path.display()
+            ),
+            Err(_) => {
+                info!(socket = %path.display(), "replacing the stale socket of a daemon that is gone");
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing stale {}", path.display()))?;
+            }
+        }
+    }
+    let options = ListenerOptions::new()
+        .name(socket_name(path)?)
+        .reclaim_name(true);
+    #[cfg(unix)]
+    let options = {
+        use interprocess::os::unix::local_socket::ListenerOptionsExt;
+        options.mode(if system { 0o666 } else { 0o600 })
+    };
+    options
+        .create_tokio()
+        .with_context(|| format!("creating the IPC socket {}", path.display()))
+}
+
+/// What every connection handler needs.
+struct Shared {
+    supervisor: Arc<Supervisor>,
+    logs: Arc<LogBuffer>,
+    ollama: OllamaClient,
+    operators: Operators,
+}
+
+/// Serves IPC clients on `listener` until `shutdown`.
+pub async fn serve(
+    listener: Listener,
+    supervisor: Arc<Supervisor>,
+    logs: Arc<LogBuffer>,
+    ollama: OllamaClient,
+    shutdown: CancellationToken,
+) {
+    let config = supervisor.config();
+    let operators = Operators {
+        daemon_uid: current_uid(),
+        group: config.operator_group.as_deref().and_then(group_id),
+    };
+    if let (Some(name), None) = (&config.operator_group, operators.group) {
+        warn!(group = %name, "operator_group does not exist: only this user and root may change the daemon");
+    }
+    let context = Arc::new(Shared {
+        supervisor,
+        logs,
+        ollama,
+        operators,
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => stream,
+                Err(err) => {
+                    warn!(error = %err, "IPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!("too many IPC connections: refusing one");
+            continue;
+        };
+        let context = context.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = handle(stream, &context) => {}
+                () = shutdown.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn peer_of(stream: &Stream) -> Peer {
+    #[cfg(unix)]
+    {
+        use interprocess::local_socket::traits::StreamCommon;
+        if let Ok(creds) = stream.peer_creds() {
+            return Peer {
+                uid: creds.euid(),
+                gid: creds.egid(),
+            };
+        }
+    }
+    let _ = stream;
+    Peer {
+        uid: None,
+        gid: None,
+    }
+}
+
+#[cfg(unix)]
+fn current_uid() -> Option<u32> {
+    Some(nix::unistd::geteuid().as_raw())
+}
+
+#[cfg(not(unix))]
+fn current_uid() -> Option<u32> {
+    None
+}
+
+#[cfg(unix)]
+fn group_id(name: &str) -> Option<u32> {
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+}
+
+#[cfg(not(unix))]
+fn group_id(_name: &str) -> Option<u32> {
+    None
+}
+
+/// Reads one line of at most [`MAX_LINE_BYTES`]. `Ok(None)` at the end of the stream.
+async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let limit = MAX_LINE_BYTES as u64 + 1;
+    let read = (&mut *reader)
+        .take(limit)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_LINE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("request line longer than {MAX_LINE_BYTES} bytes"),
+        ));
+    }
+    Ok(Some(line))
+}
+
+async fn send(writer: &mut WriteHalf<Stream>, response: &Response) -> std::io::Result<()> {
+    writer.write_all(&ipc::to_line(response)).await?;
+    writer.flush().await
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn control_error(err: ControlError) -> Response {
+    let code = match &err {
+        ControlError::NotLoggedIn => ErrorCode::NotLoggedIn,
+        ControlError::InvalidConfig(_) => ErrorCode::InvalidConfig,
+        ControlError::LoginFailed(_) => ErrorCode::LoginFailed,
+        ControlError::Internal(_) => ErrorCode::Internal,
+    };
+    error(code, err.to_string())
+}
+
+/// Whether a request changes the daemon's state.
+fn changes_state(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::Hello { .. }
+            | Request::Status
+            | Request::Watch
+            | Request::ConfigGet { .. }
+            | Request::Logs { .. }
+            | Request::Models
+    )
+}
+
+async fn handle(stream: Stream, context: &Shared) {
+    let peer = peer_of(&stream);
+    let (recv, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::new(recv);
+    let mut greeted = false;
+    loop {
+        let line = match read_line(&mut reader).await {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(err) => {
+                let _ = send(&mut writer, &error(ErrorCode::BadRequest, err.to_string())).await;
+                return;
+            }
+        };
+        let request: Request = match serde_json::from_slice(&line) {
+            Ok(request) => request,
+            Err(err) => {
+                let reply = error(
+                    ErrorCode::BadRequest,
+                    format!("not a request this daemon knows: {err}"),
+                );
+                if send(&mut writer, &reply).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !greeted {
+            let reply = match request {
+                Request::Hello { version } if version == IPC_VERSION => Response::Hello {
+                    version: IPC_VERSION,
+                    daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+                },
+                Request::Hello { version } => error(
+                    ErrorCode::VersionMismatch,
+                    format!(
+                        "this cloudllmd speaks IPC version {IPC_VERSION}, the client {version}: use the cloudllm that came with it"
+                    ),
+                ),
+                _ => error(ErrorCode::BadRequest, "the first request must be hello"),
+            };
+            let ok = matches!(reply, Response::Hello { .. });
+            if send(&mut writer, &reply).await.is_err() || !ok {
+                return;
+            }
+            greeted = true;
+            continue;
+        }
+        if changes_state(&request) && !context.operators.allow(peer) {
+            let reply = error(
+                ErrorCode::PermissionDenied,
+                "permission denied: only the daemon's own user, root or its operator group may change it",
+            );
+            if send(&mut writer, &reply).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let keep_going = dispatch(request, context, &mut reader, &mut writer).await;
+        if !keep_going {
+            return;
+        }
+    }
+}
+
+/// Carries out one request. Returns false when the connection should close.
+async fn dispatch(
+    request: Request,
+    context: &Shared,
+    reader: &mut BufReader<ReadHalf<Stream>>,
+    writer: &mut WriteHalf<Stream>,
+) -> bool {
+    let supervisor = &context.supervisor;
+    let reply = match request {
+        Request::Hello { .. } => error(ErrorCode::BadRequest, "hello was already said"),
+        Request::Status => Response::Status(supervisor.state().snapshot()),
+        Request::Watch => return watch(context, reader, writer).await,
+        Request::Logs { lines, follow } => {
+            return logs(context, lines, follow, reader, writer).await;
+        }
+        Request::Connect => supervisor
+            .connect()
+            .map_or_else(control_error, |()| Response::Ok),
+        Request::Disconnect => supervisor
+            .disconnect()
+            .map_or_else(control_error, |()| Response::Ok),
+        Request::Logout => supervisor
+            .logout()
+            .await
+            .map_or_else(control_error, |()| Response::Ok),
+        Request::LoginWithToken { relay_url, token } => supervisor
+            .login_with_token(relay_url, token)
+            .await
+            .map_or_else(control_error, |user| Response::LoginDone { user }),
+        Request::Login { relay_url, flow } => {
+            return login(context, relay_url, flow, reader, writer).await;
+        }
+        Request::ConfigGet { key } => config_get(supervisor, key),
+        Request::ConfigSet { key, value } => match supervisor.set_config(&key, &value).await {
+            Ok(()) => config_get(supervisor, Some(key)),
+            Err(err) => control_error(err),
+        },
+        Request::Models => match context.ollama.models().await {
+            Ok(models) => Response::Models { models },
+            Err(message) => error(ErrorCode::Internal, message),
+        },
+    };
+    send(writer, &reply).await.is_ok()
+}
+
+fn config_get(supervisor: &Supervisor, key: Option<String>) -> Response {
+    let config = supervisor.config();
+    let keys: Vec<&str> = match &key {
+        Some(key) => vec![key.as_str()],
+        None => crate::config::SETTINGS.to_vec(),
+    };
+    let mut values = std::collections::BTreeMap::new();
+    for key in keys {
+        match config.get(key) {
+            Some(value) => values.insert(key.to_owned(), value),
+            None => {
+                return error(
+                    ErrorCode::InvalidConfig,
+                    format!(
+                        "unknown setting {key:?}; settings: {}",
+                        crate::config::SETTINGS.join(", ")
+                    ),
+                );
+            }
+        };
+    }
+    Response::Config {
+        values,
+        path: supervisor.config_path().display().to_string(),
+    }
+}
+
+/// Resolves when the client sends anything more or hangs up: streams end there.
+async fn client_gone(reader: &mut BufReader<ReadHalf<Stream>>) {
+    let mut byte = [0u8; 1];
+    let _ = reader.read(&mut byte).await;
+}
+
+async fn watch(
+    context: &Shared,
+    reader: &mut BufReader<ReadHalf<Stream>>,
+    writer: &mut WriteHalf<Stream>,
+) -> bool {
+    let state = context.supervisor.state();
+    let mut changes = state.subscribe();
+    let mut tick = tokio::time::interval(COUNTER_REFRESH);
+    let mut last_sent = None;
+    loop {
+        let mut status = changes.borrow_and_update().clone();
+        state.fill_live(&mut status);
+        if last_sent.as_ref() != Some(&status) {
+            if send(writer, &Response::Status(status.clone()))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            last_sent = Some(status);
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return false },
+            _ = tick.tick() => {}
+            () = client_gone(reader) => return false,
+        }
+    }
+}
+
+async fn logs(
+    context: &Shared,
+    lines: usize,
+    follow: bool,
+    reader: &mut BufReader<ReadHalf<Stream>>,
+    writer: &mut WriteHalf<Stream>,
+) -> bool {
+    let mut new_lines = context.logs.follow();
+    for line in context.logs.recent(lines) {
+        if send(writer, &Response::Log { line }).await.is_err() {
+            return false;
+        }
+    }
+    if !follow {
+        return send(writer, &Response::Ok).await.is_ok();
+    }
+    loop {
+        let line = tokio::select! {
+            line = new_lines.recv() => match line {
+                Ok(line) => line,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    format!("… {missed} lines skipped (the reader was too slow)")
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+            },
+            () = client_gone(reader) => return false,
+        };
+        if send(writer, &Response::Log { line }).await.is_err() {
+            return false;
+        }
+    }
+}
+
+async fn login(
+    context: &Shared,
+    relay_url: Option<String>,
+    flow: ipc::LoginFlow,
+    reader: &mut BufReader<ReadHalf<Stream>>,
+    writer: &mut WriteHalf<Stream>,
+) -> bool {
+    let (prompts, mut prompt_rx) = mpsc::channel(4);
+    let login = context
+        .supervisor
+        .login_interactive(relay_url, flow, prompts);
+    tokio::pin!(login);
+    loop {
+        tokio::select! {
+            result = &mut login => {
+                let reply = result.map_or_else(control_error, |user| Response::LoginDone { user });
+                return send(writer, &reply).await.is_ok();
+            }
+            Some(prompt) = prompt_rx.recv() => {
+                if send(writer, &Response::LoginPrompt(prompt)).await.is_err() {
+                    return false;
+                }
+            }
+            // The user pressed Ctrl-C in the CLI: abandon the login.
+            () = client_gone(reader) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_bounded() {
+        let long = vec![b'x'; MAX_LINE_BYTES + 10];
+        let mut reader = BufReader::new(&long[..]);
+        assert!(read_line(&mut reader).await.is_err());
+        let mut ok = BufReader::new(&b"{\"method\":\"status\"}\nrest"[..]);
+        assert_eq!(
+            read_line(&mut ok).await.unwrap().unwrap(),
+            b"{\"method\":\"status\"}"
+        );
+        assert_eq!(read_line(&mut ok).await.unwrap().unwrap(), b"rest");
+        assert!(read_line(&mut ok).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn only_the_owner_root_and_operators_may_change_state() {
+        let operators = Operators {
+            daemon_uid: Some(1000),
+            group: Some(50),
+        };
+        let peer = |uid, gid| Peer {
+            uid: Some(uid),
+            gid: Some(gid),
+        };
+        assert!(operators.allow(peer(0, 0)));
+        assert!(operators.allow(peer(1000, 1000)));
+        assert!(operators.allow(peer(1001, 50)));
+        assert!(!operators.allow(peer(1001, 1001)));
+        assert!(!operators.allow(Peer {
+            uid: None,
+            gid: None
+        }));
+        assert!(changes_state(&Request::Disconnect));
+        assert!(!changes_state(&Request::Status));
+    }
+}

@@ -1,0 +1,161 @@
+//! Recent log lines kept in memory for `cloudllm logs [-f]`, so users need neither journald
+//! nor a log file to see what the daemon did.
+//!
+//! [`LogBuffer::global`] is what the daemon's tracing subscriber writes into (see
+//! [`LogBuffer::make_writer`]); IPC clients read the last lines and follow new ones.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::broadcast;
+
+/// Lines kept: 1,000 lines of ~200 bytes is ~200 KiB, hours of a quiet daemon's log.
+pub const KEPT_LINES: usize = 1000;
+
+/// Lines a slow follower may lag behind before it misses some (it is told how many).
+const FOLLOW_BACKLOG: usize = 256;
+
+/// Longest line kept, in bytes; longer lines are cut.
+const MAX_LINE_BYTES: usize = 4096;
+
+/// A ring buffer of log lines plus a broadcast of new ones.
+#[derive(Debug)]
+pub struct LogBuffer {
+    lines: Mutex<VecDeque<String>>,
+    new_lines: broadcast::Sender<String>,
+}
+
+impl LogBuffer {
+    /// An empty buffer.
+    pub fn new() -> Arc<LogBuffer> {
+        Arc::new(LogBuffer {
+            lines: Mutex::new(VecDeque::with_capacity(KEPT_LINES)),
+            new_lines: broadcast::channel(FOLLOW_BACKLOG).0,
+        })
+    }
+
+    /// The process-wide buffer the daemon's logger writes into.
+    pub fn global() -> Arc<LogBuffer> {
+        static GLOBAL: OnceLock<Arc<LogBuffer>> = OnceLock::new();
+        GLOBAL.get_or_init(LogBuffer::new).clone()
+    }
+
+    /// Adds one line.
+    pub fn push(&self, line: &str) {
+        let mut line = line.trim_end().to_owned();
+        if line.len() > MAX_LINE_BYTES {
+            let mut cut = MAX_LINE_BYTES;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+        }
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        if lines.len() == KEPT_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line.clone());
+        drop(lines);
+        let _ = self.new_lines.send(line);
+    }
+
+    /// The last `count` lines, oldest first.
+    pub fn recent(&self, count: usize) -> Vec<String> {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines
+            .iter()
+            .skip(lines.len().saturating_sub(count))
+            .cloned()
+            .collect()
+    }
+
+    /// New lines from now on.
+    pub fn follow(&self) -> broadcast::Receiver<String> {
+        self.new_lines.subscribe()
+    }
+
+    /// A writer for `tracing_subscriber::fmt().with_writer(...)`: each event becomes a line.
+    pub fn make_writer(self: &Arc<Self>) -> impl Fn() -> LineWriter + Send + Sync + 'static {
+        let buffer = self.clone();
+        move || LineWriter {
+            buffer: buffer.clone(),
+            pending: Vec::new(),
+        }
+    }
+}
+
+/// Collects one formatted event and stores it as lines when dropped.
+pub struct LineWriter {
+    buffer: Arc<LogBuffer>,
+    pending: Vec<u8>,
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.pending);
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            self.buffer.push(line);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_lines_and_broadcasts_new_ones() {
+        let buffer = LogBuffer::new();
+        let mut follower = buffer.follow();
+        for i in 0..KEPT_LINES + 5 {
+            buffer.push(&format!("line {i}\n"));
+        }
+        let recent = buffer.recent(3);
+        assert_eq!(
+            recent,
+            vec![
+                format!("line {}", KEPT_LINES + 2),
+                format!("line {}", KEPT_LINES + 3),
+                format!("line {}", KEPT_LINES + 4)
+            ]
+        );
+        assert_eq!(buffer.recent(usize::MAX).len(), KEPT_LINES);
+        // The follower lagged past its backlog: it is told, then reads on.
+        assert!(matches!(
+            follower.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(_))
+        ));
+        assert!(follower.try_recv().unwrap().starts_with("line "));
+
+        buffer.push(&"é".repeat(MAX_LINE_BYTES));
+        assert!(buffer.recent(1)[0].len() <= MAX_LINE_BYTES);
+    }
+
+    #[test]
+    fn the_writer_turns_events_into_lines() {
+        let buffer = LogBuffer::new();
+        let make = buffer.make_writer();
+        {
+            let mut writer = make();
+            writer.write_all(b"first event\n").unwrap();
+        }
+        {
+            let mut writer = make();
+            writer.write_all(b"second ").unwrap();
+            writer.write_all(b"event\n").unwrap();
+        }
+        assert_eq!(buffer.recent(10), vec!["first event", "second event"]);
+    }
+}

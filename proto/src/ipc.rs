@@ -1,0 +1,319 @@
+//! The daemon's local IPC protocol: newline-delimited JSON over a local socket.
+//!
+//! A client opens with [`Request::Hello`] carrying [`IPC_VERSION`]; the daemon answers
+//! [`Response::Hello`] or an error if the versions differ. Then each request gets one response,
+//! except `watch`, `logs --follow` and the interactive login, which stream responses until the
+//! client hangs up (or, for login, until [`Response::LoginDone`] or an error). Every line is at
+//! most [`MAX_LINE_BYTES`]; an oversized or unparsable line gets an [`ErrorCode::BadRequest`]
+//! reply, never a crash.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Secret;
+
+/// Version of the IPC protocol, exchanged in the first line.
+pub const IPC_VERSION: u32 = 1;
+
+/// Longest line either side sends, in bytes. The largest message is a login token or a batch
+/// of status fields: a few KiB. 64 KiB leaves room and bounds a hostile client.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// A request from a client (CLI, tray) to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Opens the session with the client's [`IPC_VERSION`].
+    Hello {
+        /// The client's IPC version.
+        version: u32,
+    },
+    /// The daemon's current state.
+    Status,
+    /// The current state, then every change, until the client hangs up.
+    Watch,
+    /// Open the tunnel (and keep it open across restarts of the daemon).
+    Connect,
+    /// Close the tunnel (and keep it closed across restarts of the daemon).
+    Disconnect,
+    /// Log in with an agent token the user already has.
+    LoginWithToken {
+        /// The relay's base URL; the configured one when absent.
+        relay_url: Option<String>,
+        /// The agent token.
+        token: Secret,
+    },
+    /// Log in through the relay's identity provider: the daemon streams
+    /// [`Response::LoginPrompt`] and then [`Response::LoginDone`].
+    Login {
+        /// The relay's base URL; the configured one when absent.
+        relay_url: Option<String>,
+        /// Which flow to use.
+        flow: LoginFlow,
+    },
+    /// Forget the credentials and close the tunnel.
+    Logout,
+    /// Read settings: one key, or all when absent.
+    ConfigGet {
+        /// The setting's name.
+        key: Option<String>,
+    },
+    /// Change a setting (written to the config file and applied).
+    ConfigSet {
+        /// The setting's name.
+        key: String,
+        /// Its new value, as it would be written in the config file.
+        value: String,
+    },
+    /// Recent log lines, and new ones as they come when `follow` is set.
+    Logs {
+        /// How many recent lines.
+        lines: usize,
+        /// Keep streaming new lines.
+        follow: bool,
+    },
+    /// The local Ollama's models, as the relay will see them.
+    Models,
+}
+
+/// Which interactive login flow to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginFlow {
+    /// Device flow when the provider offers it, else the browser flow.
+    Auto,
+    /// OAuth 2.0 device authorization grant (RFC 8628).
+    Device,
+    /// Authorization code with PKCE and a loopback redirect (RFC 8252).
+    Browser,
+}
+
+/// A response from the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// Answer to [`Request::Hello`].
+    Hello {
+        /// The daemon's IPC version.
+        version: u32,
+        /// The daemon's package version.
+        daemon_version: String,
+    },
+    /// The request was carried out.
+    Ok,
+    /// The daemon's state (answer to `status`, and each event of `watch`).
+    Status(Status),
+    /// A step of an interactive login the user must take.
+    LoginPrompt(LoginPrompt),
+    /// The login finished; the daemon is connecting.
+    LoginDone {
+        /// The user now logged in.
+        user: Option<String>,
+    },
+    /// Settings and their values.
+    Config {
+        /// Setting name → value as written in the config file.
+        values: BTreeMap<String, String>,
+        /// The config file.
+        path: String,
+    },
+    /// One log line.
+    Log {
+        /// The line, without its newline.
+        line: String,
+    },
+    /// The local Ollama's models.
+    Models {
+        /// Model names.
+        models: Vec<String>,
+    },
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// A message for the user.
+        message: String,
+    },
+}
+
+/// What the user must do to finish an interactive login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginPrompt {
+    /// The page to open.
+    pub url: String,
+    /// The code to enter on that page (device flow), if any.
+    pub user_code: Option<String>,
+    /// The page with the code already filled in, if the provider offers one.
+    pub url_complete: Option<String>,
+}
+
+/// Kinds of IPC failure, for clients to map onto exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line was not a valid request (unknown method, bad JSON, too long).
+    BadRequest,
+    /// The client and daemon speak different IPC versions.
+    VersionMismatch,
+    /// The caller may not change this daemon's state.
+    PermissionDenied,
+    /// A setting name or value was refused.
+    InvalidConfig,
+    /// The operation needs a login first.
+    NotLoggedIn,
+    /// The login failed.
+    LoginFailed,
+    /// Something else went wrong in the daemon.
+    Internal,
+}
+
+/// Everything the daemon reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    /// The daemon's package version.
+    pub daemon_version: String,
+    /// The tunnel's state.
+    pub connection: Connection,
+    /// The relay's base URL.
+    pub relay_url: Option<String>,
+    /// The logged-in user (`sub` of the agent token).
+    pub user: Option<String>,
+    /// The user's tier, if the token names one.
+    pub tier: Option<String>,
+    /// This device's name.
+    pub device_name: String,
+    /// The local Ollama.
+    pub ollama: Ollama,
+    /// Requests being served now.
+    pub requests_in_flight: u64,
+    /// Requests served since the daemon started.
+    pub requests_total: u64,
+    /// Where the credentials are kept, in words ("OS keyring", "file …").
+    pub credential_store: String,
+}
+
+/// The tunnel's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Connection {
+    /// No credentials: `cloudllm login` first.
+    LoggedOut,
+    /// The credentials stopped working (refresh failed, token refused): log in again.
+    LoginRequired {
+        /// Why.
+        reason: String,
+    },
+    /// Logged in, tunnel closed on request (`cloudllm disconnect`).
+    Disconnected,
+    /// Dialling the relay.
+    Connecting,
+    /// The tunnel is up.
+    Connected {
+        /// Since when, Unix seconds.
+        since: u64,
+        /// Round trip to the relay in milliseconds, once measured.
+        rtt_ms: Option<u64>,
+    },
+    /// The tunnel is down and will be dialled again.
+    Reconnecting {
+        /// Failures in a row.
+        attempt: u32,
+        /// When the next attempt starts, Unix seconds.
+        next_try: u64,
+        /// What went wrong last.
+        last_error: String,
+    },
+}
+
+/// The local Ollama's state, polled in the background.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Ollama {
+    /// Not checked yet.
+    Unknown,
+    /// Answering.
+    Up {
+        /// Ollama's version.
+        version: String,
+        /// How many models it has.
+        models: usize,
+    },
+    /// Not answering.
+    Down {
+        /// Why.
+        error: String,
+    },
+}
+
+/// Writes a message as one JSON line (with its newline).
+pub fn to_line<T: Serialize>(message: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(message).unwrap_or_else(|_| b"{}".to_vec());
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_responses_round_trip_as_single_lines() {
+        let requests = [
+            Request::Hello {
+                version: IPC_VERSION,
+            },
+            Request::Status,
+            Request::LoginWithToken {
+                relay_url: Some("http://r".into()),
+                token: Secret::new("tok\nwith newline"),
+            },
+            Request::ConfigSet {
+                key: "device_name".into(),
+                value: "box".into(),
+            },
+            Request::Logs {
+                lines: 10,
+                follow: true,
+            },
+        ];
+        for request in requests {
+            let line = to_line(&request);
+            assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+            assert_eq!(serde_json::from_slice::<Request>(&line).unwrap(), request);
+        }
+        let status = Response::Status(Status {
+            daemon_version: "1".into(),
+            connection: Connection::Reconnecting {
+                attempt: 2,
+                next_try: 5,
+                last_error: "refused".into(),
+            },
+            relay_url: None,
+            user: Some("alice".into()),
+            tier: None,
+            device_name: "d".into(),
+            ollama: Ollama::Up {
+                version: "0.5".into(),
+                models: 3,
+            },
+            requests_in_flight: 0,
+            requests_total: 7,
+            credential_store: "OS keyring".into(),
+        });
+        let text = String::from_utf8(to_line(&status)).unwrap();
+        assert!(text.contains(r#""state":"reconnecting""#), "{text}");
+        assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), status);
+    }
+
+    #[test]
+    fn unknown_methods_and_fields_are_refused() {
+        assert!(serde_json::from_str::<Request>(r#"{"method":"format_disk"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"method":"config_get","key":null,"x":1}"#).is_err()
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"version":1}"#).is_err());
+    }
+}
