@@ -229,6 +229,28 @@ impl DaemonConfig {
         Ok(())
     }
 
+    /// Takes setting `key` from `other`, leaving every other setting (including those that came
+    /// from the environment or the command line) as it is.
+    pub fn copy_setting(&mut self, key: &str, other: &DaemonConfig) {
+        match key {
+            "relay_url" => self.relay_url = other.relay_url.clone(),
+            "ollama_url" => self.ollama_url = other.ollama_url.clone(),
+            "device_name" => self.device_name = other.device_name.clone(),
+            "device_id" => self.device_id = other.device_id.clone(),
+            "ca_file" => self.ca_file = other.ca_file.clone(),
+            "allow_model_management" => self.allow_model_management = other.allow_model_management,
+            "ping_interval" => self.ping_interval = other.ping_interval,
+            "ping_timeout" => self.ping_timeout = other.ping_timeout,
+            "reconnect_max" => self.reconnect_max = other.reconnect_max,
+            "shutdown_grace" => self.shutdown_grace = other.shutdown_grace,
+            "socket_path" => self.socket_path = other.socket_path.clone(),
+            "state_dir" => self.state_dir = other.state_dir.clone(),
+            "operator_group" => self.operator_group = other.operator_group.clone(),
+            "credential_store" => self.credential_store = other.credential_store,
+            _ => {}
+        }
+    }
+
     /// A setting's value as it would be written in the config file ("" when unset).
     pub fn get(&self, key: &str) -> Option<String> {
         let path = |p: &Option<PathBuf>| {
@@ -276,27 +298,11 @@ impl DaemonConfig {
 pub const SYSTEM_CONFIG_DIR: &str = "/etc/cloudllm";
 /// The system service's state directory (systemd `StateDirectory=cloudllm`).
 pub const SYSTEM_STATE_DIR: &str = "/var/lib/cloudllm";
-/// The system service's IPC socket (systemd `RuntimeDirectory=cloudllm`).
-pub const SYSTEM_SOCKET: &str = "/run/cloudllm/cloudllmd.sock";
-
 fn project_dirs() -> Option<directories::ProjectDirs> {
     directories::ProjectDirs::from("", "", "cloudllm")
 }
 
-/// The IPC socket of a user daemon (`$XDG_RUNTIME_DIR/cloudllm/cloudllmd.sock` on Linux) or of
-/// the system daemon. Clients look in both.
-pub fn default_socket_path(system: bool) -> PathBuf {
-    if system {
-        return PathBuf::from(SYSTEM_SOCKET);
-    }
-    let dir = project_dirs().and_then(|dirs| {
-        dirs.runtime_dir()
-            .map(Path::to_path_buf)
-            .or_else(|| Some(dirs.cache_dir().to_path_buf()))
-    });
-    dir.unwrap_or_else(std::env::temp_dir)
-        .join("cloudllmd.sock")
-}
+pub use cloudllm_proto::ipc::default_socket_path;
 
 /// Sets `key` to `value` in the config file at `path` (created if missing), keeping the file's
 /// comments and layout, and returns the config the file now holds. An empty value removes the

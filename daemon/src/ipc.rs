@@ -122,7 +122,6 @@ pub async fn bind(path: &Path, system: bool) -> anyhow::Result<Listener> {
 struct Shared {
     supervisor: Arc<Supervisor>,
     logs: Arc<LogBuffer>,
-    ollama: OllamaClient,
     operators: Operators,
 }
 
@@ -131,7 +130,6 @@ pub async fn serve(
     listener: Listener,
     supervisor: Arc<Supervisor>,
     logs: Arc<LogBuffer>,
-    ollama: OllamaClient,
     shutdown: CancellationToken,
 ) {
     let config = supervisor.config();
@@ -145,7 +143,6 @@ pub async fn serve(
     let context = Arc::new(Shared {
         supervisor,
         logs,
-        ollama,
         operators,
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -377,7 +374,10 @@ async fn dispatch(
             Ok(()) => config_get(supervisor, Some(key)),
             Err(err) => control_error(err),
         },
-        Request::Models => match context.ollama.models().await {
+        Request::Models => match OllamaClient::new(supervisor.config().ollama_url.clone())
+            .models()
+            .await
+        {
             Ok(models) => Response::Models { models },
             Err(message) => error(ErrorCode::Internal, message),
         },

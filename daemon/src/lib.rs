@@ -22,9 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use config::DaemonConfig;
-use forward::Forwarder;
 use logs::LogBuffer;
-use ollama::OllamaClient;
 use supervisor::Supervisor;
 
 /// Runs the daemon until `shutdown` is cancelled: opens the IPC socket, keeps the tunnel to
@@ -36,30 +34,17 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> anyhow::R
     let socket_path = config.socket_path();
     let listener = ipc::bind(&socket_path, config.system).await?;
     let supervisor = Supervisor::new(config, shutdown.clone()).await?;
-    let config = supervisor.config();
     info!(socket = %socket_path.display(), credentials = %supervisor.state().snapshot().credential_store, "cloudllmd ready");
 
-    let forwarder = std::sync::Arc::new(Forwarder::new(
-        config.ollama_url.clone(),
-        config.allow_model_management,
-        config.device_name.clone(),
-        supervisor.state().clone(),
-    )?);
-    let ollama = OllamaClient::new(config.ollama_url.clone());
     let ipc = tokio::spawn(ipc::serve(
         listener,
         supervisor.clone(),
         LogBuffer::global(),
-        ollama.clone(),
         shutdown.clone(),
     ));
-    let watch = tokio::spawn(ollama::watch(
-        ollama,
-        supervisor.state().clone(),
-        shutdown.clone(),
-    ));
+    let watch = tokio::spawn(ollama::watch(supervisor.clone(), shutdown.clone()));
     let refresh = tokio::spawn(supervisor.clone().run_refresh());
-    supervisor.run_tunnels(forwarder).await;
+    supervisor.run_tunnels().await;
     let _ = tokio::join!(ipc, watch, refresh);
     Ok(())
 }

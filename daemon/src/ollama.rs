@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::state::State;
+use crate::supervisor::Supervisor;
 
 /// How often Ollama is polled: 10 s notices a stopped Ollama quickly and costs nothing.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(10);
@@ -113,15 +113,13 @@ impl OllamaClient {
     }
 }
 
-/// Polls Ollama every [`POLL_INTERVAL`] and records what it finds in `state`, until
-/// `shutdown`. Logs only transitions, not every poll.
-pub async fn watch(
-    client: OllamaClient,
-    state: std::sync::Arc<State>,
-    shutdown: CancellationToken,
-) {
+/// Polls Ollama (at the currently configured address) every [`POLL_INTERVAL`] and records what
+/// it finds in the daemon's state, until `shutdown`. Logs only transitions, not every poll.
+pub async fn watch(supervisor: std::sync::Arc<Supervisor>, shutdown: CancellationToken) {
     let mut last_up: Option<bool> = None;
+    let state = supervisor.state().clone();
     loop {
+        let client = OllamaClient::new(supervisor.config().ollama_url.clone());
         let found = client.probe().await;
         let up = matches!(found, Ollama::Up { .. });
         if last_up != Some(up) {

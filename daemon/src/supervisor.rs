@@ -22,7 +22,6 @@ use url::Url;
 
 use crate::config::{self, DaemonConfig, StoreChoice};
 use crate::credentials::{CredentialStore, Credentials};
-use crate::forward::Forwarder;
 use crate::login;
 use crate::state::State;
 use crate::tunnel::{self, Session};
@@ -386,17 +385,15 @@ impl Supervisor {
     }
 
     /// Changes a setting in the config file and applies it (reconnecting if it matters).
+    /// Settings that came from the environment or the command line stay as they are, except
+    /// the one being changed. `socket_path`, `state_dir` and `credential_store` take effect
+    /// at the next start.
     pub async fn set_config(&self, key: &str, value: &str) -> Result<(), ControlError> {
-        let path = self.config_path.clone();
-        let mut config =
-            config::set_in_file(&path, key, value).map_err(ControlError::InvalidConfig)?;
-        let current = self.config();
-        // What did not come from the file stays as the daemon was started.
-        config.token = current.token.clone();
-        config.system = current.system;
-        config.file = current.file.clone();
-        if key != "relay_url" && config.relay_url.is_none() {
-            config.relay_url = current.relay_url.clone();
+        let from_file = config::set_in_file(&self.config_path, key, value)
+            .map_err(ControlError::InvalidConfig)?;
+        let mut config = (*self.config()).clone();
+        if !matches!(key, "socket_path" | "state_dir" | "credential_store") {
+            config.copy_setting(key, &from_file);
         }
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
         info!(key, "setting changed");
@@ -405,7 +402,7 @@ impl Supervisor {
     }
 
     /// Runs the tunnel the [`Desired`] state asks for, until shutdown.
-    pub async fn run_tunnels(self: Arc<Self>, forwarder: Arc<Forwarder>) {
+    pub async fn run_tunnels(self: Arc<Self>) {
         struct Running {
             stop: CancellationToken,
             task: JoinHandle<()>,
@@ -436,13 +433,8 @@ impl Supervisor {
                     Some(session) => {
                         let up = CancellationToken::new();
                         let stop = CancellationToken::new();
-                        let run = tunnel::run(
-                            session,
-                            forwarder.clone(),
-                            self.state.clone(),
-                            stop.clone(),
-                            up.clone(),
-                        );
+                        let run =
+                            tunnel::run(session, self.state.clone(), stop.clone(), up.clone());
                         let state = self.state.clone();
                         let task = tokio::spawn(async move {
                             if let Err(err) = run.await {

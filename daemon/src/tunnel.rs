@@ -55,13 +55,18 @@ enum Ended {
 /// this device's hello on a connection, i.e. once requests can arrive.
 pub async fn run(
     session: Session,
-    forwarder: Arc<Forwarder>,
     state: Arc<State>,
     stop: CancellationToken,
     up: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = &session.config;
     let tls = dial::tls_config(config)?;
+    let forwarder = Arc::new(Forwarder::new(
+        config.ollama_url.clone(),
+        config.allow_model_management,
+        config.device_name.clone(),
+        state.clone(),
+    )?);
     let mut backoff = Backoff::new(config.reconnect_max);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     loop {

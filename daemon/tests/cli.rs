@@ -39,7 +39,10 @@ fn stderr_of(command: &mut Command) -> String {
 fn bad_settings_are_named() {
     let home = scratch("bad");
     let err = stderr_of(daemon(&home).env("CLOUDLLM_RELAY_URL", "relay.example.com"));
-    assert!(err.contains("CLOUDLLM_RELAY_URL=\"relay.example.com\" is not a URL"), "{err}");
+    assert!(
+        err.contains("CLOUDLLM_RELAY_URL=\"relay.example.com\" is not a URL"),
+        "{err}"
+    );
 
     let err = stderr_of(daemon(&home).env("CLOUDLLM_DEVICE_NAME", "bad\u{7}name"));
     assert!(err.contains("device name"), "{err}");
@@ -48,7 +51,10 @@ fn bad_settings_are_named() {
     std::fs::create_dir_all(&config_dir).unwrap();
     std::fs::write(config_dir.join("cloudllmd.toml"), "olama_url = \"x\"\n").unwrap();
     let err = stderr_of(&mut daemon(&home));
-    assert!(err.contains("cloudllmd.toml") && err.contains("olama_url"), "{err}");
+    assert!(
+        err.contains("cloudllmd.toml") && err.contains("olama_url"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(home);
 }
 
@@ -86,7 +92,10 @@ fn with_no_settings_it_starts_logged_out_and_stops_on_sigterm() {
     assert!(err.contains("already running"), "{err}");
     assert!(socket.exists());
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -248,6 +248,26 @@ pub enum Ollama {
     },
 }
 
+/// The system daemon's IPC socket (systemd `RuntimeDirectory=cloudllm`).
+pub const SYSTEM_SOCKET: &str = "/run/cloudllm/cloudllmd.sock";
+
+/// Where a daemon puts its IPC socket unless configured otherwise, and where clients look: a
+/// user daemon's in the user's runtime dir (`$XDG_RUNTIME_DIR/cloudllm/cloudllmd.sock` on
+/// Linux, the cache dir elsewhere), the system daemon's at [`SYSTEM_SOCKET`].
+pub fn default_socket_path(system: bool) -> std::path::PathBuf {
+    if system {
+        return std::path::PathBuf::from(SYSTEM_SOCKET);
+    }
+    directories::ProjectDirs::from("", "", "cloudllm")
+        .map(|dirs| {
+            dirs.runtime_dir()
+                .unwrap_or_else(|| dirs.cache_dir())
+                .to_path_buf()
+        })
+        .unwrap_or_else(std::env::temp_dir)
+        .join("cloudllmd.sock")
+}
+
 /// Writes a message as one JSON line (with its newline).
 pub fn to_line<T: Serialize>(message: &T) -> Vec<u8> {
     let mut line = serde_json::to_vec(message).unwrap_or_else(|_| b"{}".to_vec());

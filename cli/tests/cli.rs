@@ -1,0 +1,489 @@
+//! The `cloudllm` CLI against a running daemon (in-process, with its own socket), a relay and
+//! a fake Ollama: every command, `--json` parsed back, exit codes, and what a user sees when
+//! the daemon is not there.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config, token};
+use cloudllm_relay::Scope;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cloudllm");
+
+/// Sends the daemon's log lines (from this process) to the buffer `cloudllm logs` reads.
+fn capture_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let buffer = cloudllm_daemon::logs::LogBuffer::global();
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(buffer.make_writer())
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .try_init();
+}
+
+use tracing_subscriber::Layer as _;
+
+fn cli(socket: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("--socket")
+        .arg(socket)
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    command
+}
+
+async fn run(socket: &Path, args: &[&str]) -> Output {
+    tokio::time::timeout(STEP, cli(socket).args(args).output())
+        .await
+        .expect("cloudllm timed out")
+        .expect("running cloudllm")
+}
+
+async fn run_with_stdin(socket: &Path, args: &[&str], input: &str) -> Output {
+    let mut child = cli(socket)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    tokio::time::timeout(STEP, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+async fn status_json(socket: &Path) -> (i32, serde_json::Value) {
+    let output = run(socket, &["status", "--json"]).await;
+    let code = output.status.code().unwrap();
+    (
+        code,
+        serde_json::from_slice(&output.stdout).expect("status --json is JSON"),
+    )
+}
+
+/// Polls `status --json` until `done` holds for it.
+async fn wait_status(
+    socket: &Path,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let (_, status) = status_json(socket).await;
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {what}: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A relay, a fake Ollama and a daemon that is not logged in.
+struct Fixture {
+    relay: TestRelay,
+    backend: FakeOllama,
+    _daemon: TestDaemon,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    config_file: PathBuf,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        capture_logs();
+        let relay = TestRelay::start(relay_config()).await;
+        let backend = FakeOllama::start().await;
+        let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+        config.token = None;
+        config.relay_url = None;
+        let socket = config.socket_path.clone().unwrap();
+        let state_dir = config.state_dir.clone().unwrap();
+        let config_file = config.file.clone().unwrap();
+        let daemon = TestDaemon::start(config);
+        let deadline = tokio::time::Instant::now() + STEP;
+        while !socket.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon socket never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Fixture {
+            relay,
+            backend,
+            _daemon: daemon,
+            socket,
+            state_dir,
+            config_file,
+        }
+    }
+
+    async fn login(&self) {
+        let agent = token("alice", Scope::Agent);
+        let output = run_with_stdin(
+            &self.socket,
+            &[
+                "login",
+                "--relay",
+                self.relay.url().as_str(),
+                "--with-token",
+            ],
+            &format!("{agent}\n"),
+        )
+        .await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(
+            stdout(&output).contains("Logged in as alice"),
+            "{}",
+            stdout(&output)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_says_in_one_line_when_the_daemon_is_not_running() {
+    let socket =
+        std::env::temp_dir().join(format!("cloudllm-nodaemon-{}.sock", std::process::id()));
+    for args in [
+        &["status"][..],
+        &["connect"],
+        &["logs"],
+        &["config", "get"],
+        &["models"],
+        &["logout"],
+    ] {
+        let output = run(&socket, args).await;
+        assert_eq!(output.status.code(), Some(3), "{args:?}");
+        let err = stderr(&output);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("not running") && err.contains("cloudllm daemon"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_with_token_connects_and_status_shows_the_user() {
+    let f = Fixture::start().await;
+    let (code, status) = status_json(&f.socket).await;
+    assert_eq!(code, 4, "not connected before login");
+    assert_eq!(status["connection"]["state"], "logged_out");
+    let human = stdout(&run(&f.socket, &["status"]).await);
+    assert!(
+        human.contains("logged out") && human.contains("cloudllm login"),
+        "{human}"
+    );
+
+    f.login().await;
+    let status = wait_status(&f.socket, "connected", |s| {
+        s["connection"]["state"] == "connected"
+    })
+    .await;
+    assert_eq!(status["user"], "alice");
+    assert_eq!(status["device_name"], "laptop");
+    assert!(
+        status["credential_store"]
+            .as_str()
+            .unwrap()
+            .starts_with("file "),
+        "{status}"
+    );
+    let (code, _) = status_json(&f.socket).await;
+    assert_eq!(code, 0);
+    f.relay.wait_for_devices("alice", 1).await;
+
+    // A request through the relay is counted by the daemon.
+    let response = cloudllm_e2e::client()
+        .get(f.relay.api("/api/tags"))
+        .bearer_auth(token("alice", Scope::Client))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let status = wait_status(&f.socket, "counted", |s| s["requests_total"] == 1).await;
+    assert_eq!(status["ollama"]["state"], "up");
+
+    // The token is stored privately and shows up nowhere else.
+    let agent = token("alice", Scope::Agent);
+    let secret_part = agent.rsplit('.').next().unwrap();
+    let stored = f.state_dir.join("credentials.json");
+    assert!(
+        std::fs::read_to_string(&stored)
+            .unwrap()
+            .contains(secret_part)
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let config_text = std::fs::read_to_string(&f.config_file).unwrap();
+    assert!(
+        config_text.contains("relay_url") && !config_text.contains(secret_part),
+        "{config_text}"
+    );
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["logs", "-n", "1000"],
+        &["config", "get"],
+    ] {
+        let output = run(&f.socket, args).await;
+        assert!(
+            !stdout(&output).contains(secret_part),
+            "token leaked by {args:?}"
+        );
+    }
+
+    // Human status: connected, relay, user, Ollama.
+    let human = stdout(&run(&f.socket, &["status"]).await);
+    assert!(human.contains("connected to http://127.0.0.1:"), "{human}");
+    assert!(
+        human.contains("alice") && human.contains("up, version 0.0.0-fake, 1 models"),
+        "{human}"
+    );
+    assert!(
+        !human.contains('\x1b'),
+        "no colour when NO_COLOR is set or not a terminal"
+    );
+
+    // Logout forgets the credentials and closes the tunnel.
+    assert!(run(&f.socket, &["logout"]).await.status.success());
+    f.relay.wait_for_devices("alice", 0).await;
+    assert!(!stored.exists());
+    let (code, status) = status_json(&f.socket).await;
+    assert_eq!(
+        (code, status["connection"]["state"].as_str()),
+        (4, Some("logged_out"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_is_reported_as_login_required() {
+    let f = Fixture::start().await;
+    let output = run_with_stdin(
+        &f.socket,
+        &["login", "--relay", f.relay.url().as_str(), "--with-token"],
+        "not.a.valid-token",
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "the daemon accepts it; the relay decides"
+    );
+    let status = wait_status(&f.socket, "login required", |s| {
+        s["connection"]["state"] == "login_required"
+    })
+    .await;
+    assert!(
+        status["connection"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cloudllm login"),
+        "{status}"
+    );
+    let empty = run_with_stdin(&f.socket, &["login", "--with-token"], "").await;
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(
+        stderr(&empty).contains("no token on standard input"),
+        "{}",
+        stderr(&empty)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_and_connect_close_and_reopen_the_tunnel() {
+    let f = Fixture::start().await;
+    f.login().await;
+    f.relay.wait_for_devices("alice", 1).await;
+    let output = run(&f.socket, &["disconnect"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    f.relay.wait_for_devices("alice", 0).await;
+    let (code, status) = status_json(&f.socket).await;
+    assert_eq!(
+        (code, status["connection"]["state"].as_str()),
+        (4, Some("disconnected"))
+    );
+    assert!(run(&f.socket, &["connect"]).await.status.success());
+    f.relay.wait_for_devices("alice", 1).await;
+    wait_status(&f.socket, "connected", |s| {
+        s["connection"]["state"] == "connected"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_get_set_and_path() {
+    let f = Fixture::start().await;
+    let output = run(&f.socket, &["config", "path"]).await;
+    assert_eq!(stdout(&output).trim(), f.config_file.display().to_string());
+
+    let output = run(&f.socket, &["config", "set", "device_name", "workstation"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&run(&f.socket, &["config", "get", "device_name"]).await).trim(),
+        "workstation"
+    );
+    let all: serde_json::Value =
+        serde_json::from_slice(&run(&f.socket, &["config", "get", "--json"]).await.stdout).unwrap();
+    assert_eq!(all["device_name"], "workstation");
+    assert_eq!(all["allow_model_management"], "false");
+    assert!(
+        std::fs::read_to_string(&f.config_file)
+            .unwrap()
+            .contains("device_name = \"workstation\"")
+    );
+    let (_, status) = status_json(&f.socket).await;
+    assert_eq!(status["device_name"], "workstation");
+
+    let bad = run(&f.socket, &["config", "set", "colour", "red"]).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        stderr(&bad).contains("unknown setting \"colour\""),
+        "{}",
+        stderr(&bad)
+    );
+    let bad = run(&f.socket, &["config", "set", "ollama_url", "not a url"]).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("ollama_url"), "{}", stderr(&bad));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_lists_what_the_relay_will_see() {
+    let f = Fixture::start().await;
+    assert_eq!(
+        stdout(&run(&f.socket, &["models"]).await).trim(),
+        "fake:latest"
+    );
+    let models: Vec<String> =
+        serde_json::from_slice(&run(&f.socket, &["models", "--json"]).await.stdout).unwrap();
+    assert_eq!(models, ["fake:latest"]);
+    drop(f.backend);
+    let output = run(&f.socket, &["models"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("cannot reach Ollama"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_streams_every_change() {
+    let f = Fixture::start().await;
+    f.login().await;
+    wait_status(&f.socket, "connected", |s| {
+        s["connection"]["state"] == "connected"
+    })
+    .await;
+    let mut watcher = cli(&f.socket)
+        .args(["status", "--watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(
+        &tokio::time::timeout(STEP, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["connection"]["state"], "connected");
+    assert!(run(&f.socket, &["disconnect"]).await.status.success());
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if status["connection"]["state"] == "disconnected" {
+            break;
+        }
+    }
+    watcher.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_show_recent_lines_and_follow_new_ones() {
+    let f = Fixture::start().await;
+    let output = run(&f.socket, &["logs", "-n", "1000"]).await;
+    assert!(output.status.success());
+    assert!(
+        stdout(&output).contains("cloudllmd ready"),
+        "{}",
+        stdout(&output)
+    );
+
+    let mut follower = cli(&f.socket)
+        .args(["logs", "-f", "-n", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follower.stdout.take().unwrap()).lines();
+    // Give the follower a moment to subscribe, then make the daemon log something.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        run(&f.socket, &["config", "set", "device_name", "followed"])
+            .await
+            .status
+            .success()
+    );
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if line.contains("setting changed") {
+            break;
+        }
+    }
+    follower.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_are_printed_for_each_shell() {
+    for shell in ["bash", "zsh", "fish", "powershell"] {
+        let output = tokio::time::timeout(
+            STEP,
+            Command::new(BIN).args(["completions", shell]).output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(output.status.success(), "{shell}");
+        assert!(stdout(&output).contains("cloudllm"), "{shell}");
+    }
+}
