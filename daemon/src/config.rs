@@ -174,8 +174,8 @@ impl DaemonConfig {
         toml::from_str(&text).with_context(|| format!("parsing daemon config {}", path.display()))
     }
 
-    /// Applies `CLOUDLLM_RELAY_URL`, `CLOUDLLM_OLLAMA_URL`, `CLOUDLLM_TOKEN` and
-    /// `CLOUDLLM_DEVICE_NAME` from `env` (a lookup, so tests need not touch the process env).
+    /// Applies `CLOUDLLM_RELAY_URL`, `CLOUDLLM_OLLAMA_URL`, `CLOUDLLM_TOKEN`,
+    /// `CLOUDLLM_DEVICE_NAME` and `CLOUDLLM_SOCKET` from `env` (a lookup, so tests need not touch the process env).
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
         let set = |name: &str| env(name).filter(|v| !v.is_empty());
         if let Some(url) = set("CLOUDLLM_RELAY_URL") {
@@ -189,6 +189,9 @@ impl DaemonConfig {
         }
         if let Some(name) = set("CLOUDLLM_DEVICE_NAME") {
             self.device_name = name;
+        }
+        if let Some(path) = set("CLOUDLLM_SOCKET") {
+            self.socket_path = Some(PathBuf::from(path));
         }
         Ok(())
     }

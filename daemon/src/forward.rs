@@ -33,26 +33,19 @@ pub type TunnelBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// Time to open a TCP connection to Ollama: it is local, so 5 s means it is not there.
 const OLLAMA_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Request headers never passed to Ollama: hop-by-hop headers, the caller's credentials and
-/// browser context (Ollama answers 403 to any `Origin` it does not know), and our own.
-const STRIPPED_HEADERS: &[&str] = &[
-    "authorization",
-    "connection",
-    "cookie",
-    "forwarded",
-    "host",
-    "keep-alive",
-    "origin",
-    "proxy-authorization",
-    "proxy-connection",
-    "referer",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
+/// Request headers never passed to Ollama besides the hop-by-hop ones: the caller's
+/// credentials and browser context (Ollama answers 403 to any `Origin` it does not know), and
+/// forwarding metadata.
+static STRIPPED_HEADERS: [header::HeaderName; 9] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::FORWARDED,
+    header::HOST,
+    header::ORIGIN,
+    header::REFERER,
+    header::HeaderName::from_static("x-forwarded-for"),
+    header::HeaderName::from_static("x-forwarded-host"),
+    header::HeaderName::from_static("x-forwarded-proto"),
 ];
 
 /// What one tunnel connection learns from the relay's control requests.
@@ -67,6 +60,8 @@ pub struct ConnectionSignals {
 /// Forwards tunnel requests to the local Ollama.
 pub struct Forwarder {
     client: Client<HttpConnector, Incoming>,
+    /// Ollama's URL without a trailing slash; request paths are appended to it.
+    base: String,
     state: Arc<State>,
     ollama: Url,
     /// `Host` header Ollama accepts: its own address.
@@ -96,6 +91,7 @@ impl Forwarder {
         };
         Ok(Forwarder {
             client,
+            base: ollama.as_str().trim_end_matches('/').to_owned(),
             state,
             ollama_host: HeaderValue::from_str(&host)?,
             ollama,
@@ -158,11 +154,8 @@ impl Forwarder {
         let in_flight = self.state.begin_request();
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
-        let mut target = self.ollama.clone();
-        let base = target.path().trim_end_matches('/').to_owned();
-        target.set_path(&format!("{base}{path}"));
-        target.set_query(parts.uri.query());
-        parts.uri = match target.as_str().parse() {
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = match format!("{}{path_and_query}", self.base).parse() {
             Ok(uri) => uri,
             Err(_) => return error(&path, StatusCode::BAD_REQUEST, "malformed request path"),
         };
@@ -208,26 +201,22 @@ impl Forwarder {
 }
 
 fn strip(headers: &mut HeaderMap) {
-    let named: Vec<header::HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| name.trim().parse().ok())
-        .collect();
-    for name in named {
+    cloudllm_tunnel::headers::remove_hop_by_hop(headers);
+    for name in &STRIPPED_HEADERS {
         headers.remove(name);
     }
-    for name in STRIPPED_HEADERS {
-        headers.remove(*name);
-    }
-    let ours: Vec<header::HeaderName> = headers
+    if headers
         .keys()
-        .filter(|k| k.as_str().starts_with("x-cloudllm-"))
-        .cloned()
-        .collect();
-    for name in ours {
-        headers.remove(name);
+        .any(|k| k.as_str().starts_with("x-cloudllm-"))
+    {
+        let ours: Vec<header::HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-cloudllm-"))
+            .cloned()
+            .collect();
+        for name in ours {
+            headers.remove(name);
+        }
     }
 }
 
@@ -270,7 +259,8 @@ mod tests {
             );
         }
         strip(&mut headers);
-        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
         assert_eq!(left, ["content-type", "x-request-id"]);
     }
 }
