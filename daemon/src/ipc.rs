@@ -105,17 +105,28 @@ pub async fn bind(path: &Path, system: bool) -> anyhow::Result<Listener> {
             }
         }
     }
+    let mode = if system { 0o666 } else { 0o600 };
     let options = ListenerOptions::new()
         .name(socket_name(path)?)
         .reclaim_name(true);
     #[cfg(unix)]
     let options = {
         use interprocess::os::unix::local_socket::ListenerOptionsExt;
-        options.mode(if system { 0o666 } else { 0o600 })
+        options.mode(mode)
     };
-    options
+    let listener = options
         .create_tokio()
-        .with_context(|| format!("creating the IPC socket {}", path.display()))
+        .with_context(|| format!("creating the IPC socket {}", path.display()))?;
+    // The process umask narrows the mode given at creation; set it exactly.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    Ok(listener)
 }
 
 /// What every connection handler needs.
