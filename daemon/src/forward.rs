@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use url::Url;
 
+use cloudllm_tunnel::coalesce::Coalesce;
+
 use crate::allowlist::{self, Verdict};
 use crate::state::State;
 
@@ -175,8 +177,9 @@ impl Forwarder {
                 );
                 let (mut parts, body) = response.into_parts();
                 strip(&mut parts.headers);
-                // The request counts as in flight until its body ends or the caller goes away.
-                let body = body.map_frame(move |frame| {
+                // Tokens Ollama produced faster than they are sent go as one frame; the
+                // request counts as in flight until its body ends or the caller goes away.
+                let body = Coalesce::new(body).map_frame(move |frame| {
                     let _ = &in_flight;
                     frame
                 });

@@ -6,6 +6,7 @@
 //! cancellation in both directions and PING liveness; this crate only supplies the byte stream
 //! ([`WsIo`]) and the HTTP/2 settings both ends must use ([`h2_client`], [`h2_server`]).
 
+pub mod coalesce;
 pub mod headers;
 mod ws_io;
 
