@@ -24,7 +24,7 @@ use crate::config::{self, DaemonConfig, StoreChoice};
 use crate::credentials::{CredentialStore, Credentials};
 use crate::login;
 use crate::state::State;
-use crate::tunnel::{self, Session};
+use crate::tunnel::{self, Session, Stop};
 
 /// How long an old tunnel keeps serving while its replacement registers. Past it the old one
 /// drains anyway: a replacement that cannot register in 15 s is failing, and the old token is
@@ -404,7 +404,7 @@ impl Supervisor {
     /// Runs the tunnel the [`Desired`] state asks for, until shutdown.
     pub async fn run_tunnels(self: Arc<Self>) {
         struct Running {
-            stop: CancellationToken,
+            stop: Stop,
             task: JoinHandle<()>,
         }
         let mut desired = self.desired.subscribe();
@@ -432,7 +432,11 @@ impl Supervisor {
                 match session {
                     Some(session) => {
                         let up = CancellationToken::new();
-                        let stop = CancellationToken::new();
+                        // Daemon shutdown reaches every tunnel, retiring ones included.
+                        let stop = Stop {
+                            now: self.shutdown.child_token(),
+                            retire: CancellationToken::new(),
+                        };
                         let run =
                             tunnel::run(session, self.state.clone(), stop.clone(), up.clone());
                         let state = self.state.clone();
@@ -455,7 +459,7 @@ impl Supervisor {
                                     () = up.cancelled() => {}
                                     () = tokio::time::sleep(SWITCH_TIMEOUT) => {}
                                 }
-                                old.stop.cancel();
+                                old.stop.retire.cancel();
                                 let _ = old.task.await;
                             });
                         }
@@ -463,7 +467,7 @@ impl Supervisor {
                     }
                     None => {
                         if let Some(old) = old {
-                            old.stop.cancel();
+                            old.stop.now.cancel();
                             tokio::spawn(old.task);
                         }
                         self.state
@@ -483,7 +487,7 @@ impl Supervisor {
             }
         }
         if let Some(current) = current {
-            current.stop.cancel();
+            current.stop.now.cancel();
             let _ = current.task.await;
         }
     }

@@ -40,23 +40,38 @@ pub struct Session {
     pub device_id: String,
 }
 
+/// Longest a replaced tunnel keeps serving the requests it has in flight: 5 min covers a long
+/// generation on a slow machine; the relay cuts it anyway once its token is past expiry.
+pub const RETIRE_DRAIN: Duration = Duration::from_secs(300);
+
+/// How the daemon ends a tunnel.
+#[derive(Clone, Default)]
+pub struct Stop {
+    /// The daemon is stopping or the user disconnected: requests in flight get the shutdown
+    /// grace period.
+    pub now: CancellationToken,
+    /// A newer tunnel took over (a refreshed token, changed settings): requests in flight get
+    /// up to [`RETIRE_DRAIN`], shortened to the grace period if `now` comes meanwhile.
+    pub retire: CancellationToken,
+}
+
 /// How one connection ended.
 enum Ended {
     /// The relay asked us to drain: it is going away; dial again at once.
     Drained,
     /// The connection closed or failed after it was established.
     Closed(Option<String>),
-    /// The daemon stopped this tunnel.
+    /// The daemon stopped or retired this tunnel.
     Stopped,
 }
 
-/// Keeps a tunnel to the relay open until `stop` is cancelled; then lets in-flight requests
-/// finish within the grace period and returns. `up` is cancelled once the relay has fetched
+/// Keeps a tunnel to the relay open until `stop` says otherwise; then lets in-flight requests
+/// finish (see [`Stop`]) and returns. `up` is cancelled once the relay has fetched
 /// this device's hello on a connection, i.e. once requests can arrive.
 pub async fn run(
     session: Session,
     state: Arc<State>,
-    stop: CancellationToken,
+    stop: Stop,
     up: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = &session.config;
@@ -75,7 +90,8 @@ pub async fn run(
         }
         let dialled = tokio::select! {
             dialled = dial::dial(config, &tls, &session.device_id, &session.token) => dialled,
-            () = stop.cancelled() => return Ok(()),
+            () = stop.now.cancelled() => return Ok(()),
+            () = stop.retire.cancelled() => return Ok(()),
         };
         let (delay, error) = match dialled {
             Ok(ws) => {
@@ -130,7 +146,8 @@ pub async fn run(
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = stop.cancelled() => return Ok(()),
+            () = stop.now.cancelled() => return Ok(()),
+            () = stop.retire.cancelled() => return Ok(()),
         }
     }
 }
@@ -141,7 +158,7 @@ async fn serve(
     session: &Session,
     forwarder: &Arc<Forwarder>,
     state: &Arc<State>,
-    stop: &CancellationToken,
+    stop: &Stop,
     up: &CancellationToken,
 ) -> Ended {
     let config = &session.config;
@@ -184,16 +201,29 @@ async fn serve(
                 up.cancel();
             }
             () = signals.drain.cancelled() => break Ended::Drained,
-            () = stop.cancelled() => break Ended::Stopped,
+            () = stop.now.cancelled() => break Ended::Stopped,
+            () = stop.retire.cancelled() => break Ended::Stopped,
         }
     };
-    // GOAWAY: no new streams; the ones in flight finish (within the grace period).
+    // GOAWAY: no new streams; the ones in flight finish within the limit.
     connection.as_mut().graceful_shutdown();
-    if tokio::time::timeout(config.shutdown_grace, connection)
-        .await
-        .is_err()
-    {
-        warn!(grace = ?config.shutdown_grace, "in-flight requests still running after the grace period: cut");
+    let grace = config.shutdown_grace;
+    let limit = if stop.now.is_cancelled() {
+        grace
+    } else {
+        RETIRE_DRAIN
+    };
+    let finished = tokio::select! {
+        finished = tokio::time::timeout(limit, connection.as_mut()) => finished.is_ok(),
+        () = stop.now.cancelled(), if limit != grace => {
+            tokio::time::timeout(grace, connection.as_mut()).await.is_ok()
+        }
+    };
+    if !finished {
+        warn!(
+            ?limit,
+            "in-flight requests still running after the drain limit: cut"
+        );
     }
     closing
 }

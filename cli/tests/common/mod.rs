@@ -1,0 +1,168 @@
+//! What the CLI tests share: running `cloudllm` against a daemon started in this process.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, token};
+use cloudllm_relay::{RelayConfig, Scope};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tracing_subscriber::Layer as _;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cloudllm");
+
+/// Sends the daemon's log lines (from this process) to the buffer `cloudllm logs` reads.
+pub fn capture_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let buffer = cloudllm_daemon::logs::LogBuffer::global();
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(buffer.make_writer())
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .try_init();
+}
+
+pub fn cli(socket: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("--socket")
+        .arg(socket)
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    command
+}
+
+pub async fn run(socket: &Path, args: &[&str]) -> Output {
+    tokio::time::timeout(STEP, cli(socket).args(args).output())
+        .await
+        .expect("cloudllm timed out")
+        .expect("running cloudllm")
+}
+
+pub async fn run_with_stdin(socket: &Path, args: &[&str], input: &str) -> Output {
+    let mut child = cli(socket)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    tokio::time::timeout(STEP, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub async fn status_json(socket: &Path) -> (i32, serde_json::Value) {
+    let output = run(socket, &["status", "--json"]).await;
+    let code = output.status.code().unwrap();
+    (
+        code,
+        serde_json::from_slice(&output.stdout).expect("status --json is JSON"),
+    )
+}
+
+/// Polls `status --json` until `done` holds for it.
+pub async fn wait_status(
+    socket: &Path,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let (_, status) = status_json(socket).await;
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {what}: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A relay, a fake Ollama and a daemon that is not logged in.
+pub struct Fixture {
+    pub relay: TestRelay,
+    pub backend: FakeOllama,
+    pub daemon: TestDaemon,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config_file: PathBuf,
+}
+
+impl Fixture {
+    pub async fn start() -> Fixture {
+        Fixture::with_relay(cloudllm_e2e::relay_config()).await
+    }
+
+    /// A fixture whose relay runs with `config`.
+    pub async fn with_relay(config: RelayConfig) -> Fixture {
+        capture_logs();
+        let relay = TestRelay::start(config).await;
+        let backend = FakeOllama::start().await;
+        let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+        config.token = None;
+        config.relay_url = None;
+        let socket = config.socket_path.clone().unwrap();
+        let state_dir = config.state_dir.clone().unwrap();
+        let config_file = config.file.clone().unwrap();
+        let daemon = TestDaemon::start(config);
+        let deadline = tokio::time::Instant::now() + STEP;
+        while !socket.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon socket never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Fixture {
+            relay,
+            backend,
+            daemon,
+            socket,
+            state_dir,
+            config_file,
+        }
+    }
+
+    pub async fn login(&self) {
+        let agent = token("alice", Scope::Agent);
+        let output = run_with_stdin(
+            &self.socket,
+            &[
+                "login",
+                "--relay",
+                self.relay.url().as_str(),
+                "--with-token",
+            ],
+            &format!("{agent}\n"),
+        )
+        .await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(
+            stdout(&output).contains("Logged in as alice"),
+            "{}",
+            stdout(&output)
+        );
+    }
+}
