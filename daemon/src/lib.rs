@@ -31,6 +31,8 @@ use supervisor::Supervisor;
 /// only for a configuration it cannot run with (bad setting, socket in use).
 pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
+    // A bad ca_file is a start-up error, not a tunnel that never comes up.
+    dial::tls_config(&config)?;
     let socket_path = config.socket_path();
     let listener = ipc::bind(&socket_path, config.system).await?;
     let supervisor = Supervisor::new(config, shutdown.clone()).await?;
