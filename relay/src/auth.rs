@@ -1,27 +1,40 @@
 //! Who is calling: verification and issuing of the relay's JWT bearer tokens.
 //!
-//! Tokens are HS256 JWTs. `sub` names the user; `scope` says what the token may do: `agent`
-//! tokens open a tunnel for a device, `client` tokens send API requests to that user's devices.
-//! The algorithm is pinned to HS256 here, never taken from the token, so `alg: none` and
-//! algorithm-confusion tokens fail verification.
+//! `sub` names the user; `scope` says what the token may do: `agent` tokens open a tunnel for a
+//! device, `client` tokens send API requests to that user's devices. The relay's own tokens
+//! carry one scope (`"scope": "agent"`); an identity provider's carry a space-separated list
+//! (`"openid agent client"`) or an array, and a token has every scope its list names.
+//!
+//! Two kinds of key verify tokens, chosen by the token's header `alg` among algorithms pinned
+//! by the config, never by the token alone:
+//! - `HS256`: the relay's own secret (its self-issued tokens, Supabase's legacy JWT secret).
+//! - the `[jwks]` algorithms (RS256, ES256, EdDSA …): the identity provider's key named by the
+//!   token's `kid`, plus the configured issuer and audience.
+//!
+//! Anything else — `alg: none`, an HS256 token when the relay has no secret, an HS256 token
+//! "signed" with a provider's public key, an algorithm not configured — is refused.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cloudllm_proto::Secret;
 use http::HeaderMap;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::jwks::Jwks;
 
 /// Issuer written into the tokens this relay mints.
 pub const ISSUER: &str = "cloudllm-relay";
 
-/// Clock skew tolerated on `exp`, in seconds: 30 s covers ordinary NTP drift without keeping
-/// expired tokens alive for long.
+/// Clock skew tolerated on `exp` and `nbf`, in seconds: 30 s covers ordinary NTP drift without
+/// keeping expired tokens alive for long.
 const LEEWAY_SECS: u64 = 30;
 
-/// Longest token accepted, in bytes. Real tokens are a few hundred bytes; the cap bounds the
-/// work an attacker can make the relay do per request.
+/// Longest token accepted, in bytes. Real tokens are a few hundred bytes (an identity
+/// provider's, with its claims, one or two KiB); the cap bounds the work an attacker can make
+/// the relay do per request.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// What a token allows.
@@ -43,13 +56,86 @@ impl Scope {
     }
 }
 
+/// The cloudllm scopes a token carries. On the wire it is the `scope` claim: a space-separated
+/// string (OAuth 2.0's form, RFC 8693 §4.2) or an array of strings; scopes other than `agent`
+/// and `client` (`openid`, `offline_access` …) are ignored. Serialized as the string form.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scopes {
+    agent: bool,
+    client: bool,
+}
+
+impl Scopes {
+    /// Whether `scope` is among these.
+    pub fn has(self, scope: Scope) -> bool {
+        match scope {
+            Scope::Agent => self.agent,
+            Scope::Client => self.client,
+        }
+    }
+
+    /// Adds the scopes named in a space-separated list.
+    fn add_words(&mut self, words: &str) {
+        for word in words.split_ascii_whitespace() {
+            match word {
+                "agent" => self.agent = true,
+                "client" => self.client = true,
+                _ => {}
+            }
+        }
+    }
+
+    /// The space-separated form.
+    fn words(self) -> &'static str {
+        match (self.agent, self.client) {
+            (true, true) => "agent client",
+            (true, false) => "agent",
+            (false, true) => "client",
+            (false, false) => "",
+        }
+    }
+}
+
+impl From<Scope> for Scopes {
+    fn from(scope: Scope) -> Self {
+        let mut scopes = Scopes::default();
+        scopes.add_words(scope.as_str());
+        scopes
+    }
+}
+
+impl Serialize for Scopes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.words())
+    }
+}
+
+impl<'de> Deserialize<'de> for Scopes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Words(String),
+            List(Vec<String>),
+        }
+        let mut scopes = Scopes::default();
+        match Wire::deserialize(deserializer)? {
+            Wire::Words(words) => scopes.add_words(&words),
+            Wire::List(list) => list.iter().for_each(|words| scopes.add_words(words)),
+        }
+        Ok(scopes)
+    }
+}
+
 /// The claims of a cloudllm token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user.
     pub sub: String,
-    /// What the token may do.
-    pub scope: Scope,
+    /// What the token may do. A token without `agent` or `client` here is no cloudllm token
+    /// and fails verification.
+    #[serde(default)]
+    pub scope: Scopes,
     /// The user's tier (free, premium …); absent means the default tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
@@ -108,36 +194,56 @@ impl AuthError {
     }
 }
 
-/// Verifies and issues tokens with one HS256 secret.
-pub struct Keys {
+/// The relay's own HS256 secret, for verifying and minting.
+struct SecretKeys {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
 }
 
+/// Verifies tokens with the relay's secret and/or an identity provider's keys, and issues
+/// tokens with the secret.
+pub struct Keys {
+    secret: Option<SecretKeys>,
+    jwks: Option<Arc<Jwks>>,
+}
+
 impl Keys {
-    /// Keys from the relay's secret.
+    /// Keys from the relay's secret alone.
     pub fn new(secret: &Secret) -> Self {
-        let bytes = secret.expose().as_bytes();
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY_SECS;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        Keys {
-            decoding: DecodingKey::from_secret(bytes),
-            encoding: EncodingKey::from_secret(bytes),
-            validation,
-        }
+        Keys::verifying(Some(secret), None)
+    }
+
+    /// Keys from the relay's secret, an identity provider's key set, or both. With neither,
+    /// every token is refused.
+    pub fn verifying(secret: Option<&Secret>, jwks: Option<Arc<Jwks>>) -> Self {
+        let secret = secret.map(|secret| {
+            let bytes = secret.expose().as_bytes();
+            let mut validation = Validation::new(Algorithm::HS256);
+            validation.leeway = LEEWAY_SECS;
+            validation.validate_aud = false;
+            validation.set_required_spec_claims(&["exp", "sub"]);
+            SecretKeys {
+                decoding: DecodingKey::from_secret(bytes),
+                encoding: EncodingKey::from_secret(bytes),
+                validation,
+            }
+        });
+        Keys { secret, jwks }
     }
 
     /// Verifies the bearer token in `headers` and checks that it has scope `need`.
-    pub fn authenticate(&self, headers: &HeaderMap, need: Scope) -> Result<Identity, AuthError> {
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        need: Scope,
+    ) -> Result<Identity, AuthError> {
         let token = bearer_token(headers).ok_or(AuthError::Missing)?;
-        let claims = self.verify(token)?;
-        if claims.scope != need {
+        let claims = self.verify(token).await?;
+        if !claims.scope.has(need) {
             return Err(AuthError::WrongScope {
                 need: need.as_str(),
-                got: claims.scope.as_str(),
+                got: claims.scope.words(),
             });
         }
         Ok(Identity {
@@ -147,23 +253,49 @@ impl Keys {
         })
     }
 
-    /// Verifies a token's signature, expiry and claims.
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    /// Verifies a token's signature, expiry and claims with the key its pinned algorithm
+    /// selects. May fetch the identity provider's key set once when the token names a key the
+    /// relay has not seen (rate-limited; see [`crate::jwks`]).
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Invalid);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|err| match err.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid,
-            })?;
-        if data.claims.sub.is_empty() {
+        // Only the algorithm and key id are read from the unverified header, and only to pick
+        // among keys and algorithms the configuration already allows.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
+        let claims = match (header.alg, &self.secret, &self.jwks) {
+            (Algorithm::HS256, Some(secret), _) => {
+                decode(token, &secret.decoding, &secret.validation)?
+            }
+            (alg, _, Some(jwks)) if jwks.algorithms.contains(&alg) => {
+                let kid = header.kid.as_deref().ok_or(AuthError::Invalid)?;
+                let key = jwks.key(kid).await.ok_or(AuthError::Invalid)?;
+                if key.algorithm.is_some_and(|bound| bound != alg) {
+                    return Err(AuthError::Invalid);
+                }
+                let mut validation = Validation::new(alg);
+                validation.leeway = LEEWAY_SECS;
+                validation.validate_nbf = true;
+                validation.set_audience(&[&jwks.audience]);
+                validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+                let claims = decode(token, &key.decoding, &validation)?;
+                // Compared here rather than by the library, to forgive a trailing `/`.
+                if claims.iss.trim_end_matches('/') != jwks.issuer {
+                    return Err(AuthError::Invalid);
+                }
+                claims
+            }
+            _ => return Err(AuthError::Invalid),
+        };
+        // Without a subject it names nobody; without a cloudllm scope it is some other
+        // application's token (an ID token, an API token from the same provider).
+        if claims.sub.is_empty() || claims.scope == Scopes::default() {
             return Err(AuthError::Invalid);
         }
-        Ok(data.claims)
+        Ok(claims)
     }
 
-    /// Mints a token for `user` with `scope`, valid for `ttl`.
+    /// Mints a token for `user` with `scope`, valid for `ttl`. Needs the relay's secret.
     pub fn issue(
         &self,
         user: &str,
@@ -171,11 +303,16 @@ impl Keys {
         tier: Option<&str>,
         ttl: Duration,
     ) -> anyhow::Result<String> {
+        let secret = self.secret.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "this relay has no signing secret (only [jwks]): it cannot mint tokens; they come from the identity provider"
+            )
+        })?;
         anyhow::ensure!(!user.is_empty(), "the user id must not be empty");
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
         let claims = Claims {
             sub: user.to_owned(),
-            scope,
+            scope: scope.into(),
             tier: tier.map(str::to_owned),
             exp: now.saturating_add(ttl.as_secs()),
             iat: now,
@@ -184,9 +321,18 @@ impl Keys {
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &claims,
-            &self.encoding,
+            &secret.encoding,
         )?)
     }
+}
+
+fn decode(token: &str, key: &DecodingKey, validation: &Validation) -> Result<Claims, AuthError> {
+    jsonwebtoken::decode::<Claims>(token, key, validation)
+        .map(|data| data.claims)
+        .map_err(|err| match err.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            _ => AuthError::Invalid,
+        })
 }
 
 /// The token of an `Authorization: Bearer …` header, if there is one.
@@ -202,6 +348,7 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::JwksConfig;
 
     fn keys() -> Keys {
         Keys::new(&Secret::new("a".repeat(32)))
@@ -221,8 +368,47 @@ mod tests {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
     }
 
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn scopes(json: &str) -> Scopes {
+        serde_json::from_str(json).unwrap()
+    }
+
     #[test]
-    fn issued_tokens_verify_with_their_scope() {
+    fn scope_lists_name_every_scope_they_contain() {
+        assert!(scopes(r#""agent""#).has(Scope::Agent));
+        assert!(!scopes(r#""agent""#).has(Scope::Client));
+        let both = scopes(r#""openid agent  client offline_access""#);
+        assert!(both.has(Scope::Agent) && both.has(Scope::Client));
+        let oidc = scopes(r#""openid agent""#);
+        assert!(oidc.has(Scope::Agent) && !oidc.has(Scope::Client));
+        let array = scopes(r#"["openid", "client"]"#);
+        assert!(array.has(Scope::Client) && !array.has(Scope::Agent));
+        // Words, not substrings.
+        let near = scopes(r#""agents clientele agent:read""#);
+        assert_eq!(near, Scopes::default());
+        assert_eq!(scopes(r#""""#), Scopes::default());
+        assert!(serde_json::from_str::<Scopes>("42").is_err());
+
+        // Issued tokens keep the single-word form.
+        assert_eq!(
+            serde_json::to_string(&Scopes::from(Scope::Agent)).unwrap(),
+            r#""agent""#
+        );
+        assert_eq!(
+            serde_json::to_string(&Scopes::from(Scope::Client)).unwrap(),
+            r#""client""#
+        );
+        assert_eq!(serde_json::to_string(&both).unwrap(), r#""agent client""#);
+    }
+
+    #[tokio::test]
+    async fn issued_tokens_verify_with_their_scope() {
         let keys = keys();
         let token = keys
             .issue(
@@ -232,11 +418,14 @@ mod tests {
                 Duration::from_secs(60),
             )
             .unwrap();
-        let id = keys.authenticate(&headers(&token), Scope::Client).unwrap();
+        let id = keys
+            .authenticate(&headers(&token), Scope::Client)
+            .await
+            .unwrap();
         assert_eq!(id.user, "alice");
         assert_eq!(id.tier.as_deref(), Some("premium"));
         assert_eq!(
-            keys.authenticate(&headers(&token), Scope::Agent),
+            keys.authenticate(&headers(&token), Scope::Agent).await,
             Err(AuthError::WrongScope {
                 need: "agent",
                 got: "client"
@@ -244,11 +433,59 @@ mod tests {
         );
     }
 
-    #[test]
-    fn missing_forged_expired_and_unsigned_tokens_are_rejected() {
+    #[tokio::test]
+    async fn multi_scope_tokens_and_tokens_without_a_cloudllm_scope() {
+        let keys = keys();
+        let secret = &keys.secret.as_ref().unwrap().encoding;
+        let sign = |scope: serde_json::Value| {
+            let mut claims = serde_json::json!({"sub": "alice", "exp": now() + 600});
+            if !scope.is_null() {
+                claims["scope"] = scope;
+            }
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, secret).unwrap()
+        };
+        let both = sign("openid agent client".into());
+        for need in [Scope::Agent, Scope::Client] {
+            assert!(keys.authenticate(&headers(&both), need).await.is_ok());
+        }
+        let array = sign(serde_json::json!(["agent"]));
+        assert!(
+            keys.authenticate(&headers(&array), Scope::Agent)
+                .await
+                .is_ok()
+        );
+        let client_only = sign("openid client".into());
+        let err = keys
+            .authenticate(&headers(&client_only), Scope::Agent)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            AuthError::WrongScope {
+                need: "agent",
+                got: "client"
+            }
+        );
+        assert_eq!(err.status(), http::StatusCode::FORBIDDEN);
+        for none in [
+            sign("openid".into()),
+            sign("admin".into()),
+            sign(serde_json::Value::Null),
+        ] {
+            let err = keys
+                .authenticate(&headers(&none), Scope::Agent)
+                .await
+                .unwrap_err();
+            assert_eq!(err, AuthError::Invalid);
+            assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_forged_expired_and_unsigned_tokens_are_rejected() {
         let keys = keys();
         assert_eq!(
-            keys.authenticate(&HeaderMap::new(), Scope::Client),
+            keys.authenticate(&HeaderMap::new(), Scope::Client).await,
             Err(AuthError::Missing)
         );
         let other = Keys::new(&Secret::new("b".repeat(32)));
@@ -256,26 +493,27 @@ mod tests {
             .issue("alice", Scope::Client, None, Duration::from_secs(60))
             .unwrap();
         assert_eq!(
-            keys.authenticate(&headers(&forged), Scope::Client),
+            keys.authenticate(&headers(&forged), Scope::Client).await,
             Err(AuthError::Invalid)
         );
 
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = now();
         let expired = Claims {
             sub: "alice".into(),
-            scope: Scope::Client,
+            scope: Scope::Client.into(),
             tier: None,
             exp: now - 2 * LEEWAY_SECS,
             iat: now - 3600,
             iss: ISSUER.into(),
         };
-        let expired =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &keys.encoding).unwrap();
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &expired,
+            &keys.secret.as_ref().unwrap().encoding,
+        )
+        .unwrap();
         assert_eq!(
-            keys.authenticate(&headers(&expired), Scope::Client),
+            keys.authenticate(&headers(&expired), Scope::Client).await,
             Err(AuthError::Expired)
         );
 
@@ -286,14 +524,67 @@ mod tests {
             b64(claims.as_bytes())
         );
         assert_eq!(
-            keys.authenticate(&headers(&unsigned), Scope::Client),
+            keys.authenticate(&headers(&unsigned), Scope::Client).await,
             Err(AuthError::Invalid)
         );
 
         for garbage in ["x", "a.b.c", "Bearer", &"A".repeat(MAX_TOKEN_BYTES + 1)] {
             assert_eq!(
-                keys.authenticate(&headers(garbage), Scope::Client),
+                keys.authenticate(&headers(garbage), Scope::Client).await,
                 Err(AuthError::Invalid)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn algorithms_the_config_does_not_pin_are_refused() {
+        // A key set at an address where nothing listens: whatever the token says, no key.
+        let config = JwksConfig {
+            url: "http://127.0.0.1:9/jwks".parse().unwrap(),
+            issuer: "https://idp.example.com".into(),
+            audience: "cloudllm".into(),
+            algorithms: vec![Algorithm::RS256],
+            refresh: Duration::from_secs(600),
+            refetch_min: Duration::from_secs(600),
+        };
+        let jwks = Jwks::new(&config).unwrap();
+        let hs = keys();
+        let self_issued = hs
+            .issue("alice", Scope::Agent, None, Duration::from_secs(60))
+            .unwrap();
+
+        // Without a secret, HS256 is not an option at all, even with a known-looking kid.
+        let jwks_only = Keys::verifying(None, Some(jwks.clone()));
+        assert_eq!(
+            jwks_only.verify(&self_issued).await.unwrap_err(),
+            AuthError::Invalid
+        );
+        assert!(
+            jwks_only
+                .issue("alice", Scope::Agent, None, Duration::from_secs(60))
+                .is_err()
+        );
+
+        // With both, self-issued tokens keep working.
+        let both = Keys::verifying(Some(&Secret::new("a".repeat(32))), Some(jwks));
+        assert_eq!(both.verify(&self_issued).await.unwrap().sub, "alice");
+
+        let claims = format!(
+            r#"{{"sub":"alice","scope":"agent","exp":{},"iss":"https://idp.example.com","aud":"cloudllm"}}"#,
+            now() + 600
+        );
+        for header in [
+            r#"{"alg":"none","kid":"k"}"#,
+            r#"{"alg":"ES256","kid":"k"}"#,
+            r#"{"alg":"HS512","kid":"k"}"#,
+            r#"{"alg":"RS256"}"#,
+            r#"{"alg":"RS256","kid":"k"}"#,
+        ] {
+            let token = format!("{}.{}.c2ln", b64(header.as_bytes()), b64(claims.as_bytes()));
+            assert_eq!(
+                both.verify(&token).await.unwrap_err(),
+                AuthError::Invalid,
+                "{header}"
             );
         }
     }

@@ -3,13 +3,15 @@
 //! Daemons dial in on `/tunnel` (one WebSocket each, HTTP/2 inside); users call the Ollama API
 //! (`/api/*`) and the OpenAI-compatible API (`/v1/*`) with a bearer token, and each request is
 //! streamed to one of that user's own devices. The relay stores nothing: its only state is the
-//! set of live tunnels.
+//! set of live tunnels (and, with `[jwks]`, a cache of the identity provider's public keys).
 
 pub mod auth;
 pub mod config;
+pub mod jwks;
 mod proxy;
 pub mod registry;
 mod tunnel;
+mod well_known;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,10 +25,11 @@ use http::StatusCode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{Instrument, info, info_span, warn};
 
-pub use auth::{Keys, Scope};
-pub use config::RelayConfig;
+pub use auth::{Keys, Scope, Scopes};
+pub use config::{JwksConfig, LoginConfig, RelayConfig};
+use jwks::Jwks;
 use registry::Registry;
 
 /// What every request handler shares.
@@ -53,8 +56,20 @@ pub struct Relay {
 /// Starts the relay on `config.listen` and runs it until `shutdown` is cancelled. Then it stops
 /// accepting, asks every daemon to drain, and lets in-flight streams finish within
 /// `config.shutdown_grace`.
+///
+/// Refuses to start without a way to verify tokens (a secret or `[jwks]`). With `[jwks]`, the
+/// identity provider's keys are fetched in the background: the relay starts even while the
+/// provider is unreachable.
 pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::Result<Relay> {
-    let keys = Keys::new(config.require_secret()?);
+    config.validate()?;
+    let jwks = config.jwks.as_ref().map(Jwks::new).transpose()?;
+    let keys = Keys::verifying(config.secret.as_ref(), jwks.clone());
+    if let Some(jwks_config) = &config.jwks
+        && jwks_config.url.scheme() == "http"
+        && !jwks_config.url.host_str().is_some_and(is_loopback)
+    {
+        warn!(url = %jwks_config.url, "[jwks] url is plain http: anyone on the path can swap the keys; use https");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -68,6 +83,11 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });
+    if let Some(jwks) = jwks {
+        state
+            .tasks
+            .spawn(jwks.run(shutdown.clone()).instrument(info_span!("jwks")));
+    }
     let app = router(state.clone());
     let listener = listener.tap_io(|tcp| {
         // Without it, the last small write of each stream waits ~40 ms for Nagle.
@@ -98,6 +118,7 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(cloudllm_proto::WELL_KNOWN_PATH, get(well_known::get))
         .route(cloudllm_proto::TUNNEL_PATH, get(tunnel::accept))
         .route("/api/{*rest}", any(proxy::forward))
         .route("/v1/{*rest}", any(proxy::forward))
@@ -112,4 +133,13 @@ fn router(state: Arc<AppState>) -> Router {
                 .into_response()
         })
         .with_state(state)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }

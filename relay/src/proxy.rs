@@ -67,7 +67,7 @@ impl Api<'_> {
 pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let api = Api(&path);
-    let identity = match state.keys.authenticate(req.headers(), Scope::Client) {
+    let identity = match state.keys.authenticate(req.headers(), Scope::Client).await {
         Ok(identity) => identity,
         Err(err) => return api.error(err.status(), &err.to_string()),
     };

@@ -3,11 +3,13 @@
 //! as the tunnel lives.
 //!
 //! The token is checked before the upgrade, so a bad token gets a plain HTTP 401 and never a
-//! WebSocket. On relay shutdown each tunnel is asked to drain: the daemon sends GOAWAY, lets
-//! in-flight streams finish and reconnects (to the next relay) at once.
+//! WebSocket. A tunnel lives no longer than its agent token: once the token's `exp` plus
+//! `token_grace` has passed, the device leaves the registry and the tunnel is drained. On relay
+//! shutdown each tunnel is drained too: the daemon sends GOAWAY, lets in-flight streams finish
+//! and reconnects (to the next relay, or with a fresh token) at once.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::body::Body;
@@ -24,22 +26,34 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::AppState;
-use crate::auth::Scope;
+use crate::auth::{AuthError, Scope};
 use crate::registry::Device;
 
 /// Time for the WebSocket upgrade and the HTTP/2 handshake plus hello: 10 s is generous on any
 /// network and stops half-open tunnels from holding memory.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest wait armed for a token's expiry: no tunnel lives ten years, and the cap keeps the
+/// deadline arithmetic far from overflow whatever `exp` a token carries.
+const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// `GET /tunnel`: a daemon opens its tunnel.
 pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
-    let identity = match state.keys.authenticate(req.headers(), Scope::Agent) {
+    let identity = match state.keys.authenticate(req.headers(), Scope::Agent).await {
         Ok(identity) => identity,
         Err(err) => {
             warn!(reason = %err, "tunnel refused");
             return plain(err.status(), &err.to_string());
         }
     };
+    // A token still inside the verification leeway but past its tunnel grace would open a
+    // tunnel only to have it closed at once.
+    let Some(lifetime) = token_lifetime(identity.expires_at, state.config.token_grace) else {
+        let err = AuthError::Expired;
+        warn!(reason = %err, "tunnel refused");
+        return plain(err.status(), &err.to_string());
+    };
+    let expiry = tokio::time::Instant::now() + lifetime;
     let (device_id, device_name) = match device_headers(req.headers()) {
         Ok(device) => device,
         Err(message) => return plain(StatusCode::BAD_REQUEST, &message),
@@ -62,7 +76,7 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
                 Err(_) => return warn!("upgrade timed out"),
             };
             let device = (identity.user, device_id, device_name);
-            match run(task_state, TokioIo::new(upgraded), device).await {
+            match run(task_state, TokioIo::new(upgraded), device, expiry).await {
                 Ok(()) => info!("tunnel closed"),
                 Err(err) => info!(error = format!("{err:#}"), "tunnel closed"),
             }
@@ -79,11 +93,21 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
     response
 }
 
-/// Runs one upgraded tunnel until it closes or the relay drains it.
+/// Why the relay ends a tunnel that is still up.
+#[derive(Debug, Clone, Copy)]
+enum Drain {
+    /// The relay is shutting down.
+    Shutdown,
+    /// The agent token's expiry plus `token_grace` has passed.
+    TokenExpired,
+}
+
+/// Runs one upgraded tunnel until it closes, the relay drains it, or `expiry` passes.
 async fn run(
     state: Arc<AppState>,
     io: TokioIo<hyper::upgrade::Upgraded>,
     (user, id, name): (String, String, String),
+    expiry: tokio::time::Instant,
 ) -> anyhow::Result<()> {
     let liveness = state.config.liveness();
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(cloudllm_tunnel::ws_config()))
@@ -113,33 +137,64 @@ async fn run(
     info!(daemon_version = %hello.daemon_version, "tunnel up");
 
     let ended = tokio::select! {
-        ended = &mut connection => Some(ended),
-        () = state.shutdown.cancelled() => None,
+        ended = &mut connection => Ok(ended),
+        () = state.shutdown.cancelled() => Err(Drain::Shutdown),
+        () = tokio::time::sleep_until(expiry) => Err(Drain::TokenExpired),
     };
     state.registry.remove(&device);
     let ended = match ended {
-        Some(ended) => ended,
-        None => {
-            // Draining: no new requests reach this device; ask the daemon to finish and go.
-            let drain = http::Request::post(format!("http://tunnel{}", proto::CONTROL_DRAIN))
-                .body(Body::empty())
-                .map(|req| device.sender().send_request(req));
-            if let Ok(drain) = drain
-                && let Err(err) = drain.await
-            {
-                warn!(error = %err, "drain request failed");
+        Ok(ended) => ended,
+        Err(reason) => {
+            if let Drain::TokenExpired = reason {
+                info!(
+                    grace = ?state.config.token_grace,
+                    "agent token expired and the daemon did not replace the tunnel: closing it"
+                );
             }
-            drop(device);
-            match tokio::time::timeout(state.config.shutdown_grace, &mut connection).await {
-                Ok(ended) => ended,
-                Err(_) => {
-                    connection.abort();
-                    anyhow::bail!("tunnel still busy after the shutdown grace period: cut")
-                }
-            }
+            drain(device, &mut connection, state.config.shutdown_grace).await?
         }
     };
     ended.context("tunnel task")?.context("tunnel connection")
+}
+
+/// Asks the daemon to drain the tunnel (no new requests reach it: the device has already left
+/// the registry), then gives in-flight streams until `grace` from now to finish before cutting
+/// the tunnel.
+async fn drain(
+    device: Arc<Device>,
+    connection: &mut tokio::task::JoinHandle<hyper::Result<()>>,
+    grace: Duration,
+) -> anyhow::Result<Result<hyper::Result<()>, tokio::task::JoinError>> {
+    let deadline = tokio::time::Instant::now() + grace;
+    let request = http::Request::post(format!("http://tunnel{}", proto::CONTROL_DRAIN))
+        .body(Body::empty())
+        .map(|req| device.sender().send_request(req));
+    if let Ok(request) = request {
+        match tokio::time::timeout_at(deadline, request).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => warn!(error = %err, "drain request failed"),
+            Err(_) => warn!("drain request unanswered"),
+        }
+    }
+    // The registry may hold the last other clone of the sender; dropping ours lets the
+    // connection close once the daemon's streams are done.
+    drop(device);
+    match tokio::time::timeout_at(deadline, &mut *connection).await {
+        Ok(ended) => Ok(ended),
+        Err(_) => {
+            connection.abort();
+            anyhow::bail!("tunnel still busy after the grace period: cut")
+        }
+    }
+}
+
+/// How long a tunnel opened now with a token expiring at `expires_at` (seconds since the Unix
+/// epoch) may live: until the expiry plus `grace`. `None` if that moment has passed.
+fn token_lifetime(expires_at: u64, grace: Duration) -> Option<Duration> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    let end = Duration::from_secs(expires_at).saturating_add(grace);
+    let left = end.checked_sub(now).filter(|left| !left.is_zero())?;
+    Some(left.min(MAX_TOKEN_WAIT))
 }
 
 async fn fetch_hello(
@@ -221,4 +276,31 @@ fn plain(status: StatusCode, message: &str) -> Response {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[test]
+    fn a_tunnel_lives_until_its_token_expiry_plus_grace() {
+        let grace = Duration::from_secs(60);
+        let left = token_lifetime(now() + 100, grace).unwrap();
+        assert!(left > Duration::from_secs(158) && left <= Duration::from_secs(160));
+        // Expired, but within the grace: a short life.
+        let left = token_lifetime(now() - 30, grace).unwrap();
+        assert!(left <= Duration::from_secs(30));
+        // Past the grace: no tunnel at all.
+        assert_eq!(token_lifetime(now() - 61, grace), None);
+        assert_eq!(token_lifetime(now(), Duration::ZERO), None);
+        // Absurd expiries neither overflow nor refuse.
+        assert_eq!(token_lifetime(u64::MAX, grace), Some(MAX_TOKEN_WAIT));
+    }
 }

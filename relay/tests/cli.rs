@@ -1,5 +1,6 @@
 //! The `cloudllm-relay` binary as an operator meets it: refusing to start without a secret,
-//! dev mode with working tokens, `token issue`, config errors, and a clean exit on SIGTERM.
+//! dev mode with working tokens, `token issue` (and its refusal on a `[jwks]`-only relay),
+//! config errors, and a clean exit on SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -63,11 +64,22 @@ fn token_issue_mints_tokens_the_relay_accepts() {
         String::from_utf8_lossy(&output.stderr)
     );
     let token = String::from_utf8(output.stdout).unwrap();
-    let claims = Keys::new(&Secret::new(SECRET))
-        .verify(token.trim())
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let claims = runtime
+        .block_on(Keys::new(&Secret::new(SECRET)).verify(token.trim()))
         .unwrap();
     assert_eq!(claims.sub, "u1");
-    assert_eq!(claims.scope, Scope::Client);
+    assert_eq!(claims.scope, Scope::Client.into());
+    // One scope, as a plain string, as before.
+    let payload = token.trim().split('.').nth(1).unwrap();
+    use base64::Engine;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(payload["scope"], "client");
     assert_eq!(claims.tier.as_deref(), Some("premium"));
     assert!((7100..=7200).contains(&(claims.exp - claims.iat)));
 
@@ -78,6 +90,32 @@ fn token_issue_mints_tokens_the_relay_accepts() {
         .unwrap();
     assert!(!bad_scope.status.success());
     assert!(String::from_utf8_lossy(&bad_scope.stderr).contains("--scope"));
+}
+
+#[test]
+fn token_issue_on_a_jwks_only_relay_says_it_cannot() {
+    let dir = std::env::temp_dir().join(format!("cloudllm-relay-jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay.toml");
+    std::fs::write(
+        &path,
+        "[jwks]\nurl = \"https://idp.example.com/jwks\"\nissuer = \"https://idp.example.com\"\naudience = \"cloudllm\"\n",
+    )
+    .unwrap();
+    let output = relay()
+        .args([
+            "token", "issue", "--user", "u1", "--scope", "agent", "--config",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("[jwks]") && stderr.contains("CLOUDLLM_RELAY_SECRET"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

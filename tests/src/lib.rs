@@ -2,11 +2,15 @@
 //! their library entry points on `127.0.0.1:0`, a fake Ollama backend for exact timing and fault
 //! injection, and a TCP proxy that can stall a connection.
 //!
+//! `oidc` runs a real OpenID Provider (Node.js `oidc-provider`) and plays its user in a browser,
+//! for the login and JWKS tests.
+//!
 //! The fake backend is a fake: it speaks enough of Ollama's API shape to exercise streaming,
 //! cancellation and failures deterministically. Conformance with the real Ollama is tested
 //! against the genuine server (`real_ollama`).
 
 pub mod fake_ollama;
+pub mod oidc;
 pub mod stall_proxy;
 
 use std::net::SocketAddr;
