@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use cloudllm_e2e::{STEP, token};
-use cloudllm_relay::Scope;
+use cloudllm_e2e::STEP;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -48,7 +47,7 @@ async fn login_with_token_connects_and_status_shows_the_user() {
         "{human}"
     );
 
-    f.login().await;
+    let agent = f.login().await;
     let status = wait_status(&f.socket, "connected", |s| {
         s["connection"]["state"] == "connected"
     })
@@ -67,18 +66,12 @@ async fn login_with_token_connects_and_status_shows_the_user() {
     f.relay.wait_for_devices("alice", 1).await;
 
     // A request through the relay is counted by the daemon.
-    let response = cloudllm_e2e::client()
-        .get(f.relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = f.relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 200);
     let status = wait_status(&f.socket, "counted", |s| s["requests_total"] == 1).await;
     assert_eq!(status["ollama"]["state"], "up");
 
     // The token is stored privately and shows up nowhere else.
-    let agent = token("alice", Scope::Agent);
     let secret_part = agent.rsplit('.').next().unwrap();
     let stored = f.state_dir.join("credentials.json");
     assert!(
@@ -336,4 +329,50 @@ async fn completions_are_printed_for_each_shell() {
         assert!(output.status.success(), "{shell}");
         assert!(stdout(&output).contains("cloudllm"), "{shell}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_runs_the_cloudllmd_beside_it_with_its_arguments() {
+    let dir = cloudllm_e2e::scratch_dir();
+    let cli_copy = dir.join("cloudllm");
+    std::fs::copy(BIN, &cli_copy).unwrap();
+    // Alone, it says what is missing.
+    let output = tokio::time::timeout(
+        STEP,
+        Command::new(&cli_copy)
+            .args(["daemon"])
+            .env("PATH", "")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("is cloudllmd installed?"),
+        "{}",
+        stderr(&output)
+    );
+    // With a cloudllmd beside it, that one runs, with the arguments and its exit code.
+    let fake = dir.join("cloudllmd");
+    std::fs::write(&fake, "#!/bin/sh\necho \"cloudllmd got: $*\"\nexit 7\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let output = tokio::time::timeout(
+        STEP,
+        Command::new(&cli_copy)
+            .args(["daemon", "--system", "--config", "x.toml"])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(output.status.code(), Some(7));
+    assert_eq!(
+        stdout(&output).trim(),
+        "cloudllmd got: --system --config x.toml"
+    );
 }

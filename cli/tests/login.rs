@@ -122,12 +122,7 @@ async fn device_login_through_the_cli_connects_the_tunnel() {
     })
     .await;
     assert_eq!(status["user"], "alice");
-    let response = cloudllm_e2e::client()
-        .get(f.relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = f.relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 200);
 }
 
@@ -212,12 +207,7 @@ async fn short_lived_tokens_are_refreshed_and_streams_survive() {
     })
     .await;
     assert_eq!(status["user"], "alice");
-    let response = cloudllm_e2e::client()
-        .get(f.relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = f.relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 200);
     assert_eq!(f.relay.relay.registry.len(), 1);
 }

@@ -24,19 +24,10 @@ use crate::AppState;
 use crate::auth::Scope;
 use crate::registry::InFlight;
 
-/// Headers that belong to one hop and are never forwarded (RFC 9110 §7.6.1), plus the
-/// caller's credentials, which stay at the relay.
-const STRIPPED_REQUEST_HEADERS: &[header::HeaderName] = &[
-    header::AUTHORIZATION,
-    header::COOKIE,
-    header::CONNECTION,
-    header::HOST,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// Request headers that stay at the relay besides the hop-by-hop ones: the caller's
+/// credentials, and `Host` (HTTP/2 carries the authority itself).
+const CALLER_ONLY_HEADERS: &[header::HeaderName] =
+    &[header::AUTHORIZATION, header::COOKIE, header::HOST];
 
 /// The API a request came in on, so errors come in the shape its clients parse.
 #[derive(Clone, Copy)]
@@ -108,7 +99,10 @@ async fn forward_for(
     };
     parts.uri = uri;
     parts.version = http::Version::HTTP_2;
-    strip_hop_headers(&mut parts.headers);
+    cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
+    for name in CALLER_ONLY_HEADERS {
+        parts.headers.remove(name);
+    }
     parts.headers.remove(proto::HEADER_DEVICE);
     parts
         .headers
@@ -128,7 +122,7 @@ async fn forward_for(
         Ok(response) => {
             info!(user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
             let (mut parts, body) = response.into_parts();
-            strip_hop_headers(&mut parts.headers);
+            cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
             let body = Body::new(TrackedBody {
                 inner: body,
                 _in_flight: in_flight,
@@ -152,22 +146,6 @@ fn too_large(api: Api<'_>, limit: u64) -> Response {
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("request body is larger than this relay's limit of {limit} bytes"),
     )
-}
-
-fn strip_hop_headers(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<header::HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| name.trim().parse().ok())
-        .collect();
-    for name in named.iter().chain(STRIPPED_REQUEST_HEADERS) {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// The caller's `x-request-id` if it is a sane token, else a fresh UUID.

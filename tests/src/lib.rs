@@ -89,6 +89,20 @@ impl TestRelay {
         format!("http://{}{path}", self.relay.addr)
     }
 
+    /// `GET path` on the relay as `user`'s API client.
+    pub async fn get_as(&self, user: &str, path: &str) -> reqwest::Response {
+        tokio::time::timeout(
+            STEP,
+            client()
+                .get(self.api(path))
+                .bearer_auth(token(user, Scope::Client))
+                .send(),
+        )
+        .await
+        .expect("request timed out")
+        .expect("request")
+    }
+
     /// Waits until `user` has `count` devices connected.
     pub async fn wait_for_devices(&self, user: &str, count: usize) {
         let deadline = tokio::time::Instant::now() + STEP;

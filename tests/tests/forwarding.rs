@@ -174,12 +174,7 @@ async fn model_management_passes_when_the_owner_enables_it() {
 async fn no_device_gives_503_in_each_api_shape() {
     let relay = TestRelay::start(relay_config()).await;
     let http = cloudllm_e2e::client();
-    let response = http
-        .get(relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 503);
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(
@@ -189,12 +184,7 @@ async fn no_device_gives_503_in_each_api_shape() {
             .contains("device is offline"),
         "{body}"
     );
-    let response = http
-        .get(relay.api("/v1/models"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = relay.get_as("alice", "/v1/models").await;
     assert_eq!(response.status(), 503);
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(
@@ -219,12 +209,7 @@ async fn ollama_not_running_gives_502_saying_so() {
     drop(closed);
     let _daemon = TestDaemon::start(daemon_config(&relay.url(), "alice", "laptop", &url));
     relay.wait_for_devices("alice", 1).await;
-    let response = cloudllm_e2e::client()
-        .get(relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = response.json().await.unwrap();
     let message = body["error"].as_str().unwrap();

@@ -66,12 +66,7 @@ async fn relay_restart_in_flight_stream_finishes_and_the_daemon_comes_back() {
         back_after < Duration::from_secs(5),
         "daemon took {back_after:?} to come back"
     );
-    let response = http
-        .get(relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 200);
 }
 
@@ -102,12 +97,7 @@ async fn a_silently_dead_path_is_noticed_by_both_ends_and_recovers() {
         relay_noticed < Duration::from_secs(3),
         "relay noticed after {relay_noticed:?}"
     );
-    let response = client()
-        .get(relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 503);
 
     // The daemon notices on its own and dials again (through the still-stalled path).
@@ -124,12 +114,7 @@ async fn a_silently_dead_path_is_noticed_by_both_ends_and_recovers() {
 
     proxy.set_stalled(false);
     relay.wait_for_devices("alice", 1).await;
-    let response = client()
-        .get(relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 200);
 }
 

@@ -5,8 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudllm_e2e::{FakeOllama, TestDaemon, TestRelay, client, daemon_config, relay_config, token};
-use cloudllm_relay::Scope;
+use cloudllm_e2e::{FakeOllama, TestDaemon, TestRelay, daemon_config, relay_config};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use url::Url;
@@ -80,12 +79,7 @@ async fn the_daemon_tunnels_over_tls_with_an_extra_ca_and_refuses_unknown_certif
     config.ca_file = Some(ca_file);
     let _daemon = TestDaemon::start(config);
     relay.wait_for_devices("alice", 1).await;
-    let response = client()
-        .get(relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
+    let response = relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 200);
     let _ = std::fs::remove_dir_all(dir);
 }

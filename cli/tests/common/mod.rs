@@ -145,7 +145,8 @@ impl Fixture {
         }
     }
 
-    pub async fn login(&self) {
+    /// Logs alice in with `--with-token`; returns the agent token it used.
+    pub async fn login(&self) -> String {
         let agent = token("alice", Scope::Agent);
         let output = run_with_stdin(
             &self.socket,
@@ -164,5 +165,6 @@ impl Fixture {
             "{}",
             stdout(&output)
         );
+        agent
     }
 }
