@@ -1,6 +1,8 @@
 //! The daemon's IPC socket under misuse: garbage, oversized lines, the wrong version, another
 //! user, and a socket file left behind by a dead daemon.
 
+#![cfg(unix)]
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -16,13 +16,14 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cloudllm_proto as proto;
+use cloudllm_tunnel::coalesce::Coalesce;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt as _;
 use tracing::{debug, info};
 
 use crate::AppState;
 use crate::auth::Scope;
-use crate::registry::InFlight;
 
 /// Request headers that stay at the relay besides the hop-by-hop ones: the caller's
 /// credentials, and `Host` (HTTP/2 carries the authority itself).
@@ -123,11 +124,13 @@ async fn forward_for(
             info!(user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
             let (mut parts, body) = response.into_parts();
             cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
-            let body = Body::new(TrackedBody {
-                inner: body,
-                _in_flight: in_flight,
+            // Chunks already waiting go out as one; the request counts as in flight until its
+            // body ends or the caller goes away.
+            let body = Coalesce::new(body).map_frame(move |frame| {
+                let _ = &in_flight;
+                frame
             });
-            Response::from_parts(parts, body)
+            Response::from_parts(parts, Body::new(body))
         }
         Err(_) if over_limit.load(Ordering::Relaxed) => too_large(api, limit),
         Err(err) => {
@@ -239,31 +242,4 @@ async fn discard(body: Body) {
         while let Some(Ok(_)) = body.frame().await {}
     })
     .await;
-}
-
-/// A response body from a device that keeps the request counted in flight until it ends or
-/// the caller drops it.
-struct TrackedBody {
-    inner: hyper::body::Incoming,
-    _in_flight: InFlight,
-}
-
-impl HttpBody for TrackedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
