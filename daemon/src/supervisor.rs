@@ -83,7 +83,8 @@ pub struct Supervisor {
     config: Mutex<Arc<DaemonConfig>>,
     /// The config file `config set` writes.
     config_path: PathBuf,
-    store: CredentialStore,
+    /// Blocking (keyring calls go over D-Bus): used from blocking tasks only.
+    store: Arc<CredentialStore>,
     /// Credentials from the store (or the environment), if logged in.
     credentials: Mutex<Option<Credentials>>,
     /// `CLOUDLLM_TOKEN` was set: it wins over the store, and logout cannot forget it.
@@ -111,14 +112,19 @@ impl Supervisor {
         let choice = config.credential_store;
         let account = whoami();
         let dir = state_dir.clone();
-        let store = tokio::task::spawn_blocking(move || match choice {
-            StoreChoice::Auto => CredentialStore::open(&dir, &account),
-            StoreChoice::File => CredentialStore::file_only(&dir),
+        let from_env = config.token.is_some();
+        // Keyring calls block (D-Bus): open and read off the async threads.
+        let (store, stored) = tokio::task::spawn_blocking(move || {
+            let store = match choice {
+                StoreChoice::Auto => CredentialStore::open(&dir, &account),
+                StoreChoice::File => CredentialStore::file_only(&dir),
+            };
+            let stored = if from_env { Ok(None) } else { store.load() };
+            (store, stored)
         })
         .await
         .context("opening the credential store")?;
 
-        let from_env = config.token.is_some();
         let credentials = match (&config.token, &config.relay_url) {
             (Some(token), relay) => Some(Credentials {
                 relay_url: relay.as_ref().map(Url::to_string).unwrap_or_default(),
@@ -128,7 +134,7 @@ impl Supervisor {
                 token_endpoint: None,
                 client_id: None,
             }),
-            (None, _) => match store.load() {
+            (None, _) => match stored {
                 Ok(credentials) => credentials,
                 Err(err) => {
                     warn!(
@@ -153,7 +159,7 @@ impl Supervisor {
         let supervisor = Arc::new(Supervisor {
             config: Mutex::new(Arc::new(config)),
             config_path,
-            store,
+            store: Arc::new(store),
             credentials: Mutex::new(credentials),
             from_env,
             device_id,
@@ -367,9 +373,12 @@ impl Supervisor {
 
     async fn save_credentials(&self, credentials: Credentials) -> Result<(), ControlError> {
         if !self.from_env {
-            let store = &self.store;
+            let store = self.store.clone();
             let to_save = credentials.clone();
-            tokio::task::block_in_place(|| store.save(&to_save)).map_err(ControlError::Internal)?;
+            tokio::task::spawn_blocking(move || store.save(&to_save))
+                .await
+                .map_err(|e| ControlError::Internal(e.into()))?
+                .map_err(ControlError::Internal)?;
         }
         *self.credentials.lock().unwrap_or_else(|p| p.into_inner()) = Some(credentials);
         Ok(())
@@ -377,7 +386,11 @@ impl Supervisor {
 
     /// Forgets the credentials and closes the tunnel.
     pub async fn logout(&self) -> Result<(), ControlError> {
-        tokio::task::block_in_place(|| self.store.clear()).map_err(ControlError::Internal)?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.clear())
+            .await
+            .map_err(|e| ControlError::Internal(e.into()))?
+            .map_err(ControlError::Internal)?;
         *self.credentials.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.publish();
         info!("logged out");
