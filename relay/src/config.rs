@@ -73,6 +73,9 @@ pub struct RelayConfig {
     /// before expiry, so a tunnel reaching this is one whose daemon could not renew.
     #[serde(with = "humantime_serde")]
     pub token_grace: Duration,
+    /// The audit log (JSON lines of tunnel, auth and request metadata): a file to append to,
+    /// or `-` for standard output. Off when unset.
+    pub audit_log: Option<String>,
 }
 
 impl Default for RelayConfig {
@@ -91,6 +94,7 @@ impl Default for RelayConfig {
             // 60 s: covers a daemon's refresh that raced the expiry and one retry of it, and
             // is short next to any access token's lifetime (minutes to hours).
             token_grace: Duration::from_secs(60),
+            audit_log: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! streamed to one of that user's own devices. The relay stores nothing: its only state is the
 //! set of live tunnels (and, with `[jwks]`, a cache of the identity provider's public keys).
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod jwks;
@@ -35,6 +36,7 @@ use registry::Registry;
 /// What every request handler shares.
 struct AppState {
     config: RelayConfig,
+    audit: audit::Audit,
     keys: Keys,
     registry: Arc<Registry>,
     /// Cancelled when the relay starts shutting down.
@@ -76,8 +78,16 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
     let addr = listener.local_addr()?;
     let grace = config.shutdown_grace;
     let registry = Arc::new(Registry::default());
+    let (audit, audit_writer) = match &config.audit_log {
+        Some(target) => {
+            let (audit, writer) = audit::Audit::open(&audit::Target::parse(target)).await?;
+            (audit, Some(writer))
+        }
+        None => (audit::Audit::disabled(), None),
+    };
     let state = Arc::new(AppState {
         config,
+        audit,
         keys,
         registry: registry.clone(),
         shutdown: shutdown.clone(),
@@ -94,7 +104,11 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
         let _ = tcp.set_nodelay(true);
     });
     let done = tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+        let server = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.cancelled_owned());
         let tunnels = async {
             state.shutdown.cancelled().await;
             state.tasks.close();
@@ -104,6 +118,11 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
             // Tunnel tasks bound their own drain by the grace period; this is a backstop.
             let _ = tokio::time::timeout(grace * 2, tunnels).await;
         });
+        // Every handle to the audit log is gone with the state: the writer flushes and ends.
+        drop(state);
+        if let Some(writer) = audit_writer {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+        }
         info!("relay stopped");
         served
     });

@@ -8,7 +8,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -23,6 +23,7 @@ use http_body_util::BodyExt as _;
 use tracing::{debug, info};
 
 use crate::AppState;
+use crate::audit::{Audit, Event};
 use crate::auth::Scope;
 
 /// Request headers that stay at the relay besides the hop-by-hop ones: the caller's
@@ -57,18 +58,103 @@ impl Api<'_> {
 
 /// `/api/*` and `/v1/*`: authenticate, pick the caller's device, forward, stream back.
 pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let started = tokio::time::Instant::now();
     let path = req.uri().path().to_owned();
     let api = Api(&path);
+    let addr = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
     let identity = match state.keys.authenticate(req.headers(), Scope::Client).await {
         Ok(identity) => identity,
-        Err(err) => return api.error(err.status(), &err.to_string()),
+        Err(err) => {
+            state.audit.record(Event::AuthFailure {
+                reason: err.to_string(),
+                route: "api",
+                addr,
+            });
+            return api.error(err.status(), &err.to_string());
+        }
     };
     let request_id = request_id(req.headers());
-    let mut response = forward_for(&state, api, &identity.user, &request_id, req).await;
+    let method = req.method().to_string();
+    let received = Arc::new(AtomicU64::new(0));
+    let mut response = forward_for(
+        &state,
+        api,
+        &identity.user,
+        &request_id,
+        received.clone(),
+        req,
+    )
+    .await;
     response
         .headers_mut()
-        .insert(proto::HEADER_REQUEST_ID, request_id);
-    response
+        .insert(proto::HEADER_REQUEST_ID, request_id.clone());
+    if !state.audit.is_enabled() {
+        return response;
+    }
+    // Logged when the response body ends or the caller goes away, with what was sent.
+    let mut record = RequestRecord {
+        audit: state.audit.clone(),
+        request_id: request_id.to_str().unwrap_or_default().to_owned(),
+        user: identity.user,
+        device: response.extensions().get::<ServedBy>().map(|d| d.0.clone()),
+        method,
+        path,
+        status: response.status().as_u16(),
+        received,
+        sent: 0,
+        started,
+        addr,
+    };
+    response.map(|body| {
+        Body::new(body.map_frame(move |frame| {
+            // The whole record moves into the closure, so it drops with the body.
+            let record = &mut record;
+            if let Some(data) = frame.data_ref() {
+                record.sent += data.len() as u64;
+            }
+            frame
+        }))
+    })
+}
+
+/// The device that served a response (a response extension, for the audit log).
+#[derive(Clone)]
+struct ServedBy(String);
+
+/// One request's audit line, written when dropped: when its response body ends or the caller
+/// goes away.
+struct RequestRecord {
+    audit: Audit,
+    request_id: String,
+    user: String,
+    device: Option<String>,
+    method: String,
+    path: String,
+    status: u16,
+    received: Arc<AtomicU64>,
+    sent: u64,
+    started: tokio::time::Instant,
+    addr: Option<std::net::SocketAddr>,
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        self.audit.record(Event::Request {
+            request_id: std::mem::take(&mut self.request_id),
+            user: std::mem::take(&mut self.user),
+            device: self.device.take(),
+            method: std::mem::take(&mut self.method),
+            path: std::mem::take(&mut self.path),
+            status: self.status,
+            bytes_in: self.received.load(Ordering::Relaxed),
+            bytes_out: self.sent,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            addr: self.addr,
+        });
+    }
 }
 
 async fn forward_for(
@@ -76,6 +162,7 @@ async fn forward_for(
     api: Api<'_>,
     user: &str,
     request_id: &HeaderValue,
+    received: Arc<AtomicU64>,
     req: Request,
 ) -> Response {
     let limit = state.config.max_body_bytes;
@@ -113,6 +200,7 @@ async fn forward_for(
         inner: Some(body),
         remaining: limit,
         tripped: over_limit.clone(),
+        received,
     });
     let request = http::Request::from_parts(parts, body);
 
@@ -130,6 +218,7 @@ async fn forward_for(
                 let _ = &in_flight;
                 frame
             });
+            parts.extensions.insert(ServedBy(device.name.clone()));
             Response::from_parts(parts, Body::new(body))
         }
         Err(_) if over_limit.load(Ordering::Relaxed) => too_large(api, limit),
@@ -189,6 +278,8 @@ struct CappedBody {
     inner: Option<Body>,
     remaining: u64,
     tripped: Arc<AtomicBool>,
+    /// Bytes passed so far, for the audit log.
+    received: Arc<AtomicU64>,
 }
 
 /// Most of an oversized upload the relay reads and discards so the caller gets its 413.
@@ -218,6 +309,7 @@ impl HttpBody for CappedBody {
                 return Poll::Ready(Some(Err(axum::Error::new("request body over the limit"))));
             }
             self.remaining -= len;
+            self.received.fetch_add(len, Ordering::Relaxed);
         }
         Poll::Ready(frame)
     }

@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::AppState;
+use crate::audit::Event;
 use crate::auth::{AuthError, Scope};
 use crate::registry::Device;
 
@@ -39,19 +40,27 @@ const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// `GET /tunnel`: a daemon opens its tunnel.
 pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
+    let addr = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
+    let refuse = |err: AuthError| {
+        warn!(reason = %err, "tunnel refused");
+        state.audit.record(Event::AuthFailure {
+            reason: err.to_string(),
+            route: "tunnel",
+            addr,
+        });
+        plain(err.status(), &err.to_string())
+    };
     let identity = match state.keys.authenticate(req.headers(), Scope::Agent).await {
         Ok(identity) => identity,
-        Err(err) => {
-            warn!(reason = %err, "tunnel refused");
-            return plain(err.status(), &err.to_string());
-        }
+        Err(err) => return refuse(err),
     };
     // A token still inside the verification leeway but past its tunnel grace would open a
     // tunnel only to have it closed at once.
     let Some(lifetime) = token_lifetime(identity.expires_at, state.config.token_grace) else {
-        let err = AuthError::Expired;
-        warn!(reason = %err, "tunnel refused");
-        return plain(err.status(), &err.to_string());
+        return refuse(AuthError::Expired);
     };
     let expiry = tokio::time::Instant::now() + lifetime;
     let (device_id, device_name) = match device_headers(req.headers()) {
@@ -76,7 +85,7 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
                 Err(_) => return warn!("upgrade timed out"),
             };
             let device = (identity.user, device_id, device_name);
-            match run(task_state, TokioIo::new(upgraded), device, expiry).await {
+            match run(task_state, TokioIo::new(upgraded), device, expiry, addr).await {
                 Ok(()) => info!("tunnel closed"),
                 Err(err) => info!(error = format!("{err:#}"), "tunnel closed"),
             }
@@ -108,6 +117,7 @@ async fn run(
     io: TokioIo<hyper::upgrade::Upgraded>,
     (user, id, name): (String, String, String),
     expiry: tokio::time::Instant,
+    addr: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     let liveness = state.config.liveness();
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(cloudllm_tunnel::ws_config()))
@@ -135,6 +145,18 @@ async fn run(
     let device = Arc::new(Device::new(user, id, name, sender));
     state.registry.insert(device.clone());
     info!(daemon_version = %hello.daemon_version, "tunnel up");
+    state.audit.record(Event::TunnelConnect {
+        user: device.user.clone(),
+        device: device.name.clone(),
+        device_id: device.id.clone(),
+        addr,
+    });
+    let mut audited = Disconnect {
+        audit: state.audit.clone(),
+        device: device.clone(),
+        since: tokio::time::Instant::now(),
+        reason: "closed",
+    };
 
     let ended = tokio::select! {
         ended = &mut connection => Ok(ended),
@@ -145,6 +167,10 @@ async fn run(
     let ended = match ended {
         Ok(ended) => ended,
         Err(reason) => {
+            audited.reason = match reason {
+                Drain::Shutdown => "relay shutdown",
+                Drain::TokenExpired => "token expired",
+            };
             if let Drain::TokenExpired = reason {
                 info!(
                     grace = ?state.config.token_grace,
@@ -155,6 +181,26 @@ async fn run(
         }
     };
     ended.context("tunnel task")?.context("tunnel connection")
+}
+
+/// Records a tunnel's end in the audit log when dropped, however `run` returns.
+struct Disconnect {
+    audit: crate::audit::Audit,
+    device: Arc<Device>,
+    since: tokio::time::Instant,
+    reason: &'static str,
+}
+
+impl Drop for Disconnect {
+    fn drop(&mut self) {
+        self.audit.record(Event::TunnelDisconnect {
+            user: self.device.user.clone(),
+            device: self.device.name.clone(),
+            device_id: self.device.id.clone(),
+            seconds: self.since.elapsed().as_secs(),
+            reason: self.reason.to_owned(),
+        });
+    }
 }
 
 /// Asks the daemon to drain the tunnel (no new requests reach it: the device has already left

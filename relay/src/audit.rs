@@ -1,0 +1,230 @@
+//! The audit log: one JSON line per security event and per request, for the operator.
+//!
+//! It records who did what and how much — tunnel connects and disconnects, authentication
+//! failures, request metadata (id, user, device, method, path, status, bytes, duration) — and
+//! never a token, a prompt or a completion: events can only carry the fields below. Lines go
+//! through a bounded queue to one writer task, so a slow disk never slows a request; when the
+//! queue is full the line is dropped and counted, and the count is logged.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Lines waiting for the writer: 8,192 lines of ~300 bytes is ~2.5 MiB at worst, seconds of a
+/// busy relay's traffic if the disk stalls.
+const QUEUE: usize = 8192;
+
+/// One audit event.
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A daemon opened a tunnel.
+    TunnelConnect {
+        /// The device's owner.
+        user: String,
+        /// The device's name.
+        device: String,
+        /// The device's id.
+        device_id: String,
+        /// Where the daemon connected from.
+        addr: Option<SocketAddr>,
+    },
+    /// A tunnel ended.
+    TunnelDisconnect {
+        /// The device's owner.
+        user: String,
+        /// The device's name.
+        device: String,
+        /// The device's id.
+        device_id: String,
+        /// How long it was up, in seconds.
+        seconds: u64,
+        /// Why it ended.
+        reason: String,
+    },
+    /// A request or tunnel was refused for its credentials.
+    AuthFailure {
+        /// Why (the message the caller got).
+        reason: String,
+        /// `api` or `tunnel`.
+        route: &'static str,
+        /// Where the caller connected from.
+        addr: Option<SocketAddr>,
+    },
+    /// An API request, logged when its response has ended.
+    Request {
+        /// The request id (also in the response and the daemon's log).
+        request_id: String,
+        /// The caller.
+        user: String,
+        /// The device that served it, if any.
+        device: Option<String>,
+        /// HTTP method.
+        method: String,
+        /// Path, without the query.
+        path: String,
+        /// Response status.
+        status: u16,
+        /// Request body bytes received.
+        bytes_in: u64,
+        /// Response body bytes sent.
+        bytes_out: u64,
+        /// From the request's arrival to the end of its response, in milliseconds.
+        duration_ms: u64,
+        /// Where the caller connected from.
+        addr: Option<SocketAddr>,
+    },
+}
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Standard output.
+    Stdout,
+    /// A file, appended to.
+    File(PathBuf),
+}
+
+impl Target {
+    /// `-` is standard output; anything else a file.
+    pub fn parse(value: &str) -> Target {
+        if value == "-" {
+            Target::Stdout
+        } else {
+            Target::File(PathBuf::from(value))
+        }
+    }
+}
+
+/// A handle to the audit log; cheap to clone. A disabled log records nothing.
+#[derive(Clone, Debug, Default)]
+pub struct Audit {
+    lines: Option<mpsc::Sender<String>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Audit {
+    /// An audit log that records nothing.
+    pub fn disabled() -> Audit {
+        Audit::default()
+    }
+
+    /// Opens `target` and starts its writer. The writer ends once every handle is dropped.
+    pub async fn open(target: &Target) -> anyhow::Result<(Audit, JoinHandle<()>)> {
+        let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match target {
+            Target::Stdout => Box::new(tokio::io::stdout()),
+            Target::File(path) => {
+                let mut options = tokio::fs::OpenOptions::new();
+                options.create(true).append(true);
+                #[cfg(unix)]
+                options.mode(0o640);
+                Box::new(
+                    options
+                        .open(path)
+                        .await
+                        .with_context(|| format!("opening the audit log {}", path.display()))?,
+                )
+            }
+        };
+        let (lines, mut rx) = mpsc::channel::<String>(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counter = dropped.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                let mut batch = line;
+                while let Ok(more) = rx.try_recv() {
+                    batch.push_str(&more);
+                }
+                if let Err(err) = out.write_all(batch.as_bytes()).await {
+                    tracing::error!(error = %err, "cannot write the audit log");
+                }
+                let _ = out.flush().await;
+                let lost = counter.swap(0, Ordering::Relaxed);
+                if lost > 0 {
+                    tracing::warn!(lost, "audit lines dropped: the audit log could not keep up");
+                }
+            }
+        });
+        Ok((
+            Audit {
+                lines: Some(lines),
+                dropped,
+            },
+            writer,
+        ))
+    }
+
+    /// Whether events are recorded at all.
+    pub fn is_enabled(&self) -> bool {
+        self.lines.is_some()
+    }
+
+    /// Records an event (without waiting; see the module docs).
+    pub fn record(&self, event: Event) {
+        let Some(lines) = &self.lines else { return };
+        let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&event) else {
+            return;
+        };
+        let mut line = serde_json::Map::with_capacity(fields.len() + 1);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        line.insert(
+            "ts".to_owned(),
+            serde_json::json!(now.as_millis() as f64 / 1000.0),
+        );
+        line.extend(fields);
+        let mut text = serde_json::Value::Object(line).to_string();
+        text.push('\n');
+        if lines.try_send(text).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_become_json_lines_with_a_timestamp() {
+        let dir = std::env::temp_dir().join(format!("cloudllm-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let (audit, writer) = Audit::open(&Target::File(path.clone())).await.unwrap();
+        audit.record(Event::AuthFailure {
+            reason: "invalid token".into(),
+            route: "api",
+            addr: None,
+        });
+        audit.record(Event::TunnelDisconnect {
+            user: "u".into(),
+            device: "d".into(),
+            device_id: "i".into(),
+            seconds: 3,
+            reason: "closed".into(),
+        });
+        drop(audit);
+        writer.await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["event"], "auth_failure");
+        assert!(lines[0]["ts"].as_f64().unwrap() > 1.7e9);
+        assert_eq!(lines[1]["event"], "tunnel_disconnect");
+        assert_eq!(lines[1]["seconds"], 3);
+        assert_eq!(Target::parse("-"), Target::Stdout);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
