@@ -37,6 +37,8 @@ use registry::Registry;
 struct AppState {
     config: RelayConfig,
     audit: audit::Audit,
+    /// The identity provider's keys, when `[jwks]` is configured (for readiness).
+    jwks: Option<Arc<Jwks>>,
     keys: Keys,
     registry: Arc<Registry>,
     /// Cancelled when the relay starts shutting down.
@@ -88,6 +90,7 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
     let state = Arc::new(AppState {
         config,
         audit,
+        jwks: jwks.clone(),
         keys,
         registry: registry.clone(),
         shutdown: shutdown.clone(),
@@ -134,9 +137,28 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
     })
 }
 
+/// `GET /readyz`: 200 while the relay takes traffic; 503 once it is draining, or while the
+/// identity provider's keys have not been fetched yet (every provider token would fail).
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+) -> axum::response::Response {
+    let not_ready = if state.shutdown.is_cancelled() {
+        Some("draining: shutting down\n")
+    } else if state.jwks.as_ref().is_some_and(|jwks| jwks.is_empty()) {
+        Some("waiting for the identity provider's keys ([jwks] url)\n")
+    } else {
+        None
+    };
+    match not_ready {
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        None => (StatusCode::OK, "ready\n").into_response(),
+    }
+}
+
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route(cloudllm_proto::WELL_KNOWN_PATH, get(well_known::get))
         .route(cloudllm_proto::TUNNEL_PATH, get(tunnel::accept))
         .route("/api/{*rest}", any(proxy::forward))

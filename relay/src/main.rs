@@ -35,6 +35,12 @@ enum Command {
         #[arg(long)]
         dev: bool,
     },
+    /// Check a config file (and the environment's secret) without starting: exit 0 if the relay
+    /// would start with it.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
     /// Manage tokens signed with this relay's secret.
     Token {
         #[command(subcommand)]
@@ -87,6 +93,28 @@ fn main() -> std::process::ExitCode {
             config,
             dev,
         } => serve(listen, config, dev),
+        Command::CheckConfig { file } => load_config(Some(&file)).and_then(|config| {
+            config.validate()?;
+            let auth = match (&config.secret, &config.jwks) {
+                (Some(_), Some(jwks)) => format!("own HS256 secret and JWKS from {}", jwks.url),
+                (Some(_), None) => "own HS256 secret".to_owned(),
+                (None, Some(jwks)) => format!("JWKS from {}", jwks.url),
+                (None, None) => "none".to_owned(),
+            };
+            let login = config
+                .login
+                .as_ref()
+                .map_or("operator-issued tokens (--with-token)".to_owned(), |l| {
+                    format!("OpenID provider {}", l.issuer)
+                });
+            let audit = config.audit_log.as_deref().unwrap_or("off");
+            println!(
+                "{}: ok\n  listen: {}\n  tokens: {auth}\n  login: {login}\n  audit log: {audit}",
+                file.display(),
+                config.listen
+            );
+            Ok(())
+        }),
         Command::Token {
             command:
                 TokenCommand::Issue {

@@ -195,3 +195,49 @@ async fn get_status(url: &str, token: &str) -> u16 {
     stream.read_to_string(&mut response).await.unwrap();
     response.split(' ').nth(1).unwrap().parse().unwrap()
 }
+
+#[test]
+fn check_config_accepts_a_good_file_and_names_what_is_wrong_in_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("cloudllm-relay-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "listen = \"0.0.0.0:9000\"\naudit_log = \"-\"\n").unwrap();
+    let output = relay()
+        .env("CLOUDLLM_RELAY_SECRET", SECRET)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("ok") && text.contains("0.0.0.0:9000") && text.contains("own HS256 secret"),
+        "{text}"
+    );
+
+    // Without a secret: refused, saying how to set one.
+    let output = relay().arg("check-config").arg(&good).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("CLOUDLLM_RELAY_SECRET"));
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[jwks]\nurl = \"ftp://idp\"\nissuer = \"x\"\naudience = \"y\"\n",
+    )
+    .unwrap();
+    let output = relay()
+        .env("CLOUDLLM_RELAY_SECRET", SECRET)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("[jwks]"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

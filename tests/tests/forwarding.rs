@@ -255,3 +255,41 @@ async fn bodies_over_the_limit_get_413_declared_or_streamed() {
         .unwrap();
     assert_eq!(fits.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_ready_and_waits_for_the_identity_providers_keys() {
+    let relay = TestRelay::start(relay_config()).await;
+    let http = cloudllm_e2e::client();
+    let ready = http.get(relay.api("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.text().await.unwrap(), "ready\n");
+    assert_eq!(
+        http.get(relay.api("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // A relay whose identity provider is unreachable is alive but not ready.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let config: cloudllm_relay::RelayConfig = toml::from_str(&format!(
+        "listen = \"127.0.0.1:0\"\n[jwks]\nurl = \"http://127.0.0.1:{port}/jwks\"\nissuer = \"http://127.0.0.1:{port}\"\naudience = \"cloudllm\"\n"
+    ))
+    .unwrap();
+    let waiting = TestRelay::start(config).await;
+    let response = http.get(waiting.api("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.text().await.unwrap().contains("identity provider"));
+    assert_eq!(
+        http.get(waiting.api("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
