@@ -17,10 +17,18 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 const BIN: &str = env!("CARGO_BIN_EXE_cloudllm");
 
 async fn start_daemon(system: bool) -> (TestRelay, FakeOllama, TestDaemon, std::path::PathBuf) {
+    start_daemon_with_group(system, None).await
+}
+
+async fn start_daemon_with_group(
+    system: bool,
+    operator_group: Option<&str>,
+) -> (TestRelay, FakeOllama, TestDaemon, std::path::PathBuf) {
     let relay = TestRelay::start(relay_config()).await;
     let backend = FakeOllama::start().await;
     let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
     config.system = system;
+    config.operator_group = operator_group.map(str::to_owned);
     let socket = config.socket_path.clone().unwrap();
     let daemon = TestDaemon::start(config);
     relay.wait_for_devices("alice", 1).await;
@@ -278,4 +286,44 @@ async fn a_stale_socket_is_replaced_and_a_live_one_is_not_taken() {
         client.call(&Request::Status).await.unwrap(),
         Response::Status(_)
     ));
+}
+
+/// Runs the CLI as user and group `id` (65534 is nobody/nogroup on Debian).
+async fn as_user(id: u32, socket: &Path, args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        STEP,
+        tokio::process::Command::new("setpriv")
+            .arg(format!("--reuid={id}"))
+            .arg(format!("--regid={id}"))
+            .args(["--clear-groups", BIN, "--socket"])
+            .arg(socket)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_group_member_may_change_a_system_daemon_and_others_cannot_open_it() {
+    let (relay, _backend, _daemon, socket) = start_daemon_with_group(true, Some("nogroup")).await;
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(&socket).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), 65534, "owned by the operator group");
+    }
+    // A stranger (another uid and gid) cannot even connect.
+    let stranger = as_user(65533, &socket, &["status"]).await;
+    assert_eq!(stranger.status.code(), Some(5));
+    // A member of the operator group may change the daemon.
+    let operator = as_user(65534, &socket, &["disconnect"]).await;
+    assert!(
+        operator.status.success(),
+        "{}",
+        String::from_utf8_lossy(&operator.stderr)
+    );
+    relay.wait_for_devices("alice", 0).await;
 }

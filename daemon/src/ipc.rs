@@ -80,8 +80,19 @@ fn socket_name(path: &Path) -> std::io::Result<Name<'_>> {
 }
 
 /// Creates the IPC socket at `path`. A socket file left by a dead daemon is replaced; a live
-/// daemon's socket is never taken over.
-pub async fn bind(path: &Path, system: bool) -> anyhow::Result<Listener> {
+/// daemon's socket is never taken over. A user daemon's socket is 0600. A system daemon's is
+/// 0660 and owned by `operator_group` when that group exists (only root and operators can
+/// connect), else 0666 (anyone may read; changes are checked per request).
+pub async fn bind(
+    path: &Path,
+    system: bool,
+    operator_group: Option<&str>,
+) -> anyhow::Result<Listener> {
+    let group = if system {
+        operator_group.and_then(group_id)
+    } else {
+        None
+    };
     if let Some(dir) = path.parent()
         && !dir.exists()
     {
@@ -105,7 +116,11 @@ pub async fn bind(path: &Path, system: bool) -> anyhow::Result<Listener> {
             }
         }
     }
-    let mode = if system { 0o666 } else { 0o600 };
+    let mode = match (system, group) {
+        (false, _) => 0o600,
+        (true, Some(_)) => 0o660,
+        (true, None) => 0o666,
+    };
     let options = ListenerOptions::new()
         .name(socket_name(path)?)
         .reclaim_name(true);
@@ -123,6 +138,10 @@ pub async fn bind(path: &Path, system: bool) -> anyhow::Result<Listener> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("setting the mode of {}", path.display()))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("giving {} to the operator group", path.display()))?;
+        }
     }
     #[cfg(not(unix))]
     let _ = mode;

@@ -34,7 +34,12 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> anyhow::R
     // A bad ca_file is a start-up error, not a tunnel that never comes up.
     dial::tls_config(&config)?;
     let socket_path = config.socket_path();
-    let listener = ipc::bind(&socket_path, config.system).await?;
+    let listener = ipc::bind(
+        &socket_path,
+        config.system,
+        config.operator_group.as_deref(),
+    )
+    .await?;
     let supervisor = Supervisor::new(config, shutdown.clone()).await?;
     info!(socket = %socket_path.display(), credentials = %supervisor.state().snapshot().credential_store, "cloudllmd ready");
 
