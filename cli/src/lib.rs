@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cloudllm_proto::ipc::{self, ErrorCode, IPC_VERSION, MAX_LINE_BYTES, Request, Response};
+use cloudllm_proto::ipc::{self, IPC_VERSION, MAX_LINE_BYTES, Request, Response};
 use interprocess::local_socket::Name;
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::tokio::Stream as _;
@@ -148,13 +148,5 @@ impl Client {
     pub async fn call(&mut self, request: &Request) -> std::io::Result<Response> {
         self.send(request).await?;
         self.recv().await
-    }
-}
-
-/// The error code of a response, if it is an error.
-pub fn error_code(response: &Response) -> Option<ErrorCode> {
-    match response {
-        Response::Error { code, .. } => Some(*code),
-        _ => None,
     }
 }

@@ -467,9 +467,17 @@ struct Style {
 
 impl Style {
     fn detect() -> Self {
+        Style::for_output(
+            std::io::stdout().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        )
+    }
+
+    /// Colour only on a terminal, and never when `NO_COLOR` is set to anything non-empty
+    /// (no-color.org).
+    fn for_output(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> Self {
         Style {
-            color: std::io::stdout().is_terminal()
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            color: terminal && no_color.is_none_or(|v| v.is_empty()),
         }
     }
 
@@ -565,4 +573,33 @@ fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        let none = None;
+        let set = Some(std::ffi::OsStr::new("1"));
+        let empty = Some(std::ffi::OsStr::new(""));
+        assert!(Style::for_output(true, none).color);
+        assert!(Style::for_output(true, empty).color);
+        assert!(!Style::for_output(true, set).color);
+        assert!(!Style::for_output(false, none).color);
+        let plain = Style::for_output(false, none);
+        assert_eq!(plain.paint("32", "connected"), "connected");
+        assert_eq!(
+            Style::for_output(true, none).paint("32", "up"),
+            "\x1b[32mup\x1b[0m"
+        );
+    }
+
+    #[test]
+    fn durations_read_like_a_person_would_say_them() {
+        assert_eq!(human_duration(5), "5 s");
+        assert_eq!(human_duration(125), "2 min");
+        assert_eq!(human_duration(3 * 3600 + 120), "3 h 2 min");
+    }
 }

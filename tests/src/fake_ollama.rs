@@ -74,6 +74,15 @@ impl Records {
         }
     }
 
+    /// The headers of the last request to `/api/show` (panics if there was none).
+    pub fn echoed(&self) -> HeaderMap {
+        self.echoed
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a request reached /api/show")
+    }
+
     /// When stream `tag` produced its lines.
     pub fn produced(&self, tag: &str) -> Vec<Instant> {
         self.produced

@@ -24,14 +24,7 @@ async fn ollama_sees_its_own_host_and_none_of_the_callers_credentials() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-request-id"], "trace-42");
-    let seen = stack
-        .backend
-        .records
-        .echoed
-        .lock()
-        .unwrap()
-        .clone()
-        .unwrap();
+    let seen = stack.backend.records.echoed();
     assert_eq!(seen["host"], stack.backend.addr.to_string().as_str());
     assert_eq!(seen["x-request-id"], "trace-42");
     assert_eq!(seen["content-type"], "application/json");
@@ -59,14 +52,7 @@ async fn a_request_id_is_generated_when_the_caller_sends_none() {
         .unwrap()
         .to_owned();
     assert_eq!(id.len(), 36, "a UUID: {id}");
-    let seen = stack
-        .backend
-        .records
-        .echoed
-        .lock()
-        .unwrap()
-        .clone()
-        .unwrap();
+    let seen = stack.backend.records.echoed();
     assert_eq!(seen["x-request-id"], id.as_str());
     // A hostile id is replaced, not forwarded.
     let response = stack
