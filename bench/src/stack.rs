@@ -15,8 +15,12 @@ use anyhow::{Context, bail};
 use cloudllm_daemon::DaemonConfig;
 use cloudllm_daemon::config::StoreChoice;
 use cloudllm_proto::Secret;
+use cloudllm_relay::config::TierLimits;
 use cloudllm_relay::registry::Registry;
 use cloudllm_relay::{Keys, RelayConfig, Scope};
+
+/// The benchmark user's tier.
+const TIER: &str = "bench";
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -148,16 +152,26 @@ impl Stack {
     pub async fn start(handles: &Handles, backend: SocketAddr) -> anyhow::Result<Stack> {
         let secret = Secret::new(SECRET);
         let keys = Keys::new(&secret);
-        let agent_token = keys.issue(USER, Scope::Agent, None, TOKEN_TTL)?;
-        let client_token = keys.issue(USER, Scope::Client, None, TOKEN_TTL)?;
+        let agent_token = keys.issue(USER, Scope::Agent, Some(TIER), TOKEN_TTL)?;
+        let client_token = keys.issue(USER, Scope::Client, Some(TIER), TOKEN_TTL)?;
 
         let relay_shutdown = CancellationToken::new();
-        let config = RelayConfig {
+        let mut config = RelayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             secret: Some(secret),
             shutdown_grace: SHUTDOWN_GRACE,
             ..RelayConfig::default()
         };
+        // The limits are checked on every request as in production, but set out of reach of
+        // the load.
+        config.tiers.insert(
+            TIER.to_owned(),
+            TierLimits {
+                requests_per_minute: u32::MAX,
+                concurrent_requests: u32::MAX,
+                ..TierLimits::premium()
+            },
+        );
         let relay = tokio::time::timeout(
             REGISTER_TIMEOUT,
             handles

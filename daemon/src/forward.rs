@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cloudllm_proto::{self as proto, Hello};
+use cloudllm_proto::{self as proto, DeviceEvent, Hello};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body::Frame;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -57,6 +58,9 @@ pub struct ConnectionSignals {
     pub hello: CancellationToken,
     /// Cancelled when the relay asks this connection to drain.
     pub drain: CancellationToken,
+    /// Cancelled when this connection starts to close: the long-lived events stream ends so
+    /// that only user requests hold the drain open.
+    pub closing: CancellationToken,
 }
 
 /// Forwards tunnel requests to the local Ollama.
@@ -137,11 +141,13 @@ impl Forwarder {
                 let hello = Hello {
                     protocol_version: proto::PROTOCOL_VERSION,
                     daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    models: self.state.models().borrow().clone(),
                 };
                 let body = serde_json::to_vec(&hello).unwrap_or_default();
                 signals.hello.cancel();
                 json(StatusCode::OK, body.into())
             }
+            proto::CONTROL_EVENTS => self.events(signals.closing.clone()),
             proto::CONTROL_DRAIN => {
                 info!("relay asked this tunnel to drain");
                 signals.drain.cancel();
@@ -149,6 +155,37 @@ impl Forwarder {
             }
             _ => error(path, StatusCode::NOT_FOUND, "unknown control path"),
         }
+    }
+
+    /// The events stream: the model list now, then again whenever it changes, until the
+    /// connection starts closing.
+    fn events(&self, closing: CancellationToken) -> Response<TunnelBody> {
+        let models = self.state.models();
+        let lines = futures_util::stream::unfold((models, true), move |(mut models, first)| {
+            let closing = closing.clone();
+            async move {
+                if !first {
+                    tokio::select! {
+                        changed = models.changed() => changed.ok()?,
+                        () = closing.cancelled() => return None,
+                    }
+                }
+                let event = DeviceEvent::Models {
+                    models: models.borrow_and_update().clone(),
+                };
+                let mut line = serde_json::to_vec(&event).ok()?;
+                line.push(b'\n');
+                let frame = Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(line)));
+                Some((frame, (models, false)))
+            }
+        });
+        let body = StreamBody::new(lines).map_err(|never| match never {});
+        let mut response = Response::new(body.boxed());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        response
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Response<TunnelBody> {

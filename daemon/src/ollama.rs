@@ -91,18 +91,23 @@ impl OllamaClient {
             })?
     }
 
-    /// Whether Ollama answers, with its version and model count.
-    pub async fn probe(&self) -> Ollama {
+    /// Whether Ollama answers, with its version and model count, and its model names (none
+    /// when it is down).
+    pub async fn probe(&self) -> (Ollama, Vec<String>) {
         let version = match self.get_json::<Version>("/api/version").await {
             Ok(version) => version.version,
-            Err(error) => return Ollama::Down { error },
+            Err(error) => return (Ollama::Down { error }, Vec::new()),
         };
         match self.models().await {
-            Ok(models) => Ollama::Up {
-                version,
-                models: models.len(),
-            },
-            Err(error) => Ollama::Down { error },
+            Ok(mut models) => {
+                models.sort_unstable();
+                let up = Ollama::Up {
+                    version,
+                    models: models.len(),
+                };
+                (up, models)
+            }
+            Err(error) => (Ollama::Down { error }, Vec::new()),
         }
     }
 
@@ -120,7 +125,7 @@ pub async fn watch(supervisor: std::sync::Arc<Supervisor>, shutdown: Cancellatio
     let state = supervisor.state().clone();
     loop {
         let client = OllamaClient::new(supervisor.config().ollama_url.clone());
-        let found = client.probe().await;
+        let (found, models) = client.probe().await;
         let up = matches!(found, Ollama::Up { .. });
         if last_up != Some(up) {
             match &found {
@@ -134,6 +139,7 @@ pub async fn watch(supervisor: std::sync::Arc<Supervisor>, shutdown: Cancellatio
             last_up = Some(up);
         }
         state.update(|status| status.ollama = found);
+        state.set_models(models);
         tokio::select! {
             () = tokio::time::sleep(POLL_INTERVAL) => {}
             () = shutdown.cancelled() => return,

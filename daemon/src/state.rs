@@ -18,6 +18,8 @@ pub struct State {
     total: AtomicU64,
     /// Round trip to the relay in microseconds, 0 until measured; shared with the tunnel.
     rtt_micros: Arc<AtomicU64>,
+    /// The names of Ollama's models (empty while it is down), which the relay routes by.
+    models: watch::Sender<Vec<String>>,
 }
 
 impl State {
@@ -40,7 +42,24 @@ impl State {
             in_flight: AtomicU64::new(0),
             total: AtomicU64::new(0),
             rtt_micros: Arc::new(AtomicU64::new(0)),
+            models: watch::channel(Vec::new()).0,
         })
+    }
+
+    /// Records Ollama's model names; subscribers wake only if the list changed.
+    pub fn set_models(&self, models: Vec<String>) {
+        self.models.send_if_modified(|current| {
+            let changed = *current != models;
+            if changed {
+                *current = models;
+            }
+            changed
+        });
+    }
+
+    /// Ollama's model names, and changes to them (for the relay's events stream).
+    pub fn models(&self) -> watch::Receiver<Vec<String>> {
+        self.models.subscribe()
     }
 
     /// The current state, counters and round trip included.

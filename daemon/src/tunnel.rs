@@ -206,6 +206,7 @@ async fn serve(
         }
     };
     // GOAWAY: no new streams; the ones in flight finish within the limit.
+    signals.closing.cancel();
     connection.as_mut().graceful_shutdown();
     let grace = config.shutdown_grace;
     let limit = if stop.now.is_cancelled() {

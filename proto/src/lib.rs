@@ -36,9 +36,32 @@ pub const CONTROL_HELLO: &str = "/.cloudllm/hello";
 /// answers, sends HTTP/2 GOAWAY, lets in-flight streams finish, and reconnects at once.
 pub const CONTROL_DRAIN: &str = "/.cloudllm/drain";
 
-/// Largest [`Hello`] document the relay reads, in bytes. A hello is a few hundred bytes; the cap
-/// stops a hostile daemon from making the relay buffer without end.
-pub const MAX_HELLO_BYTES: usize = 64 * 1024;
+/// `GET`: a long-lived stream of [`DeviceEvent`]s, one JSON document per line, from the daemon
+/// to the relay (the relay is the HTTP/2 client, so the daemon answers one request forever).
+pub const CONTROL_EVENTS: &str = "/.cloudllm/events";
+
+/// Largest [`DeviceEvent`] line the relay reads, in bytes: room for thousands of model names.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Most model names a device may report; the relay ignores the rest.
+pub const MAX_MODELS: usize = 4096;
+
+/// Something the daemon tells the relay after the hello, on [`CONTROL_EVENTS`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum DeviceEvent {
+    /// The device's models changed (a model was pulled or removed, Ollama started or stopped):
+    /// the full new list of names.
+    Models {
+        /// The names, as in Ollama's `/api/tags`.
+        models: Vec<String>,
+    },
+}
+
+/// Largest [`Hello`] document the relay reads, in bytes: a few hundred bytes plus the model
+/// names, as much as a [`DeviceEvent`]. The cap stops a hostile daemon from making the relay
+/// buffer without end.
+pub const MAX_HELLO_BYTES: usize = MAX_EVENT_BYTES;
 
 /// The daemon's self-description, fetched by the relay right after the tunnel opens.
 /// Unknown fields are ignored, so a newer daemon may add some without breaking older relays.
@@ -48,6 +71,9 @@ pub struct Hello {
     pub protocol_version: u32,
     /// The daemon's package version, for logs and support.
     pub daemon_version: String,
+    /// The names of the models the device's Ollama has (empty while Ollama is down).
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 /// Path on the relay that tells clients how to log in: a [`RelayInfo`].
@@ -153,12 +179,28 @@ mod tests {
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             daemon_version: "0.1.0".into(),
+            models: vec!["smollm2:135m".into()],
         };
         let text = serde_json::to_string(&hello).unwrap();
         assert_eq!(serde_json::from_str::<Hello>(&text).unwrap(), hello);
         let extra = text.replace('}', r#","surprise":1}"#);
         assert_eq!(serde_json::from_str::<Hello>(&extra).unwrap(), hello);
         assert!(serde_json::from_str::<Hello>(r#"{"daemon_version":"1"}"#).is_err());
+        // An older daemon's hello has no models.
+        let old: Hello =
+            serde_json::from_str(r#"{"protocol_version":1,"daemon_version":"0.0.9"}"#).unwrap();
+        assert!(old.models.is_empty());
+    }
+
+    #[test]
+    fn device_events_are_tagged_lines() {
+        let event = DeviceEvent::Models {
+            models: vec!["a:latest".into()],
+        };
+        let text = serde_json::to_string(&event).unwrap();
+        assert_eq!(text, r#"{"event":"models","models":["a:latest"]}"#);
+        assert_eq!(serde_json::from_str::<DeviceEvent>(&text).unwrap(), event);
+        assert!(serde_json::from_str::<DeviceEvent>(r#"{"event":"reboot"}"#).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! through a bounded queue to one writer task, so a slow disk never slows a request; when the
 //! queue is full the line is dropped and counted, and the count is logged.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +35,7 @@ pub enum Event {
         /// The device's id.
         device_id: String,
         /// Where the daemon connected from.
-        addr: Option<SocketAddr>,
+        addr: Option<IpAddr>,
     },
     /// A tunnel ended.
     TunnelDisconnect {
@@ -57,7 +57,19 @@ pub enum Event {
         /// `api` or `tunnel`.
         route: &'static str,
         /// Where the caller connected from.
-        addr: Option<SocketAddr>,
+        addr: Option<IpAddr>,
+    },
+    /// A request or tunnel was refused by a limit (429).
+    RateLimited {
+        /// The caller, once known (absent for per-address authentication limits).
+        user: Option<String>,
+        /// Which limit: `requests_per_minute`, `concurrent_requests`, `devices`,
+        /// `auth_failures`.
+        limit: &'static str,
+        /// `api` or `tunnel`.
+        route: &'static str,
+        /// Where the caller connected from.
+        addr: Option<IpAddr>,
     },
     /// An API request, logged when its response has ended.
     Request {
@@ -71,6 +83,8 @@ pub enum Event {
         method: String,
         /// Path, without the query.
         path: String,
+        /// The model the request named, when the relay read it.
+        model: Option<String>,
         /// Response status.
         status: u16,
         /// Request body bytes received.
@@ -80,7 +94,7 @@ pub enum Event {
         /// From the request's arrival to the end of its response, in milliseconds.
         duration_ms: u64,
         /// Where the caller connected from.
-        addr: Option<SocketAddr>,
+        addr: Option<IpAddr>,
     },
 }
 

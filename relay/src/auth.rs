@@ -66,6 +66,12 @@ pub struct Scopes {
 }
 
 impl Scopes {
+    /// Both scopes: the token may open tunnels and send requests.
+    pub const ALL: Scopes = Scopes {
+        agent: true,
+        client: true,
+    };
+
     /// Whether `scope` is among these.
     pub fn has(self, scope: Scope) -> bool {
         match scope {
@@ -136,9 +142,6 @@ pub struct Claims {
     /// and fails verification.
     #[serde(default)]
     pub scope: Scopes,
-    /// The user's tier (free, premium …); absent means the default tier.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tier: Option<String>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
     /// Issue time, seconds since the Unix epoch.
@@ -147,6 +150,32 @@ pub struct Claims {
     /// Who minted the token.
     #[serde(default)]
     pub iss: String,
+    /// Every other claim (`tier`, `app_metadata` …), for the tier claim path.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Claims {
+    /// The string at a dotted claim path (`tier`, `app_metadata.tier`), if there is one.
+    pub fn string_at(&self, path: &str) -> Option<&str> {
+        let mut parts = path.split('.');
+        let mut value = self.other.get(parts.next()?)?;
+        for part in parts {
+            value = value.get(part)?;
+        }
+        value.as_str()
+    }
+}
+
+/// How claims beyond signature and expiry are read, from the relay's config.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimRules {
+    /// Dotted path of the claim naming the user's tier (`tier`, `app_metadata.tier`).
+    pub tier_path: String,
+    /// Scopes a verified token has when it names no cloudllm scope. Empty by default: such a
+    /// token is some other application's and is refused. An identity provider whose tokens
+    /// carry no scopes (Supabase) sets both.
+    pub implicit_scopes: Scopes,
 }
 
 /// A verified caller.
@@ -206,6 +235,7 @@ struct SecretKeys {
 pub struct Keys {
     secret: Option<SecretKeys>,
     jwks: Option<Arc<Jwks>>,
+    rules: ClaimRules,
 }
 
 impl Keys {
@@ -229,7 +259,20 @@ impl Keys {
                 validation,
             }
         });
-        Keys { secret, jwks }
+        Keys {
+            secret,
+            jwks,
+            rules: ClaimRules {
+                tier_path: "tier".to_owned(),
+                implicit_scopes: Scopes::default(),
+            },
+        }
+    }
+
+    /// These keys, reading claims by `rules`.
+    pub fn with_rules(mut self, rules: ClaimRules) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// Verifies the bearer token in `headers` and checks that it has scope `need`.
@@ -247,8 +290,8 @@ impl Keys {
             });
         }
         Ok(Identity {
+            tier: claims.string_at(&self.rules.tier_path).map(str::to_owned),
             user: claims.sub,
-            tier: claims.tier,
             expires_at: claims.exp,
         })
     }
@@ -288,7 +331,12 @@ impl Keys {
             _ => return Err(AuthError::Invalid),
         };
         // Without a subject it names nobody; without a cloudllm scope it is some other
-        // application's token (an ID token, an API token from the same provider).
+        // application's token (an ID token, an API token from the same provider) unless the
+        // configuration grants scopes to every token of its provider.
+        let mut claims = claims;
+        if claims.scope == Scopes::default() {
+            claims.scope = self.rules.implicit_scopes;
+        }
         if claims.sub.is_empty() || claims.scope == Scopes::default() {
             return Err(AuthError::Invalid);
         }
@@ -310,13 +358,17 @@ impl Keys {
         })?;
         anyhow::ensure!(!user.is_empty(), "the user id must not be empty");
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        let mut other = serde_json::Map::new();
+        if let Some(tier) = tier {
+            other.insert("tier".to_owned(), tier.into());
+        }
         let claims = Claims {
             sub: user.to_owned(),
             scope: scope.into(),
-            tier: tier.map(str::to_owned),
             exp: now.saturating_add(ttl.as_secs()),
             iat: now,
             iss: ISSUER.to_owned(),
+            other,
         };
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -501,10 +553,10 @@ mod tests {
         let expired = Claims {
             sub: "alice".into(),
             scope: Scope::Client.into(),
-            tier: None,
             exp: now - 2 * LEEWAY_SECS,
             iat: now - 3600,
             iss: ISSUER.into(),
+            other: Default::default(),
         };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

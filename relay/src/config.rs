@@ -6,12 +6,15 @@
 //! published keys in `[jwks]` (RS256/ES256/EdDSA: Auth0, Keycloak, Supabase signing keys …).
 //! `[login]` tells clients which provider to log in with; it is published, not used, here.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
 use cloudllm_proto::Secret;
+
+use crate::auth::{ClaimRules, Scopes};
 use cloudllm_tunnel::Liveness;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
@@ -56,9 +59,36 @@ pub struct RelayConfig {
     /// `/.well-known/cloudllm`. Without it, clients are told to log in with a token from the
     /// relay's operator.
     pub login: Option<LoginConfig>,
-    /// Largest request body a user may send, in bytes (32 MiB: room for a few images in a
-    /// multimodal chat request).
-    pub max_body_bytes: u64,
+    /// `[supabase]`: accept a Supabase project's user tokens (fills in `[jwks]`).
+    pub supabase: Option<SupabaseConfig>,
+    /// Scopes a verified token gets when it carries no cloudllm scope (`agent`, `client`).
+    /// Default none: such tokens are refused. `[supabase]` sets both, since Supabase tokens
+    /// name no scopes.
+    pub implicit_scopes: Option<Scopes>,
+    /// Dotted path of the claim that names the user's tier: `tier` (the relay's own tokens),
+    /// `app_metadata.tier` (Supabase: set by the server, not the user) …
+    pub tier_claim: String,
+    /// The tier of a token whose tier claim is absent or names no configured tier.
+    pub default_tier: String,
+    /// `[tiers.NAME]`: the limits of each tier. Built in: `free` and `premium`
+    /// ([`TierLimits::free`], [`TierLimits::premium`]); a table here replaces a built-in tier
+    /// of the same name or adds a new one.
+    #[serde(deserialize_with = "tiers_over_builtins")]
+    pub tiers: BTreeMap<String, TierLimits>,
+    /// Failed authentications one client address may make per minute before it gets 429
+    /// (brute-force protection). 0 turns the limit off.
+    pub auth_failures_per_minute: u32,
+    /// Addresses of reverse proxies in front of the relay. Only a connection from one of these
+    /// may name the client's address in `X-Forwarded-For`; from anyone else the header is
+    /// ignored (it could be forged to dodge the per-address limit).
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Serve `/metrics` on this address instead of the main one (keeps them off the public
+    /// port). Unset: `/metrics` is on the main address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// TCP keepalive on user connections: idle connections (a request waiting for its first
+    /// token) are probed this often, so NAT and firewall state does not expire.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
     /// How often the relay pings each tunnel.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
@@ -86,7 +116,17 @@ impl Default for RelayConfig {
             secret: None,
             jwks: None,
             login: None,
-            max_body_bytes: 32 * 1024 * 1024,
+            supabase: None,
+            implicit_scopes: None,
+            tier_claim: "tier".to_owned(),
+            default_tier: "free".to_owned(),
+            tiers: builtin_tiers(),
+            // 20 a minute: far more than a person mistyping, far too few to guess a secret.
+            auth_failures_per_minute: 20,
+            trusted_proxies: Vec::new(),
+            metrics_listen: None,
+            // 15 s: well inside the shortest common NAT and load-balancer idle timeouts (30 s).
+            tcp_keepalive: Duration::from_secs(15),
             ping_interval: liveness.ping_interval,
             ping_timeout: liveness.timeout,
             // 25 s: below systemd's default 90 s stop timeout and Kubernetes' 30 s grace.
@@ -96,6 +136,104 @@ impl Default for RelayConfig {
             token_grace: Duration::from_secs(60),
             audit_log: None,
         }
+    }
+}
+
+/// The limits of one tier. Every field is required in a `[tiers.NAME]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierLimits {
+    /// Requests a user may start per minute (a token bucket: this many at once, refilled
+    /// evenly over the minute).
+    pub requests_per_minute: u32,
+    /// Requests a user may have in flight at once, over all devices.
+    pub concurrent_requests: u32,
+    /// Devices a user may have connected at once.
+    pub devices: u32,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: u64,
+    /// Longest a response may stream; then the relay ends it.
+    #[serde(with = "humantime_serde")]
+    pub max_stream: Duration,
+}
+
+impl TierLimits {
+    /// `free`: one device, a person's interactive use.
+    pub fn free() -> Self {
+        TierLimits {
+            requests_per_minute: 60,
+            concurrent_requests: 4,
+            devices: 1,
+            // 8 MiB: a chat with an image or two.
+            max_body_bytes: 8 * 1024 * 1024,
+            max_stream: Duration::from_secs(30 * 60),
+        }
+    }
+
+    /// `premium`: several devices, tools and agents.
+    pub fn premium() -> Self {
+        TierLimits {
+            requests_per_minute: 600,
+            concurrent_requests: 32,
+            devices: 10,
+            // 32 MiB: room for several images in a multimodal request.
+            max_body_bytes: 32 * 1024 * 1024,
+            max_stream: Duration::from_secs(4 * 3600),
+        }
+    }
+}
+
+fn builtin_tiers() -> BTreeMap<String, TierLimits> {
+    BTreeMap::from([
+        ("free".to_owned(), TierLimits::free()),
+        ("premium".to_owned(), TierLimits::premium()),
+    ])
+}
+
+/// `[tiers]` from the file, laid over the built-in tiers.
+fn tiers_over_builtins<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, TierLimits>, D::Error> {
+    let mut tiers = builtin_tiers();
+    tiers.extend(BTreeMap::<String, TierLimits>::deserialize(deserializer)?);
+    Ok(tiers)
+}
+
+/// `[supabase]`: a Supabase project as the identity provider.
+///
+/// Verifies the project's user access tokens with its published signing keys
+/// (`{url}/auth/v1/.well-known/jwks.json`, issuer `{url}/auth/v1`, audience `authenticated`);
+/// with the project's legacy JWT secret as `secret` (or `CLOUDLLM_RELAY_SECRET`), its HS256
+/// tokens verify too. Supabase tokens carry no cloudllm scope, so every signed-in user may both
+/// connect devices and send requests; the tier is read from `app_metadata.tier`, which only the
+/// project's server side can set, unless `tier_claim` says otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupabaseConfig {
+    /// The project URL, e.g. `https://abcdefgh.supabase.co`.
+    pub url: Url,
+    /// Signature algorithms of the project's signing keys (default `["ES256", "RS256"]`).
+    #[serde(default = "default_supabase_algorithms")]
+    pub algorithms: Vec<Algorithm>,
+}
+
+fn default_supabase_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::ES256, Algorithm::RS256]
+}
+
+impl SupabaseConfig {
+    /// The `[jwks]` table this preset stands for.
+    pub fn jwks(&self) -> anyhow::Result<JwksConfig> {
+        let base = self.url.as_str().trim_end_matches('/');
+        Ok(JwksConfig {
+            url: Url::parse(&format!("{base}/auth/v1/.well-known/jwks.json"))
+                .context("[supabase] url")?,
+            issuer: format!("{base}/auth/v1"),
+            audience: "authenticated".to_owned(),
+            algorithms: self.algorithms.clone(),
+            refresh: default_jwks_refresh(),
+            refetch_min: default_jwks_refetch_min(),
+        })
     }
 }
 
@@ -129,6 +267,10 @@ pub struct JwksConfig {
     #[serde(default = "default_jwks_refetch_min", with = "humantime_serde")]
     pub refetch_min: Duration,
 }
+
+/// Limits used if the default tier were missing; `validate` refuses such a config, so this
+/// only keeps `tier` total.
+static FALLBACK_TIER: std::sync::LazyLock<TierLimits> = std::sync::LazyLock::new(TierLimits::free);
 
 fn default_algorithms() -> Vec<Algorithm> {
     vec![Algorithm::RS256]
@@ -171,7 +313,51 @@ impl RelayConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading relay config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing relay config {}", path.display()))
+        let mut config: RelayConfig = toml::from_str(&text)
+            .with_context(|| format!("parsing relay config {}", path.display()))?;
+        config
+            .apply_presets()
+            .with_context(|| format!("in relay config {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Expands `[supabase]` into `[jwks]`, implicit scopes and the tier claim (explicit
+    /// settings win where they make sense; `[jwks]` beside `[supabase]` is an error).
+    pub fn apply_presets(&mut self) -> anyhow::Result<()> {
+        let Some(supabase) = &self.supabase else {
+            return Ok(());
+        };
+        let jwks = supabase.jwks()?;
+        anyhow::ensure!(
+            self.jwks.as_ref().is_none_or(|given| *given == jwks),
+            "[supabase] and [jwks] both name an identity provider: keep one"
+        );
+        self.jwks = Some(jwks);
+        self.implicit_scopes.get_or_insert(Scopes::ALL);
+        if self.tier_claim == "tier" {
+            self.tier_claim = "app_metadata.tier".to_owned();
+        }
+        Ok(())
+    }
+
+    /// How the relay reads claims.
+    pub fn claim_rules(&self) -> ClaimRules {
+        ClaimRules {
+            tier_path: self.tier_claim.clone(),
+            implicit_scopes: self.implicit_scopes.unwrap_or_default(),
+        }
+    }
+
+    /// The limits for a token's tier claim: its tier when configured, else the default tier.
+    pub fn tier<'a>(&'a self, claimed: Option<&'a str>) -> (&'a str, &'a TierLimits) {
+        if let Some((name, limits)) = claimed.and_then(|c| self.tiers.get_key_value(c)) {
+            return (name, limits);
+        }
+        let limits = self
+            .tiers
+            .get(&self.default_tier)
+            .unwrap_or_else(|| &FALLBACK_TIER);
+        (&self.default_tier, limits)
     }
 
     /// Applies the environment: `CLOUDLLM_RELAY_SECRET` overrides the file's secret.
@@ -226,6 +412,28 @@ impl RelayConfig {
         if let Some(login) = &self.login {
             login.validate().context("in [login]")?;
         }
+        anyhow::ensure!(
+            self.tiers.contains_key(&self.default_tier),
+            "default_tier {:?} has no [tiers.{}] table (configured tiers: {})",
+            self.default_tier,
+            self.default_tier,
+            self.tiers.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        for (name, tier) in &self.tiers {
+            anyhow::ensure!(
+                tier.requests_per_minute > 0
+                    && tier.concurrent_requests > 0
+                    && tier.devices > 0
+                    && tier.max_body_bytes > 0
+                    && !tier.max_stream.is_zero(),
+                "[tiers.{name}]: every limit must be above zero (to lock a tier out, do not issue it)"
+            );
+        }
+        anyhow::ensure!(
+            !self.tier_claim.is_empty() && self.tier_claim.split('.').all(|p| !p.is_empty()),
+            "tier_claim {:?} is not a dotted claim path like `tier` or `app_metadata.tier`",
+            self.tier_claim
+        );
         Ok(())
     }
 }
@@ -289,13 +497,10 @@ mod tests {
 
     #[test]
     fn file_values_override_defaults_and_typos_are_errors() {
-        let config: RelayConfig = toml::from_str(
-            "listen = \"0.0.0.0:9000\"\nping_interval = \"3s\"\nmax_body_bytes = 1024\n",
-        )
-        .unwrap();
+        let config: RelayConfig =
+            toml::from_str("listen = \"0.0.0.0:9000\"\nping_interval = \"3s\"\n").unwrap();
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.ping_interval, Duration::from_secs(3));
-        assert_eq!(config.max_body_bytes, 1024);
         assert_eq!(config.ping_timeout, Liveness::default().timeout);
         assert_eq!(config.token_grace, Duration::from_secs(60));
         assert!(config.jwks.is_none() && config.login.is_none());

@@ -7,8 +7,11 @@
 
 pub mod audit;
 pub mod auth;
+mod client_addr;
 pub mod config;
 pub mod jwks;
+pub mod limits;
+pub mod metrics;
 mod proxy;
 pub mod registry;
 mod tunnel;
@@ -40,6 +43,8 @@ struct AppState {
     /// The identity provider's keys, when `[jwks]` is configured (for readiness).
     jwks: Option<Arc<Jwks>>,
     keys: Keys,
+    limits: Arc<limits::Limits>,
+    metrics: Arc<metrics::Metrics>,
     registry: Arc<Registry>,
     /// Cancelled when the relay starts shutting down.
     shutdown: CancellationToken,
@@ -51,6 +56,8 @@ struct AppState {
 pub struct Relay {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
+    /// The address `/metrics` is served on when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     /// The connected devices.
     pub registry: Arc<Registry>,
     /// Completes once the relay has shut down and every tunnel has drained.
@@ -64,10 +71,12 @@ pub struct Relay {
 /// Refuses to start without a way to verify tokens (a secret or `[jwks]`). With `[jwks]`, the
 /// identity provider's keys are fetched in the background: the relay starts even while the
 /// provider is unreachable.
-pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::Result<Relay> {
+pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyhow::Result<Relay> {
+    config.apply_presets()?;
     config.validate()?;
     let jwks = config.jwks.as_ref().map(Jwks::new).transpose()?;
-    let keys = Keys::verifying(config.secret.as_ref(), jwks.clone());
+    let keys =
+        Keys::verifying(config.secret.as_ref(), jwks.clone()).with_rules(config.claim_rules());
     if let Some(jwks_config) = &config.jwks
         && jwks_config.url.scheme() == "http"
         && !jwks_config.url.host_str().is_some_and(is_loopback)
@@ -78,7 +87,18 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let metrics_listener = match config.metrics_listen {
+        Some(metrics_addr) => Some(
+            tokio::net::TcpListener::bind(metrics_addr)
+                .await
+                .with_context(|| format!("listening on {metrics_addr} (metrics_listen)"))?,
+        ),
+        None => None,
+    };
     let grace = config.shutdown_grace;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(config.tcp_keepalive)
+        .with_interval(config.tcp_keepalive);
     let registry = Arc::new(Registry::default());
     let (audit, audit_writer) = match &config.audit_log {
         Some(target) => {
@@ -87,11 +107,14 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
         }
         None => (audit::Audit::disabled(), None),
     };
+    let limits = Arc::new(limits::Limits::new(&config));
     let state = Arc::new(AppState {
         config,
         audit,
         jwks: jwks.clone(),
         keys,
+        limits: limits.clone(),
+        metrics: Arc::default(),
         registry: registry.clone(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
@@ -101,10 +124,33 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
             .tasks
             .spawn(jwks.run(shutdown.clone()).instrument(info_span!("jwks")));
     }
-    let app = router(state.clone());
-    let listener = listener.tap_io(|tcp| {
+    state.tasks.spawn(prune(limits, shutdown.clone()));
+    let metrics_addr = match metrics_listener {
+        Some(metrics_listener) => {
+            let metrics_addr = metrics_listener.local_addr()?;
+            let app = Router::new()
+                .route("/metrics", get(metrics))
+                .with_state(state.clone());
+            let stop = shutdown.clone();
+            state.tasks.spawn(async move {
+                let served = axum::serve(metrics_listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(err) = served {
+                    warn!(error = %err, "metrics listener failed");
+                }
+            });
+            info!(addr = %metrics_addr, "metrics listening");
+            Some(metrics_addr)
+        }
+        None => None,
+    };
+    let app = router(state.clone(), metrics_addr.is_none());
+    let listener = listener.tap_io(move |tcp| {
         // Without it, the last small write of each stream waits ~40 ms for Nagle.
         let _ = tcp.set_nodelay(true);
+        // Probes keep NAT and firewall state alive while a request waits for its first token.
+        let _ = socket2::SockRef::from(&*tcp).set_tcp_keepalive(&keepalive);
     });
     let done = tokio::spawn(async move {
         let server = axum::serve(
@@ -132,9 +178,29 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
     info!(%addr, "relay listening");
     Ok(Relay {
         addr,
+        metrics_addr,
         registry,
         done,
     })
+}
+
+/// Prunes idle limiter state every [`limits::PRUNE_INTERVAL`] until shutdown.
+async fn prune(limits: Arc<limits::Limits>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(limits::PRUNE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => limits.prune(),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+) -> axum::response::Response {
+    let text = state.metrics.encode(state.registry.len());
+    ([(http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
 /// `GET /readyz`: 200 while the relay takes traffic; 503 once it is draining, or while the
@@ -155,8 +221,13 @@ async fn readyz(
     }
 }
 
-fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
+    let router = if with_metrics {
+        Router::new().route("/metrics", get(metrics))
+    } else {
+        Router::new()
+    };
+    router
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route(cloudllm_proto::WELL_KNOWN_PATH, get(well_known::get))

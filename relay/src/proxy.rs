@@ -6,6 +6,8 @@
 //! `x-request-id` that comes back on the response. When the caller goes away, dropping the
 //! response body resets the stream, which makes the daemon abort its request to Ollama.
 
+use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +27,11 @@ use tracing::{debug, info};
 use crate::AppState;
 use crate::audit::{Audit, Event};
 use crate::auth::Scope;
+use crate::client_addr::client_ip;
+use crate::config::TierLimits;
+use crate::limits::{Admitted, Refusal};
+use crate::metrics::{DirectionLabel, Metrics, StatusLabel};
+use crate::registry::{Device, RouteError};
 
 /// Request headers that stay at the relay besides the hop-by-hop ones: the caller's
 /// credentials, and `Host` (HTTP/2 carries the authority itself).
@@ -56,116 +63,291 @@ impl Api<'_> {
     }
 }
 
-/// `/api/*` and `/v1/*`: authenticate, pick the caller's device, forward, stream back.
+/// `/api/*` and `/v1/*`: authenticate, apply the caller's tier limits, pick one of their
+/// devices, forward, stream back.
 pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let started = tokio::time::Instant::now();
     let path = req.uri().path().to_owned();
     let api = Api(&path);
-    let addr = req
+    let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0);
+    let addr = client_ip(peer, req.headers(), &state.config.trusted_proxies);
+    if let Some(refusal) = addr.and_then(|ip| state.limits.blocked(ip)) {
+        return limited(&state, api, None, addr, &refusal);
+    }
     let identity = match state.keys.authenticate(req.headers(), Scope::Client).await {
         Ok(identity) => identity,
         Err(err) => {
+            state.metrics.auth_failed("api");
             state.audit.record(Event::AuthFailure {
                 reason: err.to_string(),
                 route: "api",
                 addr,
             });
+            if let Some(refusal) = addr.and_then(|ip| state.limits.auth_failed(ip)) {
+                return limited(&state, api, None, addr, &refusal);
+            }
             return api.error(err.status(), &err.to_string());
         }
     };
+    let (tier_name, tier) = state.config.tier(identity.tier.as_deref());
+    let admitted = match state.limits.admit(&identity.user, tier_name, tier) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return limited(&state, api, Some(&identity.user), addr, &refusal),
+    };
     let request_id = request_id(req.headers());
     let method = req.method().to_string();
-    let received = Arc::new(AtomicU64::new(0));
-    let mut response = forward_for(
+    let mut record = RequestRecord::new(&state, started);
+    let mut response = route(
         &state,
         api,
         &identity.user,
+        tier,
         &request_id,
-        received.clone(),
+        &record.received,
         req,
     )
     .await;
     response
         .headers_mut()
         .insert(proto::HEADER_REQUEST_ID, request_id.clone());
-    if !state.audit.is_enabled() {
-        return response;
+    record.status = response.status().as_u16();
+    if state.audit.is_enabled() {
+        record.audit = Some(AuditFields {
+            request_id: request_id.to_str().unwrap_or_default().to_owned(),
+            user: identity.user,
+            device: response.extensions().get::<ServedBy>().map(|d| d.0.clone()),
+            model: response.extensions().get::<Model>().map(|m| m.0.clone()),
+            method,
+            path,
+            addr,
+        });
     }
-    // Logged when the response body ends or the caller goes away, with what was sent.
-    let mut record = RequestRecord {
-        audit: state.audit.clone(),
-        request_id: request_id.to_str().unwrap_or_default().to_owned(),
-        user: identity.user,
-        device: response.extensions().get::<ServedBy>().map(|d| d.0.clone()),
-        method,
-        path,
-        status: response.status().as_u16(),
-        received,
-        sent: 0,
-        started,
-        addr,
-    };
+    let max_stream = tier.max_stream;
     response.map(|body| {
-        Body::new(body.map_frame(move |frame| {
-            // The whole record moves into the closure, so it drops with the body.
-            let record = &mut record;
-            if let Some(data) = frame.data_ref() {
-                record.sent += data.len() as u64;
-            }
-            frame
-        }))
+        Body::new(Tracked {
+            inner: body,
+            deadline: Box::pin(tokio::time::sleep(max_stream)),
+            max_stream,
+            record,
+            _admitted: admitted,
+        })
     })
+}
+
+/// Answers a request refused by a limit: 429 with `Retry-After`, counted and audited.
+fn limited(
+    state: &AppState,
+    api: Api<'_>,
+    user: Option<&str>,
+    addr: Option<IpAddr>,
+    refusal: &Refusal,
+) -> Response {
+    debug!(
+        limit = refusal.limit.as_str(),
+        user, "request refused by a limit"
+    );
+    state.metrics.limited(refusal.limit);
+    state.audit.record(Event::RateLimited {
+        user: user.map(str::to_owned),
+        limit: refusal.limit.as_str(),
+        route: "api",
+        addr,
+    });
+    let mut response = api.error(StatusCode::TOO_MANY_REQUESTS, &refusal.message);
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(refusal.retry_after_secs()),
+    );
+    response
 }
 
 /// The device that served a response (a response extension, for the audit log).
 #[derive(Clone)]
 struct ServedBy(String);
 
-/// One request's audit line, written when dropped: when its response body ends or the caller
-/// goes away.
-struct RequestRecord {
-    audit: Audit,
+/// The model a request named, when the relay read it (a response extension, for the audit
+/// log).
+#[derive(Clone)]
+struct Model(String);
+
+/// The audit log's fields of one request.
+struct AuditFields {
     request_id: String,
     user: String,
     device: Option<String>,
+    model: Option<String>,
     method: String,
     path: String,
+    addr: Option<IpAddr>,
+}
+
+/// One request's metrics and audit line, recorded when dropped: when its response body ends or
+/// the caller goes away.
+struct RequestRecord {
+    metrics: Arc<Metrics>,
+    audit_log: Audit,
+    audit: Option<AuditFields>,
     status: u16,
     received: Arc<AtomicU64>,
     sent: u64,
     started: tokio::time::Instant,
-    addr: Option<std::net::SocketAddr>,
+    first_byte: bool,
+}
+
+impl RequestRecord {
+    fn new(state: &AppState, started: tokio::time::Instant) -> Self {
+        state.metrics.in_flight.inc();
+        RequestRecord {
+            metrics: state.metrics.clone(),
+            audit_log: state.audit.clone(),
+            audit: None,
+            status: 0,
+            received: Arc::default(),
+            sent: 0,
+            started,
+            first_byte: false,
+        }
+    }
+
+    fn sent(&mut self, bytes: usize) {
+        if !self.first_byte && bytes > 0 {
+            self.first_byte = true;
+            self.metrics
+                .first_byte
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+        self.sent += bytes as u64;
+    }
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
-        self.audit.record(Event::Request {
-            request_id: std::mem::take(&mut self.request_id),
-            user: std::mem::take(&mut self.user),
-            device: self.device.take(),
-            method: std::mem::take(&mut self.method),
-            path: std::mem::take(&mut self.path),
-            status: self.status,
-            bytes_in: self.received.load(Ordering::Relaxed),
-            bytes_out: self.sent,
-            duration_ms: self.started.elapsed().as_millis() as u64,
-            addr: self.addr,
-        });
+        let elapsed = self.started.elapsed();
+        let received = self.received.load(Ordering::Relaxed);
+        let metrics = &self.metrics;
+        metrics.in_flight.dec();
+        metrics
+            .requests
+            .get_or_create(&StatusLabel {
+                status: self.status,
+            })
+            .inc();
+        metrics.duration.observe(elapsed.as_secs_f64());
+        metrics
+            .bytes
+            .get_or_create(&DirectionLabel { direction: "in" })
+            .inc_by(received);
+        metrics
+            .bytes
+            .get_or_create(&DirectionLabel { direction: "out" })
+            .inc_by(self.sent);
+        if let Some(fields) = self.audit.take() {
+            self.audit_log.record(Event::Request {
+                request_id: fields.request_id,
+                user: fields.user,
+                device: fields.device,
+                model: fields.model,
+                method: fields.method,
+                path: fields.path,
+                status: self.status,
+                bytes_in: received,
+                bytes_out: self.sent,
+                duration_ms: elapsed.as_millis() as u64,
+                addr: fields.addr,
+            });
+        }
     }
 }
 
-async fn forward_for(
+/// A response body on its way to the caller: counts bytes and the first byte, holds the
+/// request's place in its tier's concurrency limit, and ends the response once it has streamed
+/// for the tier's `max_stream`.
+struct Tracked {
+    inner: Body,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    max_stream: std::time::Duration,
+    record: RequestRecord,
+    _admitted: Admitted,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            info!(max_stream = ?self.max_stream, "response streamed for its tier's max_stream: ending it");
+            return Poll::Ready(Some(Err(axum::Error::new(format!(
+                "response ended by the relay after {:?}, the tier's max_stream",
+                self.max_stream
+            )))));
+        }
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+            let len = data.map_or(0, Bytes::len);
+            self.record.sent(len);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Paths whose request body names a model (a JSON object with `"model"`).
+fn names_a_model(method: &http::Method, path: &str) -> bool {
+    method == http::Method::POST
+        && matches!(
+            path,
+            "/api/chat"
+                | "/api/generate"
+                | "/api/embed"
+                | "/api/embeddings"
+                | "/api/show"
+                | "/v1/chat/completions"
+                | "/v1/completions"
+                | "/v1/embeddings"
+        )
+}
+
+/// The `model` of a JSON request body, if it is one.
+fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.model
+}
+
+/// Longest the relay waits for one device's model list when merging them.
+const LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest model list read from one device: thousands of models fit in 8 MiB.
+const MAX_LISTING_BYTES: usize = 8 * 1024 * 1024;
+
+/// Picks the device for a request and forwards it: the device named by `x-cloudllm-device`,
+/// else (with several devices) one that has the requested model, least busy first. With
+/// several devices, `GET /api/tags` and `GET /v1/models` answer with every device's models.
+async fn route(
     state: &AppState,
     api: Api<'_>,
     user: &str,
+    tier: &TierLimits,
     request_id: &HeaderValue,
-    received: Arc<AtomicU64>,
+    received: &Arc<AtomicU64>,
     req: Request,
 ) -> Response {
-    let limit = state.config.max_body_bytes;
+    let limit = tier.max_body_bytes;
     if declared_length(req.headers()).is_some_and(|len| len > limit) {
         tokio::spawn(discard(req.into_body()));
         return too_large(api, limit);
@@ -173,12 +355,158 @@ async fn forward_for(
     let wanted = req
         .headers()
         .get(proto::HEADER_DEVICE)
-        .and_then(|v| v.to_str().ok());
-    let device = match state.registry.pick(user, wanted) {
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let devices = state.registry.devices_of(user);
+    let several = wanted.is_none() && devices.len() > 1;
+    let path = req.uri().path();
+    if several && req.method() == http::Method::GET && matches!(path, "/api/tags" | "/v1/models") {
+        return merged_listing(api, &devices, request_id).await;
+    }
+    let mut model = None;
+    let req = if several && names_a_model(req.method(), path) {
+        // Routing by model needs the body; model requests are small JSON documents.
+        let (parts, body) = req.into_parts();
+        let bytes = match http_body_util::Limited::new(body, limit as usize)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+                return too_large(api, limit);
+            }
+            Err(_) => {
+                return api.error(StatusCode::BAD_REQUEST, "the request body ended early");
+            }
+        };
+        received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        model = model_of(&bytes);
+        Request::from_parts(parts, Body::from(bytes))
+    } else {
+        req
+    };
+    let device = match state
+        .registry
+        .pick(user, wanted.as_deref(), model.as_deref())
+    {
         Ok(device) => device,
+        Err(err @ RouteError::NoModel(..)) => {
+            let mut response = api.error(StatusCode::NOT_FOUND, &err.to_string());
+            response
+                .extensions_mut()
+                .insert(Model(model.unwrap_or_default()));
+            return response;
+        }
         Err(err) => return api.error(StatusCode::SERVICE_UNAVAILABLE, &err.to_string()),
     };
+    let mut response = forward_to(
+        api,
+        &device,
+        limit,
+        request_id,
+        received,
+        model.is_none(),
+        req,
+    )
+    .await;
+    if let Some(model) = model {
+        response.extensions_mut().insert(Model(model));
+    }
+    response
+}
 
+/// `GET /api/tags` or `GET /v1/models` over all `devices`: each device's list, merged (a model
+/// on several devices is listed once). Devices that do not answer are left out; if none
+/// answers, 502.
+async fn merged_listing(
+    api: Api<'_>,
+    devices: &[Arc<Device>],
+    request_id: &HeaderValue,
+) -> Response {
+    let openai = api.0.starts_with("/v1/");
+    let path = api.0;
+    let lists = futures_util::future::join_all(devices.iter().map(|device| async move {
+        let _in_flight = device.begin_request();
+        let request = http::Request::get(format!("http://tunnel{path}"))
+            .header(proto::HEADER_REQUEST_ID, request_id.clone())
+            .body(Body::empty())
+            .ok()?;
+        let fetch = async {
+            let response = device.sender().send_request(request).await.ok()?;
+            if !response.status().is_success() {
+                return None;
+            }
+            let body = http_body_util::Limited::new(response.into_body(), MAX_LISTING_BYTES)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body).ok()
+        };
+        tokio::time::timeout(LISTING_TIMEOUT, fetch)
+            .await
+            .ok()
+            .flatten()
+    }))
+    .await;
+    let (field, key) = if openai {
+        ("data", "id")
+    } else {
+        ("models", "name")
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut merged = Vec::new();
+    let mut answered = 0;
+    for list in lists.into_iter().flatten() {
+        let Some(entries) = list.get(field).and_then(|v| v.as_array()) else {
+            continue;
+        };
+        answered += 1;
+        for entry in entries {
+            let name = entry.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+            if seen.insert(name.to_owned()) {
+                merged.push(entry.clone());
+            }
+        }
+    }
+    if answered == 0 {
+        return api.error(
+            StatusCode::BAD_GATEWAY,
+            "none of your devices answered with its model list; check that Ollama runs on them",
+        );
+    }
+    let body = if openai {
+        serde_json::json!({ "object": "list", "data": merged })
+    } else {
+        serde_json::json!({ "models": merged })
+    };
+    let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
+    let mut response = (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.to_string(),
+    )
+        .into_response();
+    response.extensions_mut().insert(ServedBy(names.join(",")));
+    response
+}
+
+/// Sends one request to `device` with its body streamed (capped at `limit`), and streams the
+/// response back. With `sniff_model`, the model named in the body's first chunk is noted for
+/// the audit log.
+async fn forward_to(
+    api: Api<'_>,
+    device: &Arc<Device>,
+    limit: u64,
+    request_id: &HeaderValue,
+    received: &Arc<AtomicU64>,
+    sniff_model: bool,
+    req: Request,
+) -> Response {
+    let sniff = sniff_model && names_a_model(req.method(), req.uri().path());
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = match format!("http://tunnel{path}").parse() {
@@ -196,20 +524,22 @@ async fn forward_for(
         .headers
         .insert(proto::HEADER_REQUEST_ID, request_id.clone());
     let over_limit = Arc::new(AtomicBool::new(false));
+    let sniffed = Arc::new(std::sync::OnceLock::new());
     let body = Body::new(CappedBody {
         inner: Some(body),
         remaining: limit,
         tripped: over_limit.clone(),
-        received,
+        received: received.clone(),
+        sniff: sniff.then(|| sniffed.clone()),
     });
     let request = http::Request::from_parts(parts, body);
 
     let in_flight = device.begin_request();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    match device.sender().send_request(request).await {
+    let mut response = match device.sender().send_request(request).await {
         Ok(response) => {
-            info!(user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
+            info!(user = %device.user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
             let (mut parts, body) = response.into_parts();
             cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
             // Chunks already waiting go out as one; the request counts as in flight until its
@@ -218,10 +548,9 @@ async fn forward_for(
                 let _ = &in_flight;
                 frame
             });
-            parts.extensions.insert(ServedBy(device.name.clone()));
             Response::from_parts(parts, Body::new(body))
         }
-        Err(_) if over_limit.load(Ordering::Relaxed) => too_large(api, limit),
+        Err(_) if over_limit.load(Ordering::Relaxed) => return too_large(api, limit),
         Err(err) => {
             debug!(error = %err, "tunnel request failed");
             let message = format!(
@@ -230,7 +559,14 @@ async fn forward_for(
             );
             api.error(StatusCode::BAD_GATEWAY, &message)
         }
+    };
+    response
+        .extensions_mut()
+        .insert(ServedBy(device.name.clone()));
+    if let Some(model) = sniffed.get() {
+        response.extensions_mut().insert(Model(model.clone()));
     }
+    response
 }
 
 fn too_large(api: Api<'_>, limit: u64) -> Response {
@@ -280,6 +616,8 @@ struct CappedBody {
     tripped: Arc<AtomicBool>,
     /// Bytes passed so far, for the audit log.
     received: Arc<AtomicU64>,
+    /// Where to note the model named by the first chunk, when it is a whole JSON document.
+    sniff: Option<Arc<std::sync::OnceLock<String>>>,
 }
 
 /// Most of an oversized upload the relay reads and discards so the caller gets its 413.
@@ -310,6 +648,11 @@ impl HttpBody for CappedBody {
             }
             self.remaining -= len;
             self.received.fetch_add(len, Ordering::Relaxed);
+            if let (Some(sniff), Some(data)) = (self.sniff.take(), data)
+                && let Some(model) = model_of(data)
+            {
+                let _ = sniff.set(model);
+            }
         }
         Poll::Ready(frame)
     }

@@ -25,6 +25,8 @@ pub struct Device {
     sender: SendRequest<Body>,
     /// Requests in flight on this tunnel, for least-busy routing.
     in_flight: AtomicUsize,
+    /// The names of the models the device's Ollama has, as the daemon last reported them.
+    models: Mutex<Vec<String>>,
 }
 
 impl Device {
@@ -38,7 +40,27 @@ impl Device {
             tunnel_id: NEXT_TUNNEL.fetch_add(1, Ordering::Relaxed),
             sender,
             in_flight: AtomicUsize::new(0),
+            models: Mutex::default(),
         }
+    }
+
+    /// Replaces the device's model list.
+    pub fn set_models(&self, models: Vec<String>) {
+        *lock(&self.models) = models;
+    }
+
+    /// The device's model names.
+    pub fn models(&self) -> Vec<String> {
+        lock(&self.models).clone()
+    }
+
+    /// Whether the device has `model` (`llama3.2` and `llama3.2:latest` are one model, as in
+    /// Ollama).
+    pub fn has_model(&self, model: &str) -> bool {
+        let wanted = canonical_model(model);
+        lock(&self.models)
+            .iter()
+            .any(|m| canonical_model(m) == wanted)
     }
 
     /// A handle to send requests on this tunnel.
@@ -79,6 +101,27 @@ pub enum RouteError {
     /// The user asked for a device by name or id that is not connected.
     #[error("device {0:?} is not connected; connected devices: {1}")]
     UnknownDevice(String, String),
+    /// None of the user's devices has the model.
+    #[error(
+        "model {0:?} not found on any of your connected devices ({1}); pull it on one of them with `ollama pull {0}`"
+    )]
+    NoModel(String, String),
+}
+
+/// A model name as Ollama compares it: without a tag it means `:latest`.
+fn canonical_model(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains(':') {
+        name.into()
+    } else {
+        format!("{name}:latest").into()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update is one call: a panicking holder cannot leave a half-made change.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// All connected devices, grouped by user.
@@ -88,13 +131,43 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Adds a device. A tunnel with the same user and device id replaces the older one (a
-    /// daemon that reconnected before the relay noticed its old tunnel was dead).
-    pub fn insert(&self, device: Arc<Device>) {
+    /// Adds a device, unless its user already has `max_devices` other devices connected; then
+    /// returns the names of those. A tunnel with the same user and device id replaces the older
+    /// one (a daemon that reconnected before the relay noticed its old tunnel was dead, or
+    /// one that renewed its token) and does not count against the limit.
+    pub fn insert(&self, device: Arc<Device>, max_devices: usize) -> Result<(), Vec<String>> {
         let mut by_user = self.lock();
         let devices = by_user.entry(device.user.clone()).or_default();
+        let others: Vec<String> = devices
+            .iter()
+            .filter(|d| d.id != device.id)
+            .map(|d| d.name.clone())
+            .collect();
+        if others.len() >= max_devices {
+            if devices.is_empty() {
+                by_user.remove(&device.user);
+            }
+            return Err(others);
+        }
         devices.retain(|d| d.id != device.id);
         devices.push(device);
+        Ok(())
+    }
+
+    /// The names of `user`'s connected devices other than the one with `device_id`.
+    pub fn others(&self, user: &str, device_id: &str) -> Vec<String> {
+        self.lock().get(user).map_or_else(Vec::new, |devices| {
+            devices
+                .iter()
+                .filter(|d| d.id != device_id)
+                .map(|d| d.name.clone())
+                .collect()
+        })
+    }
+
+    /// `user`'s connected devices.
+    pub fn devices_of(&self, user: &str) -> Vec<Arc<Device>> {
+        self.lock().get(user).cloned().unwrap_or_default()
     }
 
     /// Removes this exact tunnel, if it is still registered.
@@ -109,10 +182,26 @@ impl Registry {
     }
 
     /// The device that should serve `user`'s next request: the one named by `wanted` (name or
-    /// id), else the least busy one.
-    pub fn pick(&self, user: &str, wanted: Option<&str>) -> Result<Arc<Device>, RouteError> {
+    /// id); else the least busy of those that have `model`; else the least busy one.
+    pub fn pick(
+        &self,
+        user: &str,
+        wanted: Option<&str>,
+        model: Option<&str>,
+    ) -> Result<Arc<Device>, RouteError> {
         let by_user = self.lock();
         let devices = by_user.get(user).ok_or(RouteError::NoDevice)?;
+        if let (None, Some(model)) = (wanted, model) {
+            return devices
+                .iter()
+                .filter(|d| d.has_model(model))
+                .min_by_key(|d| d.in_flight())
+                .cloned()
+                .ok_or_else(|| {
+                    let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
+                    RouteError::NoModel(model.to_owned(), names.join(", "))
+                });
+        }
         match wanted {
             Some(wanted) => devices
                 .iter()

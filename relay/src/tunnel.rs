@@ -8,14 +8,15 @@
 //! shutdown each tunnel is drained too: the daemon sends GOAWAY, lets in-flight streams finish
 //! and reconnects (to the next relay, or with a fresh token) at once.
 
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use cloudllm_proto::{self as proto, Hello};
+use cloudllm_proto::{self as proto, DeviceEvent, Hello};
 use cloudllm_tunnel::WsIo;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
@@ -23,11 +24,13 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::AppState;
 use crate::audit::Event;
 use crate::auth::{AuthError, Scope};
+use crate::client_addr::client_ip;
+use crate::limits::{Limit, Refusal};
 use crate::registry::Device;
 
 /// Time for the WebSocket upgrade and the HTTP/2 handshake plus hello: 10 s is generous on any
@@ -40,23 +43,33 @@ const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// `GET /tunnel`: a daemon opens its tunnel.
 pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
-    let addr = req
+    let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0);
+    let addr = client_ip(peer, req.headers(), &state.config.trusted_proxies);
+    if let Some(refusal) = addr.and_then(|ip| state.limits.blocked(ip)) {
+        return limited(&state, None, addr, &refusal);
+    }
     let refuse = |err: AuthError| {
         warn!(reason = %err, "tunnel refused");
+        state.metrics.auth_failed("tunnel");
         state.audit.record(Event::AuthFailure {
             reason: err.to_string(),
             route: "tunnel",
             addr,
         });
+        if let Some(refusal) = addr.and_then(|ip| state.limits.auth_failed(ip)) {
+            return limited(&state, None, addr, &refusal);
+        }
         plain(err.status(), &err.to_string())
     };
     let identity = match state.keys.authenticate(req.headers(), Scope::Agent).await {
         Ok(identity) => identity,
         Err(err) => return refuse(err),
     };
+    let (tier_name, tier) = state.config.tier(identity.tier.as_deref());
+    let max_devices = tier.devices as usize;
     // A token still inside the verification leeway but past its tunnel grace would open a
     // tunnel only to have it closed at once.
     let Some(lifetime) = token_lifetime(identity.expires_at, state.config.token_grace) else {
@@ -67,6 +80,11 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
         Ok(device) => device,
         Err(message) => return plain(StatusCode::BAD_REQUEST, &message),
     };
+    let others = state.registry.others(&identity.user, &device_id);
+    if others.len() >= max_devices {
+        let refusal = device_limit(tier_name, max_devices, &others);
+        return limited(&state, Some(&identity.user), addr, &refusal);
+    }
     let accept_key = match websocket_key(req.headers()) {
         Ok(key) => key,
         Err(message) => return plain(StatusCode::BAD_REQUEST, message),
@@ -85,7 +103,8 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
                 Err(_) => return warn!("upgrade timed out"),
             };
             let device = (identity.user, device_id, device_name);
-            match run(task_state, TokioIo::new(upgraded), device, expiry, addr).await {
+            let io = TokioIo::new(upgraded);
+            match run(task_state, io, device, max_devices, expiry, addr).await {
                 Ok(()) => info!("tunnel closed"),
                 Err(err) => info!(error = format!("{err:#}"), "tunnel closed"),
             }
@@ -116,8 +135,9 @@ async fn run(
     state: Arc<AppState>,
     io: TokioIo<hyper::upgrade::Upgraded>,
     (user, id, name): (String, String, String),
+    max_devices: usize,
     expiry: tokio::time::Instant,
-    addr: Option<std::net::SocketAddr>,
+    addr: Option<IpAddr>,
 ) -> anyhow::Result<()> {
     let liveness = state.config.liveness();
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(cloudllm_tunnel::ws_config()))
@@ -143,8 +163,18 @@ async fn run(
     );
 
     let device = Arc::new(Device::new(user, id, name, sender));
-    state.registry.insert(device.clone());
-    info!(daemon_version = %hello.daemon_version, "tunnel up");
+    device.set_models(sane_models(hello.models));
+    // Checked again here: another tunnel of the same user may have come up meanwhile.
+    if let Err(others) = state.registry.insert(device.clone(), max_devices) {
+        state.metrics.limited(Limit::Devices);
+        anyhow::bail!(
+            "device limit reached while connecting ({} connected: {})",
+            others.len(),
+            others.join(", ")
+        );
+    }
+    tokio::spawn(follow_events(Arc::downgrade(&device)).in_current_span());
+    info!(daemon_version = %hello.daemon_version, models = device.models().len(), "tunnel up");
     state.audit.record(Event::TunnelConnect {
         user: device.user.clone(),
         device: device.name.clone(),
@@ -260,6 +290,107 @@ async fn fetch_hello(
         .map_err(|err| anyhow::anyhow!("reading hello: {err}"))?
         .to_bytes();
     serde_json::from_slice(&body).context("parsing hello")
+}
+
+/// Keeps a device's model list current from the daemon's events stream, until the stream or
+/// the device ends. A daemon that sends something unreadable or oversized loses the stream (its
+/// last good model list stays), not the tunnel.
+async fn follow_events(device: Weak<Device>) {
+    let Some(mut sender) = device.upgrade().map(|d| d.sender()) else {
+        return;
+    };
+    let Ok(request) =
+        http::Request::get(format!("http://tunnel{}", proto::CONTROL_EVENTS)).body(Body::empty())
+    else {
+        return;
+    };
+    let response = match sender.send_request(request).await {
+        Ok(response) if response.status().is_success() => response,
+        Ok(response) => return debug!(status = %response.status(), "daemon has no events stream"),
+        Err(err) => return debug!(error = %err, "events stream failed"),
+    };
+    drop(sender);
+    let mut body = response.into_body();
+    let mut pending = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line = pending.split_to(end + 1);
+            let Some(device) = device.upgrade() else {
+                return;
+            };
+            match serde_json::from_slice::<DeviceEvent>(&line) {
+                Ok(DeviceEvent::Models { models }) => {
+                    let models = sane_models(models);
+                    debug!(models = models.len(), "device models changed");
+                    device.set_models(models);
+                }
+                Err(err) => {
+                    return warn!(error = %err, "unreadable device event: ignoring the daemon's events");
+                }
+            }
+        }
+        if pending.len() > proto::MAX_EVENT_BYTES {
+            return warn!(
+                "device event over {} bytes: ignoring the daemon's events",
+                proto::MAX_EVENT_BYTES
+            );
+        }
+    }
+}
+
+/// Model names a daemon reported, cut to what the relay keeps: at most
+/// [`proto::MAX_MODELS`] printable names of up to 256 bytes.
+fn sane_models(mut models: Vec<String>) -> Vec<String> {
+    models.retain(|m| {
+        !m.is_empty() && m.len() <= 256 && m.bytes().all(|b| (0x21..0x7f).contains(&b))
+    });
+    models.truncate(proto::MAX_MODELS);
+    models
+}
+
+/// The refusal of a device over its user's device limit.
+fn device_limit(tier: &str, max: usize, others: &[String]) -> Refusal {
+    Refusal {
+        limit: Limit::Devices,
+        // A minute: devices come and go on human time scales.
+        retry_after: Duration::from_secs(60),
+        message: format!(
+            "device limit reached: the {tier} tier allows {max} connected device{} and {} {} connected ({}). \
+             Disconnect one (`cloudllm disconnect` on it) or upgrade your plan",
+            if max == 1 { "" } else { "s" },
+            others.len(),
+            if others.len() == 1 { "is" } else { "are" },
+            others.join(", ")
+        ),
+    }
+}
+
+/// Answers a tunnel request refused by a limit: 429 with `Retry-After`, counted and audited.
+fn limited(
+    state: &AppState,
+    user: Option<&str>,
+    addr: Option<IpAddr>,
+    refusal: &Refusal,
+) -> Response {
+    warn!(limit = refusal.limit.as_str(), "tunnel refused by a limit");
+    state.metrics.limited(refusal.limit);
+    state.audit.record(Event::RateLimited {
+        user: user.map(str::to_owned),
+        limit: refusal.limit.as_str(),
+        route: "tunnel",
+        addr,
+    });
+    let mut response = plain(StatusCode::TOO_MANY_REQUESTS, &refusal.message);
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(refusal.retry_after_secs()),
+    );
+    response
 }
 
 /// The device id and name from the upgrade request's headers.

@@ -80,7 +80,7 @@ fn token_issue_mints_tokens_the_relay_accepts() {
         .unwrap();
     let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(payload["scope"], "client");
-    assert_eq!(claims.tier.as_deref(), Some("premium"));
+    assert_eq!(claims.string_at("tier"), Some("premium"));
     assert!((7100..=7200).contains(&(claims.exp - claims.iat)));
 
     let bad_scope = relay()

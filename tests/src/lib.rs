@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use cloudllm_daemon::DaemonConfig;
 use cloudllm_proto::Secret;
+use cloudllm_relay::config::TierLimits;
 use cloudllm_relay::{Keys, Relay, RelayConfig, Scope};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -42,11 +43,36 @@ pub fn init_logs() {
 
 /// A relay config for tests: loopback port 0, the test secret.
 pub fn relay_config() -> RelayConfig {
-    RelayConfig {
+    let mut config = RelayConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         secret: Some(Secret::new(SECRET)),
+        default_tier: TEST_TIER.to_owned(),
+        // Tests send many bad tokens from 127.0.0.1 on purpose; the limit has its own test.
+        auth_failures_per_minute: 0,
         ..RelayConfig::default()
-    }
+    };
+    config.tiers.insert(
+        TEST_TIER.to_owned(),
+        TierLimits {
+            requests_per_minute: 1_000_000,
+            concurrent_requests: 100_000,
+            devices: 1000,
+            ..TierLimits::premium()
+        },
+    );
+    config
+}
+
+/// The default tier of [`relay_config`]: limits no test reaches unless it sets its own, so
+/// tests of other behaviour never trip them.
+pub const TEST_TIER: &str = "test";
+
+/// The test tier's limits, to change one of them.
+pub fn test_tier(config: &mut RelayConfig) -> &mut TierLimits {
+    config
+        .tiers
+        .get_mut(TEST_TIER)
+        .expect("relay_config has the test tier")
 }
 
 /// Tokens signed with [`SECRET`].

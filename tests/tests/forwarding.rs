@@ -208,7 +208,7 @@ async fn ollama_not_running_gives_502_saying_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_limit_get_413_declared_or_streamed() {
     let mut config = relay_config();
-    config.max_body_bytes = 64 * 1024;
+    cloudllm_e2e::test_tier(&mut config).max_body_bytes = 64 * 1024;
     let stack = Stack::with_relay_config(config).await;
     let big = vec![b'x'; 200 * 1024];
     let declared = stack

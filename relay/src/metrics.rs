@@ -1,0 +1,183 @@
+//! The relay's metrics, served as Prometheus text on `/metrics`.
+//!
+//! Counts and timings only — never a user, device, model or path label, so the series stay
+//! few and carry nothing personal: connected devices, requests in flight and by status, bytes
+//! each way, request duration and time to first byte, authentication failures by route, and
+//! refusals by limit.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label: an HTTP status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// The status, e.g. 200.
+    pub status: u16,
+}
+
+/// Label: bytes from users (`in`) or to them (`out`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `in` or `out`.
+    pub direction: &'static str,
+}
+
+/// Label: where an authentication failed (`api` or `tunnel`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// `api` or `tunnel`.
+    pub route: &'static str,
+}
+
+/// Label: which limit refused a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// See [`crate::limits::Limit::as_str`].
+    pub limit: &'static str,
+}
+
+/// Every metric the relay keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// Connected devices (set when scraped).
+    pub devices: Gauge,
+    /// API requests whose response has not ended.
+    pub in_flight: Gauge,
+    /// API requests by response status, counted when the response ends.
+    pub requests: Family<StatusLabel, Counter>,
+    /// Body bytes of API requests and responses.
+    pub bytes: Family<DirectionLabel, Counter>,
+    /// Seconds from a request's arrival to the end of its response.
+    pub duration: Histogram,
+    /// Seconds from a request's arrival to the first byte of its response body.
+    pub first_byte: Histogram,
+    /// Failed authentications.
+    pub auth_failures: Family<RouteLabel, Counter>,
+    /// Requests and tunnels refused by a limit.
+    pub rate_limited: Family<LimitLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        // 1 ms to ~9 min in factors of 2.5: from a cached model list to a long generation.
+        let buckets = || exponential_buckets(0.001, 2.5, 15);
+        let metrics = Metrics {
+            registry: Registry::default(),
+            devices: Gauge::default(),
+            in_flight: Gauge::default(),
+            requests: Family::default(),
+            bytes: Family::default(),
+            duration: Histogram::new(buckets()),
+            first_byte: Histogram::new(buckets()),
+            auth_failures: Family::default(),
+            rate_limited: Family::default(),
+        };
+        let mut registry = Registry::with_prefix("cloudllm");
+        registry.register(
+            "devices_connected",
+            "Devices with a live tunnel",
+            metrics.devices.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "API requests whose response has not ended",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "requests",
+            "API requests by response status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "body_bytes",
+            "Body bytes of API requests (in) and responses (out)",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to the end of its response",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time from a request's arrival to the first byte of its response body",
+            metrics.first_byte.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Failed authentications by route",
+            metrics.auth_failures.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests and tunnels refused by a limit",
+            metrics.rate_limited.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl Metrics {
+    /// The metrics in the text exposition format.
+    pub fn encode(&self, devices: usize) -> String {
+        self.devices.set(i64::try_from(devices).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Counts a refusal by `limit`.
+    pub fn limited(&self, limit: crate::limits::Limit) {
+        self.rate_limited
+            .get_or_create(&LimitLabel {
+                limit: limit.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts a failed authentication on `route`.
+    pub fn auth_failed(&self, route: &'static str) {
+        self.auth_failures
+            .get_or_create(&RouteLabel { route })
+            .inc();
+    }
+}
+
+/// Content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus reads).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_metrics_name_every_series() {
+        let metrics = Metrics::default();
+        metrics
+            .requests
+            .get_or_create(&StatusLabel { status: 200 })
+            .inc();
+        metrics.limited(crate::limits::Limit::Devices);
+        metrics.auth_failed("api");
+        metrics.first_byte.observe(0.002);
+        let text = metrics.encode(3);
+        for line in [
+            "cloudllm_devices_connected 3",
+            "cloudllm_requests_total{status=\"200\"} 1",
+            "cloudllm_rate_limited_total{limit=\"devices\"} 1",
+            "cloudllm_auth_failures_total{route=\"api\"} 1",
+            "cloudllm_time_to_first_byte_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
