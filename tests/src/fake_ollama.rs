@@ -51,6 +51,8 @@ pub struct Records {
     pub echoed: Mutex<Option<HeaderMap>>,
     /// Streams open right now.
     pub open_streams: AtomicUsize,
+    /// The model names `/api/tags` and `/v1/models` list (default `fake:latest`).
+    pub models: Mutex<Vec<String>>,
     changed: Notify,
 }
 
@@ -122,12 +124,14 @@ impl FakeOllama {
     pub fn serve(listener: tokio::net::TcpListener) -> FakeOllama {
         let addr = listener.local_addr().expect("fake address");
         let records = Arc::new(Records::default());
+        *records.models.lock().unwrap() = vec!["fake:latest".to_owned()];
         let app = Router::new()
             .route(
                 "/api/version",
                 get(|| async { axum::Json(serde_json::json!({"version": "0.0.0-fake"})) }),
             )
             .route("/api/tags", get(tags))
+            .route("/v1/models", get(openai_models))
             .route("/api/generate", post(generate))
             .route("/api/show", any(echo_headers))
             .route("/v1/chat/completions", post(chat_sse))
@@ -143,6 +147,11 @@ impl FakeOllama {
             records,
             task,
         }
+    }
+
+    /// Sets the models it lists.
+    pub fn set_models(&self, models: &[&str]) {
+        *self.records.models.lock().unwrap() = models.iter().map(|m| (*m).to_owned()).collect();
     }
 
     /// Its base URL.
@@ -166,10 +175,26 @@ async fn record_hit(
     next.run(req).await
 }
 
-async fn tags() -> impl IntoResponse {
-    axum::Json(serde_json::json!({
-        "models": [{"name": "fake:latest", "model": "fake:latest", "size": 1, "digest": "0"}]
-    }))
+async fn tags(State(records): State<Arc<Records>>) -> impl IntoResponse {
+    let models: Vec<serde_json::Value> = records
+        .models
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|name| serde_json::json!({"name": name, "model": name, "size": 1, "digest": "0"}))
+        .collect();
+    axum::Json(serde_json::json!({ "models": models }))
+}
+
+async fn openai_models(State(records): State<Arc<Records>>) -> impl IntoResponse {
+    let models: Vec<serde_json::Value> = records
+        .models
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "owned_by": "library"}))
+        .collect();
+    axum::Json(serde_json::json!({ "object": "list", "data": models }))
 }
 
 async fn echo_headers(

@@ -151,6 +151,29 @@ impl TestRelay {
         }
     }
 
+    /// Waits until `user`'s device `device` reports exactly `models` (sorted).
+    pub async fn wait_for_models(&self, user: &str, device: &str, models: &[&str]) {
+        // The daemon polls its Ollama every 10 s: allow one poll and a bit.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let reported = self
+                .relay
+                .registry
+                .devices_of(user)
+                .iter()
+                .find(|d| d.name == device)
+                .map(|d| d.models());
+            if reported.as_deref().is_some_and(|m| m == models) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user}'s {device} reports {reported:?}, expected {models:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts a graceful shutdown (like SIGTERM) without waiting for it.
     pub fn begin_shutdown(&self) {
         self.shutdown.cancel();
