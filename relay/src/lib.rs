@@ -11,10 +11,13 @@ pub mod config;
 pub mod jwks;
 mod proxy;
 pub mod registry;
+pub mod tls;
 mod tunnel;
 mod well_known;
 
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -29,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 pub use auth::{Keys, Scope, Scopes};
-pub use config::{JwksConfig, LoginConfig, RelayConfig};
+pub use config::{JwksConfig, LoginConfig, RelayConfig, TlsConfig};
 use jwks::Jwks;
 use registry::Registry;
 
@@ -55,6 +58,8 @@ pub struct Relay {
     pub registry: Arc<Registry>,
     /// Completes once the relay has shut down and every tunnel has drained.
     pub done: JoinHandle<anyhow::Result<()>>,
+    /// The certificate it serves, with `[tls]`: [`tls::Tls::reload`] reads the files again.
+    pub tls: Option<tls::Tls>,
 }
 
 /// Starts the relay on `config.listen` and runs it until `shutdown` is cancelled. Then it stops
@@ -74,6 +79,7 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
     {
         warn!(url = %jwks_config.url, "[jwks] url is plain http: anyone on the path can swap the keys; use https");
     }
+    let tls = config.tls.as_ref().map(tls::Tls::new).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -101,17 +107,28 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
             .tasks
             .spawn(jwks.run(shutdown.clone()).instrument(info_span!("jwks")));
     }
-    let app = router(state.clone());
-    let listener = listener.tap_io(|tcp| {
-        // Without it, the last small write of each stream waits ~40 ms for Nagle.
-        let _ = tcp.set_nodelay(true);
-    });
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let stop_accepting = shutdown.clone().cancelled_owned();
+    // `tap_io` also gives the connection's peer address to `ConnectInfo` for any listener.
+    let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
+        Some(tls) => Box::pin(
+            axum::serve(tls.listener(listener)?.tap_io(|_| {}), app)
+                .with_graceful_shutdown(stop_accepting)
+                .into_future(),
+        ),
+        None => Box::pin(
+            axum::serve(
+                listener.tap_io(|tcp| {
+                    // Without it, the last small write of each stream waits ~40 ms for Nagle.
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app,
+            )
+            .with_graceful_shutdown(stop_accepting)
+            .into_future(),
+        ),
+    };
     let done = tokio::spawn(async move {
-        let server = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.cancelled_owned());
         let tunnels = async {
             state.shutdown.cancelled().await;
             state.tasks.close();
@@ -129,11 +146,12 @@ pub async fn serve(config: RelayConfig, shutdown: CancellationToken) -> anyhow::
         info!("relay stopped");
         served
     });
-    info!(%addr, "relay listening");
+    info!(%addr, tls = tls.is_some(), "relay listening");
     Ok(Relay {
         addr,
         registry,
         done,
+        tls,
     })
 }
 
