@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,6 +32,10 @@ pub const MIN_SECRET_BYTES: usize = 32;
 /// ```toml
 /// listen = "0.0.0.0:8080"
 /// token_grace = "60s"
+///
+/// [tls]
+/// cert = "/etc/letsencrypt/live/relay.example.com/fullchain.pem"
+/// key = "/etc/letsencrypt/live/relay.example.com/privkey.pem"
 ///
 /// [jwks]
 /// url = "https://idp.example.com/jwks"
@@ -106,6 +110,9 @@ pub struct RelayConfig {
     /// The audit log (JSON lines of tunnel, auth and request metadata): a file to append to,
     /// or `-` for standard output. Off when unset.
     pub audit_log: Option<String>,
+    /// `[tls]`: serve HTTPS (and `wss://` to daemons) with this certificate. Without it the
+    /// relay speaks plain HTTP, for a TLS-terminating reverse proxy in front.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for RelayConfig {
@@ -135,6 +142,7 @@ impl Default for RelayConfig {
             // is short next to any access token's lifetime (minutes to hours).
             token_grace: Duration::from_secs(60),
             audit_log: None,
+            tls: None,
         }
     }
 }
@@ -235,6 +243,19 @@ impl SupabaseConfig {
             refetch_min: default_jwks_refetch_min(),
         })
     }
+}
+
+/// `[tls]`: the relay terminates TLS itself with a certificate and key from PEM files, read
+/// again on SIGHUP (so a renewed certificate needs no restart). Relative paths are relative to
+/// the relay's working directory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain: the relay's certificate first, then the intermediates
+    /// (Let's Encrypt's `fullchain.pem`).
+    pub cert: PathBuf,
+    /// The certificate's private key: PKCS#8, RSA or EC, unencrypted (`privkey.pem`).
+    pub key: PathBuf,
 }
 
 /// `[jwks]`: verify tokens against the JSON Web Key Set an identity provider publishes.
@@ -401,7 +422,8 @@ impl RelayConfig {
     }
 
     /// Checks what serde cannot: that tokens can be verified at all (a secret, `[jwks]`, or
-    /// both), and that `[jwks]` and `[login]` make sense.
+    /// both), that `[jwks]` and `[login]` make sense, and that `[tls]` names a readable
+    /// certificate and the key that belongs to it.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.secret.is_some() || self.jwks.is_none() {
             self.require_secret()?;
@@ -434,6 +456,9 @@ impl RelayConfig {
             "tier_claim {:?} is not a dotted claim path like `tier` or `app_metadata.tier`",
             self.tier_claim
         );
+        if let Some(tls) = &self.tls {
+            crate::tls::load(tls).context("in [tls]")?;
+        }
         Ok(())
     }
 }

@@ -14,10 +14,13 @@ pub mod limits;
 pub mod metrics;
 mod proxy;
 pub mod registry;
+pub mod tls;
 mod tunnel;
 mod well_known;
 
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -32,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 pub use auth::{Keys, Scope, Scopes};
-pub use config::{JwksConfig, LoginConfig, RelayConfig};
+pub use config::{JwksConfig, LoginConfig, RelayConfig, TlsConfig};
 use jwks::Jwks;
 use registry::Registry;
 
@@ -62,6 +65,8 @@ pub struct Relay {
     pub registry: Arc<Registry>,
     /// Completes once the relay has shut down and every tunnel has drained.
     pub done: JoinHandle<anyhow::Result<()>>,
+    /// The certificate it serves, with `[tls]`: [`tls::Tls::reload`] reads the files again.
+    pub tls: Option<tls::Tls>,
 }
 
 /// Starts the relay on `config.listen` and runs it until `shutdown` is cancelled. Then it stops
@@ -83,6 +88,7 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
     {
         warn!(url = %jwks_config.url, "[jwks] url is plain http: anyone on the path can swap the keys; use https");
     }
+    let tls = config.tls.as_ref().map(tls::Tls::new).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -145,19 +151,26 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         }
         None => None,
     };
-    let app = router(state.clone(), metrics_addr.is_none());
-    let listener = listener.tap_io(move |tcp| {
-        // Without it, the last small write of each stream waits ~40 ms for Nagle.
-        let _ = tcp.set_nodelay(true);
-        // Probes keep NAT and firewall state alive while a request waits for its first token.
-        let _ = socket2::SockRef::from(&*tcp).set_tcp_keepalive(&keepalive);
-    });
+    let app = router(state.clone(), metrics_addr.is_none())
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let stop_accepting = shutdown.clone().cancelled_owned();
+    // `tap_io` also gives the connection's peer address to `ConnectInfo` for any listener.
+    let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
+        Some(tls) => Box::pin(
+            axum::serve(tls.listener(listener, keepalive)?.tap_io(|_| {}), app)
+                .with_graceful_shutdown(stop_accepting)
+                .into_future(),
+        ),
+        None => Box::pin(
+            axum::serve(
+                listener.tap_io(move |tcp| tune_socket(tcp, &keepalive)),
+                app,
+            )
+            .with_graceful_shutdown(stop_accepting)
+            .into_future(),
+        ),
+    };
     let done = tokio::spawn(async move {
-        let server = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.cancelled_owned());
         let tunnels = async {
             state.shutdown.cancelled().await;
             state.tasks.close();
@@ -175,13 +188,22 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         info!("relay stopped");
         served
     });
-    info!(%addr, "relay listening");
+    info!(%addr, tls = tls.is_some(), "relay listening");
     Ok(Relay {
         addr,
         metrics_addr,
         registry,
         done,
+        tls,
     })
+}
+
+/// Socket options for every accepted connection, plain or TLS.
+fn tune_socket(tcp: &tokio::net::TcpStream, keepalive: &socket2::TcpKeepalive) {
+    // Without it, the last small write of each stream waits ~40 ms for Nagle.
+    let _ = tcp.set_nodelay(true);
+    // Probes keep NAT and firewall state alive while a request waits for its first token.
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(keepalive);
 }
 
 /// Prunes idle limiter state every [`limits::PRUNE_INTERVAL`] until shutdown.

@@ -108,8 +108,12 @@ fn main() -> std::process::ExitCode {
                     format!("OpenID provider {}", l.issuer)
                 });
             let audit = config.audit_log.as_deref().unwrap_or("off");
+            let tls = config.tls.as_ref().map_or(
+                "off (plain HTTP, for a TLS-terminating proxy in front)".to_owned(),
+                |tls| format!("cert {}, key {}", tls.cert.display(), tls.key.display()),
+            );
             println!(
-                "{}: ok\n  listen: {}\n  tokens: {auth}\n  login: {login}\n  audit log: {audit}",
+                "{}: ok\n  listen: {}\n  tls: {tls}\n  tokens: {auth}\n  login: {login}\n  audit log: {audit}",
                 file.display(),
                 config.listen
             );
@@ -151,11 +155,17 @@ async fn serve(listen: Option<SocketAddr>, path: Option<PathBuf>, dev: bool) -> 
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         config.secret = Some(Secret::new(hex));
     }
+    // Installed before the relay says it listens: SIGHUP's default action would end the process.
+    #[cfg(unix)]
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let shutdown = CancellationToken::new();
     let relay = cloudllm_relay::serve(config.clone(), shutdown.clone()).await?;
     if dev {
         print_dev_tokens(&config, relay.addr)?;
     }
+    #[cfg(unix)]
+    tokio::spawn(reload_on_hangup(hangup, relay.tls.clone()));
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down: draining tunnels (a second signal exits at once)");
@@ -166,17 +176,40 @@ async fn serve(listen: Option<SocketAddr>, path: Option<PathBuf>, dev: bool) -> 
     relay.done.await.context("relay task")?
 }
 
+/// SIGHUP: read the TLS certificate and key files again (after a renewal). A failed reload
+/// keeps the current certificate and logs why.
+#[cfg(unix)]
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    tls: Option<cloudllm_relay::tls::Tls>,
+) {
+    while hangup.recv().await.is_some() {
+        match &tls {
+            // Logs the outcome itself.
+            Some(tls) => {
+                let _ = tls.reload();
+            }
+            None => tracing::info!("SIGHUP: nothing to reload (no [tls] in the config)"),
+        }
+    }
+}
+
 fn print_dev_tokens(config: &RelayConfig, addr: SocketAddr) -> anyhow::Result<()> {
     let keys = Keys::new(config.require_secret()?);
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let ttl = Duration::from_secs(24 * 3600);
     let agent = keys.issue("dev", Scope::Agent, None, ttl)?;
     let client = keys.issue("dev", Scope::Client, None, ttl)?;
     println!(
         "\nDevelopment mode: throwaway secret, tokens for user \"dev\" valid 24 h.\n\n\
          Start the daemon on the machine with Ollama:\n  \
-         CLOUDLLM_RELAY_URL=http://{addr} CLOUDLLM_TOKEN={agent} cloudllmd\n\n\
+         CLOUDLLM_RELAY_URL={scheme}://{addr} CLOUDLLM_TOKEN={agent} cloudllmd\n\n\
          Then call your Ollama through the relay:\n  \
-         curl -H 'Authorization: Bearer {client}' http://{addr}/api/tags\n"
+         curl -H 'Authorization: Bearer {client}' {scheme}://{addr}/api/tags\n"
     );
     Ok(())
 }
