@@ -652,4 +652,53 @@ mod tests {
         h.insert(http::header::AUTHORIZATION, "bearer  tok ".parse().unwrap());
         assert_eq!(bearer_token(&h), Some("tok"));
     }
+
+    #[tokio::test]
+    async fn the_tier_comes_from_the_configured_claim_path_and_scopes_may_be_implicit() {
+        let secret = Secret::new("a".repeat(32));
+        let now = now();
+        let encoding = EncodingKey::from_secret(secret.expose().as_bytes());
+        // A provider's token: no cloudllm scope, the tier nested in app_metadata.
+        let provider_token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({
+                "sub": "alice", "exp": now + 60, "role": "authenticated",
+                "app_metadata": {"tier": "premium"}, "user_metadata": {"tier": "hacked"}
+            }),
+            &encoding,
+        )
+        .unwrap();
+        // Without implicit scopes such a token is some other application's.
+        assert_eq!(
+            Keys::new(&secret)
+                .authenticate(&headers(&provider_token), Scope::Client)
+                .await,
+            Err(AuthError::Invalid)
+        );
+        let keys = Keys::new(&secret).with_rules(ClaimRules {
+            tier_path: "app_metadata.tier".into(),
+            implicit_scopes: Scopes::ALL,
+        });
+        for need in [Scope::Agent, Scope::Client] {
+            let id = keys
+                .authenticate(&headers(&provider_token), need)
+                .await
+                .unwrap();
+            assert_eq!(id.tier.as_deref(), Some("premium"));
+        }
+        // A token that names its scopes keeps them: implicit scopes only fill a gap.
+        let client_only = keys
+            .issue("bob", Scope::Client, None, Duration::from_secs(60))
+            .unwrap();
+        assert!(matches!(
+            keys.authenticate(&headers(&client_only), Scope::Agent)
+                .await,
+            Err(AuthError::WrongScope { .. })
+        ));
+        // A path that leads nowhere, or to a non-string, means no tier.
+        let claims = keys.verify(&provider_token).await.unwrap();
+        assert_eq!(claims.string_at("app_metadata"), None);
+        assert_eq!(claims.string_at("app_metadata.tier.x"), None);
+        assert_eq!(claims.string_at("nothing.here"), None);
+    }
 }

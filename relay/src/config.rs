@@ -628,4 +628,100 @@ mod tests {
         let err = toml::from_str::<RelayConfig>("[login]\nissuer = \"https://i\"\n").unwrap_err();
         assert!(err.to_string().contains("client_id"), "{err}");
     }
+
+    #[test]
+    fn the_supabase_preset_fills_in_the_provider() {
+        let mut config: RelayConfig =
+            toml::from_str("[supabase]\nurl = \"https://abcd.supabase.co/\"\n").unwrap();
+        config.apply_presets().unwrap();
+        let jwks = config.jwks.clone().unwrap();
+        assert_eq!(
+            jwks.url.as_str(),
+            "https://abcd.supabase.co/auth/v1/.well-known/jwks.json"
+        );
+        assert_eq!(jwks.issuer, "https://abcd.supabase.co/auth/v1");
+        assert_eq!(jwks.audience, "authenticated");
+        assert_eq!(jwks.algorithms, vec![Algorithm::ES256, Algorithm::RS256]);
+        assert_eq!(config.implicit_scopes, Some(Scopes::ALL));
+        assert_eq!(config.tier_claim, "app_metadata.tier");
+        assert!(config.validate().is_ok());
+        // Applying it again (load, then serve) changes nothing.
+        let before = format!("{config:?}");
+        config.apply_presets().unwrap();
+        assert_eq!(format!("{config:?}"), before);
+
+        // Explicit settings win; a second provider is an error.
+        let mut explicit: RelayConfig = toml::from_str(
+            "tier_claim = \"plan\"\nimplicit_scopes = \"client\"\n[supabase]\nurl = \"https://abcd.supabase.co\"\n",
+        )
+        .unwrap();
+        explicit.apply_presets().unwrap();
+        assert_eq!(explicit.tier_claim, "plan");
+        let scopes = explicit.implicit_scopes.unwrap();
+        assert!(scopes.has(crate::Scope::Client) && !scopes.has(crate::Scope::Agent));
+        let mut both: RelayConfig = toml::from_str(&format!(
+            "{JWKS}\n[supabase]\nurl = \"https://abcd.supabase.co\"\n"
+        ))
+        .unwrap();
+        let err = both.apply_presets().unwrap_err().to_string();
+        assert!(
+            err.contains("[supabase]") && err.contains("[jwks]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tiers_extend_the_builtins_and_are_checked() {
+        let mut config: RelayConfig = toml::from_str(
+            "default_tier = \"team\"\n[tiers.team]\nrequests_per_minute = 100\nconcurrent_requests = 8\n\
+             devices = 3\nmax_body_bytes = 1000\nmax_stream = \"1h\"\n",
+        )
+        .unwrap();
+        config.secret = Some(Secret::new("x".repeat(MIN_SECRET_BYTES)));
+        assert!(config.validate().is_ok());
+        assert_eq!(
+            config.tiers.keys().collect::<Vec<_>>(),
+            ["free", "premium", "team"]
+        );
+        assert_eq!(config.tier(Some("premium")).0, "premium");
+        assert_eq!(
+            config.tier(Some("platinum")).0,
+            "team",
+            "unknown tiers get the default"
+        );
+        assert_eq!(config.tier(None).1.devices, 3);
+
+        // A table must name every limit.
+        let err =
+            toml::from_str::<RelayConfig>("[tiers.x]\nrequests_per_minute = 1\n").unwrap_err();
+        assert!(err.to_string().contains("missing field"), "{err}");
+        let zero: RelayConfig = toml::from_str(
+            "[tiers.free]\nrequests_per_minute = 0\nconcurrent_requests = 1\ndevices = 1\n\
+             max_body_bytes = 1\nmax_stream = \"1s\"\n",
+        )
+        .unwrap();
+        let mut zero = zero;
+        zero.secret = Some(Secret::new("x".repeat(MIN_SECRET_BYTES)));
+        let err = zero.validate().unwrap_err().to_string();
+        assert!(err.contains("[tiers.free]"), "{err}");
+        let mut missing = RelayConfig {
+            default_tier: "gold".into(),
+            secret: Some(Secret::new("x".repeat(MIN_SECRET_BYTES))),
+            ..RelayConfig::default()
+        };
+        let err = missing.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("gold") && err.contains("free, premium"),
+            "{err}"
+        );
+        missing.default_tier = "free".into();
+        missing.tier_claim = "app_metadata.".into();
+        assert!(
+            missing
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("tier_claim")
+        );
+    }
 }

@@ -87,53 +87,77 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
-        Command::Serve {
-            listen,
-            config,
-            dev,
-        } => serve(listen, config, dev),
-        Command::CheckConfig { file } => load_config(Some(&file)).and_then(|config| {
-            config.validate()?;
-            let auth = match (&config.secret, &config.jwks) {
-                (Some(_), Some(jwks)) => format!("own HS256 secret and JWKS from {}", jwks.url),
-                (Some(_), None) => "own HS256 secret".to_owned(),
-                (None, Some(jwks)) => format!("JWKS from {}", jwks.url),
-                (None, None) => "none".to_owned(),
-            };
-            let login = config
-                .login
-                .as_ref()
-                .map_or("operator-issued tokens (--with-token)".to_owned(), |l| {
-                    format!("OpenID provider {}", l.issuer)
-                });
-            let audit = config.audit_log.as_deref().unwrap_or("off");
-            let tls = config.tls.as_ref().map_or(
-                "off (plain HTTP, for a TLS-terminating proxy in front)".to_owned(),
-                |tls| format!("cert {}, key {}", tls.cert.display(), tls.key.display()),
-            );
-            println!(
-                "{}: ok\n  listen: {}\n  tls: {tls}\n  tokens: {auth}\n  login: {login}\n  audit log: {audit}",
-                file.display(),
-                config.listen
-            );
-            Ok(())
-        }),
-        Command::Token {
-            command:
-                TokenCommand::Issue {
-                    user,
-                    scope,
-                    tier,
-                    ttl,
-                    config,
-                },
-        } => load_config(config.as_ref()).and_then(|config| {
-            let keys = Keys::new(config.require_secret()?);
-            println!("{}", keys.issue(&user, scope, tier.as_deref(), ttl)?);
-            Ok(())
-        }),
-    };
+    let result =
+        match cli.command {
+            Command::Serve {
+                listen,
+                config,
+                dev,
+            } => serve(listen, config, dev),
+            Command::CheckConfig { file } => load_config(Some(&file)).and_then(|config| {
+                config.validate()?;
+                let auth = match (&config.secret, &config.jwks) {
+                    (Some(_), Some(jwks)) => format!("own HS256 secret and JWKS from {}", jwks.url),
+                    (Some(_), None) => "own HS256 secret".to_owned(),
+                    (None, Some(jwks)) => format!("JWKS from {}", jwks.url),
+                    (None, None) => "none".to_owned(),
+                };
+                let login = config
+                    .login
+                    .as_ref()
+                    .map_or("operator-issued tokens (--with-token)".to_owned(), |l| {
+                        format!("OpenID provider {}", l.issuer)
+                    });
+                let audit = config.audit_log.as_deref().unwrap_or("off");
+                let tls = config.tls.as_ref().map_or(
+                    "off (plain HTTP, for a TLS-terminating proxy in front)".to_owned(),
+                    |tls| format!("cert {}, key {}", tls.cert.display(), tls.key.display()),
+                );
+                let tiers: Vec<String> = config
+                .tiers
+                .iter()
+                .map(|(name, t)| {
+                    format!(
+                        "{name}{} ({}/min, {} at once, {} device(s), body {} bytes, streams {})",
+                        if *name == config.default_tier { ", default" } else { "" },
+                        t.requests_per_minute,
+                        t.concurrent_requests,
+                        t.devices,
+                        t.max_body_bytes,
+                        humantime::format_duration(t.max_stream)
+                    )
+                })
+                .collect();
+                let metrics = config
+                    .metrics_listen
+                    .map_or("/metrics on the main address".to_owned(), |addr| {
+                        format!("/metrics on {addr}")
+                    });
+                println!(
+                    "{}: ok\n  listen: {}\n  tls: {tls}\n  tokens: {auth}\n  login: {login}\n  \
+                 tier claim: {}\n  tiers: {}\n  audit log: {audit}\n  metrics: {metrics}",
+                    file.display(),
+                    config.listen,
+                    config.tier_claim,
+                    tiers.join("; ")
+                );
+                Ok(())
+            }),
+            Command::Token {
+                command:
+                    TokenCommand::Issue {
+                        user,
+                        scope,
+                        tier,
+                        ttl,
+                        config,
+                    },
+            } => load_config(config.as_ref()).and_then(|config| {
+                let keys = Keys::new(config.require_secret()?);
+                println!("{}", keys.issue(&user, scope, tier.as_deref(), ttl)?);
+                Ok(())
+            }),
+        };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
@@ -202,8 +226,8 @@ fn print_dev_tokens(config: &RelayConfig, addr: SocketAddr) -> anyhow::Result<()
         "http"
     };
     let ttl = Duration::from_secs(24 * 3600);
-    let agent = keys.issue("dev", Scope::Agent, None, ttl)?;
-    let client = keys.issue("dev", Scope::Client, None, ttl)?;
+    let agent = keys.issue("dev", Scope::Agent, Some("premium"), ttl)?;
+    let client = keys.issue("dev", Scope::Client, Some("premium"), ttl)?;
     println!(
         "\nDevelopment mode: throwaway secret, tokens for user \"dev\" valid 24 h.\n\n\
          Start the daemon on the machine with Ollama:\n  \
