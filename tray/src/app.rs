@@ -1,0 +1,196 @@
+//! The GUI: one event loop (tao: GTK on Linux, AppKit on macOS, Win32 on Windows) that owns
+//! the tray icon and its menu, and draws whatever [`view`] says for the latest daemon state.
+//!
+//! The IPC client runs on its own thread ([`crate::daemon`]) and posts events into this loop
+//! through its proxy; menu clicks come in the same way and go back as [`Action`]s. Nothing here
+//! decides anything: the look, tooltip and menu all come from the pure [`view`] function.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tao::event::{Event, StartCause};
+use tao::event_loop::{ControlFlow, EventLoopBuilder};
+use tracing::{info, warn};
+use tray_icon::menu::{Menu, MenuEvent, MenuId, MenuItem, PredefinedMenuItem};
+use tray_icon::{Icon, TrayIcon, TrayIconBuilder};
+
+use crate::daemon;
+use crate::host;
+use crate::icon;
+use crate::view::{Action, Entry, Look, TrayState, View, view};
+
+/// What reaches the event loop from other threads.
+#[derive(Debug)]
+enum UserEvent {
+    /// From the IPC thread.
+    Daemon(daemon::Event),
+    /// A menu item was clicked.
+    Menu(MenuId),
+}
+
+/// Shows the tray for the daemon at `socket` until the user picks Quit. Fails (before showing
+/// anything) only when no tray host appears within `wait_for_tray`; a missing daemon is a
+/// state, not an error.
+pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Result<()> {
+    host::wait_for_host(wait_for_tray)?;
+    let event_loop = EventLoopBuilder::<UserEvent>::with_user_event().build();
+
+    let proxy = event_loop.create_proxy();
+    MenuEvent::set_event_handler(Some(move |event: MenuEvent| {
+        let _ = proxy.send_event(UserEvent::Menu(event.id));
+    }));
+    let proxy = event_loop.create_proxy();
+    let actions = daemon::spawn(socket, move |event| {
+        let _ = proxy.send_event(UserEvent::Daemon(event));
+    })
+    .context("starting the IPC thread")?;
+
+    let icons = Look::ALL
+        .into_iter()
+        .map(|look| {
+            Ok((
+                look,
+                Icon::from_rgba(icon::rgba(look), icon::SIZE, icon::SIZE)?,
+            ))
+        })
+        .collect::<Result<HashMap<_, _>, tray_icon::BadIcon>>()
+        .context("drawing the icons")?;
+    let mut tray: Option<Tray> = None;
+
+    event_loop.run(move |event, _, control_flow| {
+        *control_flow = ControlFlow::Wait;
+        match event {
+            // The icon is created once the loop runs: macOS needs its application running first.
+            Event::NewEvents(StartCause::Init) => match Tray::new(icons.clone()) {
+                Ok(created) => tray = Some(created),
+                Err(err) => {
+                    eprintln!("cloudllm-tray: cannot show the tray icon: {err:#}");
+                    *control_flow = ControlFlow::ExitWithCode(1);
+                }
+            },
+            Event::UserEvent(UserEvent::Daemon(event)) => {
+                if let Some(tray) = &mut tray {
+                    tray.on_daemon(event);
+                }
+            }
+            Event::UserEvent(UserEvent::Menu(id)) => {
+                let Some(action) = Action::from_id(id.as_ref()) else {
+                    return;
+                };
+                info!(?action, "menu");
+                match action {
+                    Action::Quit => *control_flow = ControlFlow::Exit,
+                    Action::CopyApiUrl => {
+                        if let Some(tray) = &mut tray {
+                            tray.copy_api_url();
+                        }
+                    }
+                    Action::Connect | Action::Disconnect | Action::ShowLogs => {
+                        if actions.try_send(action).is_err() {
+                            warn!(?action, "the daemon is busy; click ignored");
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    })
+}
+
+/// The icon, its menu, and what they show now.
+struct Tray {
+    icon: TrayIcon,
+    icons: HashMap<Look, Icon>,
+    state: TrayState,
+    failure: Option<String>,
+    shown: View,
+    /// Kept alive: on X11 the clipboard's content lives as long as its owner.
+    clipboard: Option<arboard::Clipboard>,
+}
+
+impl Tray {
+    fn new(icons: HashMap<Look, Icon>) -> anyhow::Result<Tray> {
+        let state = TrayState::Starting;
+        let shown = view(&state, None);
+        let icon = TrayIconBuilder::new()
+            .with_id("cloudllm")
+            .with_icon(icons[&shown.look].clone())
+            .with_tooltip(&shown.tooltip)
+            .with_menu(Box::new(build_menu(&shown.menu)?))
+            .with_menu_on_left_click(true)
+            .build()
+            .context("creating the tray icon")?;
+        Ok(Tray {
+            icon,
+            icons,
+            state,
+            failure: None,
+            shown,
+            clipboard: None,
+        })
+    }
+
+    fn on_daemon(&mut self, event: daemon::Event) {
+        match event {
+            daemon::Event::State(state) => self.state = state,
+            daemon::Event::ActionDone(failure) => self.failure = failure,
+        }
+        self.show(view(&self.state, self.failure.as_deref()));
+    }
+
+    /// Updates what differs between the shown view and `next`.
+    fn show(&mut self, next: View) {
+        if next.look != self.shown.look {
+            info!(look = ?next.look, "icon");
+            if let Err(err) = self.icon.set_icon(Some(self.icons[&next.look].clone())) {
+                warn!(error = %err, "cannot change the icon");
+            }
+        }
+        if next.tooltip != self.shown.tooltip
+            && let Err(err) = self.icon.set_tooltip(Some(&next.tooltip))
+        {
+            warn!(error = %err, "cannot change the tooltip");
+        }
+        if next.menu != self.shown.menu {
+            match build_menu(&next.menu) {
+                Ok(menu) => self.icon.set_menu(Some(Box::new(menu))),
+                Err(err) => warn!(error = %err, "cannot build the menu"),
+            }
+        }
+        self.shown = next;
+    }
+
+    fn copy_api_url(&mut self) {
+        let Some(url) = self.shown.api_url.clone() else {
+            return;
+        };
+        let copied = match &mut self.clipboard {
+            Some(clipboard) => clipboard.set_text(url),
+            None => arboard::Clipboard::new().and_then(|mut clipboard| {
+                clipboard.set_text(url)?;
+                self.clipboard = Some(clipboard);
+                Ok(())
+            }),
+        };
+        self.failure = copied
+            .err()
+            .map(|err| format!("cannot use the clipboard: {err}"));
+        self.show(view(&self.state, self.failure.as_deref()));
+    }
+}
+
+/// The toolkit's menu for `entries`.
+fn build_menu(entries: &[Entry]) -> anyhow::Result<Menu> {
+    let menu = Menu::new();
+    for entry in entries {
+        match entry {
+            Entry::Info(text) => menu.append(&MenuItem::new(text, false, None))?,
+            Entry::Item { label, action } => {
+                menu.append(&MenuItem::with_id(action.id(), label, true, None))?
+            }
+            Entry::Separator => menu.append(&PredefinedMenuItem::separator())?,
+        }
+    }
+    Ok(menu)
+}
