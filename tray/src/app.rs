@@ -57,21 +57,30 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
         .collect::<Result<HashMap<_, _>, tray_icon::BadIcon>>()
         .context("drawing the icons")?;
     let mut tray: Option<Tray> = None;
+    // What the daemon said last; kept outside the icon, which exists only once the loop runs.
+    let mut state = TrayState::Starting;
+    let mut failure: Option<String> = None;
 
     event_loop.run(move |event, _, control_flow| {
         *control_flow = ControlFlow::Wait;
         match event {
             // The icon is created once the loop runs: macOS needs its application running first.
-            Event::NewEvents(StartCause::Init) => match Tray::new(icons.clone()) {
-                Ok(created) => tray = Some(created),
-                Err(err) => {
-                    eprintln!("cloudllm-tray: cannot show the tray icon: {err:#}");
-                    *control_flow = ControlFlow::ExitWithCode(1);
+            Event::NewEvents(StartCause::Init) => {
+                match Tray::new(icons.clone(), view(&state, failure.as_deref())) {
+                    Ok(created) => tray = Some(created),
+                    Err(err) => {
+                        eprintln!("cloudllm-tray: cannot show the tray icon: {err:#}");
+                        *control_flow = ControlFlow::ExitWithCode(1);
+                    }
                 }
-            },
+            }
             Event::UserEvent(UserEvent::Daemon(event)) => {
+                match event {
+                    daemon::Event::State(new) => state = new,
+                    daemon::Event::ActionDone(outcome) => failure = outcome,
+                }
                 if let Some(tray) = &mut tray {
-                    tray.on_daemon(event);
+                    tray.show(view(&state, failure.as_deref()));
                 }
             }
             Event::UserEvent(UserEvent::Menu(id)) => {
@@ -83,7 +92,8 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
                     Action::Quit => *control_flow = ControlFlow::Exit,
                     Action::CopyApiUrl => {
                         if let Some(tray) = &mut tray {
-                            tray.copy_api_url();
+                            failure = tray.copy_api_url().err();
+                            tray.show(view(&state, failure.as_deref()));
                         }
                     }
                     Action::Connect | Action::Disconnect | Action::ShowLogs => {
@@ -102,17 +112,13 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
 struct Tray {
     icon: TrayIcon,
     icons: HashMap<Look, Icon>,
-    state: TrayState,
-    failure: Option<String>,
     shown: View,
     /// Kept alive: on X11 the clipboard's content lives as long as its owner.
     clipboard: Option<arboard::Clipboard>,
 }
 
 impl Tray {
-    fn new(icons: HashMap<Look, Icon>) -> anyhow::Result<Tray> {
-        let state = TrayState::Starting;
-        let shown = view(&state, None);
+    fn new(icons: HashMap<Look, Icon>, shown: View) -> anyhow::Result<Tray> {
         let icon = TrayIconBuilder::new()
             .with_id("cloudllm")
             .with_icon(icons[&shown.look].clone())
@@ -124,19 +130,9 @@ impl Tray {
         Ok(Tray {
             icon,
             icons,
-            state,
-            failure: None,
             shown,
             clipboard: None,
         })
-    }
-
-    fn on_daemon(&mut self, event: daemon::Event) {
-        match event {
-            daemon::Event::State(state) => self.state = state,
-            daemon::Event::ActionDone(failure) => self.failure = failure,
-        }
-        self.show(view(&self.state, self.failure.as_deref()));
     }
 
     /// Updates what differs between the shown view and `next`.
@@ -161,9 +157,10 @@ impl Tray {
         self.shown = next;
     }
 
-    fn copy_api_url(&mut self) {
+    /// Puts the shown API URL on the clipboard.
+    fn copy_api_url(&mut self) -> Result<(), String> {
         let Some(url) = self.shown.api_url.clone() else {
-            return;
+            return Ok(());
         };
         let copied = match &mut self.clipboard {
             Some(clipboard) => clipboard.set_text(url),
@@ -173,10 +170,7 @@ impl Tray {
                 Ok(())
             }),
         };
-        self.failure = copied
-            .err()
-            .map(|err| format!("cannot use the clipboard: {err}"));
-        self.show(view(&self.state, self.failure.as_deref()));
+        copied.map_err(|err| format!("cannot use the clipboard: {err}"))
     }
 }
 
