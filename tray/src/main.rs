@@ -1,5 +1,8 @@
 //! `cloudllm-tray`: shows the cloudllm daemon's state as a tray icon with a menu.
 
+// A release build on Windows opens no console window beside the icon.
+#![cfg_attr(all(windows, not(debug_assertions)), windows_subsystem = "windows")]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,7 +16,8 @@ struct Args {
     /// The daemon's socket [default: the user daemon's, else the system daemon's].
     #[arg(long, env = cloudllm_cli::SOCKET_ENV)]
     socket: Option<PathBuf>,
-    /// How long to wait for a system tray to appear before giving up (e.g. 10s, 500ms).
+    /// How long to wait for a system tray to appear before giving up (e.g. 10s, 500ms). At
+    /// login the tray may start a moment before the panel does.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     wait_for_tray: Duration,
 }

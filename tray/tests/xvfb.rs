@@ -8,6 +8,8 @@
 //! ImageMagick's `import` and `xclip` (`.ci/run` installs them); `CLOUDLLM_SKIP_TRAY_TEST=1`
 //! skips it knowingly.
 
+#![cfg(feature = "gui")]
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
