@@ -412,9 +412,16 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
         "the tray exited when the daemon died: {}",
         tray_log()
     );
+    // Back, but with its Ollama down: the error triangle.
+    let mut config = config;
+    config.ollama_url = closed_port_url();
     let daemon = TestDaemon::start(config);
     relay.wait_for_devices("alice", 1).await;
-    wait_for_look(&display, Look::Connected, Some(icon)).await;
+    wait_for_look(&display, Look::Error, Some(icon)).await;
+
+    // The relay goes away: the daemon keeps re-dialling, shown as the ring.
+    relay.stop().await;
+    wait_for_look(&display, Look::Connecting, Some(icon)).await;
 
     // "Quit" (the last item) ends the tray, not the daemon.
     open_menu(&display, icon).await;
@@ -426,11 +433,18 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     assert!(exit.success(), "tray exit: {exit:?}\n{}", tray_log());
     assert!(matches!(
         status(&socket).await.connection,
-        Connection::Connected { .. }
+        Connection::Reconnecting { .. }
     ));
     assert!(!daemon.is_finished());
     daemon.stop().await.expect("daemon stop");
-    relay.stop().await;
+}
+
+/// A loopback URL where nothing listens (a port the system gave out and took back).
+fn closed_port_url() -> url::Url {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    drop(listener);
+    url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("URL")
 }
 
 #[tokio::test]
