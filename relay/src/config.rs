@@ -76,6 +76,9 @@ pub struct RelayConfig {
     /// The audit log (JSON lines of tunnel, auth and request metadata): a file to append to,
     /// or `-` for standard output. Off when unset.
     pub audit_log: Option<String>,
+    /// A web page for this relay's users (account, tokens, usage), published at
+    /// `/.well-known/cloudllm`; the tray offers "Open web page" when it is set.
+    pub web_url: Option<Url>,
 }
 
 impl Default for RelayConfig {
@@ -95,6 +98,7 @@ impl Default for RelayConfig {
             // is short next to any access token's lifetime (minutes to hours).
             token_grace: Duration::from_secs(60),
             audit_log: None,
+            web_url: None,
         }
     }
 }

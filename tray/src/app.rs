@@ -18,7 +18,7 @@ use tray_icon::{Icon, TrayIcon, TrayIconBuilder};
 use crate::daemon;
 use crate::host;
 use crate::icon;
-use crate::view::{Action, Entry, Look, TrayState, View, view};
+use crate::view::{Action, Entry, Look, TrayState, View, same_layout, view};
 
 /// What reaches the event loop from other threads.
 #[derive(Debug)]
@@ -60,13 +60,17 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
     // What the daemon said last; kept outside the icon, which exists only once the loop runs.
     let mut state = TrayState::Starting;
     let mut failure: Option<String> = None;
+    let mut web_page: Option<String> = None;
 
     event_loop.run(move |event, _, control_flow| {
         *control_flow = ControlFlow::Wait;
         match event {
             // The icon is created once the loop runs: macOS needs its application running first.
             Event::NewEvents(StartCause::Init) => {
-                match Tray::new(icons.clone(), view(&state, failure.as_deref())) {
+                match Tray::new(
+                    icons.clone(),
+                    view(&state, web_page.as_deref(), failure.as_deref()),
+                ) {
                     Ok(created) => tray = Some(created),
                     Err(err) => {
                         eprintln!("cloudllm-tray: cannot show the tray icon: {err:#}");
@@ -78,9 +82,10 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
                 match event {
                     daemon::Event::State(new) => state = new,
                     daemon::Event::ActionDone(outcome) => failure = outcome,
+                    daemon::Event::WebPage(page) => web_page = page,
                 }
                 if let Some(tray) = &mut tray {
-                    tray.show(view(&state, failure.as_deref()));
+                    tray.show(view(&state, web_page.as_deref(), failure.as_deref()));
                 }
             }
             Event::UserEvent(UserEvent::Menu(id)) => {
@@ -93,11 +98,17 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
                     Action::CopyApiUrl => {
                         if let Some(tray) = &mut tray {
                             failure = tray.copy_api_url().err();
-                            tray.show(view(&state, failure.as_deref()));
+                            tray.show(view(&state, web_page.as_deref(), failure.as_deref()));
+                        }
+                    }
+                    Action::OpenWebPage => {
+                        if let Some(tray) = &mut tray {
+                            failure = tray.open_web_page().err();
+                            tray.show(view(&state, web_page.as_deref(), failure.as_deref()));
                         }
                     }
                     Action::Connect | Action::Disconnect | Action::ShowLogs => {
-                        if actions.try_send(action).is_err() {
+                        if !actions.try_send(action) {
                             warn!(?action, "the daemon is busy; click ignored");
                         }
                     }
@@ -113,17 +124,20 @@ struct Tray {
     icon: TrayIcon,
     icons: HashMap<Look, Icon>,
     shown: View,
+    /// The shown menu's items, by position (`None` for separators), for relabelling in place.
+    items: Vec<Option<MenuItem>>,
     /// Kept alive: on X11 the clipboard's content lives as long as its owner.
     clipboard: Option<arboard::Clipboard>,
 }
 
 impl Tray {
     fn new(icons: HashMap<Look, Icon>, shown: View) -> anyhow::Result<Tray> {
+        let (menu, items) = build_menu(&shown.menu)?;
         let icon = TrayIconBuilder::new()
             .with_id("cloudllm")
             .with_icon(icons[&shown.look].clone())
             .with_tooltip(&shown.tooltip)
-            .with_menu(Box::new(build_menu(&shown.menu)?))
+            .with_menu(Box::new(menu))
             .with_menu_on_left_click(true)
             .build()
             .context("creating the tray icon")?;
@@ -131,6 +145,7 @@ impl Tray {
             icon,
             icons,
             shown,
+            items,
             clipboard: None,
         })
     }
@@ -148,13 +163,32 @@ impl Tray {
         {
             warn!(error = %err, "cannot change the tooltip");
         }
-        if next.menu != self.shown.menu {
+        if same_layout(&next.menu, &self.shown.menu) {
+            for ((entry, old), item) in next.menu.iter().zip(&self.shown.menu).zip(&self.items) {
+                if let (Some(item), true) = (item, entry != old) {
+                    item.set_text(label(entry));
+                }
+            }
+        } else {
             match build_menu(&next.menu) {
-                Ok(menu) => self.icon.set_menu(Some(Box::new(menu))),
+                Ok((menu, items)) => {
+                    self.icon.set_menu(Some(Box::new(menu)));
+                    self.items = items;
+                }
                 Err(err) => warn!(error = %err, "cannot build the menu"),
             }
         }
         self.shown = next;
+    }
+
+    /// Opens the shown web page in the browser.
+    fn open_web_page(&self) -> Result<(), String> {
+        match &self.shown.web_page {
+            Some(url) => {
+                open::that_detached(url).map_err(|err| format!("cannot open {url}: {err}"))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Puts the shown API URL on the clipboard.
@@ -174,17 +208,31 @@ impl Tray {
     }
 }
 
-/// The toolkit's menu for `entries`.
-fn build_menu(entries: &[Entry]) -> anyhow::Result<Menu> {
+/// The toolkit's menu for `entries`, and its items by position (`None` for separators).
+fn build_menu(entries: &[Entry]) -> anyhow::Result<(Menu, Vec<Option<MenuItem>>)> {
     let menu = Menu::new();
+    let mut items = Vec::with_capacity(entries.len());
     for entry in entries {
-        match entry {
-            Entry::Info(text) => menu.append(&MenuItem::new(text, false, None))?,
+        let item = match entry {
+            Entry::Info(text) => Some(MenuItem::new(text, false, None)),
             Entry::Item { label, action } => {
-                menu.append(&MenuItem::with_id(action.id(), label, true, None))?
+                Some(MenuItem::with_id(action.id(), label, true, None))
             }
-            Entry::Separator => menu.append(&PredefinedMenuItem::separator())?,
+            Entry::Separator => None,
+        };
+        match &item {
+            Some(item) => menu.append(item)?,
+            None => menu.append(&PredefinedMenuItem::separator())?,
         }
+        items.push(item);
     }
-    Ok(menu)
+    Ok((menu, items))
+}
+
+/// The text an entry shows.
+fn label(entry: &Entry) -> &str {
+    match entry {
+        Entry::Info(text) | Entry::Item { label: text, .. } => text,
+        Entry::Separator => "",
+    }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cloudllm_cli::{Client, ConnectError};
-use cloudllm_proto::ipc::{Request, Response};
+use cloudllm_proto::ipc::{Connection, Request, Response};
 use tracing::{info, warn};
 
 use crate::view::{Action, TrayState};
@@ -38,19 +38,43 @@ pub enum Event {
     State(TrayState),
     /// A menu action finished: `None` when it worked, else why it failed.
     ActionDone(Option<String>),
+    /// The relay's web page, looked up once the tunnel to a relay is up (`None`: it has none).
+    WebPage(Option<String>),
+}
+
+/// Work for the IPC thread besides following the daemon.
+#[derive(Debug)]
+enum Job {
+    /// A menu action.
+    Action(Action),
+    /// Ask the daemon for the relay's web page.
+    LookUpWebPage,
+}
+
+/// Where the GUI sends menu actions for the daemon.
+#[derive(Debug, Clone)]
+pub struct Actions(tokio::sync::mpsc::Sender<Job>);
+
+impl Actions {
+    /// Queues `action`; `false` when the queue is full (the daemon is stuck) or the IPC thread
+    /// is gone.
+    pub fn try_send(&self, action: Action) -> bool {
+        self.0.try_send(Job::Action(action)).is_ok()
+    }
 }
 
 /// Starts the IPC thread for the daemon at `socket`. `publish` receives every [`Event`]; the
-/// returned sender takes the menu's [`Action::Connect`], [`Action::Disconnect`] and
+/// returned [`Actions`] take the menu's [`Action::Connect`], [`Action::Disconnect`] and
 /// [`Action::ShowLogs`] (others are the GUI's own).
 pub fn spawn(
     socket: PathBuf,
     publish: impl Fn(Event) + Send + Sync + 'static,
-) -> std::io::Result<tokio::sync::mpsc::Sender<Action>> {
+) -> std::io::Result<Actions> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (actions, mut queue) = tokio::sync::mpsc::channel(ACTION_QUEUE);
+    let (jobs, mut queue) = tokio::sync::mpsc::channel(ACTION_QUEUE);
+    let lookups = jobs.clone();
     std::thread::Builder::new()
         .name("ipc".into())
         .spawn(move || {
@@ -59,15 +83,35 @@ pub fn spawn(
                 let watcher = {
                     let publish = publish.clone();
                     let socket = socket.clone();
-                    async move { watch(&socket, &|state| publish(Event::State(state))).await }
+                    // The relay (if connected) whose web page was last asked for.
+                    let asked = std::sync::Mutex::new(None::<String>);
+                    async move {
+                        watch(&socket, &|state| {
+                            let relay = connected_relay(&state);
+                            let mut asked = asked.lock().unwrap_or_else(|e| e.into_inner());
+                            if relay != *asked {
+                                if relay.is_some() {
+                                    let _ = lookups.try_send(Job::LookUpWebPage);
+                                }
+                                *asked = relay;
+                            }
+                            publish(Event::State(state));
+                        })
+                        .await
+                    }
                 };
                 let worker = async {
-                    while let Some(action) = queue.recv().await {
-                        let result = perform(&socket, action).await.err();
-                        if let Some(error) = &result {
-                            warn!(?action, %error, "menu action failed");
+                    while let Some(job) = queue.recv().await {
+                        match job {
+                            Job::Action(action) => {
+                                let result = perform(&socket, action).await.err();
+                                if let Some(error) = &result {
+                                    warn!(?action, %error, "menu action failed");
+                                }
+                                publish(Event::ActionDone(result));
+                            }
+                            Job::LookUpWebPage => publish(Event::WebPage(web_page(&socket).await)),
                         }
-                        publish(Event::ActionDone(result));
                     }
                 };
                 tokio::select! {
@@ -76,7 +120,36 @@ pub fn spawn(
                 }
             });
         })?;
-    Ok(actions)
+    Ok(Actions(jobs))
+}
+
+/// The relay a connected daemon tunnels to; `None` while not connected.
+fn connected_relay(state: &TrayState) -> Option<String> {
+    match state {
+        TrayState::Daemon(status) if matches!(status.connection, Connection::Connected { .. }) => {
+            status.relay_url.clone()
+        }
+        _ => None,
+    }
+}
+
+/// The relay's web page, as the daemon reads it from the relay: `None` when the relay
+/// publishes none, names something other than an `http(s)` URL, or cannot be asked (an older
+/// daemon answers this request with an error).
+pub async fn web_page(socket: &Path) -> Option<String> {
+    let answer = tokio::time::timeout(CALL_TIMEOUT, async {
+        let mut client = Client::connect(socket).await.ok()?;
+        client.call(&Request::RelayInfo).await.ok()
+    })
+    .await
+    .ok()
+    .flatten()?;
+    match answer {
+        Response::RelayInfo(info) => info
+            .web_url
+            .filter(|url| url.starts_with("https://") || url.starts_with("http://")),
+        _ => None,
+    }
 }
 
 /// Follows the daemon's state forever: publishes each status from its `watch` stream, and
@@ -135,7 +208,7 @@ pub async fn perform(socket: &Path, action: Action) -> Result<(), String> {
             return open::that_detached(&path)
                 .map_err(|err| format!("cannot open {}: {err}", path.display()));
         }
-        Action::CopyApiUrl | Action::Quit => return Ok(()),
+        Action::CopyApiUrl | Action::OpenWebPage | Action::Quit => return Ok(()),
     };
     let answer = tokio::time::timeout(CALL_TIMEOUT, async {
         let mut client = Client::connect(socket)

@@ -57,6 +57,8 @@ pub enum Action {
     Disconnect,
     /// Put the relay's API base URL on the clipboard.
     CopyApiUrl,
+    /// Open the relay's web page in the browser.
+    OpenWebPage,
     /// Show the daemon's recent log lines in a text viewer.
     ShowLogs,
     /// Quit the tray (never the daemon).
@@ -65,10 +67,11 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 5] = [
+    pub const ALL: [Action; 6] = [
         Action::Connect,
         Action::Disconnect,
         Action::CopyApiUrl,
+        Action::OpenWebPage,
         Action::ShowLogs,
         Action::Quit,
     ];
@@ -79,6 +82,7 @@ impl Action {
             Action::Connect => "connect",
             Action::Disconnect => "disconnect",
             Action::CopyApiUrl => "copy-api-url",
+            Action::OpenWebPage => "open-web-page",
             Action::ShowLogs => "show-logs",
             Action::Quit => "quit",
         }
@@ -106,6 +110,18 @@ pub enum Entry {
     Separator,
 }
 
+/// Whether two menus have the same items in the same places, differing at most in their texts:
+/// then the shown menu can be relabelled in place instead of replaced, which would close it
+/// under the user's pointer (a reconnecting daemon changes the status line every attempt).
+pub fn same_layout(a: &[Entry], b: &[Entry]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|pair| match pair {
+            (Entry::Info(_), Entry::Info(_)) | (Entry::Separator, Entry::Separator) => true,
+            (Entry::Item { action: x, .. }, Entry::Item { action: y, .. }) => x == y,
+            _ => false,
+        })
+}
+
 /// Everything the tray shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct View {
@@ -117,6 +133,8 @@ pub struct View {
     pub menu: Vec<Entry>,
     /// What "Copy API URL" copies, when the relay is known.
     pub api_url: Option<String>,
+    /// What "Open web page" opens, when the relay has one.
+    pub web_page: Option<String>,
 }
 
 /// The base URL API clients use: the relay's OpenAI-compatible endpoint (`RELAY/v1`), which
@@ -132,10 +150,10 @@ fn device_limit(last_error: &str) -> bool {
     error.contains("device limit") || error.contains("too many devices") || error.contains("429")
 }
 
-/// The view for `state`; `failure` is why the last menu action failed, if it did. Pure: the
-/// same inputs always give the same view.
-pub fn view(state: &TrayState, failure: Option<&str>) -> View {
-    let mut view = state_view(state);
+/// The view for `state`; `web_page` is the relay's web page if it has one, `failure` why the
+/// last menu action failed, if it did. Pure: the same inputs always give the same view.
+pub fn view(state: &TrayState, web_page: Option<&str>, failure: Option<&str>) -> View {
+    let mut view = state_view(state, web_page);
     if let Some(failure) = failure {
         view.menu
             .insert(1, Entry::Info(format!("Last action failed: {failure}")));
@@ -143,7 +161,7 @@ pub fn view(state: &TrayState, failure: Option<&str>) -> View {
     view
 }
 
-fn state_view(state: &TrayState) -> View {
+fn state_view(state: &TrayState, web_page: Option<&str>) -> View {
     let status = match state {
         TrayState::Starting => {
             return no_daemon_view("Looking for the cloudllm daemon…".to_owned());
@@ -238,6 +256,10 @@ fn state_view(state: &TrayState) -> View {
     if api_url.is_some() {
         menu.push(item("Copy API URL", Action::CopyApiUrl));
     }
+    let web_page = web_page.filter(|_| api_url.is_some()).map(str::to_owned);
+    if web_page.is_some() {
+        menu.push(item("Open web page", Action::OpenWebPage));
+    }
     menu.push(item("Show logs", Action::ShowLogs));
     menu.push(Entry::Separator);
     menu.push(item("Quit", Action::Quit));
@@ -246,6 +268,7 @@ fn state_view(state: &TrayState) -> View {
         tooltip,
         menu,
         api_url,
+        web_page,
     }
 }
 
@@ -267,6 +290,7 @@ fn no_daemon_view(headline: String) -> View {
             item("Quit", Action::Quit),
         ],
         api_url: None,
+        web_page: None,
     }
 }
 
@@ -290,7 +314,7 @@ mod tests {
     }
 
     fn show(state: &TrayState) -> View {
-        view(state, None)
+        view(state, None, None)
     }
 
     fn up(models: usize) -> Ollama {
@@ -496,13 +520,63 @@ mod tests {
     #[test]
     fn a_failed_action_is_said_under_the_headline() {
         let state = status(Connection::Disconnected, up(1));
-        let view = view(&state, Some("permission denied"));
+        let view = view(&state, None, Some("permission denied"));
         assert_eq!(view.menu[0], Entry::Info("Disconnected".into()));
         assert_eq!(
             view.menu[1],
             Entry::Info("Last action failed: permission denied".into())
         );
         assert_eq!(view.look, show(&state).look);
+    }
+
+    #[test]
+    fn the_web_page_is_offered_only_when_the_relay_has_one() {
+        let state = status(
+            Connection::Connected {
+                since: 1,
+                rtt_ms: None,
+            },
+            up(1),
+        );
+        let page = "https://relay.example.com/account";
+        let with_page = view(&state, Some(page), None);
+        assert_eq!(with_page.web_page.as_deref(), Some(page));
+        assert_eq!(
+            actions(&with_page),
+            vec![
+                Action::Disconnect,
+                Action::CopyApiUrl,
+                Action::OpenWebPage,
+                Action::ShowLogs,
+                Action::Quit
+            ]
+        );
+        assert!(!actions(&show(&state)).contains(&Action::OpenWebPage));
+        let gone = TrayState::NoDaemon {
+            reason: "the daemon stopped".into(),
+        };
+        assert_eq!(view(&gone, Some(page), None).web_page, None);
+    }
+
+    #[test]
+    fn a_reconnecting_menu_keeps_its_layout_but_a_disconnected_one_does_not() {
+        let reconnecting = |attempt| {
+            show(&status(
+                Connection::Reconnecting {
+                    attempt,
+                    next_try: 9,
+                    last_error: "refused".into(),
+                },
+                up(1),
+            ))
+        };
+        let (first, second) = (reconnecting(1), reconnecting(2));
+        assert_ne!(first.menu, second.menu);
+        assert!(same_layout(&first.menu, &second.menu));
+        let disconnected = show(&status(Connection::Disconnected, up(1)));
+        assert!(!same_layout(&first.menu, &disconnected.menu));
+        let gone = show(&TrayState::Starting);
+        assert!(!same_layout(&first.menu, &gone.menu));
     }
 
     #[test]

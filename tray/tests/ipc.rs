@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config};
 use cloudllm_proto::ipc::Connection;
-use cloudllm_tray::daemon::{REDIAL, perform, save_logs, watch};
+use cloudllm_relay::RelayConfig;
+use cloudllm_tray::daemon::{Event, REDIAL, perform, save_logs, spawn, watch, web_page};
 use cloudllm_tray::view::{Action, TrayState};
 use tracing_subscriber::Layer as _;
 
@@ -88,6 +89,51 @@ async fn menu_actions_reach_the_daemon_and_logs_land_in_a_file() {
     let text = std::fs::read_to_string(&file).expect("the log file");
     assert!(text.contains("tunnel up"), "{text}");
 
+    daemon.stop().await.expect("daemon stop");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_web_page_is_looked_up_once_connected() {
+    let page = "https://relay.example.com/account";
+    let relay = TestRelay::start(RelayConfig {
+        web_url: Some(page.parse().expect("URL")),
+        ..relay_config()
+    })
+    .await;
+    let backend = FakeOllama::start().await;
+    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    let socket = config.socket_path.clone().expect("socket");
+    let daemon = TestDaemon::start(config);
+    relay.wait_for_devices("alice", 1).await;
+    assert_eq!(web_page(&socket).await.as_deref(), Some(page));
+
+    // The IPC thread asks by itself once it sees the tunnel up.
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let _actions = spawn(socket.clone(), {
+        let events = events.clone();
+        move |event| events.lock().expect("lock").push(event)
+    })
+    .expect("IPC thread");
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !events
+        .lock()
+        .expect("lock")
+        .contains(&Event::WebPage(Some(page.to_owned())))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.stop().await.expect("daemon stop");
+    relay.stop().await;
+
+    // A relay without a page: none.
+    let relay = TestRelay::start(relay_config()).await;
+    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    let socket = config.socket_path.clone().expect("socket");
+    let daemon = TestDaemon::start(config);
+    relay.wait_for_devices("alice", 1).await;
+    assert_eq!(web_page(&socket).await, None);
     daemon.stop().await.expect("daemon stop");
     relay.stop().await;
 }

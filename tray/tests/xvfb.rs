@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use cloudllm_cli::Client;
 use cloudllm_e2e::{FakeOllama, TestDaemon, TestRelay, daemon_config, relay_config};
 use cloudllm_proto::ipc::{Connection, Request, Response, Status};
+use cloudllm_relay::RelayConfig;
 use cloudllm_tray::icon::colour;
 use cloudllm_tray::view::Look;
 use tokio::io::AsyncBufReadExt;
@@ -29,6 +30,9 @@ const STEP: Duration = Duration::from_secs(20);
 
 /// The product's promise: the icon follows a change of the daemon's state within a second.
 const UPDATE_BOUND: Duration = Duration::from_secs(1);
+
+/// The web page the test relay publishes.
+const WEB_PAGE: &str = "https://relay.example.com/account";
 
 /// Screen size: room for the tray bar and the menu below it.
 const WIDTH: usize = 640;
@@ -102,8 +106,25 @@ fn start_trayer(display: &str) -> Child {
 }
 
 /// The tray binary on `display`, without a session bus (so AppIndicator falls back to XEmbed).
-fn start_tray(display: &str, socket: &Path, log: &Path) -> Child {
+/// What it asks the desktop to open is written to `opened`, one line each, by a stand-in
+/// `xdg-open` found first on its `PATH`.
+fn start_tray(display: &str, socket: &Path, log: &Path, opened: &Path) -> Child {
+    let bin = opened.with_file_name("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let opener = bin.join("xdg-open");
+    std::fs::write(
+        &opener,
+        format!("#!/bin/sh\necho \"$1\" >> '{}'\n", opened.display()),
+    )
+    .expect("writing the opener");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .expect("PATH");
     Command::new(BIN)
+        .env("PATH", path)
         .arg("--socket")
         .arg(socket)
         .env("DISPLAY", display)
@@ -115,6 +136,40 @@ fn start_tray(display: &str, socket: &Path, log: &Path) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("starting cloudllm-tray")
+}
+
+/// Sends the daemon's log lines (from this process) to the buffer its `logs` call reads.
+fn capture_logs() {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let buffer = cloudllm_daemon::logs::LogBuffer::global();
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(buffer.make_writer())
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .try_init();
+}
+
+/// Waits until the stand-in opener has been called `count` times; returns what it was given.
+async fn wait_for_opened(opened: &Path, count: usize) -> Vec<String> {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(opened).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.len() >= count {
+            return lines;
+        }
+        assert!(
+            started.elapsed() < STEP,
+            "the opener was called {} times, not {count}: {lines:?}",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A screenshot: RGB, rows top to bottom.
@@ -326,11 +381,15 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     if !should_run() {
         return;
     }
-    cloudllm_e2e::init_logs();
+    capture_logs();
     let (_xvfb, display) = start_xvfb().await;
     let _trayer = start_trayer(&display);
 
-    let relay = TestRelay::start(relay_config()).await;
+    let relay = TestRelay::start(RelayConfig {
+        web_url: Some(WEB_PAGE.parse().expect("URL")),
+        ..relay_config()
+    })
+    .await;
     let backend = FakeOllama::start().await;
     let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
     let socket = config.socket_path.clone().expect("a socket path");
@@ -338,7 +397,8 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     relay.wait_for_devices("alice", 1).await;
 
     let log = scratch_file("tray.log");
-    let mut tray = start_tray(&display, &socket, &log);
+    let opened = scratch_file("opened.txt");
+    let mut tray = start_tray(&display, &socket, &log, &opened);
     eprintln!("tray log: {}", log.display());
     let tray_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
@@ -402,6 +462,19 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // "Open web page" (the third item, there because the relay publishes a page) hands the
+    // page to the desktop's opener; "Show logs" (the fourth) hands it a file of the daemon's
+    // log lines. The opener here is a stand-in `xdg-open` that writes down what it was given.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    open_menu(&display, icon).await;
+    xdotool(&display, &["key", "Down", "Down", "Down", "Return"]).await;
+    assert_eq!(wait_for_opened(&opened, 1).await[0], WEB_PAGE);
+    open_menu(&display, icon).await;
+    xdotool(&display, &["key", "Down", "Down", "Down", "Down", "Return"]).await;
+    let log_file = wait_for_opened(&opened, 2).await[1].clone();
+    let lines = std::fs::read_to_string(&log_file).expect("the log file");
+    assert!(lines.contains("tunnel up"), "{log_file}: {lines}");
 
     // The daemon dies: the tray shows it, stays up, and picks the daemon up again when it is back.
     drop(daemon);
