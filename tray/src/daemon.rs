@@ -266,6 +266,25 @@ pub async fn save_logs(socket: &Path, path: &Path) -> Result<PathBuf, String> {
         std::fs::create_dir_all(dir)
             .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
     }
-    std::fs::write(path, lines).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    write_private(path, lines.as_bytes())
+        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
     Ok(path.to_owned())
+}
+
+/// Writes `contents` to `path`, readable by this user only on Unix (the lines name the relay,
+/// the user and the device).
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600);
+        // An older file keeps its mode on open: tighten it too.
+        if path.exists() {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    options.open(path)?.write_all(contents)
 }

@@ -88,6 +88,12 @@ async fn menu_actions_reach_the_daemon_and_logs_land_in_a_file() {
     assert_eq!(written, file);
     let text = std::fs::read_to_string(&file).expect("the log file");
     assert!(text.contains("tunnel up"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file)
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 
     daemon.stop().await.expect("daemon stop");
     relay.stop().await;

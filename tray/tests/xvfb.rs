@@ -8,7 +8,7 @@
 //! ImageMagick's `import` and `xclip` (`.ci/run` installs them); `CLOUDLLM_SKIP_TRAY_TEST=1`
 //! skips it knowingly.
 
-#![cfg(feature = "gui")]
+#![cfg(all(feature = "gui", target_os = "linux"))]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
