@@ -299,6 +299,7 @@ fn changes_state(request: &Request) -> bool {
             | Request::ConfigGet { .. }
             | Request::Logs { .. }
             | Request::Models
+            | Request::RelayInfo
     )
 }
 
@@ -411,6 +412,10 @@ async fn dispatch(
             Ok(models) => Response::Models { models },
             Err(message) => error(ErrorCode::Internal, message),
         },
+        Request::RelayInfo => supervisor
+            .relay_info()
+            .await
+            .map_or_else(control_error, Response::RelayInfo),
     };
     send(writer, &reply).await.is_ok()
 }

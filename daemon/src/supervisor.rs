@@ -244,6 +244,14 @@ impl Supervisor {
         Ok(())
     }
 
+    /// The configured relay's public description (`/.well-known/cloudllm`), fetched now.
+    pub async fn relay_info(&self) -> Result<RelayInfo, ControlError> {
+        let relay = self.relay_for_login(None)?;
+        fetch_relay_info(&relay)
+            .await
+            .map_err(ControlError::Internal)
+    }
+
     /// Logs in with an agent token: stores it and connects. Returns the token's user.
     pub async fn login_with_token(
         &self,

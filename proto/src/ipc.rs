@@ -75,6 +75,10 @@ pub enum Request {
     },
     /// The local Ollama's models, as the relay will see them.
     Models,
+    /// The configured relay's public description (its `/.well-known/cloudllm`), fetched by the
+    /// daemon. Added after IPC version 1 shipped: older daemons answer it with
+    /// [`ErrorCode::BadRequest`], which clients take as "unknown".
+    RelayInfo,
 }
 
 /// Which interactive login flow to run.
@@ -128,6 +132,8 @@ pub enum Response {
         /// Model names.
         models: Vec<String>,
     },
+    /// Answer to [`Request::RelayInfo`].
+    RelayInfo(crate::RelayInfo),
     /// The request failed.
     Error {
         /// What kind of failure.
@@ -326,6 +332,32 @@ mod tests {
         let text = String::from_utf8(to_line(&status)).unwrap();
         assert!(text.contains(r#""state":"reconnecting""#), "{text}");
         assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), status);
+    }
+
+    #[test]
+    fn relay_info_is_asked_and_answered_compatibly() {
+        let line = to_line(&Request::RelayInfo);
+        assert_eq!(line, b"{\"method\":\"relay_info\"}\n");
+        // A relay without a web page sends exactly what older relays sent.
+        let info = crate::RelayInfo {
+            protocol_version: 1,
+            auth: crate::RelayAuth::Token,
+            web_url: None,
+        };
+        let text = serde_json::to_string(&info).unwrap();
+        assert_eq!(text, r#"{"protocol_version":1,"auth":{"mode":"token"}}"#);
+        assert_eq!(
+            serde_json::from_str::<crate::RelayInfo>(&text).unwrap(),
+            info
+        );
+        let with_page = crate::RelayInfo {
+            web_url: Some("https://relay.example.com/account".into()),
+            ..info
+        };
+        let answer = Response::RelayInfo(with_page);
+        let text = String::from_utf8(to_line(&answer)).unwrap();
+        assert!(text.contains(r#""type":"relay_info""#), "{text}");
+        assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), answer);
     }
 
     #[test]

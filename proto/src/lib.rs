@@ -87,6 +87,10 @@ pub struct RelayInfo {
     pub protocol_version: u32,
     /// How users get an agent token.
     pub auth: RelayAuth,
+    /// A web page for the relay's users (an account or dashboard page), if it has one. Absent
+    /// from older relays' documents and omitted when unset, so older clients read it unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_url: Option<String>,
 }
 
 /// How users get an agent token for a relay.

@@ -113,6 +113,9 @@ pub struct RelayConfig {
     /// `[tls]`: serve HTTPS (and `wss://` to daemons) with this certificate. Without it the
     /// relay speaks plain HTTP, for a TLS-terminating reverse proxy in front.
     pub tls: Option<TlsConfig>,
+    /// A web page for this relay's users (account, tokens, usage), published at
+    /// `/.well-known/cloudllm`; the tray offers "Open web page" when it is set.
+    pub web_url: Option<Url>,
 }
 
 impl Default for RelayConfig {
@@ -143,6 +146,7 @@ impl Default for RelayConfig {
             token_grace: Duration::from_secs(60),
             audit_log: None,
             tls: None,
+            web_url: None,
         }
     }
 }

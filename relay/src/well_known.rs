@@ -30,6 +30,7 @@ pub fn relay_info(config: &RelayConfig) -> RelayInfo {
     RelayInfo {
         protocol_version: PROTOCOL_VERSION,
         auth,
+        web_url: config.web_url.as_ref().map(|url| url.to_string()),
     }
 }
 
@@ -78,6 +79,19 @@ mod tests {
         assert_eq!(
             json["auth"]["scopes"],
             serde_json::json!(["openid", "agent"])
+        );
+        assert!(json.get("web_url").is_none(), "{json}");
+    }
+
+    #[test]
+    fn the_web_page_is_published_when_set() {
+        let config = RelayConfig {
+            web_url: Some("https://relay.example.com/account".parse().unwrap()),
+            ..RelayConfig::default()
+        };
+        assert_eq!(
+            relay_info(&config).web_url.as_deref(),
+            Some("https://relay.example.com/account")
         );
     }
 }

@@ -1,0 +1,598 @@
+//! What the tray shows for a daemon state: the icon's look, the tooltip and the menu.
+//!
+//! [`view`] is a pure function of [`TrayState`], so every state the daemon can report is mapped
+//! (and unit tested) without a display; the GUI only draws what it returns. The menu always
+//! repeats the tooltip's facts as disabled lines, because the Linux AppIndicator protocol has no
+//! tooltips.
+
+use cloudllm_proto::ipc::{Connection, Ollama, Status};
+
+/// What the tray knows about the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrayState {
+    /// The tray has just started and not reached the daemon yet.
+    Starting,
+    /// The daemon cannot be reached; the tray dials it again every few seconds.
+    NoDaemon {
+        /// Why, in words (for the menu's status line).
+        reason: String,
+    },
+    /// The daemon's latest status.
+    Daemon(Box<Status>),
+}
+
+/// The icon's look: each has its own shape and colour (see [`crate::icon`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Look {
+    /// The tunnel is up and Ollama answers: a filled green circle.
+    Connected,
+    /// Dialling or re-dialling the relay: an orange ring.
+    Connecting,
+    /// Closed on request: a grey hollow square.
+    Disconnected,
+    /// Something needs the user (login required, device limit, Ollama down): a red triangle
+    /// with "!".
+    Error,
+    /// The daemon is not running: a purple cross.
+    NoDaemon,
+}
+
+impl Look {
+    /// Every look, for tests and for drawing all icons up front.
+    pub const ALL: [Look; 5] = [
+        Look::Connected,
+        Look::Connecting,
+        Look::Disconnected,
+        Look::Error,
+        Look::NoDaemon,
+    ];
+}
+
+/// Something a menu item does when clicked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Ask the daemon to open the tunnel.
+    Connect,
+    /// Ask the daemon to close the tunnel.
+    Disconnect,
+    /// Put the relay's API base URL on the clipboard.
+    CopyApiUrl,
+    /// Open the relay's web page in the browser.
+    OpenWebPage,
+    /// Show the daemon's recent log lines in a text viewer.
+    ShowLogs,
+    /// Quit the tray (never the daemon).
+    Quit,
+}
+
+impl Action {
+    /// Every action.
+    pub const ALL: [Action; 6] = [
+        Action::Connect,
+        Action::Disconnect,
+        Action::CopyApiUrl,
+        Action::OpenWebPage,
+        Action::ShowLogs,
+        Action::Quit,
+    ];
+
+    /// The menu item id that carries this action.
+    pub fn id(self) -> &'static str {
+        match self {
+            Action::Connect => "connect",
+            Action::Disconnect => "disconnect",
+            Action::CopyApiUrl => "copy-api-url",
+            Action::OpenWebPage => "open-web-page",
+            Action::ShowLogs => "show-logs",
+            Action::Quit => "quit",
+        }
+    }
+
+    /// The action a menu item id stands for, if any.
+    pub fn from_id(id: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|action| action.id() == id)
+    }
+}
+
+/// One menu entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A line of text that cannot be clicked.
+    Info(String),
+    /// A clickable item.
+    Item {
+        /// Its label.
+        label: String,
+        /// What it does.
+        action: Action,
+    },
+    /// A separator line.
+    Separator,
+}
+
+/// Whether two menus have the same items in the same places, differing at most in their texts:
+/// then the shown menu can be relabelled in place instead of replaced, which would close it
+/// under the user's pointer (a reconnecting daemon changes the status line every attempt).
+pub fn same_layout(a: &[Entry], b: &[Entry]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|pair| match pair {
+            (Entry::Info(_), Entry::Info(_)) | (Entry::Separator, Entry::Separator) => true,
+            (Entry::Item { action: x, .. }, Entry::Item { action: y, .. }) => x == y,
+            _ => false,
+        })
+}
+
+/// Everything the tray shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// The icon.
+    pub look: Look,
+    /// The tooltip (macOS, Windows; the same facts are in the menu everywhere).
+    pub tooltip: String,
+    /// The menu, top to bottom.
+    pub menu: Vec<Entry>,
+    /// What "Copy API URL" copies, when the relay is known.
+    pub api_url: Option<String>,
+    /// What "Open web page" opens, when the relay has one.
+    pub web_page: Option<String>,
+}
+
+/// The base URL API clients use: the relay's OpenAI-compatible endpoint (`RELAY/v1`), which
+/// OpenAI SDKs, Open WebUI and Continue take as their base URL.
+pub fn api_url(relay_url: &str) -> String {
+    format!("{}/v1", relay_url.trim_end_matches('/'))
+}
+
+/// Why a reconnecting daemon is stuck in a way that retrying will not fix: the relay refused
+/// this device because the user has too many (HTTP 429 or a "device limit" message).
+fn device_limit(last_error: &str) -> bool {
+    let error = last_error.to_ascii_lowercase();
+    error.contains("device limit") || error.contains("too many devices") || error.contains("429")
+}
+
+/// The view for `state`; `web_page` is the relay's web page if it has one, `failure` why the
+/// last menu action failed, if it did. Pure: the same inputs always give the same view.
+pub fn view(state: &TrayState, web_page: Option<&str>, failure: Option<&str>) -> View {
+    let mut view = state_view(state, web_page);
+    if let Some(failure) = failure {
+        view.menu
+            .insert(1, Entry::Info(format!("Last action failed: {failure}")));
+    }
+    view
+}
+
+fn state_view(state: &TrayState, web_page: Option<&str>) -> View {
+    let status = match state {
+        TrayState::Starting => {
+            return no_daemon_view("Looking for the cloudllm daemon…".to_owned());
+        }
+        TrayState::NoDaemon { reason } => {
+            return no_daemon_view(format!("Cannot reach the cloudllm daemon: {reason}"));
+        }
+        TrayState::Daemon(status) => status,
+    };
+    let (look, headline, toggle) = match &status.connection {
+        Connection::LoggedOut => (
+            Look::Error,
+            "Not logged in: run `cloudllm login`".to_owned(),
+            None,
+        ),
+        Connection::LoginRequired { reason } => {
+            (Look::Error, format!("Login required: {reason}"), None)
+        }
+        Connection::Disconnected => (
+            Look::Disconnected,
+            "Disconnected".to_owned(),
+            Some(Action::Connect),
+        ),
+        Connection::Connecting => (
+            Look::Connecting,
+            "Connecting…".to_owned(),
+            Some(Action::Disconnect),
+        ),
+        Connection::Reconnecting {
+            attempt,
+            last_error,
+            ..
+        } => {
+            if device_limit(last_error) {
+                (
+                    Look::Error,
+                    format!("Device limit reached: {last_error}"),
+                    Some(Action::Disconnect),
+                )
+            } else {
+                (
+                    Look::Connecting,
+                    format!("Reconnecting (attempt {attempt}): {last_error}"),
+                    Some(Action::Disconnect),
+                )
+            }
+        }
+        Connection::Connected { .. } => match &status.ollama {
+            Ollama::Down { error } => (
+                Look::Error,
+                format!("Connected, but Ollama is down: {error}"),
+                Some(Action::Disconnect),
+            ),
+            _ => (
+                Look::Connected,
+                "Connected".to_owned(),
+                Some(Action::Disconnect),
+            ),
+        },
+    };
+    let models = match &status.ollama {
+        Ollama::Up { models, .. } => models.to_string(),
+        Ollama::Down { .. } => "none (Ollama is down)".to_owned(),
+        Ollama::Unknown => "not checked yet".to_owned(),
+    };
+    let facts = [
+        format!(
+            "Relay: {}",
+            status.relay_url.as_deref().unwrap_or("not set")
+        ),
+        format!(
+            "User: {}",
+            status.user.as_deref().unwrap_or("not logged in")
+        ),
+        format!("Device: {}", status.device_name),
+        format!("Models: {models}"),
+    ];
+    let tooltip = std::iter::once(format!("cloudllm: {headline}"))
+        .chain(facts.iter().cloned())
+        .collect::<Vec<_>>()
+        .join("\n");
+
+    let mut menu = vec![Entry::Info(headline)];
+    menu.extend(facts.into_iter().map(Entry::Info));
+    menu.push(Entry::Separator);
+    match toggle {
+        Some(Action::Connect) => menu.push(item("Connect", Action::Connect)),
+        Some(_) => menu.push(item("Disconnect", Action::Disconnect)),
+        None => {}
+    }
+    let api_url = status.relay_url.as_deref().map(api_url);
+    if api_url.is_some() {
+        menu.push(item("Copy API URL", Action::CopyApiUrl));
+    }
+    let web_page = web_page.filter(|_| api_url.is_some()).map(str::to_owned);
+    if web_page.is_some() {
+        menu.push(item("Open web page", Action::OpenWebPage));
+    }
+    menu.push(item("Show logs", Action::ShowLogs));
+    menu.push(Entry::Separator);
+    menu.push(item("Quit", Action::Quit));
+    View {
+        look,
+        tooltip,
+        menu,
+        api_url,
+        web_page,
+    }
+}
+
+fn item(label: &str, action: Action) -> Entry {
+    Entry::Item {
+        label: label.to_owned(),
+        action,
+    }
+}
+
+fn no_daemon_view(headline: String) -> View {
+    View {
+        look: Look::NoDaemon,
+        tooltip: format!("cloudllm: {headline}"),
+        menu: vec![
+            Entry::Info(headline),
+            Entry::Info("Start it with `cloudllm daemon` or `cloudllm service install`".to_owned()),
+            Entry::Separator,
+            item("Quit", Action::Quit),
+        ],
+        api_url: None,
+        web_page: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(connection: Connection, ollama: Ollama) -> TrayState {
+        TrayState::Daemon(Box::new(Status {
+            daemon_version: "0.1.0".into(),
+            connection,
+            relay_url: Some("https://relay.example.com/".into()),
+            user: Some("alice".into()),
+            tier: None,
+            device_name: "laptop".into(),
+            ollama,
+            requests_in_flight: 0,
+            requests_total: 0,
+            credential_store: "OS keyring".into(),
+        }))
+    }
+
+    fn show(state: &TrayState) -> View {
+        view(state, None, None)
+    }
+
+    fn up(models: usize) -> Ollama {
+        Ollama::Up {
+            version: "0.5.1".into(),
+            models,
+        }
+    }
+
+    fn actions(view: &View) -> Vec<Action> {
+        view.menu
+            .iter()
+            .filter_map(|entry| match entry {
+                Entry::Item { action, .. } => Some(*action),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn headline(view: &View) -> &str {
+        match view.menu.first() {
+            Some(Entry::Info(line)) => line,
+            other => panic!("the menu starts with {other:?}"),
+        }
+    }
+
+    #[test]
+    fn connected_shows_facts_and_offers_disconnect() {
+        let view = show(&status(
+            Connection::Connected {
+                since: 1,
+                rtt_ms: Some(3),
+            },
+            up(3),
+        ));
+        assert_eq!(view.look, Look::Connected);
+        assert_eq!(
+            view.tooltip,
+            "cloudllm: Connected\nRelay: https://relay.example.com/\nUser: alice\nDevice: laptop\nModels: 3"
+        );
+        assert_eq!(
+            view.menu,
+            vec![
+                Entry::Info("Connected".into()),
+                Entry::Info("Relay: https://relay.example.com/".into()),
+                Entry::Info("User: alice".into()),
+                Entry::Info("Device: laptop".into()),
+                Entry::Info("Models: 3".into()),
+                Entry::Separator,
+                item("Disconnect", Action::Disconnect),
+                item("Copy API URL", Action::CopyApiUrl),
+                item("Show logs", Action::ShowLogs),
+                Entry::Separator,
+                item("Quit", Action::Quit),
+            ]
+        );
+        assert_eq!(
+            view.api_url.as_deref(),
+            Some("https://relay.example.com/v1")
+        );
+    }
+
+    #[test]
+    fn connecting_and_reconnecting_look_alike_and_offer_disconnect() {
+        let connecting = show(&status(Connection::Connecting, up(1)));
+        assert_eq!(connecting.look, Look::Connecting);
+        assert_eq!(headline(&connecting), "Connecting…");
+        assert!(actions(&connecting).contains(&Action::Disconnect));
+
+        let reconnecting = show(&status(
+            Connection::Reconnecting {
+                attempt: 4,
+                next_try: 99,
+                last_error: "connection refused".into(),
+            },
+            up(1),
+        ));
+        assert_eq!(reconnecting.look, Look::Connecting);
+        assert_eq!(
+            headline(&reconnecting),
+            "Reconnecting (attempt 4): connection refused"
+        );
+        assert!(reconnecting.tooltip.contains("Reconnecting (attempt 4)"));
+        assert_eq!(
+            actions(&reconnecting),
+            vec![
+                Action::Disconnect,
+                Action::CopyApiUrl,
+                Action::ShowLogs,
+                Action::Quit
+            ]
+        );
+    }
+
+    #[test]
+    fn disconnected_offers_connect_only() {
+        let view = show(&status(Connection::Disconnected, up(2)));
+        assert_eq!(view.look, Look::Disconnected);
+        assert_eq!(headline(&view), "Disconnected");
+        assert_eq!(
+            actions(&view),
+            vec![
+                Action::Connect,
+                Action::CopyApiUrl,
+                Action::ShowLogs,
+                Action::Quit
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_need_the_user_and_say_why() {
+        let login = show(&status(
+            Connection::LoginRequired {
+                reason: "the refresh token was revoked".into(),
+            },
+            up(2),
+        ));
+        assert_eq!(login.look, Look::Error);
+        assert_eq!(
+            headline(&login),
+            "Login required: the refresh token was revoked"
+        );
+        assert!(!actions(&login).contains(&Action::Connect));
+        assert!(!actions(&login).contains(&Action::Disconnect));
+
+        let logged_out = show(&status(Connection::LoggedOut, Ollama::Unknown));
+        assert_eq!(logged_out.look, Look::Error);
+        assert!(headline(&logged_out).contains("cloudllm login"));
+        assert!(logged_out.tooltip.contains("Models: not checked yet"));
+
+        let limit = show(&status(
+            Connection::Reconnecting {
+                attempt: 1,
+                next_try: 5,
+                last_error: "relay refused the tunnel: HTTP 429: device limit of tier free".into(),
+            },
+            up(2),
+        ));
+        assert_eq!(limit.look, Look::Error);
+        assert!(headline(&limit).starts_with("Device limit reached"));
+        assert!(actions(&limit).contains(&Action::Disconnect));
+
+        let ollama_down = show(&status(
+            Connection::Connected {
+                since: 1,
+                rtt_ms: None,
+            },
+            Ollama::Down {
+                error: "connection refused".into(),
+            },
+        ));
+        assert_eq!(ollama_down.look, Look::Error);
+        assert_eq!(
+            headline(&ollama_down),
+            "Connected, but Ollama is down: connection refused"
+        );
+        assert!(
+            ollama_down
+                .tooltip
+                .contains("Models: none (Ollama is down)")
+        );
+        assert!(actions(&ollama_down).contains(&Action::Disconnect));
+    }
+
+    #[test]
+    fn no_daemon_offers_only_quit() {
+        for state in [
+            TrayState::Starting,
+            TrayState::NoDaemon {
+                reason: "no socket at /run/x.sock".into(),
+            },
+        ] {
+            let view = show(&state);
+            assert_eq!(view.look, Look::NoDaemon);
+            assert_eq!(actions(&view), vec![Action::Quit]);
+            assert_eq!(view.api_url, None);
+        }
+        let view = show(&TrayState::NoDaemon {
+            reason: "no socket at /run/x.sock".into(),
+        });
+        assert_eq!(
+            view.tooltip,
+            "cloudllm: Cannot reach the cloudllm daemon: no socket at /run/x.sock"
+        );
+    }
+
+    #[test]
+    fn unknown_relay_and_user_are_said_and_nothing_is_copied() {
+        let TrayState::Daemon(mut status) = status(Connection::LoggedOut, up(0)) else {
+            unreachable!()
+        };
+        status.relay_url = None;
+        status.user = None;
+        let view = show(&TrayState::Daemon(status));
+        assert!(view.tooltip.contains("Relay: not set"));
+        assert!(view.tooltip.contains("User: not logged in"));
+        assert!(view.tooltip.contains("Models: 0"));
+        assert_eq!(view.api_url, None);
+        assert!(!actions(&view).contains(&Action::CopyApiUrl));
+    }
+
+    #[test]
+    fn a_failed_action_is_said_under_the_headline() {
+        let state = status(Connection::Disconnected, up(1));
+        let view = view(&state, None, Some("permission denied"));
+        assert_eq!(view.menu[0], Entry::Info("Disconnected".into()));
+        assert_eq!(
+            view.menu[1],
+            Entry::Info("Last action failed: permission denied".into())
+        );
+        assert_eq!(view.look, show(&state).look);
+    }
+
+    #[test]
+    fn the_web_page_is_offered_only_when_the_relay_has_one() {
+        let state = status(
+            Connection::Connected {
+                since: 1,
+                rtt_ms: None,
+            },
+            up(1),
+        );
+        let page = "https://relay.example.com/account";
+        let with_page = view(&state, Some(page), None);
+        assert_eq!(with_page.web_page.as_deref(), Some(page));
+        assert_eq!(
+            actions(&with_page),
+            vec![
+                Action::Disconnect,
+                Action::CopyApiUrl,
+                Action::OpenWebPage,
+                Action::ShowLogs,
+                Action::Quit
+            ]
+        );
+        assert!(!actions(&show(&state)).contains(&Action::OpenWebPage));
+        let gone = TrayState::NoDaemon {
+            reason: "the daemon stopped".into(),
+        };
+        assert_eq!(view(&gone, Some(page), None).web_page, None);
+    }
+
+    #[test]
+    fn a_reconnecting_menu_keeps_its_layout_but_a_disconnected_one_does_not() {
+        let reconnecting = |attempt| {
+            show(&status(
+                Connection::Reconnecting {
+                    attempt,
+                    next_try: 9,
+                    last_error: "refused".into(),
+                },
+                up(1),
+            ))
+        };
+        let (first, second) = (reconnecting(1), reconnecting(2));
+        assert_ne!(first.menu, second.menu);
+        assert!(same_layout(&first.menu, &second.menu));
+        let disconnected = show(&status(Connection::Disconnected, up(1)));
+        assert!(!same_layout(&first.menu, &disconnected.menu));
+        let gone = show(&TrayState::Starting);
+        assert!(!same_layout(&first.menu, &gone.menu));
+    }
+
+    #[test]
+    fn action_ids_round_trip() {
+        for action in Action::ALL {
+            assert_eq!(Action::from_id(action.id()), Some(action));
+        }
+        assert_eq!(Action::from_id("format-disk"), None);
+    }
+
+    #[test]
+    fn api_url_has_one_slash() {
+        assert_eq!(api_url("http://127.0.0.1:8080"), "http://127.0.0.1:8080/v1");
+        assert_eq!(
+            api_url("http://127.0.0.1:8080/"),
+            "http://127.0.0.1:8080/v1"
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! The tray's IPC side without a display: against a real daemon (in this process, tunnelled to
+//! a real relay on loopback) and against a socket where no daemon listens.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config};
+use cloudllm_proto::ipc::Connection;
+use cloudllm_relay::RelayConfig;
+use cloudllm_tray::daemon::{Event, REDIAL, perform, save_logs, spawn, watch, web_page};
+use cloudllm_tray::view::{Action, TrayState};
+use tracing_subscriber::Layer as _;
+
+/// Sends the daemon's log lines (from this process) to the buffer its `logs` call reads.
+fn capture_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let buffer = cloudllm_daemon::logs::LogBuffer::global();
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(buffer.make_writer())
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .try_init();
+}
+
+/// Runs [`watch`] until `done` holds for the states it published; returns them.
+async fn watch_until(
+    socket: &std::path::Path,
+    done: impl Fn(&[TrayState]) -> bool,
+) -> Vec<TrayState> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let publish = {
+        let seen = seen.clone();
+        move |state| seen.lock().expect("lock").push(state)
+    };
+    let deadline = tokio::time::Instant::now() + STEP;
+    let watcher = watch(socket, &publish);
+    tokio::pin!(watcher);
+    loop {
+        tokio::select! {
+            () = &mut watcher => unreachable!("watch never returns"),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        let states = seen.lock().expect("lock").clone();
+        if done(&states) {
+            return states;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never got there: {states:?}"
+        );
+    }
+}
+
+fn connected(state: &TrayState) -> bool {
+    matches!(state, TrayState::Daemon(status) if matches!(status.connection, Connection::Connected { .. }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn menu_actions_reach_the_daemon_and_logs_land_in_a_file() {
+    capture_logs();
+    let relay = TestRelay::start(relay_config()).await;
+    let backend = FakeOllama::start().await;
+    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    let socket = config.socket_path.clone().expect("socket");
+    let daemon = TestDaemon::start(config);
+    relay.wait_for_devices("alice", 1).await;
+
+    let states = watch_until(&socket, |states| states.iter().any(connected)).await;
+    let TrayState::Daemon(status) = states.iter().find(|s| connected(s)).expect("connected") else {
+        unreachable!()
+    };
+    assert_eq!(status.user.as_deref(), Some("alice"));
+    assert_eq!(status.device_name, "laptop");
+
+    perform(&socket, Action::Disconnect)
+        .await
+        .expect("disconnect");
+    relay.wait_for_devices("alice", 0).await;
+    perform(&socket, Action::Connect).await.expect("connect");
+    relay.wait_for_devices("alice", 1).await;
+
+    let file = cloudllm_e2e::scratch_dir().join("cache/daemon-log.txt");
+    let written = save_logs(&socket, &file).await.expect("save logs");
+    assert_eq!(written, file);
+    let text = std::fs::read_to_string(&file).expect("the log file");
+    assert!(text.contains("tunnel up"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file)
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
+    daemon.stop().await.expect("daemon stop");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_web_page_is_looked_up_once_connected() {
+    let page = "https://relay.example.com/account";
+    let relay = TestRelay::start(RelayConfig {
+        web_url: Some(page.parse().expect("URL")),
+        ..relay_config()
+    })
+    .await;
+    let backend = FakeOllama::start().await;
+    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    let socket = config.socket_path.clone().expect("socket");
+    let daemon = TestDaemon::start(config);
+    relay.wait_for_devices("alice", 1).await;
+    assert_eq!(web_page(&socket).await.as_deref(), Some(page));
+
+    // The IPC thread asks by itself once it sees the tunnel up.
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let _actions = spawn(socket.clone(), {
+        let events = events.clone();
+        move |event| events.lock().expect("lock").push(event)
+    })
+    .expect("IPC thread");
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !events
+        .lock()
+        .expect("lock")
+        .contains(&Event::WebPage(Some(page.to_owned())))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.stop().await.expect("daemon stop");
+    relay.stop().await;
+
+    // A relay without a page: none.
+    let relay = TestRelay::start(relay_config()).await;
+    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    let socket = config.socket_path.clone().expect("socket");
+    let daemon = TestDaemon::start(config);
+    relay.wait_for_devices("alice", 1).await;
+    assert_eq!(web_page(&socket).await, None);
+    daemon.stop().await.expect("daemon stop");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_daemon_is_a_state_and_is_dialled_again() {
+    let socket = cloudllm_e2e::scratch_dir().join("nobody.sock");
+    let started = tokio::time::Instant::now();
+    let states = watch_until(&socket, |states| states.len() >= 2).await;
+    for state in &states {
+        let TrayState::NoDaemon { reason } = state else {
+            panic!("{state:?}");
+        };
+        assert_eq!(reason, &format!("no socket at {}", socket.display()));
+    }
+    assert!(started.elapsed() >= REDIAL, "the second dial waited");
+
+    let refused = perform(&socket, Action::Disconnect)
+        .await
+        .expect_err("no daemon");
+    assert!(refused.contains("not running"), "{refused}");
+}
