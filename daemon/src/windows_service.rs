@@ -13,8 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use windows_service::service::{
-    ServiceControl, ServiceControlAccept, ServiceExitCode, ServiceState, ServiceStatus,
-    ServiceType,
+    ServiceControl, ServiceControlAccept, ServiceExitCode, ServiceState, ServiceStatus, ServiceType,
 };
 use windows_service::service_control_handler::{self, ServiceControlHandlerResult};
 use windows_service::{define_windows_service, service_dispatcher};
@@ -40,8 +39,9 @@ define_windows_service!(ffi_service_main, service_main);
 /// the SCM (run `cloudllmd` without `--service` by hand).
 pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let _ = CONFIG.set(config);
-    service_dispatcher::start(SERVICE_NAME, ffi_service_main)
-        .context("not started by the Windows service control manager (run cloudllmd without --service)")
+    service_dispatcher::start(SERVICE_NAME, ffi_service_main).context(
+        "not started by the Windows service control manager (run cloudllmd without --service)",
+    )
 }
 
 fn service_main(_arguments: Vec<OsString>) {

@@ -102,7 +102,11 @@ fn ready_comes_once_the_socket_accepts_then_watchdog_then_stopping() {
         .unwrap();
 
     let first = recv(&notify, STEP).expect("a notification within the bound");
-    assert_eq!(first.trim(), "READY=1", "the first notification is readiness");
+    assert_eq!(
+        first.trim(),
+        "READY=1",
+        "the first notification is readiness"
+    );
     // Right when READY=1 arrives, the IPC socket takes connections.
     UnixStream::connect(&socket).expect("the IPC socket accepts once READY=1 is sent");
 
@@ -110,7 +114,11 @@ fn ready_comes_once_the_socket_accepts_then_watchdog_then_stopping() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while watchdogs < 3 && Instant::now() < deadline {
         if let Some(message) = recv(&notify, Duration::from_secs(1)) {
-            assert_eq!(message.trim(), "WATCHDOG=1", "only keep-alives while running");
+            assert_eq!(
+                message.trim(),
+                "WATCHDOG=1",
+                "only keep-alives while running"
+            );
             watchdogs += 1;
         }
     }
@@ -139,7 +147,10 @@ fn without_a_watchdog_only_ready_and_stopping_are_sent() {
         .env("NOTIFY_SOCKET", &notify_path)
         .spawn()
         .unwrap();
-    assert_eq!(recv(&notify, STEP).as_deref().map(str::trim), Some("READY=1"));
+    assert_eq!(
+        recv(&notify, STEP).as_deref().map(str::trim),
+        Some("READY=1")
+    );
     assert_eq!(recv(&notify, Duration::from_millis(800)), None);
     sigterm(&child);
     assert_eq!(
