@@ -441,7 +441,7 @@ fn linux_install(target: &Target) -> Result<Vec<Action>, PlanError> {
     ]);
     if scope == Scope::System {
         actions.push(Action::Note(
-            "members of the group cloudllm may change the daemon: `sudo usermod -aG cloudllm USER`"
+            "`sudo usermod -aG cloudllm USER` lets USER reach the socket; changes take root or `sg cloudllm -c \"cloudllm ...\"`"
                 .to_owned(),
         ));
     }

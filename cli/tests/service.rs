@@ -764,3 +764,56 @@ fn user_install_twice_then_uninstall_with_a_stand_in_systemctl() {
     );
     let _ = std::fs::remove_dir_all(home);
 }
+
+#[test]
+fn sysusers_and_tmpfiles_make_the_user_group_and_config_dir() {
+    // systemd-sysusers and systemd-tmpfiles applied to an empty root directory, as the Debian
+    // package's postinst and `service install --system` apply them to the machine.
+    let root = scratch("sysroot");
+    for (dir, text) in [
+        ("usr/lib/sysusers.d", service::SYSUSERS),
+        ("usr/lib/tmpfiles.d", service::TMPFILES),
+    ] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+        std::fs::write(root.join(dir).join("cloudllm.conf"), text).unwrap();
+    }
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let root_arg = format!("--root={}", root.display());
+    let run = |program: &str, args: &[&str]| {
+        let output = Command::new(program).args(args).output().unwrap();
+        assert!(output.status.success(), "{program}: {}", text(&output));
+    };
+    run("systemd-sysusers", &[&root_arg, "cloudllm.conf"]);
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    let user = passwd
+        .lines()
+        .find(|l| l.starts_with("cloudllm:"))
+        .unwrap_or_else(|| panic!("no cloudllm user: {passwd}"));
+    let fields: Vec<&str> = user.split(':').collect();
+    assert_eq!(fields[5], "/var/lib/cloudllm");
+    assert!(fields[6].ends_with("nologin"), "{user}");
+    let gid: u32 = fields[3].parse().unwrap();
+    let group = std::fs::read_to_string(root.join("etc/group")).unwrap();
+    assert!(
+        group.lines().any(|l| l.starts_with(&format!("cloudllm:x:{gid}:"))),
+        "{group}"
+    );
+
+    run("systemd-tmpfiles", &[&root_arg, "--create", "cloudllm.conf"]);
+    let dir = std::fs::metadata(root.join("etc/cloudllm")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(dir.mode() & 0o7777, 0o2770, "setgid, for the daemon's group");
+    assert_eq!((dir.uid(), dir.gid()), (0, gid));
+    // The package's settings file, once there, is given to the daemon's group to read.
+    std::fs::write(root.join("etc/cloudllm/cloudllmd.toml"), service::SYSTEM_CONFIG).unwrap();
+    std::fs::set_permissions(
+        root.join("etc/cloudllm/cloudllmd.toml"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    run("systemd-tmpfiles", &[&root_arg, "--create", "cloudllm.conf"]);
+    let file = std::fs::metadata(root.join("etc/cloudllm/cloudllmd.toml")).unwrap();
+    assert_eq!(file.mode() & 0o777, 0o640);
+    assert_eq!(file.gid(), gid);
+    let _ = std::fs::remove_dir_all(root);
+}
