@@ -795,23 +795,39 @@ fn sysusers_and_tmpfiles_make_the_user_group_and_config_dir() {
     let gid: u32 = fields[3].parse().unwrap();
     let group = std::fs::read_to_string(root.join("etc/group")).unwrap();
     assert!(
-        group.lines().any(|l| l.starts_with(&format!("cloudllm:x:{gid}:"))),
+        group
+            .lines()
+            .any(|l| l.starts_with(&format!("cloudllm:x:{gid}:"))),
         "{group}"
     );
 
-    run("systemd-tmpfiles", &[&root_arg, "--create", "cloudllm.conf"]);
+    run(
+        "systemd-tmpfiles",
+        &[&root_arg, "--create", "cloudllm.conf"],
+    );
     let dir = std::fs::metadata(root.join("etc/cloudllm")).unwrap();
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(dir.mode() & 0o7777, 0o2770, "setgid, for the daemon's group");
+    assert_eq!(
+        dir.mode() & 0o7777,
+        0o2770,
+        "setgid, for the daemon's group"
+    );
     assert_eq!((dir.uid(), dir.gid()), (0, gid));
     // The package's settings file, once there, is given to the daemon's group to read.
-    std::fs::write(root.join("etc/cloudllm/cloudllmd.toml"), service::SYSTEM_CONFIG).unwrap();
+    std::fs::write(
+        root.join("etc/cloudllm/cloudllmd.toml"),
+        service::SYSTEM_CONFIG,
+    )
+    .unwrap();
     std::fs::set_permissions(
         root.join("etc/cloudllm/cloudllmd.toml"),
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    run("systemd-tmpfiles", &[&root_arg, "--create", "cloudllm.conf"]);
+    run(
+        "systemd-tmpfiles",
+        &[&root_arg, "--create", "cloudllm.conf"],
+    );
     let file = std::fs::metadata(root.join("etc/cloudllm/cloudllmd.toml")).unwrap();
     assert_eq!(file.mode() & 0o777, 0o640);
     assert_eq!(file.gid(), gid);
