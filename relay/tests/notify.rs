@@ -45,16 +45,23 @@ fn ready_after_listening_watchdog_and_stopping() {
         .unwrap();
 
     assert_eq!(recv(&notify, STEP).as_deref(), Some("READY=1"));
-    // Dev mode prints the address it listens on; it accepts connections.
+    // Dev mode prints the address it listens on; it accepts connections. The reader keeps
+    // draining standard output, so the relay never writes into a closed pipe.
     let stdout = child.stdout.take().unwrap();
-    let addr = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| {
-            line.split("CLOUDLLM_RELAY_URL=http://")
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line
+                .split("CLOUDLLM_RELAY_URL=http://")
                 .nth(1)
-                .and_then(|rest| rest.split_whitespace().next().map(str::to_owned))
-        })
+                .and_then(|rest| rest.split_whitespace().next())
+            {
+                let _ = addr_tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(STEP)
         .expect("dev mode prints the relay's address");
     std::net::TcpStream::connect(&addr).expect("the relay listens once READY=1 is sent");
 
