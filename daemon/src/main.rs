@@ -22,7 +22,8 @@ struct Cli {
     /// Config file [default: cloudllmd.toml in the platform config dir; /etc/cloudllm/ with --system].
     #[arg(long, env = "CLOUDLLM_CONFIG")]
     config: Option<PathBuf>,
-    /// Run as a system service: socket in /run/cloudllm, state in /var/lib/cloudllm.
+    /// Run as a system service: socket in /run/cloudllm (/var/run/cloudllm on macOS), state in
+    /// /var/lib/cloudllm.
     #[arg(long)]
     system: bool,
     /// Run under the Windows service control manager (as `cloudllm service install` registers it).
