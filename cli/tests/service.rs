@@ -478,8 +478,7 @@ fn windows_plans_register_the_service_or_the_login_entry() {
     assert_eq!(
         commands(&user),
         [format!(
-            r#"run reg add HKCU\Software\Microsoft\Windows\CurrentVersion\Run /v cloudllmd /t REG_SZ /d "\"{}\"" /f"#,
-            exe.replace('\\', "\\\\")
+            r#"run reg add HKCU\Software\Microsoft\Windows\CurrentVersion\Run /v cloudllmd /t REG_SZ /d "\"{exe}\"" /f"#
         )]
     );
     let uninstall = service::plan(Operation::Uninstall, &t).unwrap();

@@ -248,9 +248,10 @@ impl fmt::Display for Action {
                 when,
             } => {
                 write!(f, "run {program}")?;
+                // Quoted as a shell or cmd.exe user would type it: "a b", inner quotes as \".
                 for arg in args {
-                    if arg.is_empty() || arg.contains(char::is_whitespace) {
-                        write!(f, " {arg:?}")?;
+                    if arg.is_empty() || arg.contains(char::is_whitespace) || arg.contains('"') {
+                        write!(f, " \"{}\"", arg.replace('"', "\\\""))?;
                     } else {
                         write!(f, " {arg}")?;
                     }
