@@ -2,6 +2,10 @@
 //!
 //! [`Client::connect`] finds the daemon's socket, says hello with the IPC version, and then
 //! sends [`Request`]s and reads [`Response`]s, one JSON line each.
+//!
+//! [`service`] installs the daemon as a service of the platform's service manager.
+
+pub mod service;
 
 use std::path::{Path, PathBuf};
 

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use cloudllm_cli::service::{self, ServiceCommand};
 use cloudllm_cli::{Client, ConnectError, SOCKET_ENV, socket_path};
 use cloudllm_proto::Secret;
 use cloudllm_proto::ipc::{Connection, ErrorCode, LoginFlow, Ollama, Request, Response, Status};
@@ -98,6 +99,11 @@ enum Command {
         /// Arguments for cloudllmd (e.g. --config FILE).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Install, remove or query cloudllmd as a service (systemd, launchd, Windows service).
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
     },
     /// Print a shell completion script.
     Completions {
@@ -211,6 +217,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             return Ok(0);
         }
         Command::Daemon { args } => return run_daemon(&args),
+        Command::Service { command } => {
+            return service::run(command).map_err(|f| Failure {
+                code: f.code,
+                message: f.message,
+            });
+        }
         _ => {}
     }
     let path = socket_path(cli.socket);
@@ -352,7 +364,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 }
             }
         }
-        Command::Completions { .. } | Command::Daemon { .. } => Ok(0),
+        Command::Completions { .. } | Command::Daemon { .. } | Command::Service { .. } => Ok(0),
     }
 }
 

@@ -14,9 +14,12 @@ mod ipc;
 pub mod login;
 pub mod logs;
 mod ollama;
+pub mod service_manager;
 mod state;
 mod supervisor;
 mod tunnel;
+#[cfg(windows)]
+pub mod windows_service;
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -29,6 +32,9 @@ use supervisor::Supervisor;
 /// the relay open while logged in and connected, forwards requests to Ollama, and refreshes
 /// tokens. On shutdown, in-flight requests finish within the grace period. Returns an error
 /// only for a configuration it cannot run with (bad setting, socket in use).
+///
+/// Under systemd (`$NOTIFY_SOCKET` set) it sends `READY=1` once the IPC socket listens,
+/// `WATCHDOG=1` at half of `WatchdogSec=` while it runs, and `STOPPING=1` when `shutdown` fires.
 pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
     // A bad ca_file is a start-up error, not a tunnel that never comes up.
@@ -51,7 +57,23 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> anyhow::R
     ));
     let watch = tokio::spawn(ollama::watch(supervisor.clone(), shutdown.clone()));
     let refresh = tokio::spawn(supervisor.clone().run_refresh());
+    // The socket is listening (connections queue until accepted) and the supervisor answers.
+    service_manager::ready();
+    let finished = CancellationToken::new();
+    let watchdog = tokio::spawn(service_manager::watchdog(finished.clone()));
+    let stopping = {
+        let (shutdown, finished) = (shutdown.clone(), finished.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => service_manager::stopping(),
+                () = finished.cancelled() => {}
+            }
+        })
+    };
     supervisor.run_tunnels().await;
     let _ = tokio::join!(ipc, watch, refresh);
+    finished.cancel();
+    let _ = tokio::join!(watchdog, stopping);
+    info!("cloudllmd stopped");
     Ok(())
 }

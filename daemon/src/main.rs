@@ -22,9 +22,14 @@ struct Cli {
     /// Config file [default: cloudllmd.toml in the platform config dir; /etc/cloudllm/ with --system].
     #[arg(long, env = "CLOUDLLM_CONFIG")]
     config: Option<PathBuf>,
-    /// Run as a system service: socket in /run/cloudllm, state in /var/lib/cloudllm.
+    /// Run as a system service: socket in /run/cloudllm (/var/run/cloudllm on macOS), state in
+    /// /var/lib/cloudllm.
     #[arg(long)]
     system: bool,
+    /// Run under the Windows service control manager (as `cloudllm service install` registers it).
+    #[cfg(windows)]
+    #[arg(long)]
+    service: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,7 +49,15 @@ fn main() -> std::process::ExitCode {
                 .with_filter(filter()),
         )
         .init();
-    match run(cli) {
+    #[cfg(windows)]
+    let result = if cli.service {
+        load(&cli).and_then(cloudllm_daemon::windows_service::run)
+    } else {
+        run(cli)
+    };
+    #[cfg(not(windows))]
+    let result = run(cli);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("cloudllmd: {err:#}");

@@ -255,7 +255,11 @@ pub enum Ollama {
 }
 
 /// The system daemon's IPC socket (systemd `RuntimeDirectory=cloudllm`).
+#[cfg(not(target_os = "macos"))]
 pub const SYSTEM_SOCKET: &str = "/run/cloudllm/cloudllmd.sock";
+/// The system daemon's IPC socket (macOS has no `/run`; its `/var/run` is writable by root).
+#[cfg(target_os = "macos")]
+pub const SYSTEM_SOCKET: &str = "/var/run/cloudllm/cloudllmd.sock";
 
 /// Where a daemon puts its IPC socket unless configured otherwise, and where clients look: a
 /// user daemon's in the user's runtime dir (`$XDG_RUNTIME_DIR/cloudllm/cloudllmd.sock` on

@@ -185,6 +185,9 @@ async fn serve(listen: Option<SocketAddr>, path: Option<PathBuf>, dev: bool) -> 
         .context("installing the SIGHUP handler")?;
     let shutdown = CancellationToken::new();
     let relay = cloudllm_relay::serve(config.clone(), shutdown.clone()).await?;
+    // Listening: tell systemd (`Type=notify`), and keep its watchdog fed from this runtime.
+    systemd::ready();
+    tokio::spawn(systemd::watchdog());
     if dev {
         print_dev_tokens(&config, relay.addr)?;
     }
@@ -193,6 +196,7 @@ async fn serve(listen: Option<SocketAddr>, path: Option<PathBuf>, dev: bool) -> 
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down: draining tunnels (a second signal exits at once)");
+        systemd::stopping();
         shutdown.cancel();
         wait_for_signal().await;
         std::process::exit(130);
@@ -236,6 +240,40 @@ fn print_dev_tokens(config: &RelayConfig, addr: SocketAddr) -> anyhow::Result<()
          curl -H 'Authorization: Bearer {client}' {scheme}://{addr}/api/tags\n"
     );
     Ok(())
+}
+
+/// systemd's `Type=notify` protocol; does nothing without `$NOTIFY_SOCKET`.
+#[cfg(unix)]
+mod systemd {
+    use sd_notify::NotifyState;
+
+    pub fn ready() {
+        let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+    }
+
+    pub fn stopping() {
+        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    }
+
+    /// Sends `WATCHDOG=1` at half of `WatchdogSec=`, if systemd set one.
+    pub async fn watchdog() {
+        let mut usec = 0;
+        if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+            return;
+        }
+        let mut ticks = tokio::time::interval(std::time::Duration::from_micros(usec) / 2);
+        loop {
+            ticks.tick().await;
+            let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+        }
+    }
+}
+
+#[cfg(not(unix))]
+mod systemd {
+    pub fn ready() {}
+    pub fn stopping() {}
+    pub async fn watchdog() {}
 }
 
 async fn wait_for_signal() {
