@@ -54,12 +54,33 @@ impl Operators {
             // Named pipes are limited to the creating user and administrators by their ACL.
             return true;
         }
-        match peer.uid {
-            Some(0) => true,
-            Some(uid) if Some(uid) == self.daemon_uid => true,
-            _ => self.group.is_some() && peer.gid == self.group,
+        match (peer.uid, self.group) {
+            (Some(0), _) => true,
+            (Some(uid), _) if Some(uid) == self.daemon_uid => true,
+            (_, None) => false,
+            (uid, Some(group)) => peer.gid == Some(group) || uid.is_some_and(|u| member_of(u, group)),
         }
     }
+}
+
+/// Whether the user `uid` is a member of group `gid` in the group database (as a supplementary
+/// group: `usermod -aG`). The socket's peer credentials carry only the effective group.
+#[cfg(unix)]
+fn member_of(uid: u32, gid: u32) -> bool {
+    use nix::unistd::{Gid, Uid, User, getgrouplist};
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else {
+        return false;
+    };
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return false;
+    };
+    getgrouplist(&name, user.gid)
+        .is_ok_and(|groups| groups.contains(&Gid::from_raw(gid)))
+}
+
+#[cfg(not(unix))]
+fn member_of(_uid: u32, _gid: u32) -> bool {
+    false
 }
 
 fn socket_name(path: &Path) -> std::io::Result<Name<'_>> {
@@ -582,5 +603,23 @@ mod tests {
         }));
         assert!(changes_state(&Request::Disconnect));
         assert!(!changes_state(&Request::Status));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn group_membership_comes_from_the_group_database() {
+        // root's own group is in its group list; nobody is not in root's group, and a user
+        // that does not exist is in none.
+        assert!(member_of(0, 0));
+        assert!(!member_of(65534, 0));
+        assert!(!member_of(4_000_000_000, 0));
+        let operators = Operators {
+            daemon_uid: Some(1000),
+            group: Some(0),
+        };
+        assert!(!operators.allow(Peer {
+            uid: Some(65534),
+            gid: Some(65534)
+        }));
     }
 }

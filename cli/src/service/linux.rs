@@ -94,7 +94,7 @@ pub(super) fn install(target: &Target) -> Result<Vec<Action>, PlanError> {
     ]);
     if scope == Scope::System {
         actions.push(Action::Note(
-            "`sudo usermod -aG cloudllm USER` lets USER reach the socket; changes take root or `sg cloudllm -c \"cloudllm ...\"`"
+            "`sudo usermod -aG cloudllm USER` lets USER reach and change the daemon (after a new login)"
                 .to_owned(),
         ));
     }
