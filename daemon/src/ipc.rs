@@ -58,7 +58,9 @@ impl Operators {
             (Some(0), _) => true,
             (Some(uid), _) if Some(uid) == self.daemon_uid => true,
             (_, None) => false,
-            (uid, Some(group)) => peer.gid == Some(group) || uid.is_some_and(|u| member_of(u, group)),
+            (uid, Some(group)) => {
+                peer.gid == Some(group) || uid.is_some_and(|u| member_of(u, group))
+            }
         }
     }
 }
@@ -74,8 +76,7 @@ fn member_of(uid: u32, gid: u32) -> bool {
     let Ok(name) = std::ffi::CString::new(user.name) else {
         return false;
     };
-    getgrouplist(&name, user.gid)
-        .is_ok_and(|groups| groups.contains(&Gid::from_raw(gid)))
+    getgrouplist(&name, user.gid).is_ok_and(|groups| groups.contains(&Gid::from_raw(gid)))
 }
 
 #[cfg(not(unix))]

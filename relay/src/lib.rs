@@ -55,6 +55,25 @@ struct AppState {
     tasks: TaskTracker,
 }
 
+impl AppState {
+    /// Counts a refusal by a limit in the metrics and the audit log.
+    fn record_refusal(
+        &self,
+        user: Option<&str>,
+        addr: Option<std::net::IpAddr>,
+        route: &'static str,
+        refusal: &limits::Refusal,
+    ) {
+        self.metrics.limited(refusal.limit);
+        self.audit.record(audit::Event::RateLimited {
+            user: user.map(str::to_owned),
+            limit: refusal.limit.as_str(),
+            route,
+            addr,
+        });
+    }
+}
+
 /// A running relay.
 pub struct Relay {
     /// The address it listens on (useful with port 0).

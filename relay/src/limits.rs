@@ -65,6 +65,14 @@ impl Refusal {
     pub fn retry_after_secs(&self) -> u64 {
         self.retry_after.as_secs_f64().ceil().max(1.0) as u64
     }
+
+    /// Sets `Retry-After` on a 429 response.
+    pub fn set_retry_after(&self, headers: &mut http::HeaderMap) {
+        headers.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from(self.retry_after_secs()),
+        );
+    }
 }
 
 /// The relay's limits.

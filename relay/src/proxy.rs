@@ -149,18 +149,9 @@ fn limited(
         limit = refusal.limit.as_str(),
         user, "request refused by a limit"
     );
-    state.metrics.limited(refusal.limit);
-    state.audit.record(Event::RateLimited {
-        user: user.map(str::to_owned),
-        limit: refusal.limit.as_str(),
-        route: "api",
-        addr,
-    });
+    state.record_refusal(user, addr, "api", refusal);
     let mut response = api.error(StatusCode::TOO_MANY_REQUESTS, &refusal.message);
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(refusal.retry_after_secs()),
-    );
+    refusal.set_retry_after(response.headers_mut());
     response
 }
 

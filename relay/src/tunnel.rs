@@ -378,18 +378,9 @@ fn limited(
     refusal: &Refusal,
 ) -> Response {
     warn!(limit = refusal.limit.as_str(), "tunnel refused by a limit");
-    state.metrics.limited(refusal.limit);
-    state.audit.record(Event::RateLimited {
-        user: user.map(str::to_owned),
-        limit: refusal.limit.as_str(),
-        route: "tunnel",
-        addr,
-    });
+    state.record_refusal(user, addr, "tunnel", refusal);
     let mut response = plain(StatusCode::TOO_MANY_REQUESTS, &refusal.message);
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(refusal.retry_after_secs()),
-    );
+    refusal.set_retry_after(response.headers_mut());
     response
 }
 
