@@ -11,10 +11,12 @@ async fn audit_lines_carry_metadata_and_never_secrets_or_content() {
     let path = scratch_dir().join("audit.jsonl");
     let mut config = relay_config();
     config.audit_log = Some(path.display().to_string());
+    cloudllm_e2e::test_tier(&mut config).requests_per_minute = 3;
     let stack = Stack::with_relay_config(config).await;
 
     let prompt = "SECRET-PROMPT-42 tell me everything";
-    let body = json!({"prompt": prompt, "options": {"num_predict": 3}}).to_string();
+    let body =
+        json!({"model": "fake-model", "prompt": prompt, "options": {"num_predict": 3}}).to_string();
     let response = stack
         .post("/api/generate")
         .header("x-request-id", "audit-1")
@@ -36,6 +38,10 @@ async fn audit_lines_carry_metadata_and_never_secrets_or_content() {
     assert_eq!(forged.status(), 401);
     let offline = stack.relay.get_as("bob", "/api/tags").await;
     assert_eq!(offline.status(), 503);
+    // Alice's third request per minute passes, her fourth is refused.
+    assert_eq!(stack.get("/api/tags").send().await.unwrap().status(), 200);
+    assert_eq!(stack.get("/api/tags").send().await.unwrap().status(), 200);
+    assert_eq!(stack.get("/api/tags").send().await.unwrap().status(), 429);
 
     let Stack { relay, daemon, .. } = stack;
     relay.stop().await;
@@ -65,6 +71,11 @@ async fn audit_lines_carry_metadata_and_never_secrets_or_content() {
     assert_eq!(request["bytes_in"], body.len());
     assert_eq!(request["bytes_out"], completion.len());
     assert!(request["duration_ms"].is_u64());
+    assert_eq!(request["model"], "fake-model");
+    let limited = find("rate_limited", &|l| l["user"] == "alice");
+    assert_eq!(limited["limit"], "requests_per_minute");
+    assert_eq!(limited["route"], "api");
+    assert_eq!(limited["addr"], "127.0.0.1");
     let failure = find("auth_failure", &|l| l["route"] == "api");
     assert_eq!(failure["reason"], "invalid token");
     let offline = find("request", &|l| l["user"] == "bob");
