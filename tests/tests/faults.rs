@@ -262,9 +262,11 @@ async fn a_stalled_network_ends_the_stream_in_flight_gives_503_and_the_daemon_sa
         error_message(&body).contains("your device is offline"),
         "{body}"
     );
-    // The daemon: reconnecting, and the last error names the silence.
+    // The daemon: reconnecting, and the last error names the silence — noticed by the
+    // WebSocket's own liveness check or by HTTP/2's PING, whichever fires first.
     let status = wait_status(&socket, Duration::from_secs(5), |s| {
-        matches!(&s.connection, Connection::Reconnecting { last_error, .. } if last_error.contains("silent"))
+        matches!(&s.connection, Connection::Reconnecting { last_error, .. }
+            if last_error.contains("silent") || last_error.contains("keep-alive timed out"))
     })
     .await;
     assert!(stalled_at.elapsed() < Duration::from_secs(5), "{status:?}");
