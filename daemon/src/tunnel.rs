@@ -270,3 +270,26 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection error")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn lost_tunnels_are_reported_with_their_causes() {
+        let err = Outer(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "tunnel peer silent for 2s",
+        ));
+        assert_eq!(
+            with_causes(&err),
+            "connection error: tunnel peer silent for 2s"
+        );
+        let plain = std::io::Error::other("reset");
+        assert_eq!(with_causes(&plain), "reset");
+    }
+}
