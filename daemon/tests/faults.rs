@@ -141,8 +141,9 @@ async fn a_frozen_daemon_is_given_up_within_the_bound_and_comes_back_when_thawed
         back_after < Duration::from_secs(6),
         "the daemon took {back_after:?} to come back"
     );
+    // Connected, and the stream cut while frozen no longer counts as in flight.
     wait_status(&socket, STEP, |s| {
-        matches!(s.connection, Connection::Connected { .. })
+        matches!(s.connection, Connection::Connected { .. }) && s.requests_in_flight == 0
     })
     .await;
     let response = timeout(STEP, generate("thawed", 3, 0).send())

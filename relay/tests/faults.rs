@@ -181,5 +181,7 @@ async fn relay_killed_mid_stream_and_restarted() {
         .unwrap()
         .to_vec();
     assert_eq!(take_lines(&mut buf).last().unwrap()["done"], true);
+    // The stream cut by the kill no longer counts as in flight.
+    wait_status(&socket, STEP, |s| s.requests_in_flight == 0).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -165,8 +165,9 @@ async fn ollama_killed_mid_stream_gives_an_error_then_502_and_comes_back_when_re
     assert_eq!(status, 200, "{body}");
     let mut buf = body.into_bytes();
     assert_eq!(take_lines(&mut buf).last().unwrap()["done"], true);
+    // Nothing counts as in flight any more: the cut stream was let go.
     wait_status(&socket, OLLAMA_NOTICED, |s| {
-        matches!(s.ollama, Ollama::Up { .. }) && is_connected(s)
+        matches!(s.ollama, Ollama::Up { .. }) && is_connected(s) && s.requests_in_flight == 0
     })
     .await;
 }
@@ -277,6 +278,8 @@ async fn a_stalled_network_ends_the_stream_in_flight_gives_503_and_the_daemon_sa
     wait_status(&socket, STEP, is_connected).await;
     let (code, body) = send(generate(&relay, "alice", "healed", 3, 0)).await;
     assert_eq!(code, 200, "{body}");
+    // The stream cut by the stall no longer counts as in flight.
+    wait_status(&socket, STEP, |s| s.requests_in_flight == 0).await;
 }
 
 /// Every state the daemon at `socket` goes through, as `cloudllm status --watch` sees them.
