@@ -1,8 +1,9 @@
 //! The daemon's end of the tunnel: dial the relay, serve HTTP/2 over the WebSocket, and
 //! redial for ever with backoff, reporting each step in the daemon's [`State`].
 //!
-//! A tunnel ends in one of four ways: the relay asked it to drain (it is restarting) — redial
-//! at once; it closed or failed after working for a while — redial after a short random delay;
+//! A tunnel ends in one of four ways: the relay asked it to drain (it is restarting), or the
+//! WebSocket was closed with 1012 "service restart" or 1001 "going away" (as a proxy in front
+//! of the relay does when it restarts) — redial at once; it closed or failed after working for a while — redial after a short random delay;
 //! dialling failed — redial with exponential backoff and full jitter, capped; or the daemon
 //! stopped this tunnel — in-flight requests finish (within the grace period) and it returns.
 
@@ -11,10 +12,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cloudllm_proto::Secret;
 use cloudllm_proto::ipc::Connection;
-use cloudllm_tunnel::WsIo;
+use cloudllm_tunnel::{CloseCell, WsIo};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -168,7 +170,12 @@ async fn serve(
         .map(|u| u.as_str())
         .unwrap_or_default();
     let liveness = config.liveness();
-    let io = TokioIo::new(WsIo::new(ws, liveness).with_rtt(state.rtt_cell()));
+    let close = CloseCell::default();
+    let io = TokioIo::new(
+        WsIo::new(ws, liveness)
+            .with_rtt(state.rtt_cell())
+            .with_close(close.clone()),
+    );
     let signals = ConnectionSignals::default();
     let service = {
         let forwarder = forwarder.clone();
@@ -192,7 +199,19 @@ async fn serve(
     let closing = loop {
         tokio::select! {
             result = connection.as_mut() => {
-                return Ended::Closed(result.err().map(|e| format!("{e:#}")));
+                let frame = close.lock().ok().and_then(|mut slot| slot.take());
+                return match frame {
+                    Some(frame) if matches!(frame.code, CloseCode::Restart | CloseCode::Away) => {
+                        info!(code = u16::from(frame.code), reason = %frame.reason, "tunnel closed for a restart");
+                        Ended::Drained
+                    }
+                    Some(frame) => Ended::Closed(Some(format!(
+                        "WebSocket closed with code {} ({})",
+                        u16::from(frame.code),
+                        if frame.reason.is_empty() { "no reason given" } else { frame.reason.as_str() }
+                    ))),
+                    None => Ended::Closed(result.err().map(|e| with_causes(&e))),
+                };
             }
             () = signals.hello.cancelled(), if !registered => {
                 registered = true;
@@ -229,8 +248,48 @@ async fn serve(
     closing
 }
 
+/// `err` and its causes, `: `-separated. hyper's errors print only their own kind
+/// ("connection error"); the cause (the peer silent past the ping bound, a reset) is what the
+/// user needs to see in `status`.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection error")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn lost_tunnels_are_reported_with_their_causes() {
+        let err = Outer(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "tunnel peer silent for 2s",
+        ));
+        assert_eq!(
+            with_causes(&err),
+            "connection error: tunnel peer silent for 2s"
+        );
+        let plain = std::io::Error::other("reset");
+        assert_eq!(with_causes(&plain), "reset");
+    }
 }

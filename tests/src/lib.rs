@@ -1,6 +1,7 @@
 //! Test harness for cloudllm's end-to-end tests: a relay and daemons started in-process through
 //! their library entry points on `127.0.0.1:0`, a fake Ollama backend for exact timing and fault
-//! injection, and a TCP proxy that can stall a connection.
+//! injection, a TCP proxy that can stall a connection, and a WebSocket proxy that closes the
+//! tunnel with a chosen close code.
 //!
 //! `oidc` runs a real OpenID Provider (Node.js `oidc-provider`) and plays its user in a browser,
 //! for the login and JWKS tests.
@@ -9,6 +10,7 @@
 //! cancellation and failures deterministically. Conformance with the real Ollama is tested
 //! against the genuine server (`real_ollama`).
 
+pub mod close_proxy;
 pub mod fake_ollama;
 pub mod oidc;
 pub mod stall_proxy;
@@ -24,6 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+pub use close_proxy::CloseProxy;
 pub use fake_ollama::FakeOllama;
 pub use stall_proxy::StallProxy;
 
@@ -318,6 +321,44 @@ impl Stack {
         self.http
             .get(self.relay.api(path))
             .bearer_auth(token("alice", Scope::Client))
+    }
+}
+
+/// The daemon's state as `cloudllm status` reads it over the IPC socket at `socket`, or
+/// `None` while the socket does not answer.
+pub async fn daemon_status(socket: &std::path::Path) -> Option<cloudllm_proto::ipc::Status> {
+    use cloudllm_proto::ipc::{Request, Response};
+    let call = async {
+        let mut daemon = cloudllm_cli::Client::connect(socket).await.ok()?;
+        match daemon.call(&Request::Status).await.ok()? {
+            Response::Status(status) => Some(status),
+            _ => None,
+        }
+    };
+    tokio::time::timeout(STEP, call).await.ok().flatten()
+}
+
+/// Polls the daemon's status at `socket` until `wanted` holds, at most `limit`; returns the
+/// status that matched and panics with the last one seen otherwise.
+pub async fn wait_status(
+    socket: &std::path::Path,
+    limit: Duration,
+    wanted: impl Fn(&cloudllm_proto::ipc::Status) -> bool,
+) -> cloudllm_proto::ipc::Status {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut last = None;
+    loop {
+        if let Some(status) = daemon_status(socket).await {
+            if wanted(&status) {
+                return status;
+            }
+            last = Some(status);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the daemon's status did not get there within {limit:?}; last seen: {last:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -28,7 +28,14 @@ impl Drop for StallProxy {
 impl StallProxy {
     /// Starts a proxy on `127.0.0.1:0` to `target`.
     pub async fn start(target: SocketAddr) -> StallProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        StallProxy::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
+    }
+
+    /// Starts a proxy on `listen` to `target`: a proxy started again on the address of one that
+    /// was dropped stands for a backend that was killed and restarted. Dropping a proxy closes
+    /// its listener and every connection it carries.
+    pub async fn start_on(listen: SocketAddr, target: SocketAddr) -> StallProxy {
+        let listener = TcpListener::bind(listen).await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let stalled = Arc::new((AtomicBool::new(false), Notify::new()));
         let flag = stalled.clone();

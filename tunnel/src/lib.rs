@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-pub use ws_io::WsIo;
+pub use ws_io::{CloseCell, WsIo};
 
 /// Per-stream HTTP/2 flow-control window: 64 KiB. With hyper's larger defaults, many streams of
 /// small NDJSON chunks make h2 answer `GOAWAY(ENHANCE_YOUR_CALM, too_many_data_frames)` and kill

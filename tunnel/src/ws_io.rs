@@ -6,6 +6,10 @@
 //! of the stream. The adapter also keeps the WebSocket itself alive: it sends a ping every
 //! interval and fails the stream when nothing at all has arrived for too long, so a peer that
 //! vanished without a FIN is noticed even before HTTP/2's own PING timeout.
+//!
+//! The peer's close frame (code and reason) can be kept in a [`CloseCell`]: HTTP/2 above sees
+//! only the end of the stream, but the daemon redials at once when a proxy in front of the
+//! relay closes with 1012 (service restart) and reports any other code to the user.
 
 use std::io;
 use std::pin::Pin;
@@ -18,6 +22,7 @@ use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::{Liveness, MAX_WS_MESSAGE_OUT};
@@ -42,7 +47,12 @@ pub struct WsIo<S> {
     ping_sent: Option<Instant>,
     /// Where the measured round trip goes, in microseconds.
     rtt_micros: Option<Arc<AtomicU64>>,
+    /// Where the peer's close frame goes.
+    close: Option<CloseCell>,
 }
+
+/// The close frame the peer sent, if it sent one, filled in by [`WsIo`] when it reads it.
+pub type CloseCell = Arc<std::sync::Mutex<Option<CloseFrame>>>;
 
 impl<S> WsIo<S> {
     /// Wraps an established WebSocket. `liveness` sets the ping interval and how long the
@@ -61,7 +71,14 @@ impl<S> WsIo<S> {
             ping_unflushed: false,
             ping_sent: None,
             rtt_micros: None,
+            close: None,
         }
+    }
+
+    /// Stores the peer's close frame (code and reason) into `cell` when one arrives.
+    pub fn with_close(mut self, cell: CloseCell) -> Self {
+        self.close = Some(cell);
+        self
     }
 
     /// Stores each measured ping round trip (microseconds) into `cell`.
@@ -163,7 +180,14 @@ where
                     match message {
                         Message::Binary(data) => this.read_buf = data,
                         // A close ends the byte stream; tungstenite answers it for us.
-                        Message::Close(_) => return Poll::Ready(Ok(())),
+                        Message::Close(frame) => {
+                            if let (Some(frame), Some(cell)) = (frame, &this.close)
+                                && let Ok(mut slot) = cell.lock()
+                            {
+                                *slot = Some(frame);
+                            }
+                            return Poll::Ready(Ok(()));
+                        }
                         Message::Pong(_) => {
                             if let (Some(sent), Some(cell)) =
                                 (this.ping_sent.take(), &this.rtt_micros)
@@ -290,6 +314,25 @@ mod tests {
         let (kind, died) = reader.await.unwrap();
         assert_eq!(kind, io::ErrorKind::TimedOut);
         assert_eq!(died - start, liveness.detection_bound());
+    }
+
+    #[tokio::test]
+    async fn the_peers_close_code_and_reason_are_kept() {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        let (io, mut peer) = pair(Liveness::default()).await;
+        let cell = CloseCell::default();
+        let mut io = io.with_close(cell.clone());
+        peer.close(Some(CloseFrame {
+            code: CloseCode::Restart,
+            reason: "maintenance".into(),
+        }))
+        .await
+        .unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(io.read_to_end(&mut rest).await.unwrap(), 0, "close is EOF");
+        let frame = cell.lock().unwrap().clone().expect("the close frame");
+        assert_eq!(frame.code, CloseCode::Restart);
+        assert_eq!(frame.reason.as_str(), "maintenance");
     }
 
     #[tokio::test]
