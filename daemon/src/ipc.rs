@@ -34,6 +34,11 @@ const COUNTER_REFRESH: Duration = Duration::from_secs(1);
 /// bounds a local process opening connections in a loop.
 const MAX_CONNECTIONS: usize = 64;
 
+/// How long a new connection has to say hello: the CLI and the tray do so at once; a
+/// connection that stays silent (or sends only junk) would otherwise hold one of the
+/// [`MAX_CONNECTIONS`] slots for good.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Copy)]
 struct Peer {
@@ -322,8 +327,21 @@ async fn handle(stream: Stream, context: &Shared) {
     let (recv, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::new(recv);
     let mut greeted = false;
+    let hello_deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
-        let line = match read_line(&mut reader).await {
+        let read = if greeted {
+            read_line(&mut reader).await
+        } else {
+            match tokio::time::timeout_at(hello_deadline, read_line(&mut reader)).await {
+                Ok(read) => read,
+                Err(_) => {
+                    let message = format!("no hello within {HELLO_TIMEOUT:?}");
+                    let _ = send(&mut writer, &error(ErrorCode::BadRequest, message)).await;
+                    return;
+                }
+            }
+        };
+        let line = match read {
             Ok(Some(line)) => line,
             Ok(None) => return,
             Err(err) => {

@@ -538,3 +538,55 @@ async fn random_bytes_on_the_ipc_socket_leave_the_daemon_serving() {
     let response = stack.relay.get_as("bob", "/api/tags").await;
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_ipc_connections_cannot_lock_the_cli_out_for_long() {
+    use proto::ipc::{Request, Response};
+    /// The daemon's connection cap (`MAX_CONNECTIONS` in daemon/src/ipc.rs).
+    const SLOTS: usize = 64;
+    /// The daemon's `HELLO_TIMEOUT` plus slack.
+    const HELLO_BOUND: Duration = Duration::from_secs(14);
+    let stack = Stack::with_relay_config(hostile_config()).await;
+    let config =
+        cloudllm_e2e::daemon_config(&stack.relay.url(), "bob", "desk", &stack.backend.url());
+    let socket = config.socket_path.clone().expect("socket path");
+    let _daemon = cloudllm_e2e::TestDaemon::start(config);
+    stack.relay.wait_for_devices("bob", 1).await;
+
+    // Every slot taken by a connection that never says anything.
+    let mut silent = Vec::new();
+    for _ in 0..SLOTS {
+        silent.push(
+            timeout(STEP, tokio::net::UnixStream::connect(&socket))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let started = Instant::now();
+    // Each is told off and closed once the hello timeout has passed.
+    for stream in &mut silent {
+        let mut answer = Vec::new();
+        let left = HELLO_BOUND.saturating_sub(started.elapsed());
+        timeout(left, stream.read_to_end(&mut answer))
+            .await
+            .expect("a silent IPC connection was kept open")
+            .unwrap();
+        let reply: Response = serde_json::from_slice(&answer).expect("one error line");
+        assert!(matches!(reply, Response::Error { .. }), "{reply:?}");
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(5),
+        "closed before any timeout"
+    );
+    // The CLI gets in again.
+    let mut client = timeout(STEP, cloudllm_cli::Client::connect(&socket))
+        .await
+        .unwrap()
+        .expect("the CLI connects once the silent connections are gone");
+    let status = timeout(STEP, client.call(&Request::Status))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(status, Response::Status(_)), "{status:?}");
+}
