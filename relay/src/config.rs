@@ -561,6 +561,20 @@ mod tests {
         assert!(config.validate().is_ok());
     }
 
+    #[test]
+    fn client_read_timeout_has_a_default_and_must_be_positive() {
+        let mut config: RelayConfig =
+            toml::from_str("secret = \"0123456789abcdef0123456789abcdef\"").unwrap();
+        assert_eq!(config.client_read_timeout, Duration::from_secs(30));
+        assert!(config.validate().is_ok());
+        config = toml::from_str(
+            "secret = \"0123456789abcdef0123456789abcdef\"\nclient_read_timeout = \"0s\"",
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("client_read_timeout"), "{err}");
+    }
+
     const JWKS: &str = r#"
         token_grace = "5s"
         [jwks]
