@@ -495,8 +495,8 @@ async fn merged_listing(
 }
 
 /// Sends one request to `device` with its body streamed (capped at `limit`, and given up when
-/// the caller sends nothing for `read_timeout`), and streams the response back. With `sniff_model`, the model named in the body's first chunk is noted for
-/// the audit log.
+/// the caller sends nothing for `read_timeout`), and streams the response back. With
+/// `sniff_model`, the model named in the body's first chunk is noted for the audit log.
 async fn forward_to(
     api: Api<'_>,
     device: &Arc<Device>,
