@@ -301,15 +301,15 @@ struct Relayed {
     ended: tokio_util::sync::CancellationToken,
 }
 
-/// Runs `hello_body` as the hello answer of an HTTP/2 server over `ws`, and every other path
-/// answered with an empty model list. Returns the controls.
-fn serve_over(ws: WebSocketStream<TcpStream>, hello_body: Bytes) -> Relayed {
+/// Runs an HTTP/2 server over `ws` that answers the hello with `hello_body`, the events stream
+/// with `events_body`, and every other path with an empty model list. Returns the controls.
+fn serve_over(ws: WebSocketStream<TcpStream>, hello_body: Bytes, events_body: Bytes) -> Relayed {
     let (server_io, pump_io) = tokio::io::duplex(64 * 1024);
     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let body = if req.uri().path() == proto::CONTROL_HELLO {
-            hello_body.clone()
-        } else {
-            Bytes::from_static(br#"{"models":[]}"#)
+        let body = match req.uri().path() {
+            proto::CONTROL_HELLO => hello_body.clone(),
+            proto::CONTROL_EVENTS => events_body.clone(),
+            _ => Bytes::from_static(br#"{"models":[]}"#),
         };
         async move { Ok::<_, Infallible>(http::Response::new(Full::new(body))) }
     });
@@ -380,7 +380,7 @@ async fn a_daemon_that_turns_to_invalid_http2_is_dropped() {
         noise(7, 2000),
     ] {
         let ws = dial_tunnel(&stack, "mallory").await;
-        let relayed = serve_over(ws, good_hello());
+        let relayed = serve_over(ws, good_hello(), Bytes::new());
         stack.relay.wait_for_devices("mallory", 1).await;
         alice_is_served(&stack).await;
         relayed.inject.send(garbage).await.unwrap();
@@ -404,7 +404,7 @@ async fn a_daemon_whose_hello_is_invalid_never_registers() {
         Bytes::from(too_big),
     ] {
         let ws = dial_tunnel(&stack, "mallory").await;
-        let relayed = serve_over(ws, hello);
+        let relayed = serve_over(ws, hello, Bytes::new());
         // The relay closes the tunnel by itself, and the device never shows up.
         timeout(CLOSE_BOUND, relayed.ended.cancelled())
             .await
@@ -418,7 +418,7 @@ async fn a_daemon_whose_hello_is_invalid_never_registers() {
 async fn a_daemon_that_never_reads_is_dropped_and_its_requests_fail_in_time() {
     let stack = Stack::with_relay_config(hostile_config()).await;
     let ws = dial_tunnel(&stack, "mallory").await;
-    let relayed = serve_over(ws, good_hello());
+    let relayed = serve_over(ws, good_hello(), Bytes::new());
     stack.relay.wait_for_devices("mallory", 1).await;
     // The daemon stops reading its socket: no pongs, no HTTP/2, nothing.
     relayed.stop_reading.cancel();
@@ -589,4 +589,31 @@ async fn silent_ipc_connections_cannot_lock_the_cli_out_for_long() {
         .unwrap()
         .unwrap();
     assert!(matches!(status, Response::Status(_)), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_or_endless_device_events_cost_the_events_stream_not_the_tunnel() {
+    let stack = Stack::with_relay_config(hostile_config()).await;
+    let endless_line = Bytes::from(vec![b'm'; 3 * proto::MAX_EVENT_BYTES]);
+    for events in [
+        Bytes::from_static(b"not json\n{\"event\":\"models\"}\n"),
+        endless_line,
+    ] {
+        let ws = dial_tunnel(&stack, "mallory").await;
+        let relayed = serve_over(ws, good_hello(), events);
+        stack.relay.wait_for_devices("mallory", 1).await;
+        // The relay reads (and drops) the events; the tunnel and the hello's models stay.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stack
+            .relay
+            .wait_for_models("mallory", "box", &["m:latest"])
+            .await;
+        assert!(!relayed.ended.is_cancelled(), "the tunnel was closed");
+        let response = stack.relay.get_as("mallory", "/api/tags").await;
+        assert_eq!(response.status(), 200);
+        alice_is_served(&stack).await;
+        // Hanging up ends the pump, and with it the tunnel.
+        drop(relayed);
+        no_device_left(&stack, "mallory").await;
+    }
 }
