@@ -34,6 +34,11 @@ const COUNTER_REFRESH: Duration = Duration::from_secs(1);
 /// bounds a local process opening connections in a loop.
 const MAX_CONNECTIONS: usize = 64;
 
+/// How long a new connection has to say hello: the CLI and the tray do so at once; a
+/// connection that stays silent (or sends only junk) would otherwise hold one of the
+/// [`MAX_CONNECTIONS`] slots for good.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Copy)]
 struct Peer {
@@ -105,7 +110,7 @@ fn socket_name(path: &Path) -> std::io::Result<Name<'_>> {
 /// daemon's socket is never taken over. A user daemon's socket is 0600. A system daemon's is
 /// 0660 and owned by `operator_group` when that group exists (only root and operators can
 /// connect), else 0666 (anyone may read; changes are checked per request).
-pub async fn bind(
+pub(crate) async fn bind(
     path: &Path,
     system: bool,
     operator_group: Option<&str>,
@@ -178,7 +183,7 @@ struct Shared {
 }
 
 /// Serves IPC clients on `listener` until `shutdown`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: Listener,
     supervisor: Arc<Supervisor>,
     logs: Arc<LogBuffer>,
@@ -267,8 +272,12 @@ fn group_id(_name: &str) -> Option<u32> {
     None
 }
 
-/// Reads one line of at most [`MAX_LINE_BYTES`]. `Ok(None)` at the end of the stream.
-async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
+/// Reads one line of at most [`MAX_LINE_BYTES`], without its newline. `Ok(None)` at the end
+/// of the stream; an error for a longer line (the connection is then closed, since the rest of
+/// the stream cannot be framed).
+pub async fn read_line(
+    reader: &mut (impl AsyncBufRead + Unpin),
+) -> std::io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
     let limit = MAX_LINE_BYTES as u64 + 1;
     let read = (&mut *reader)
@@ -287,6 +296,17 @@ async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<
         ));
     }
     Ok(Some(line))
+}
+
+/// Decodes one request line (as [`read_line`] returns it): the request, or the
+/// [`ErrorCode::BadRequest`] reply the client gets for a line that is not one.
+pub fn decode_request(line: &[u8]) -> Result<Request, Box<Response>> {
+    serde_json::from_slice(line).map_err(|err| {
+        Box::new(error(
+            ErrorCode::BadRequest,
+            format!("not a request this daemon knows: {err}"),
+        ))
+    })
 }
 
 async fn send(writer: &mut WriteHalf<Stream>, response: &Response) -> std::io::Result<()> {
@@ -330,8 +350,21 @@ async fn handle(stream: Stream, context: &Shared) {
     let (recv, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::new(recv);
     let mut greeted = false;
+    let hello_deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
-        let line = match read_line(&mut reader).await {
+        let read = if greeted {
+            read_line(&mut reader).await
+        } else {
+            match tokio::time::timeout_at(hello_deadline, read_line(&mut reader)).await {
+                Ok(read) => read,
+                Err(_) => {
+                    let message = format!("no hello within {HELLO_TIMEOUT:?}");
+                    let _ = send(&mut writer, &error(ErrorCode::BadRequest, message)).await;
+                    return;
+                }
+            }
+        };
+        let line = match read {
             Ok(Some(line)) => line,
             Ok(None) => return,
             Err(err) => {
@@ -339,13 +372,9 @@ async fn handle(stream: Stream, context: &Shared) {
                 return;
             }
         };
-        let request: Request = match serde_json::from_slice(&line) {
+        let request = match decode_request(&line) {
             Ok(request) => request,
-            Err(err) => {
-                let reply = error(
-                    ErrorCode::BadRequest,
-                    format!("not a request this daemon knows: {err}"),
-                );
+            Err(reply) => {
                 if send(&mut writer, &reply).await.is_err() {
                     return;
                 }

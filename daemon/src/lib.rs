@@ -10,7 +10,7 @@ pub mod config;
 pub mod credentials;
 mod dial;
 mod forward;
-mod ipc;
+pub mod ipc;
 pub mod login;
 pub mod logs;
 mod ollama;

@@ -102,6 +102,11 @@ pub struct RelayConfig {
     /// On shutdown, how long in-flight streams get to finish before they are cut.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long the relay waits for a client's request headers (also for the next request on
+    /// an idle keep-alive connection) and for each next piece of a request body before it
+    /// closes the connection: slow clients (slowloris) cannot hold connections open for long.
+    #[serde(with = "humantime_serde")]
+    pub client_read_timeout: Duration,
     /// How long a tunnel outlives the expiry (`exp`) of the agent token that opened it before
     /// the relay drains and closes it. The daemon refreshes its token and opens a new tunnel
     /// before expiry, so a tunnel reaching this is one whose daemon could not renew.
@@ -141,6 +146,9 @@ impl Default for RelayConfig {
             ping_timeout: liveness.timeout,
             // 25 s: below systemd's default 90 s stop timeout and Kubernetes' 30 s grace.
             shutdown_grace: Duration::from_secs(25),
+            // 30 s: hyper's own default for headers; a real client sends its headers and body
+            // in a round trip or two, and 30 s is shorter than common keep-alive idle timeouts.
+            client_read_timeout: Duration::from_secs(30),
             // 60 s: covers a daemon's refresh that raced the expiry and one retry of it, and
             // is short next to any access token's lifetime (minutes to hours).
             token_grace: Duration::from_secs(60),
@@ -445,6 +453,10 @@ impl RelayConfig {
             self.default_tier,
             self.tiers.keys().cloned().collect::<Vec<_>>().join(", ")
         );
+        anyhow::ensure!(
+            !self.client_read_timeout.is_zero(),
+            "client_read_timeout must be above zero"
+        );
         for (name, tier) in &self.tiers {
             anyhow::ensure!(
                 tier.requests_per_minute > 0
@@ -551,6 +563,20 @@ mod tests {
         config.secret = Some(Secret::new("x".repeat(MIN_SECRET_BYTES)));
         assert!(config.require_secret().is_ok());
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn client_read_timeout_has_a_default_and_must_be_positive() {
+        let mut config: RelayConfig =
+            toml::from_str("secret = \"0123456789abcdef0123456789abcdef\"").unwrap();
+        assert_eq!(config.client_read_timeout, Duration::from_secs(30));
+        assert!(config.validate().is_ok());
+        config = toml::from_str(
+            "secret = \"0123456789abcdef0123456789abcdef\"\nclient_read_timeout = \"0s\"",
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("client_read_timeout"), "{err}");
     }
 
     const JWKS: &str = r#"

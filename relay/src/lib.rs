@@ -18,7 +18,7 @@ pub mod tls;
 mod tunnel;
 mod well_known;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -170,24 +170,21 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         }
         None => None,
     };
-    let app = router(state.clone(), metrics_addr.is_none())
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let stop_accepting = shutdown.clone().cancelled_owned();
-    // `tap_io` also gives the connection's peer address to `ConnectInfo` for any listener.
+    let app = router(state.clone(), metrics_addr.is_none());
+    let read_timeout = state.config.client_read_timeout;
     let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
-        Some(tls) => Box::pin(
-            axum::serve(tls.listener(listener, keepalive)?.tap_io(|_| {}), app)
-                .with_graceful_shutdown(stop_accepting)
-                .into_future(),
-        ),
-        None => Box::pin(
-            axum::serve(
-                listener.tap_io(move |tcp| tune_socket(tcp, &keepalive)),
-                app,
-            )
-            .with_graceful_shutdown(stop_accepting)
-            .into_future(),
-        ),
+        Some(tls) => Box::pin(serve_http(
+            tls.listener(listener, keepalive)?,
+            app,
+            read_timeout,
+            shutdown.clone(),
+        )),
+        None => Box::pin(serve_http(
+            listener.tap_io(move |tcp| tune_socket(tcp, &keepalive)),
+            app,
+            read_timeout,
+            shutdown.clone(),
+        )),
     };
     let done = tokio::spawn(async move {
         let tunnels = async {
@@ -215,6 +212,59 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         done,
         tls,
     })
+}
+
+/// Serves HTTP/1.1 (with upgrades, for `/tunnel`) on `listener` until `stop`, then lets open
+/// connections finish their requests, as `axum::serve`'s graceful shutdown does. Unlike
+/// `axum::serve`, it bounds slow clients: a connection that has not sent a whole request head
+/// within `read_timeout` (a slowloris, or an idle keep-alive connection) is closed.
+async fn serve_http<L>(
+    mut listener: L,
+    app: Router,
+    read_timeout: std::time::Duration,
+    stop: CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let connections = TaskTracker::new();
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        // The handlers read the peer address as `ConnectInfo`, as with axum's own server.
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
+        let stop = stop.clone();
+        connections.spawn(async move {
+            // HTTP/1.1 only (TLS offers no other protocol either): hyper-util's automatic
+            // version detection would wait for the first bytes without any timeout.
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(read_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = served {
+                tracing::debug!(error = %err, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+    Ok(())
 }
 
 /// Socket options for every accepted connection, plain or TLS.

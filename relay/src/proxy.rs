@@ -358,17 +358,17 @@ async fn route(
     let req = if several && names_a_model(req.method(), path) {
         // Routing by model needs the body; model requests are small JSON documents.
         let (parts, body) = req.into_parts();
-        let bytes = match http_body_util::Limited::new(body, limit as usize)
-            .collect()
-            .await
-        {
-            Ok(collected) => collected.to_bytes(),
-            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+        let read_timeout = state.config.client_read_timeout;
+        let collect = http_body_util::Limited::new(body, limit as usize).collect();
+        let bytes = match tokio::time::timeout(read_timeout, collect).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
                 return too_large(api, limit);
             }
-            Err(_) => {
+            Ok(Err(_)) => {
                 return api.error(StatusCode::BAD_REQUEST, "the request body ended early");
             }
+            Err(_) => return stalled(api, read_timeout),
         };
         received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         model = model_of(&bytes);
@@ -393,7 +393,7 @@ async fn route(
     let mut response = forward_to(
         api,
         &device,
-        limit,
+        (limit, state.config.client_read_timeout),
         request_id,
         received,
         model.is_none(),
@@ -485,13 +485,13 @@ async fn merged_listing(
     response
 }
 
-/// Sends one request to `device` with its body streamed (capped at `limit`), and streams the
-/// response back. With `sniff_model`, the model named in the body's first chunk is noted for
-/// the audit log.
+/// Sends one request to `device` with its body streamed (capped at `limit`, and given up when
+/// the caller sends nothing for `read_timeout`), and streams the response back. With
+/// `sniff_model`, the model named in the body's first chunk is noted for the audit log.
 async fn forward_to(
     api: Api<'_>,
     device: &Arc<Device>,
-    limit: u64,
+    (limit, read_timeout): (u64, std::time::Duration),
     request_id: &HeaderValue,
     received: &Arc<AtomicU64>,
     sniff_model: bool,
@@ -515,11 +515,15 @@ async fn forward_to(
         .headers
         .insert(proto::HEADER_REQUEST_ID, request_id.clone());
     let over_limit = Arc::new(AtomicBool::new(false));
+    let stalled_body = Arc::new(AtomicBool::new(false));
     let sniffed = Arc::new(std::sync::OnceLock::new());
     let body = Body::new(CappedBody {
         inner: Some(body),
         remaining: limit,
         tripped: over_limit.clone(),
+        idle: None,
+        read_timeout,
+        stalled: stalled_body.clone(),
         received: received.clone(),
         sniff: sniff.then(|| sniffed.clone()),
     });
@@ -542,6 +546,7 @@ async fn forward_to(
             Response::from_parts(parts, Body::new(body))
         }
         Err(_) if over_limit.load(Ordering::Relaxed) => return too_large(api, limit),
+        Err(_) if stalled_body.load(Ordering::Relaxed) => return stalled(api, read_timeout),
         Err(err) => {
             debug!(error = %err, "tunnel request failed");
             let message = format!(
@@ -558,6 +563,15 @@ async fn forward_to(
         response.extensions_mut().insert(Model(model.clone()));
     }
     response
+}
+
+/// The answer to a caller whose request body stopped arriving for `read_timeout`.
+fn stalled(api: Api<'_>, read_timeout: std::time::Duration) -> Response {
+    debug!(?read_timeout, "request body stalled: giving up on it");
+    api.error(
+        StatusCode::REQUEST_TIMEOUT,
+        &format!("the request body stopped arriving for {read_timeout:?}"),
+    )
 }
 
 fn too_large(api: Api<'_>, limit: u64) -> Response {
@@ -596,7 +610,9 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// A request body that fails once more than `remaining` bytes have passed, and says so in
-/// `tripped` so the relay can answer 413 rather than a generic tunnel error.
+/// `tripped` so the relay can answer 413 rather than a generic tunnel error. It also fails
+/// when the caller sends nothing for `read_timeout` (a slow-body attack, or a client that
+/// died mid-upload), and says so in `stalled` for a 408.
 ///
 /// When it trips, the rest of the caller's upload is read and thrown away in the background
 /// (bounded by [`DRAIN_BYTES`] and [`DRAIN_TIME`]): closing a socket with unread data makes the
@@ -605,6 +621,11 @@ struct CappedBody {
     inner: Option<Body>,
     remaining: u64,
     tripped: Arc<AtomicBool>,
+    /// Fires when the caller has sent nothing for `read_timeout` while the body was wanted;
+    /// armed at the first wait, so time queued behind the tunnel's flow control never counts.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    read_timeout: std::time::Duration,
+    stalled: Arc<AtomicBool>,
     /// Bytes passed so far, for the audit log.
     received: Arc<AtomicU64>,
     /// Where to note the model named by the first chunk, when it is a whole JSON document.
@@ -627,7 +648,19 @@ impl HttpBody for CappedBody {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
+        let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) else {
+            let read_timeout = self.read_timeout;
+            let idle = self
+                .idle
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(read_timeout)));
+            if idle.as_mut().poll(cx).is_ready() {
+                self.stalled.store(true, Ordering::Relaxed);
+                self.inner = None;
+                return Poll::Ready(Some(Err(axum::Error::new("request body stalled"))));
+            }
+            return Poll::Pending;
+        };
+        self.idle = None;
         if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
             let len = data.map_or(0, |d| d.len() as u64);
             if len > self.remaining {
