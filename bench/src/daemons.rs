@@ -111,7 +111,8 @@ pub struct Scratch(pub PathBuf);
 impl Scratch {
     /// Creates `cloudllm-bench-<what>-<pid>` in the temporary directory, private to the user.
     pub fn create(what: &str) -> anyhow::Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("cloudllm-bench-{what}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("cloudllm-bench-{what}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         #[cfg(unix)]

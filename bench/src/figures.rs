@@ -58,9 +58,8 @@ impl Figure {
     }
 
     fn show(&self, value: f64) -> String {
-        if value.fract() == 0.0 && value.abs() < 1e15 {
-            format!("{value:.0} {}", self.unit)
-        } else if value.abs() >= 100.0 {
+        // Whole numbers and large values without decimals; small fractions with two.
+        if value.fract() == 0.0 || value.abs() >= 100.0 {
             format!("{value:.0} {}", self.unit)
         } else {
             format!("{value:.2} {}", self.unit)
@@ -182,7 +181,12 @@ impl fmt::Display for Figures {
 /// The first three fields of `/proc/loadavg` (1, 5 and 15 minutes).
 pub fn load_average() -> Option<String> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    Some(text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 #[cfg(test)]

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use cloudllm_daemon::backoff::Backoff;
 use cloudllm_proto::{self as proto, DeviceEvent, Hello};
 use cloudllm_tunnel::{Liveness, WsIo};
+use futures_util::StreamExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -191,11 +191,7 @@ struct Signals {
 }
 
 /// Serves HTTP/2 on one tunnel until it ends.
-async fn serve(
-    ws: WebSocketStream<TcpStream>,
-    stats: &Stats,
-    stop: &CancellationToken,
-) -> Ended {
+async fn serve(ws: WebSocketStream<TcpStream>, stats: &Stats, stop: &CancellationToken) -> Ended {
     let io = TokioIo::new(WsIo::new(ws, Liveness::default()));
     let signals = Signals::default();
     let service = {
@@ -260,8 +256,8 @@ fn control(path: &str, signals: &Signals) -> Response<ControlBody> {
 
 /// The events stream: the (empty) model list once, then nothing until the tunnel closes.
 fn events(closing: CancellationToken) -> Response<ControlBody> {
-    let mut line = serde_json::to_vec(&DeviceEvent::Models { models: Vec::new() })
-        .unwrap_or_default();
+    let mut line =
+        serde_json::to_vec(&DeviceEvent::Models { models: Vec::new() }).unwrap_or_default();
     line.push(b'\n');
     let first = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(Bytes::from(line)))]);
     let rest = futures_util::stream::once(async move {

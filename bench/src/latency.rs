@@ -85,16 +85,36 @@ async fn measure(
     let (d50, t50) = (median(&mut ttfb_direct), median(&mut ttfb_through));
     let (c_d, c_t) = (median(&mut cancel_direct), median(&mut cancel_through));
     figures.figures.extend([
-        Figure::info(scenario, "time to first byte, direct (median)", ms(d50), "ms"),
-        Figure::info(scenario, "time to first byte, through cloudllm (median)", ms(t50), "ms"),
+        Figure::info(
+            scenario,
+            "time to first byte, direct (median)",
+            ms(d50),
+            "ms",
+        ),
+        Figure::info(
+            scenario,
+            "time to first byte, through cloudllm (median)",
+            ms(t50),
+            "ms",
+        ),
         Figure::info(
             scenario,
             "time to first byte overhead (median)",
             ms(t50.saturating_sub(d50)),
             "ms",
         ),
-        Figure::info(scenario, "cancel to backend, direct (median)", ms(c_d), "ms"),
-        Figure::info(scenario, "cancel to backend, through cloudllm (median)", ms(c_t), "ms"),
+        Figure::info(
+            scenario,
+            "cancel to backend, direct (median)",
+            ms(c_d),
+            "ms",
+        ),
+        Figure::info(
+            scenario,
+            "cancel to backend, through cloudllm (median)",
+            ms(c_t),
+            "ms",
+        ),
         Figure::info(
             scenario,
             "cancel to backend, through cloudllm (max)",
@@ -115,12 +135,20 @@ async fn measure(
 async fn first_line(conn: &mut crate::client::Conn) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let arrivals = conn.generate(1, Duration::ZERO).await?;
-    Ok(arrivals.first().copied().unwrap_or(start).duration_since(start))
+    Ok(arrivals
+        .first()
+        .copied()
+        .unwrap_or(start)
+        .duration_since(start))
 }
 
 /// Reads one line of a long paced stream, closes the connection, and returns the time until
 /// the backend saw the stream cancelled.
-async fn cancel(target: &Target, id: &str, cancellations: &Cancellations) -> anyhow::Result<Duration> {
+async fn cancel(
+    target: &Target,
+    id: &str,
+    cancellations: &Cancellations,
+) -> anyhow::Result<Duration> {
     let mut conn = target.connect().await?;
     let body = serde_json::json!({
         "model": "bench",

@@ -458,10 +458,12 @@ pub fn raise_file_limit() -> Option<String> {
         use nix::sys::resource::{Resource, getrlimit, setrlimit};
         let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
         if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
-            return Some(format!("could not raise the open-file limit from {soft} to {hard}"));
+            return Some(format!(
+                "could not raise the open-file limit from {soft} to {hard}"
+            ));
         }
         let now = getrlimit(Resource::RLIMIT_NOFILE).ok()?.0;
-        (now < 65_536).then(|| format!("open-file limit is {now}: large tunnel counts may fail"))
+        (now < 16_384).then(|| format!("open-file limit is {now}: large tunnel counts may fail"))
     }
     #[cfg(not(unix))]
     None

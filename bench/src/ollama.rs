@@ -31,7 +31,11 @@ const GENERATIONS: usize = 3;
 const TOKEN_STALL: Duration = Duration::from_secs(60);
 
 /// Measures the real Ollama at `ollama` directly and through cloudllm.
-pub async fn run(ollama: SocketAddr, handles: &Handles, figures: &mut Figures) -> anyhow::Result<()> {
+pub async fn run(
+    ollama: SocketAddr,
+    handles: &Handles,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
     let stack = Stack::start(handles, ollama).await?;
     let direct = Target::direct(ollama)?;
     let through = Target::through(stack.relay_addr, &stack.client_token)?;

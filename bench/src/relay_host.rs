@@ -54,12 +54,12 @@ pub fn keys() -> Keys {
 
 /// An agent token (for a device's tunnel) of `user`.
 pub fn agent_token(keys: &Keys, user: &str) -> anyhow::Result<String> {
-    Ok(keys.issue(user, Scope::Agent, Some(TIER), TOKEN_TTL)?)
+    keys.issue(user, Scope::Agent, Some(TIER), TOKEN_TTL)
 }
 
 /// A client token (for API requests) of `user`.
 pub fn client_token(keys: &Keys, user: &str) -> anyhow::Result<String> {
-    Ok(keys.issue(user, Scope::Client, Some(TIER), TOKEN_TTL)?)
+    keys.issue(user, Scope::Client, Some(TIER), TOKEN_TTL)
 }
 
 /// The benchmark tier's limits.
@@ -209,7 +209,8 @@ impl RelayHost {
         let rest = stat.rsplit_once(')')?.1;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
         Some(ticks as f64 / 100.0)
     }
 
@@ -385,9 +386,7 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .await?;
     let mut answer = Vec::new();
-    tcp.take(MAX_METRICS_BYTES)
-        .read_to_end(&mut answer)
-        .await?;
+    tcp.take(MAX_METRICS_BYTES).read_to_end(&mut answer).await?;
     let text = String::from_utf8_lossy(&answer);
     let (head, body) = text
         .split_once("\r\n\r\n")

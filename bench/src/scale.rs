@@ -119,7 +119,8 @@ async fn idle(
     let mut token = String::new();
     for i in 0..count {
         if i % DEVICES_PER_USER == 0 {
-            token = relay_host::agent_token(&keys, &format!("scale-user-{}", i / DEVICES_PER_USER))?;
+            token =
+                relay_host::agent_token(&keys, &format!("scale-user-{}", i / DEVICES_PER_USER))?;
         }
         let device = fleet::Device {
             relay: relay.addr,
@@ -141,7 +142,12 @@ async fn idle(
     let per_tunnel = after.saturating_sub(before) as f64 / count as f64;
     figures.figures.extend([
         Figure::info(&scenario, "relay RSS before", before as f64 / 1024.0, "MiB"),
-        Figure::info(&scenario, "relay RSS with all connected", after as f64 / 1024.0, "MiB"),
+        Figure::info(
+            &scenario,
+            "relay RSS with all connected",
+            after as f64 / 1024.0,
+            "MiB",
+        ),
         Figure::info(&scenario, "relay RSS per idle tunnel", per_tunnel, "KiB")
             .goal(Goal::AtMost(TARGET_KIB_PER_TUNNEL)),
         Figure::info(
@@ -219,7 +225,12 @@ async fn storm_run(
     let scenario = format!("reconnect storm ×{count}");
     let secs = |d: Option<Duration>| d.unwrap_or(back).as_secs_f64();
     figures.figures.extend([
-        Figure::info(&scenario, "relay listening again after kill", listening.as_secs_f64(), "s"),
+        Figure::info(
+            &scenario,
+            "relay listening again after kill",
+            listening.as_secs_f64(),
+            "s",
+        ),
         Figure::info(&scenario, "50% of devices back", secs(half), "s"),
         Figure::info(&scenario, "90% of devices back", secs(ninety), "s"),
         Figure::info(&scenario, "all devices back", back.as_secs_f64(), "s")

@@ -299,7 +299,11 @@ async fn soak(options: Options, handles: Handles) -> anyhow::Result<Outcome> {
     backends_stop.cancel();
     let relay_only = relay.rss_is_relay_only();
     relay.stop().await?;
-    anyhow::ensure!(errors.is_empty(), "soak tasks failed: {}", errors.join("; "));
+    anyhow::ensure!(
+        errors.is_empty(),
+        "soak tasks failed: {}",
+        errors.join("; ")
+    );
 
     let counts = counts.snapshot();
     let failures = failures.lock().map(|f| f.clone()).unwrap_or_default();
@@ -540,7 +544,10 @@ impl LineCheck<'_> {
                 self.misrouted = Some(format!("line served by {served_by:?}"));
                 anyhow::bail!("misrouted");
             }
-            if value["response"] != self.seen.to_string() {
+            let index = value["response"]
+                .as_str()
+                .and_then(|r| r.parse::<u64>().ok());
+            if index != Some(self.seen) {
                 anyhow::bail!("line {} out of order: {}", self.seen, value["response"]);
             }
             self.seen += 1;
@@ -565,24 +572,65 @@ fn describe(
     let count = |c: &AtomicU64| get(c) as f64;
     figures.figures.extend([
         Figure::info(scenario, "requests", count(&counts.requests), "requests"),
-        Figure::info(scenario, "completed and checked", count(&counts.completed), "requests"),
-        Figure::info(scenario, "cut by the client (deliberate)", count(&counts.cut_by_client), "requests"),
-        Figure::info(scenario, "cut by a daemon restart", count(&counts.cut_by_restart), "requests"),
+        Figure::info(
+            scenario,
+            "completed and checked",
+            count(&counts.completed),
+            "requests",
+        ),
+        Figure::info(
+            scenario,
+            "cut by the client (deliberate)",
+            count(&counts.cut_by_client),
+            "requests",
+        ),
+        Figure::info(
+            scenario,
+            "cut by a daemon restart",
+            count(&counts.cut_by_restart),
+            "requests",
+        ),
         Figure::info(scenario, "lost", count(&counts.lost), "requests").goal(Goal::AtMost(0.0)),
         Figure::info(scenario, "misrouted", count(&counts.misrouted), "requests")
             .goal(Goal::AtMost(0.0)),
-        Figure::info(scenario, "daemon restarts", count(&counts.restarts), "restarts"),
+        Figure::info(
+            scenario,
+            "daemon restarts",
+            count(&counts.restarts),
+            "restarts",
+        ),
     ]);
-    let whose = if relay_only { "relay" } else { "whole process (in-process relay)" };
+    let whose = if relay_only {
+        "relay"
+    } else {
+        "whole process (in-process relay)"
+    };
     if let (Some(first), Some(last)) = (rss.first(), rss.last()) {
         let peak = rss.iter().map(|(_, k)| *k).max().unwrap_or(0);
         let quarter = rss.len().div_ceil(4);
-        let mean = |s: &[(f64, u64)]| s.iter().map(|(_, k)| *k as f64).sum::<f64>() / s.len().max(1) as f64;
+        let mean = |s: &[(f64, u64)]| {
+            s.iter().map(|(_, k)| *k as f64).sum::<f64>() / s.len().max(1) as f64
+        };
         let growth = mean(&rss[rss.len() - quarter..]) - mean(&rss[..quarter]);
         figures.figures.extend([
-            Figure::info(scenario, format!("{whose} RSS at start"), first.1 as f64 / 1024.0, "MiB"),
-            Figure::info(scenario, format!("{whose} RSS peak"), peak as f64 / 1024.0, "MiB"),
-            Figure::info(scenario, format!("{whose} RSS at end"), last.1 as f64 / 1024.0, "MiB"),
+            Figure::info(
+                scenario,
+                format!("{whose} RSS at start"),
+                first.1 as f64 / 1024.0,
+                "MiB",
+            ),
+            Figure::info(
+                scenario,
+                format!("{whose} RSS peak"),
+                peak as f64 / 1024.0,
+                "MiB",
+            ),
+            Figure::info(
+                scenario,
+                format!("{whose} RSS at end"),
+                last.1 as f64 / 1024.0,
+                "MiB",
+            ),
             Figure::info(
                 scenario,
                 format!("{whose} RSS, last quarter minus first quarter (mean)"),

@@ -40,7 +40,11 @@ pub struct Options {
 }
 
 /// Runs the scenario, adding its figures.
-pub async fn run(options: &Options, handles: &Handles, figures: &mut Figures) -> anyhow::Result<()> {
+pub async fn run(
+    options: &Options,
+    handles: &Handles,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         options.streams > 0 && options.devices > 0 && options.lines >= 2,
         "streams, devices and lines (≥ 2) must be set"
@@ -75,7 +79,11 @@ pub async fn run(options: &Options, handles: &Handles, figures: &mut Figures) ->
     }
     let outcome = async {
         relay
-            .wait_devices(options.devices as u64, Duration::from_millis(50), REGISTER_TIMEOUT)
+            .wait_devices(
+                options.devices as u64,
+                Duration::from_millis(50),
+                REGISTER_TIMEOUT,
+            )
             .await?;
         measure(options, &targets, figures).await
     }
@@ -90,7 +98,11 @@ pub async fn run(options: &Options, handles: &Handles, figures: &mut Figures) ->
     outcome
 }
 
-async fn measure(options: &Options, targets: &[Target], figures: &mut Figures) -> anyhow::Result<()> {
+async fn measure(
+    options: &Options,
+    targets: &[Target],
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
     // Every connection is opened and warmed before the clock starts.
     let mut opening = JoinSet::new();
     for i in 0..options.streams {
@@ -161,7 +173,10 @@ async fn measure(options: &Options, targets: &[Target], figures: &mut Figures) -
         ),
         Figure::info(
             &scenario,
-            format!("inter-line gap p50 (backend: {} ms)", options.delay.as_millis()),
+            format!(
+                "inter-line gap p50 (backend: {} ms)",
+                options.delay.as_millis()
+            ),
             ms(p(0.5)),
             "ms",
         ),
