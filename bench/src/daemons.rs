@@ -62,6 +62,21 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// A daemon that was never started, for tests of code that holds one.
+    #[cfg(test)]
+    pub fn for_test() -> Daemon {
+        Daemon {
+            spec: Spec {
+                name: "test".into(),
+                relay: "http://127.0.0.1:9".into(),
+                backend: SocketAddr::from(([127, 0, 0, 1], 9)),
+                token: String::new(),
+            },
+            dir: PathBuf::new(),
+            running: None,
+        }
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.spec.name

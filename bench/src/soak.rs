@@ -607,11 +607,14 @@ fn describe(
     };
     if let (Some(first), Some(last)) = (rss.first(), rss.last()) {
         let peak = rss.iter().map(|(_, k)| *k).max().unwrap_or(0);
+        // The first quarter is warm-up (allocator arenas and pools filling); growth is the
+        // last quarter's mean over the second quarter's.
         let quarter = rss.len().div_ceil(4);
         let mean = |s: &[(f64, u64)]| {
             s.iter().map(|(_, k)| *k as f64).sum::<f64>() / s.len().max(1) as f64
         };
-        let growth = mean(&rss[rss.len() - quarter..]) - mean(&rss[..quarter]);
+        let second = &rss[quarter.min(rss.len() - 1)..(2 * quarter).min(rss.len())];
+        let growth = mean(&rss[rss.len() - quarter..]) - mean(second);
         figures.figures.extend([
             Figure::info(
                 scenario,
@@ -633,7 +636,7 @@ fn describe(
             ),
             Figure::info(
                 scenario,
-                format!("{whose} RSS, last quarter minus first quarter (mean)"),
+                format!("{whose} RSS growth after warm-up (last quarter − second quarter, means)"),
                 growth / 1024.0,
                 "MiB",
             ),
@@ -660,4 +663,100 @@ fn describe(
         options.restart_every,
         if relay_only { "process" } else { "in-process" },
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(id: &str, cut_after: Option<u64>) -> LineCheck<'_> {
+        LineCheck {
+            id,
+            owner: "soak-user-0/".into(),
+            pending: Vec::new(),
+            seen: 0,
+            done: false,
+            misrouted: None,
+            cut_after,
+        }
+    }
+
+    fn line(id: &str, served_by: &str, i: u64, done: bool) -> String {
+        let value = serde_json::json!({
+            "response": i.to_string(),
+            "done": done,
+            "request_id": id,
+            "served_by": served_by,
+        });
+        format!("{value}\n")
+    }
+
+    #[test]
+    fn lines_split_across_chunks_are_checked_in_order() {
+        let mut c = check("r1", None);
+        let text =
+            line("r1", "soak-user-0/dev0", 0, false) + &line("r1", "soak-user-0/dev0", 1, true);
+        let (a, b) = text.split_at(30);
+        c.chunk(a.as_bytes()).unwrap();
+        c.chunk(b.as_bytes()).unwrap();
+        assert_eq!((c.seen, c.done, c.misrouted.is_none()), (2, true, true));
+        let mut c = check("r1", None);
+        assert!(
+            c.chunk(line("r1", "soak-user-0/dev0", 1, false).as_bytes())
+                .is_err()
+        );
+        assert!(
+            c.misrouted.is_none(),
+            "a gap is a broken stream, not a misroute"
+        );
+    }
+
+    #[test]
+    fn another_request_or_another_users_device_is_misrouted() {
+        let mut c = check("r1", None);
+        assert!(
+            c.chunk(line("r2", "soak-user-0/dev0", 0, false).as_bytes())
+                .is_err()
+        );
+        assert!(c.misrouted.is_some());
+        // `soak-user-00/…` starts like `soak-user-0` but is another user.
+        let mut c = check("r1", None);
+        assert!(
+            c.chunk(line("r1", "soak-user-00/dev0", 0, false).as_bytes())
+                .is_err()
+        );
+        assert!(c.misrouted.is_some());
+    }
+
+    #[test]
+    fn the_client_hangs_up_after_the_chosen_line() {
+        let mut c = check("r1", Some(2));
+        c.chunk(line("r1", "soak-user-0/dev0", 0, false).as_bytes())
+            .unwrap();
+        assert!(
+            c.chunk(line("r1", "soak-user-0/dev0", 1, false).as_bytes())
+                .is_err()
+        );
+        assert_eq!((c.seen, c.misrouted.is_none()), (2, true));
+    }
+
+    #[test]
+    fn restart_windows_cover_failures_near_them_only() {
+        let device = Device {
+            daemon: tokio::sync::Mutex::new(Daemon::for_test()),
+            restarts: Mutex::new(Vec::new()),
+        };
+        let secs = Duration::from_secs;
+        let now = Instant::now();
+        let start = now + secs(10);
+        device
+            .restarts
+            .lock()
+            .unwrap()
+            .push((start, Some(start + secs(1))));
+        assert!(!device.restarting_during(now, now + secs(5)));
+        assert!(device.restarting_during(now, start + Duration::from_millis(100)));
+        assert!(device.restarting_during(start + secs(1), start + secs(2)));
+        assert!(!device.restarting_during(start + secs(3), start + secs(4)));
+    }
 }
