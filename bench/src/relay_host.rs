@@ -47,6 +47,18 @@ const SHUTDOWN_GRACE: &str = "1s";
 /// The tier's device limit: above the largest fleet the benchmark connects for one user.
 const MAX_DEVICES: u32 = 1_000_000;
 
+/// How long a relay may take to exit after SIGTERM: 10 s, far above its 1 s shutdown grace.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+
+/// How the relay is restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// SIGKILL: a crash; every tunnel just closes.
+    Crash,
+    /// SIGTERM: the relay asks every daemon to drain, and they redial at once.
+    Graceful,
+}
+
 /// Mints the benchmark's tokens with the relay's secret.
 pub fn keys() -> Keys {
     Keys::new(&Secret::new(SECRET))
@@ -246,14 +258,31 @@ impl RelayHost {
         }
     }
 
-    /// Kills the relay process at once (SIGKILL: a crash; nothing is drained) and starts it
-    /// again on the same port. Returns when the new process answers.
-    pub async fn crash_and_restart(&mut self) -> anyhow::Result<()> {
+    /// Stops the relay process as `how` says and starts it again on the same port. Returns
+    /// when the new process answers.
+    pub async fn restart(&mut self, how: Restart) -> anyhow::Result<()> {
         let Host::Process { binary, child } = &mut self.host else {
             bail!("only a relay process can be restarted");
         };
-        child.kill().context("killing the relay")?;
-        child.wait().context("reaping the relay")?;
+        match how {
+            Restart::Crash => {
+                child.kill().context("killing the relay")?;
+                child.wait().context("reaping the relay")?;
+            }
+            Restart::Graceful => {
+                terminate(child);
+                // The relay drains its tunnels within its 1 s shutdown grace.
+                let deadline = Instant::now() + STOP_LIMIT;
+                while child.try_wait()?.is_none() {
+                    if Instant::now() >= deadline {
+                        child.kill()?;
+                        child.wait()?;
+                        bail!("the relay did not stop within {STOP_LIMIT:?} of SIGTERM");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
         *child = start_process(binary, &self.dir, self.addr)?;
         self.wait_ready().await
     }
@@ -283,7 +312,7 @@ impl RelayHost {
         match &mut self.host {
             Host::Process { child, .. } => {
                 terminate(child);
-                let deadline = Instant::now() + Duration::from_secs(5);
+                let deadline = Instant::now() + STOP_LIMIT;
                 while child.try_wait()?.is_none() {
                     if Instant::now() >= deadline {
                         let _ = child.kill();

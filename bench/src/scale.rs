@@ -8,10 +8,11 @@
 //!
 //! - Idle tunnels: the relay's RSS before and after `N` tunnels are registered (its
 //!   `/metrics` gauge `cloudllm_devices_connected` says when), divided by `N`.
-//! - Reconnect storm: with the first count connected, the relay is killed (SIGKILL, a crash)
-//!   and started again on the same port; the figure is the time from the kill until the
-//!   gauge is back at `N`, plus how the arrivals spread (full jitter at work) and what the
-//!   relay spent on them.
+//! - Reconnect storm: with the storm's count connected, the relay is killed (SIGKILL, a crash)
+//!   and started again on the same port; then stopped gracefully (SIGTERM: it drains every
+//!   tunnel, and daemons redial at once into a relay that is gone) and started again. The
+//!   figure is the time from the signal until the gauge is back at `N`, plus how the
+//!   arrivals spread (full jitter at work) and what the new relay spent on them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::figures::{Figure, Figures, Goal};
 use crate::fleet::{self, Stats};
-use crate::relay_host::{self, RelayHost};
+use crate::relay_host::{self, RelayHost, Restart};
 
 /// Devices per user: ten, a busy household or a small team on one account. Keeps each
 /// user's device list (which the relay scans on connect) realistic.
@@ -160,7 +161,9 @@ async fn idle(
 
     if storm {
         crate::progress(&format!("reconnect storm with {count} devices"));
-        storm_run(&mut relay, count, &stats, figures).await?;
+        for how in [Restart::Crash, Restart::Graceful] {
+            storm_run(&mut relay, how, count, &stats, figures).await?;
+        }
     }
 
     stop.cancel();
@@ -193,41 +196,45 @@ async fn wait_registered(stats: &Stats, count: u64) -> anyhow::Result<()> {
 /// Kills and restarts the relay with `count` devices connected and times their return.
 async fn storm_run(
     relay: &mut RelayHost,
+    how: Restart,
     count: usize,
     stats: &Stats,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
     let target = count as u64;
     let (dials, refused) = (Stats::get(&stats.dials), Stats::get(&stats.refused));
-    let killed = Instant::now();
-    relay.crash_and_restart().await?;
-    let listening = killed.elapsed();
+    let signalled = Instant::now();
+    relay.restart(how).await?;
+    let listening = signalled.elapsed();
     let (mut half, mut ninety) = (None, None);
     let back = loop {
         let seen = relay.devices_connected().await.unwrap_or(0);
         if half.is_none() && seen * 2 >= target {
-            half = Some(killed.elapsed());
+            half = Some(signalled.elapsed());
         }
         if ninety.is_none() && seen * 10 >= target * 9 {
-            ninety = Some(killed.elapsed());
+            ninety = Some(signalled.elapsed());
         }
         if seen >= target {
-            break killed.elapsed();
+            break signalled.elapsed();
         }
         anyhow::ensure!(
-            killed.elapsed() < STORM_LIMIT,
+            signalled.elapsed() < STORM_LIMIT,
             "{seen} of {count} devices back {STORM_LIMIT:?} after the relay restart"
         );
         tokio::time::sleep(STORM_POLL).await;
     };
     let cpu = relay.cpu_seconds();
     let rss = relay.rss_kib();
-    let scenario = format!("reconnect storm ×{count}");
+    let scenario = match how {
+        Restart::Crash => format!("reconnect storm ×{count}, relay killed"),
+        Restart::Graceful => format!("reconnect storm ×{count}, relay SIGTERM"),
+    };
     let secs = |d: Option<Duration>| d.unwrap_or(back).as_secs_f64();
     figures.figures.extend([
         Figure::info(
             &scenario,
-            "relay listening again after kill",
+            "relay listening again after the signal",
             listening.as_secs_f64(),
             "s",
         ),
