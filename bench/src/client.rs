@@ -32,6 +32,8 @@ pub struct Target {
     addr: SocketAddr,
     host: HeaderValue,
     authorization: Option<HeaderValue>,
+    /// `x-cloudllm-device`: which of the user's devices serves the requests.
+    device: Option<HeaderValue>,
 }
 
 impl Target {
@@ -41,6 +43,7 @@ impl Target {
             addr,
             host: HeaderValue::from_str(&addr.to_string())?,
             authorization: None,
+            device: None,
         })
     }
 
@@ -53,6 +56,12 @@ impl Target {
             authorization: Some(authorization),
             ..Target::direct(addr)?
         })
+    }
+
+    /// The same target, asking the relay for the device named `device`.
+    pub fn with_device(mut self, device: &str) -> anyhow::Result<Target> {
+        self.device = Some(HeaderValue::from_str(device).context("device name")?);
+        Ok(self)
     }
 
     /// Opens one keep-alive connection.
@@ -116,25 +125,9 @@ impl Conn {
             "lines": lines,
             "delay_ms": delay.as_millis(),
         });
-        let response = self
-            .send(Method::POST, "/api/generate", Bytes::from(body.to_string()))
-            .await?;
-        let mut body = response.into_body();
-        let mut arrivals = Vec::with_capacity(lines);
+        let response = self.start("/api/generate", &body, None).await?;
         // A paced stream legitimately pauses `delay` between chunks.
-        let per_chunk = STEP + delay;
-        while let Some(frame) = timeout(per_chunk, body.frame())
-            .await
-            .with_context(|| format!("stream stalled after {} lines", arrivals.len()))?
-        {
-            let frame =
-                frame.with_context(|| format!("stream broke after {} lines", arrivals.len()))?;
-            if let Some(data) = frame.data_ref() {
-                let now = Instant::now();
-                let newlines = data.iter().filter(|&&b| b == b'\n').count();
-                arrivals.extend(std::iter::repeat_n(now, newlines));
-            }
-        }
+        let arrivals = read_lines(response, STEP + delay, |_| Ok(())).await?;
         ensure!(
             arrivals.len() == lines,
             "stream ended after {} of {lines} lines",
@@ -143,11 +136,37 @@ impl Conn {
         Ok(arrivals)
     }
 
+    /// `POST path` with a JSON body (and an `x-request-id` if given); returns the response
+    /// once its headers are in, failing unless it is 200.
+    pub async fn start(
+        &mut self,
+        path: &str,
+        body: &serde_json::Value,
+        request_id: Option<&str>,
+    ) -> anyhow::Result<Response<Incoming>> {
+        let id = request_id
+            .map(HeaderValue::from_str)
+            .transpose()
+            .context("request id")?;
+        self.send_with(Method::POST, path, Bytes::from(body.to_string()), id)
+            .await
+    }
+
     async fn send(
         &mut self,
         method: Method,
         path: &str,
         body: Bytes,
+    ) -> anyhow::Result<Response<Incoming>> {
+        self.send_with(method, path, body, None).await
+    }
+
+    async fn send_with(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        request_id: Option<HeaderValue>,
     ) -> anyhow::Result<Response<Incoming>> {
         let mut request = Request::builder()
             .method(method)
@@ -158,6 +177,12 @@ impl Conn {
         }
         if let Some(authorization) = &self.target.authorization {
             request = request.header(header::AUTHORIZATION, authorization.clone());
+        }
+        if let Some(device) = &self.target.device {
+            request = request.header(cloudllm_proto::HEADER_DEVICE, device.clone());
+        }
+        if let Some(id) = request_id {
+            request = request.header(cloudllm_proto::HEADER_REQUEST_ID, id);
         }
         let request = request.body(Full::new(body))?;
         timeout(STEP, self.sender.ready())
@@ -183,4 +208,30 @@ impl Conn {
         }
         Ok(response)
     }
+}
+
+/// Reads a streamed body to its end, noting when each line arrived (lines that came in one
+/// chunk share an instant) and handing each chunk to `check`. Fails if a chunk takes longer
+/// than `per_chunk`, the body breaks, or `check` fails.
+pub async fn read_lines(
+    response: Response<Incoming>,
+    per_chunk: Duration,
+    mut check: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Instant>> {
+    let mut body = response.into_body();
+    let mut arrivals = Vec::new();
+    while let Some(frame) = timeout(per_chunk, body.frame())
+        .await
+        .with_context(|| format!("stream stalled after {} lines", arrivals.len()))?
+    {
+        let frame =
+            frame.with_context(|| format!("stream broke after {} lines", arrivals.len()))?;
+        if let Some(data) = frame.data_ref() {
+            let now = Instant::now();
+            let newlines = data.iter().filter(|&&b| b == b'\n').count();
+            arrivals.extend(std::iter::repeat_n(now, newlines));
+            check(data)?;
+        }
+    }
+    Ok(arrivals)
 }

@@ -8,13 +8,27 @@
 //!
 //! It is a benchmark, not a test: it prints figures and whether each target was met, and
 //! missing a target is not an error.
+//!
+//! Two more runs have their own entry points: [`run_scale`] (thousands of idle tunnels, a
+//! reconnect storm, a thousand concurrent streams, time to first byte and cancellation, and
+//! optionally a real Ollama) and [`soak::run`] (mixed traffic with disconnects and daemon
+//! restarts, every response checked).
 
 pub mod backend;
 pub mod client;
 pub mod cpu;
+pub mod daemons;
+pub mod figures;
+pub mod fleet;
+pub mod latency;
 pub mod load;
+pub mod ollama;
+pub mod relay_host;
 pub mod report;
+pub mod scale;
+pub mod soak;
 pub mod stack;
+pub mod streams;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -370,8 +384,89 @@ fn median_ms(durations: &[Duration]) -> f64 {
     median(durations.iter().map(|d| d.as_secs_f64() * 1e3).collect())
 }
 
-fn progress(phase: &str) {
+/// Tells the operator (on stderr) which phase is running.
+pub(crate) fn progress(phase: &str) {
     eprintln!("cloudllm-bench: measuring {phase}…");
+}
+
+/// What `cloudllm-bench scale` runs.
+#[derive(Debug, Clone)]
+pub struct ScaleOptions {
+    /// Idle tunnels and the reconnect storm.
+    pub idle: scale::Options,
+    /// Concurrent streams spread over devices; `None` skips them.
+    pub streams: Option<streams::Options>,
+    /// Time to first byte and cancellation, repetitions; 0 skips them.
+    pub latency_reps: usize,
+    /// A real Ollama to measure directly and through cloudllm, if any.
+    pub ollama: Option<std::net::SocketAddr>,
+}
+
+/// Runs the scale scenarios and returns their figures. Builds its own runtimes: call it from a
+/// plain thread, not from inside a runtime.
+pub fn run_scale(options: &ScaleOptions) -> anyhow::Result<figures::Figures> {
+    let mut figures = figures::Figures::new();
+    if let Some(note) = raise_file_limit() {
+        figures.notes.push(note);
+    }
+    let runtimes = Runtimes::new()?;
+    let handles = runtimes.handles();
+    let options = options.clone();
+    let outcome = runtimes.load.block_on(async move {
+        let task = tokio::spawn(async move {
+            let mut figures = figures;
+            if !options.idle.tunnels.is_empty() || options.idle.storm > 0 {
+                let relay = relay_host::relay_binary()?;
+                scale::idle_and_storm(&options.idle, &relay, &mut figures).await?;
+            }
+            if let Some(streams) = &options.streams {
+                progress("concurrent streams");
+                if let Err(err) = streams::run(streams, &handles, &mut figures).await {
+                    figures
+                        .notes
+                        .push(format!("concurrent streams did not complete: {err:#}"));
+                }
+            }
+            if options.latency_reps > 0 {
+                progress("time to first byte and cancellation");
+                if let Err(err) = latency::run(options.latency_reps, &handles, &mut figures).await {
+                    figures
+                        .notes
+                        .push(format!("time to first byte / cancellation: {err:#}"));
+                }
+            }
+            if let Some(ollama) = options.ollama {
+                progress("real Ollama");
+                if let Err(err) = ollama::run(ollama, &handles, &mut figures).await {
+                    figures.notes.push(format!("real Ollama: {err:#}"));
+                }
+            }
+            Ok::<_, anyhow::Error>(figures)
+        });
+        task.await.context("the scale task failed")?
+    });
+    runtimes.shutdown();
+    outcome
+}
+
+/// Raises this process's open-file limit to its hard limit (thousands of tunnels need
+/// thousands of sockets; a relay process started from here inherits it). Returns a note when
+/// the limit stays low.
+pub fn raise_file_limit() -> Option<String> {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            return Some(format!(
+                "could not raise the open-file limit from {soft} to {hard}"
+            ));
+        }
+        let now = getrlimit(Resource::RLIMIT_NOFILE).ok()?.0;
+        (now < 16_384).then(|| format!("open-file limit is {now}: large tunnel counts may fail"))
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 #[cfg(test)]

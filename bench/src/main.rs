@@ -1,24 +1,90 @@
-//! `cloudllm-bench`: measure a fake Ollama directly and through cloudllm, print the table.
+//! `cloudllm-bench`: measure a fake Ollama directly and through cloudllm, print the table;
+//! `scale` and `soak` run the relay with many devices and under mixed, faulty traffic.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     about = "Measures requests to a fake Ollama backend directly and through cloudllm's relay and daemon",
-    after_help = "Missing a target is not an error: the exit status is 0 whenever the run completes. \
+    after_help = "Missing a target is not an error: the exit status is 0 whenever the run completes \
+                  (except `soak`, which fails when a request was lost or misrouted). \
                   Logs go to stderr; RUST_LOG defaults to `warn` so that logging does not skew the figures."
 )]
 struct Cli {
     /// A shorter run (well under a minute), with fewer requests and repetitions.
-    #[arg(long)]
+    #[arg(long, global = true)]
     quick: bool,
     /// Also write the results as JSON to this file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     json: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Idle tunnels (relay memory per tunnel), a reconnect storm, many concurrent streams, time
+    /// to first byte and cancellation, and optionally a real Ollama. Needs the release
+    /// `cloudllm-relay` next to this binary.
+    Scale {
+        /// Idle tunnel counts to connect, each to a fresh relay process.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        tunnels: Vec<usize>,
+        /// Devices connected when the relay is crashed and restarted; 0 skips the storm.
+        #[arg(long, default_value_t = 1000)]
+        storm: usize,
+        /// Concurrent streams, spread over --devices real daemons; 0 skips them.
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// Devices the streams are spread over.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Lines per stream.
+        #[arg(long, default_value_t = 50)]
+        lines: usize,
+        /// Pause between a stream's lines, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        delay_ms: u64,
+        /// Repetitions of the time-to-first-byte and cancel measurements; 0 skips them.
+        #[arg(long, default_value_t = 100)]
+        latency_reps: usize,
+        /// A real Ollama to measure directly and through cloudllm (e.g. 127.0.0.1:11535 from
+        /// `real-ollama start`).
+        #[arg(long, value_name = "ADDR")]
+        ollama: Option<SocketAddr>,
+    },
+    /// Mixed streaming traffic with client disconnects and daemon restarts; every response is
+    /// checked. Exits 1 if any request was lost or misrouted.
+    Soak {
+        /// How long traffic runs (`30s`, `3m`, `2h`).
+        #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Users.
+        #[arg(long, default_value_t = 3)]
+        users: usize,
+        /// Devices (real daemons) per user.
+        #[arg(long, default_value_t = 2)]
+        devices: usize,
+        /// Concurrent request loops per user.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Share of requests cut by the client mid-stream (0 to 1).
+        #[arg(long, default_value_t = 0.1)]
+        disconnects: f64,
+        /// Mean time between daemon restarts (`0s`: none).
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        restart_every: Duration,
+        /// Run the relay in this process instead of as the `cloudllm-relay` binary (then the
+        /// memory sampled is the whole process's).
+        #[arg(long)]
+        in_process: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -30,7 +96,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("cloudllm-bench: {err:#}");
             ExitCode::FAILURE
@@ -38,12 +104,85 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
-    let report = cloudllm_bench::run(&cloudllm_bench::Options { quick: cli.quick })?;
-    print!("{report}");
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let (text, json, code) = match &cli.command {
+        None => {
+            let report = cloudllm_bench::run(&cloudllm_bench::Options { quick: cli.quick })?;
+            (report.to_string(), report.to_json(), ExitCode::SUCCESS)
+        }
+        Some(Command::Scale {
+            tunnels,
+            storm,
+            streams,
+            devices,
+            lines,
+            delay_ms,
+            latency_reps,
+            ollama,
+        }) => {
+            // --quick: a tenth of everything, enough to see that each scenario works.
+            let shrink = |n: usize| if cli.quick { n.div_ceil(10) } else { n };
+            let options = cloudllm_bench::ScaleOptions {
+                idle: cloudllm_bench::scale::Options {
+                    tunnels: tunnels.iter().map(|&n| shrink(n)).collect(),
+                    storm: shrink(*storm),
+                },
+                streams: (*streams > 0).then(|| cloudllm_bench::streams::Options {
+                    streams: shrink(*streams),
+                    devices: shrink(*devices),
+                    lines: if cli.quick { (*lines).min(10) } else { *lines },
+                    delay: Duration::from_millis(*delay_ms),
+                }),
+                latency_reps: shrink(*latency_reps),
+                ollama: *ollama,
+            };
+            let figures = cloudllm_bench::run_scale(&options)?;
+            (figures.to_string(), figures.to_json(), ExitCode::SUCCESS)
+        }
+        Some(Command::Soak {
+            duration,
+            users,
+            devices,
+            workers,
+            disconnects,
+            restart_every,
+            in_process,
+        }) => {
+            let relay_binary = if *in_process {
+                None
+            } else {
+                Some(cloudllm_bench::relay_host::relay_binary()?)
+            };
+            let options = cloudllm_bench::soak::Options {
+                users: *users,
+                devices_per_user: *devices,
+                workers_per_user: *workers,
+                disconnect_share: *disconnects,
+                restart_every: *restart_every,
+                relay_binary,
+                ..cloudllm_bench::soak::Options::new(*duration)
+            };
+            let outcome = cloudllm_bench::soak::run(&options)?;
+            let mut text = outcome.figures.to_string();
+            for failure in &outcome.failures {
+                text.push_str(&format!("failure: {failure}\n"));
+            }
+            let mut json = outcome.figures.to_json();
+            json["rss_kib"] = serde_json::json!(outcome.rss);
+            json["failures"] = serde_json::json!(outcome.failures);
+            let code = if outcome.passed() {
+                ExitCode::SUCCESS
+            } else {
+                text.push_str("soak FAILED: requests were lost or misrouted\n");
+                ExitCode::FAILURE
+            };
+            (text, json, code)
+        }
+    };
+    print!("{text}");
     if let Some(path) = &cli.json {
-        let text = serde_json::to_string_pretty(&report.to_json())?;
+        let text = serde_json::to_string_pretty(&json)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(())
+    Ok(code)
 }

@@ -5,7 +5,7 @@
 //! the `cloudllm` CLI and the tray use (the daemon owns state; clients only ask).
 
 pub mod allowlist;
-mod backoff;
+pub mod backoff;
 pub mod config;
 pub mod credentials;
 mod dial;

@@ -1,0 +1,276 @@
+//! `cloudllm-bench scale`, the relay with many devices: memory per idle tunnel, and how quickly
+//! a crashed relay gets every device back.
+//!
+//! The relay runs as its own process (the release `cloudllm-relay` next to the benchmark), so
+//! its `VmRSS` is its own. The devices are a [fleet](crate::fleet) of real tunnels in this
+//! process, dialled in bounded batches. Afterwards, [`streams`](crate::streams) measures many
+//! concurrent streams through real daemons.
+//!
+//! - Idle tunnels: the relay's RSS before and after `N` tunnels are registered (its
+//!   `/metrics` gauge `cloudllm_devices_connected` says when), divided by `N`.
+//! - Reconnect storm: with the storm's count connected, the relay is killed (SIGKILL, a crash)
+//!   and started again on the same port; then stopped gracefully (SIGTERM: it drains every
+//!   tunnel, and daemons redial at once into a relay that is gone) and started again. The
+//!   figure is the time from the signal until the gauge is back at `N`, plus how the
+//!   arrivals spread (full jitter at work) and what the new relay spent on them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::figures::{Figure, Figures, Goal};
+use crate::fleet::{self, Stats};
+use crate::relay_host::{self, RelayHost, Restart};
+
+/// Devices per user: ten, a busy household or a small team on one account. Keeps each
+/// user's device list (which the relay scans on connect) realistic.
+const DEVICES_PER_USER: usize = 10;
+
+/// Tunnels dialled at once: 250 keeps the relay's accept queue and the handshake timeouts far
+/// from their limits while 10,000 devices still connect within a minute.
+const BATCH: usize = 250;
+
+/// How long one batch may take to register: 60 s, far above the sub-second it takes.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Pause before reading the relay's memory, so that freed buffers and the allocator settle.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// How often the storm polls the relay's gauge: 50 ms, fine enough for a figure in seconds.
+const STORM_POLL: Duration = Duration::from_millis(50);
+
+/// Longest a storm may take before it is reported as failed: 120 s, four times the reconnect
+/// cap.
+const STORM_LIMIT: Duration = Duration::from_secs(120);
+
+/// Target memory per idle tunnel on the relay.
+const TARGET_KIB_PER_TUNNEL: f64 = 24.0;
+
+/// Target time for every device to be back after a relay restart.
+const TARGET_STORM_SECS: f64 = 10.0;
+
+/// How the scale run is shaped.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Idle tunnel counts to measure, in order (`1000,10000`).
+    pub tunnels: Vec<usize>,
+    /// Devices connected during the reconnect storm; 0 skips it.
+    pub storm: usize,
+}
+
+/// Runs the idle-tunnel and storm scenarios against a relay process started from `relay`.
+/// Call it on a runtime; the fleet runs on the caller's runtime.
+pub async fn idle_and_storm(
+    options: &Options,
+    relay: &std::path::Path,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    figures.setup.push(format!(
+        "idle tunnels: relay = `cloudllm-relay serve` process; devices = fleet tunnels \
+         (WebSocket + HTTP/2, hello + events) in the benchmark process, {DEVICES_PER_USER} per \
+         user, dialled {BATCH} at a time; RSS = relay VmRSS after minus before, {SETTLE:?} after \
+         the last registered"
+    ));
+    let mut storm_done = options.storm == 0;
+    for &count in &options.tunnels {
+        crate::progress(&format!("{count} idle tunnels"));
+        let with_storm = !storm_done && count == options.storm;
+        match idle(count, with_storm, relay, figures).await {
+            Ok(()) => storm_done |= with_storm,
+            Err(err) => {
+                figures
+                    .notes
+                    .push(format!("{count} idle tunnels did not complete: {err:#}"));
+                // A larger count fails the same way, only slower.
+                break;
+            }
+        }
+    }
+    if !storm_done {
+        crate::progress(&format!("reconnect storm with {}", options.storm));
+        if let Err(err) = idle(options.storm, true, relay, figures).await {
+            figures
+                .notes
+                .push(format!("reconnect storm did not complete: {err:#}"));
+        }
+    }
+    Ok(())
+}
+
+/// Connects `count` fleet devices to a fresh relay process, records the relay's memory per
+/// tunnel, and with `storm`, crashes and restarts the relay and times the return.
+async fn idle(
+    count: usize,
+    storm: bool,
+    binary: &std::path::Path,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    let mut relay = RelayHost::spawn(binary).await?;
+    tokio::time::sleep(SETTLE).await;
+    let before = relay.rss_kib().context("reading the relay's VmRSS")?;
+    let keys = relay_host::keys();
+    let stats = Arc::new(Stats::default());
+    let stop = CancellationToken::new();
+    let mut devices = JoinSet::new();
+    let started = Instant::now();
+    let mut token = String::new();
+    for i in 0..count {
+        if i % DEVICES_PER_USER == 0 {
+            token =
+                relay_host::agent_token(&keys, &format!("scale-user-{}", i / DEVICES_PER_USER))?;
+        }
+        let device = fleet::Device {
+            relay: relay.addr,
+            token: token.clone(),
+            id: format!("scale-device-{i}"),
+        };
+        devices.spawn(fleet::run(device, stats.clone(), stop.clone()));
+        if (i + 1) % BATCH == 0 || i + 1 == count {
+            wait_registered(&stats, i as u64 + 1).await?;
+        }
+    }
+    let connect_time = started.elapsed();
+    relay
+        .wait_devices(count as u64, STORM_POLL, BATCH_TIMEOUT)
+        .await?;
+    tokio::time::sleep(SETTLE).await;
+    let after = relay.rss_kib().context("reading the relay's VmRSS")?;
+    let scenario = format!("idle tunnels ×{count}");
+    let per_tunnel = after.saturating_sub(before) as f64 / count as f64;
+    figures.figures.extend([
+        Figure::info(&scenario, "relay RSS before", before as f64 / 1024.0, "MiB"),
+        Figure::info(
+            &scenario,
+            "relay RSS with all connected",
+            after as f64 / 1024.0,
+            "MiB",
+        ),
+        Figure::info(&scenario, "relay RSS per idle tunnel", per_tunnel, "KiB")
+            .goal(Goal::AtMost(TARGET_KIB_PER_TUNNEL)),
+        Figure::info(
+            &scenario,
+            "time to connect all (batches of 250)",
+            connect_time.as_secs_f64(),
+            "s",
+        ),
+    ]);
+
+    if storm {
+        crate::progress(&format!("reconnect storm with {count} devices"));
+        for how in [Restart::Crash, Restart::Graceful] {
+            storm_run(&mut relay, how, count, &stats, figures).await?;
+        }
+    }
+
+    stop.cancel();
+    let drained = timeout(Duration::from_secs(30), async {
+        while devices.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        devices.abort_all();
+    }
+    relay.stop().await?;
+    Ok(())
+}
+
+async fn wait_registered(stats: &Stats, count: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + BATCH_TIMEOUT;
+    while Stats::get(&stats.registered) < count {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} of {count} tunnels registered after {BATCH_TIMEOUT:?} ({} dials refused, {} unreachable)",
+            Stats::get(&stats.registered),
+            Stats::get(&stats.refused),
+            Stats::get(&stats.unreachable),
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Kills and restarts the relay with `count` devices connected and times their return.
+async fn storm_run(
+    relay: &mut RelayHost,
+    how: Restart,
+    count: usize,
+    stats: &Stats,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    let target = count as u64;
+    let (dials, refused) = (Stats::get(&stats.dials), Stats::get(&stats.refused));
+    let signalled = Instant::now();
+    relay.restart(how).await?;
+    let listening = signalled.elapsed();
+    let (mut half, mut ninety) = (None, None);
+    let back = loop {
+        let seen = relay.devices_connected().await.unwrap_or(0);
+        if half.is_none() && seen * 2 >= target {
+            half = Some(signalled.elapsed());
+        }
+        if ninety.is_none() && seen * 10 >= target * 9 {
+            ninety = Some(signalled.elapsed());
+        }
+        if seen >= target {
+            break signalled.elapsed();
+        }
+        anyhow::ensure!(
+            signalled.elapsed() < STORM_LIMIT,
+            "{seen} of {count} devices back {STORM_LIMIT:?} after the relay restart"
+        );
+        tokio::time::sleep(STORM_POLL).await;
+    };
+    let cpu = relay.cpu_seconds();
+    let rss = relay.rss_kib();
+    let scenario = match how {
+        Restart::Crash => format!("reconnect storm ×{count}, relay killed"),
+        Restart::Graceful => format!("reconnect storm ×{count}, relay SIGTERM"),
+    };
+    let secs = |d: Option<Duration>| d.unwrap_or(back).as_secs_f64();
+    figures.figures.extend([
+        Figure::info(
+            &scenario,
+            "relay listening again after the signal",
+            listening.as_secs_f64(),
+            "s",
+        ),
+        Figure::info(&scenario, "50% of devices back", secs(half), "s"),
+        Figure::info(&scenario, "90% of devices back", secs(ninety), "s"),
+        Figure::info(&scenario, "all devices back", back.as_secs_f64(), "s")
+            .goal(Goal::AtMost(TARGET_STORM_SECS)),
+        Figure::info(
+            &scenario,
+            "dial attempts per device",
+            (Stats::get(&stats.dials) - dials) as f64 / count as f64,
+            "dials",
+        ),
+        Figure::info(
+            &scenario,
+            "dials refused by the relay (HTTP error)",
+            (Stats::get(&stats.refused) - refused) as f64,
+            "dials",
+        )
+        .goal(Goal::AtMost(0.0)),
+    ]);
+    if let Some(cpu) = cpu {
+        figures.figures.push(Figure::info(
+            &scenario,
+            "new relay's CPU until all back",
+            cpu,
+            "s",
+        ));
+    }
+    if let Some(rss) = rss {
+        figures.figures.push(Figure::info(
+            &scenario,
+            "relay RSS with all back",
+            rss as f64 / 1024.0,
+            "MiB",
+        ));
+    }
+    Ok(())
+}
