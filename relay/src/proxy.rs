@@ -348,11 +348,10 @@ async fn route(
         .get(proto::HEADER_DEVICE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let devices = state.registry.devices_of(user);
-    let several = wanted.is_none() && devices.len() > 1;
+    let several = wanted.is_none() && state.registry.count(user) > 1;
     let path = req.uri().path();
     if several && req.method() == http::Method::GET && matches!(path, "/api/tags" | "/v1/models") {
-        return merged_listing(api, &devices, request_id).await;
+        return merged_listing(api, &state.registry.devices_of(user), request_id).await;
     }
     let mut model = None;
     let req = if several && names_a_model(req.method(), path) {

@@ -165,6 +165,11 @@ impl Registry {
         })
     }
 
+    /// How many devices `user` has connected.
+    pub fn count(&self, user: &str) -> usize {
+        self.lock().get(user).map_or(0, Vec::len)
+    }
+
     /// `user`'s connected devices.
     pub fn devices_of(&self, user: &str) -> Vec<Arc<Device>> {
         self.lock().get(user).cloned().unwrap_or_default()
