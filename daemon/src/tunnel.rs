@@ -4,8 +4,9 @@
 //! A tunnel ends in one of four ways: the relay asked it to drain (it is restarting), or the
 //! WebSocket was closed with 1012 "service restart" or 1001 "going away" (as a proxy in front
 //! of the relay does when it restarts) — redial at once; it closed or failed after working for
-//! a while — redial after a short random delay; dialling failed — redial with exponential backoff and full jitter, capped; or the daemon
-//! stopped this tunnel — in-flight requests finish (within the grace period) and it returns.
+//! a while — redial after a short random delay; dialling failed — redial with exponential
+//! backoff and full jitter, capped; or the daemon stopped this tunnel — in-flight requests
+//! finish (within the grace period) and it returns.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
