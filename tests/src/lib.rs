@@ -371,6 +371,27 @@ pub fn client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// Reads a streamed NDJSON response to its end, noting when each line arrived (every read
+/// bounded by [`STEP`]).
+pub async fn timed_lines(
+    mut response: reqwest::Response,
+) -> Vec<(tokio::time::Instant, serde_json::Value)> {
+    let mut buf = Vec::new();
+    let mut received = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(STEP, response.chunk())
+        .await
+        .expect("a line within the step")
+        .expect("the stream")
+    {
+        let now = tokio::time::Instant::now();
+        buf.extend_from_slice(&chunk);
+        for line in take_lines(&mut buf) {
+            received.push((now, line));
+        }
+    }
+    received
+}
+
 /// Splits a byte buffer into complete NDJSON lines, keeping the unfinished tail in `buf`.
 pub fn take_lines(buf: &mut Vec<u8>) -> Vec<serde_json::Value> {
     let mut lines = Vec::new();

@@ -11,8 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config, scratch_dir, take_lines,
-    token,
+    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config, scratch_dir, token,
 };
 use cloudllm_relay::Scope;
 use serde_json::json;
@@ -173,7 +172,7 @@ async fn behind_nginx_the_tunnel_connects_and_streams_arrive_line_by_line() {
 
     // Lines produced 100 ms apart each reach the client before the next one is produced.
     let lines = 8;
-    let mut response = timeout(
+    let response = timeout(
         STEP,
         cloudllm_e2e::client()
             .post(format!("{}api/generate", nginx.url()))
@@ -186,15 +185,7 @@ async fn behind_nginx_the_tunnel_connects_and_streams_arrive_line_by_line() {
     .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/x-ndjson");
-    let mut buf = Vec::new();
-    let mut received = Vec::new();
-    while let Some(chunk) = timeout(STEP, response.chunk()).await.unwrap().unwrap() {
-        let now = Instant::now();
-        buf.extend_from_slice(&chunk);
-        for line in take_lines(&mut buf) {
-            received.push((now, line));
-        }
-    }
+    let received = cloudllm_e2e::timed_lines(response).await;
     assert_eq!(received.len(), lines + 1, "all lines and the final one");
     assert_eq!(received.last().unwrap().1["done"], true);
     let produced = backend.records.produced("via-nginx");

@@ -13,7 +13,7 @@ use tokio::time::{Instant, timeout};
 async fn each_line_arrives_before_the_next_is_produced() {
     let stack = Stack::start().await;
     let lines = 8;
-    let mut response = stack
+    let response = stack
         .post("/api/generate")
         .json(&json!({"model": "fake", "prompt": "paced", "options": {"num_predict": lines}, "fake_interval_ms": 50}))
         .send()
@@ -21,15 +21,7 @@ async fn each_line_arrives_before_the_next_is_produced() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/x-ndjson");
-    let mut buf = Vec::new();
-    let mut received = Vec::new();
-    while let Some(chunk) = timeout(STEP, response.chunk()).await.unwrap().unwrap() {
-        let now = Instant::now();
-        buf.extend_from_slice(&chunk);
-        for line in take_lines(&mut buf) {
-            received.push((now, line));
-        }
-    }
+    let received = cloudllm_e2e::timed_lines(response).await;
     assert_eq!(received.len(), lines + 1, "all lines and the final one");
     assert_eq!(received.last().unwrap().1["done"], true);
     let produced = stack.backend.records.produced("paced");
