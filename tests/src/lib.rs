@@ -371,6 +371,25 @@ pub fn client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// Reads a response until it ends; gives the bytes and whether it ended cleanly (a stream cut
+/// by a fault must end with an error, never look complete). Panics if it neither ends nor
+/// fails within [`STEP`].
+pub async fn read_to_end(mut response: reqwest::Response) -> (Vec<u8>, Result<(), reqwest::Error>) {
+    let mut buf = Vec::new();
+    let outcome = tokio::time::timeout(STEP, async {
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                Ok(None) => return Ok(()),
+                Err(err) => return Err(err),
+            }
+        }
+    })
+    .await
+    .expect("the response neither ended nor failed");
+    (buf, outcome)
+}
+
 /// Reads a streamed NDJSON response to its end, noting when each line arrived (every read
 /// bounded by [`STEP`]).
 pub async fn timed_lines(

@@ -40,24 +40,6 @@ fn generate(
         .json(&json!({"prompt": tag, "options": {"num_predict": lines}, "fake_interval_ms": interval_ms}))
 }
 
-/// Reads a response until it ends; gives the bytes and whether it ended cleanly. Panics if it
-/// neither ends nor fails within [`STEP`].
-async fn read_to_end(mut response: reqwest::Response) -> (Vec<u8>, Result<(), reqwest::Error>) {
-    let mut buf = Vec::new();
-    let outcome = timeout(STEP, async {
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
-                Ok(None) => return Ok(()),
-                Err(err) => return Err(err),
-            }
-        }
-    })
-    .await
-    .expect("the response neither ended nor failed");
-    (buf, outcome)
-}
-
 /// Reads until at least `count` NDJSON lines arrived.
 async fn read_lines(response: &mut reqwest::Response, count: usize) -> Vec<serde_json::Value> {
     let mut buf = Vec::new();
@@ -138,7 +120,7 @@ async fn ollama_killed_mid_stream_gives_an_error_then_502_and_comes_back_when_re
 
     // The caller: the stream ends with an error (not a clean end, not a hang), and what did
     // arrive never claims to be complete.
-    let (mut buf, outcome) = read_to_end(response).await;
+    let (mut buf, outcome) = cloudllm_e2e::read_to_end(response).await;
     assert!(outcome.is_err(), "a cut stream must not look complete");
     assert!(take_lines(&mut buf).iter().all(|l| l["done"] == false));
 
@@ -249,7 +231,7 @@ async fn a_stalled_network_ends_the_stream_in_flight_gives_503_and_the_daemon_sa
 
     // The caller: the stream fails once the relay gives the tunnel up (interval + timeout =
     // 2 s, plus scheduling slack), instead of hanging.
-    let (_, outcome) = read_to_end(response).await;
+    let (_, outcome) = cloudllm_e2e::read_to_end(response).await;
     assert!(outcome.is_err(), "a cut stream must not look complete");
     let failed_after = stalled_at.elapsed();
     assert!(
