@@ -98,11 +98,7 @@ fn socket_name(path: &Path) -> std::io::Result<Name<'_>> {
     #[cfg(not(unix))]
     {
         use interprocess::local_socket::{GenericNamespaced, ToNsName};
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("cloudllmd.sock");
-        name.to_ns_name::<GenericNamespaced>()
+        cloudllm_proto::ipc::pipe_name(path).to_ns_name::<GenericNamespaced>()
     }
 }
 

@@ -278,6 +278,14 @@ pub fn default_socket_path(system: bool) -> std::path::PathBuf {
         .join("cloudllmd.sock")
 }
 
+/// The named pipe a daemon with socket `path` listens on where local sockets have no paths
+/// (Windows): the path's file name. Daemon and clients both derive it here, so they agree.
+pub fn pipe_name(path: &std::path::Path) -> &str {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("cloudllmd.sock")
+}
+
 /// Writes a message as one JSON line (with its newline).
 pub fn to_line<T: Serialize>(message: &T) -> Vec<u8> {
     let mut line = serde_json::to_vec(message).unwrap_or_else(|_| b"{}".to_vec());
@@ -288,6 +296,15 @@ pub fn to_line<T: Serialize>(message: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pipe_names_are_the_socket_file_name() {
+        assert_eq!(
+            pipe_name(std::path::Path::new("/run/cloudllm/x.sock")),
+            "x.sock"
+        );
+        assert_eq!(pipe_name(std::path::Path::new("/")), "cloudllmd.sock");
+    }
 
     #[test]
     fn requests_and_responses_round_trip_as_single_lines() {
