@@ -395,7 +395,8 @@ async fn route(
         (limit, state.config.client_read_timeout),
         request_id,
         received,
-        model.is_none(),
+        // Only the audit log wants the model of a request that was not routed by it.
+        model.is_none() && state.audit.is_enabled(),
         req,
     )
     .await;
