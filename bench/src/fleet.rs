@@ -148,7 +148,9 @@ async fn dial(device: &Device) -> Result<WebSocketStream<TcpStream>, DialError> 
     match tokio_tungstenite::client_async_with_config(
         request,
         tcp,
-        Some(cloudllm_tunnel::ws_config()),
+        Some(cloudllm_tunnel::ws_config(
+            cloudllm_tunnel::DAEMON_WS_READ_BUFFER,
+        )),
     )
     .await
     {

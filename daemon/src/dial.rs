@@ -160,7 +160,9 @@ async fn dial_inner(
     match tokio_tungstenite::client_async_with_config(
         request,
         stream,
-        Some(cloudllm_tunnel::ws_config()),
+        Some(cloudllm_tunnel::ws_config(
+            cloudllm_tunnel::DAEMON_WS_READ_BUFFER,
+        )),
     )
     .await
     {

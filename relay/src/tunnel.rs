@@ -139,31 +139,13 @@ async fn run(
     expiry: tokio::time::Instant,
     addr: Option<IpAddr>,
 ) -> anyhow::Result<()> {
-    let liveness = state.config.liveness();
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(cloudllm_tunnel::ws_config()))
-        .await;
-    let io = TokioIo::new(WsIo::new(ws, liveness));
-    let (mut sender, connection) = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        cloudllm_tunnel::h2_client(liveness).handshake::<_, Body>(io),
-    )
-    .await
-    .context("HTTP/2 handshake timed out")?
-    .context("HTTP/2 handshake")?;
-    let mut connection = tokio::spawn(connection);
-
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, fetch_hello(&mut sender))
-        .await
-        .context("hello timed out")??;
-    anyhow::ensure!(
-        hello.protocol_version == proto::PROTOCOL_VERSION,
-        "daemon speaks protocol {}, relay speaks {}",
-        hello.protocol_version,
-        proto::PROTOCOL_VERSION
-    );
-
-    let device = Arc::new(Device::new(user, id, name, sender));
-    device.set_models(sane_models(hello.models));
+    // Boxed: the handshake's state (WebSocket and HTTP/2 setup, the hello) lives on the heap
+    // while it runs and is freed after, so an idle tunnel's task keeps only what it waits on.
+    let Opened {
+        device,
+        mut connection,
+        daemon_version,
+    } = Box::pin(open(&state, io, (user, id, name))).await?;
     // Checked again here: another tunnel of the same user may have come up meanwhile.
     if let Err(others) = state.registry.insert(device.clone(), max_devices) {
         state.metrics.limited(Limit::Devices);
@@ -174,7 +156,7 @@ async fn run(
         );
     }
     tokio::spawn(follow_events(Arc::downgrade(&device)).in_current_span());
-    info!(daemon_version = %hello.daemon_version, models = device.models().len(), "tunnel up");
+    info!(%daemon_version, models = device.models().len(), "tunnel up");
     state.audit.record(Event::TunnelConnect {
         user: device.user.clone(),
         device: device.name.clone(),
@@ -213,6 +195,61 @@ async fn run(
     ended.context("tunnel task")?.context("tunnel connection")
 }
 
+/// Opens the tunnel on an upgraded connection: WebSocket, HTTP/2 handshake (the relay is the
+/// client), the connection's own task, and the daemon's hello. Returns the device, not yet
+/// registered.
+async fn open(
+    state: &AppState,
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    (user, id, name): (String, String, String),
+) -> anyhow::Result<Opened> {
+    let liveness = state.config.liveness();
+    let ws = WebSocketStream::from_raw_socket(
+        io,
+        Role::Server,
+        Some(cloudllm_tunnel::ws_config(
+            cloudllm_tunnel::RELAY_WS_READ_BUFFER,
+        )),
+    )
+    .await;
+    let io = TokioIo::new(WsIo::new(ws, liveness));
+    let (mut sender, connection) = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        cloudllm_tunnel::h2_client(liveness).handshake::<_, Body>(io),
+    )
+    .await
+    .context("HTTP/2 handshake timed out")?
+    .context("HTTP/2 handshake")?;
+    let connection = tokio::spawn(connection);
+
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, fetch_hello(&mut sender))
+        .await
+        .context("hello timed out")??;
+    anyhow::ensure!(
+        hello.protocol_version == proto::PROTOCOL_VERSION,
+        "daemon speaks protocol {}, relay speaks {}",
+        hello.protocol_version,
+        proto::PROTOCOL_VERSION
+    );
+    let device = Arc::new(Device::new(user, id, name, sender));
+    device.set_models(sane_models(hello.models));
+    Ok(Opened {
+        device,
+        connection,
+        daemon_version: hello.daemon_version,
+    })
+}
+
+/// A tunnel that has said hello.
+struct Opened {
+    device: Arc<Device>,
+    connection: Connection,
+    daemon_version: String,
+}
+
+/// The task running a tunnel's HTTP/2 connection.
+type Connection = tokio::task::JoinHandle<hyper::Result<()>>;
+
 /// Records a tunnel's end in the audit log when dropped, however `run` returns.
 struct Disconnect {
     audit: crate::audit::Audit,
@@ -238,7 +275,7 @@ impl Drop for Disconnect {
 /// the tunnel.
 async fn drain(
     device: Arc<Device>,
-    connection: &mut tokio::task::JoinHandle<hyper::Result<()>>,
+    connection: &mut Connection,
     grace: Duration,
 ) -> anyhow::Result<Result<hyper::Result<()>, tokio::task::JoinError>> {
     let deadline = tokio::time::Instant::now() + grace;

@@ -99,6 +99,38 @@ async fn status_codes_and_bodies_pass_unchanged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_responses_arrive_whole() {
+    // Lines far larger than one WebSocket message (16 KiB) and than the relay's 1 KiB read
+    // buffer: every byte arrives, in order.
+    let stack = Stack::start().await;
+    let line_bytes = 300 * 1024;
+    let lines = 12;
+    let response = stack
+        .post("/api/generate")
+        .json(&json!({
+            "model": "fake",
+            "prompt": "large",
+            "options": {"num_predict": lines},
+            "fake_line_bytes": line_bytes,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = timeout(STEP, response.bytes()).await.unwrap().unwrap();
+    let body = std::str::from_utf8(&body).unwrap();
+    let received: Vec<&str> = body.lines().collect();
+    assert_eq!(received.len(), lines + 1);
+    let padding = "x".repeat(line_bytes);
+    for (i, line) in received[..lines].iter().enumerate() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(line["response"], format!("t{i}{padding}"), "line {i}");
+    }
+    let last: serde_json::Value = serde_json::from_str(received[lines]).unwrap();
+    assert_eq!(last["done"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_management_is_refused_and_names_the_setting() {
     let stack = Stack::start().await;
     for path in [

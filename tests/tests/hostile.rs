@@ -92,7 +92,7 @@ async fn dial_tunnel(stack: &Stack, user: &str) -> WebSocketStream<TcpStream> {
         .await
         .expect("tunnel connect timed out")
         .expect("tunnel connect");
-    let config = cloudllm_tunnel::ws_config()
+    let config = cloudllm_tunnel::ws_config(cloudllm_tunnel::DAEMON_WS_READ_BUFFER)
         .max_message_size(None)
         .max_frame_size(None);
     let (ws, response) = timeout(

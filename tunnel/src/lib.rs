@@ -42,9 +42,16 @@ pub const MAX_WS_MESSAGE_OUT: usize = 16 * 1024;
 /// than [`MAX_WS_MESSAGE_OUT`]; anything far beyond it is hostile.
 pub const MAX_WS_MESSAGE_IN: usize = 256 * 1024;
 
-/// WebSocket read buffer: 8 KiB instead of tungstenite's 128 KiB, which dominates the memory of
-/// an idle tunnel (≈34 KiB instead of ≈159 KiB per tunnel on the relay).
-pub const WS_READ_BUFFER: usize = 8 * 1024;
+/// The relay's WebSocket read buffer: 1 KiB. tungstenite zero-fills its whole read buffer
+/// before each read, so the buffer is resident memory in every tunnel, idle or not, and the
+/// relay holds thousands of tunnels: 1 KiB instead of 8 KiB takes an idle tunnel from ≈42 to
+/// ≈34 KiB. It costs throughput only on large messages (a 16 KiB message takes 16 reads), which
+/// carry whole response bodies, not token streams.
+pub const RELAY_WS_READ_BUFFER: usize = 1024;
+
+/// The daemon's WebSocket read buffer: 8 KiB (tungstenite's default is 128 KiB). The daemon
+/// holds one tunnel; its reads carry requests, bodies included.
+pub const DAEMON_WS_READ_BUFFER: usize = 8 * 1024;
 
 /// How each end finds out that its peer is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,10 +81,11 @@ impl Default for Liveness {
     }
 }
 
-/// The WebSocket settings both ends use.
-pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+/// The WebSocket settings both ends use, with the end's read buffer
+/// ([`RELAY_WS_READ_BUFFER`] or [`DAEMON_WS_READ_BUFFER`]).
+pub fn ws_config(read_buffer: usize) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(WS_READ_BUFFER)
+        .read_buffer_size(read_buffer)
         // Our messages are already batched up to MAX_WS_MESSAGE_OUT: write each one at once.
         .write_buffer_size(0)
         .max_write_buffer_size(4 * MAX_WS_MESSAGE_IN)
