@@ -39,6 +39,10 @@ enum Command {
         /// Devices connected when the relay is crashed and restarted; 0 skips the storm.
         #[arg(long, default_value_t = 1000)]
         storm: usize,
+        /// After the idle tunnels' first memory reading, keep them connected this long and read
+        /// again (`10m`, `1h`): their pings walk through the HTTP/2 read buffers; 0 skips it.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        idle_for: Duration,
         /// Concurrent streams, spread over --devices real daemons; 0 skips them.
         #[arg(long, default_value_t = 1000)]
         streams: usize,
@@ -113,6 +117,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Scale {
             tunnels,
             storm,
+            idle_for,
             streams,
             devices,
             lines,
@@ -126,6 +131,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 idle: cloudllm_bench::scale::Options {
                     tunnels: tunnels.iter().map(|&n| shrink(n)).collect(),
                     storm: shrink(*storm),
+                    idle_for: *idle_for,
                 },
                 streams: (*streams > 0).then(|| cloudllm_bench::streams::Options {
                     streams: shrink(*streams),

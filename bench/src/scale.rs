@@ -60,6 +60,8 @@ pub struct Options {
     pub tunnels: Vec<usize>,
     /// Devices connected during the reconnect storm; 0 skips it.
     pub storm: usize,
+    /// How long the tunnels stay connected for a second memory reading; zero skips it.
+    pub idle_for: Duration,
 }
 
 /// Runs the idle-tunnel and storm scenarios against a relay process started from `relay`.
@@ -79,7 +81,7 @@ pub async fn idle_and_storm(
     for &count in &options.tunnels {
         crate::progress(&format!("{count} idle tunnels"));
         let with_storm = !storm_done && count == options.storm;
-        match idle(count, with_storm, relay, figures).await {
+        match idle(count, with_storm, options.idle_for, relay, figures).await {
             Ok(()) => storm_done |= with_storm,
             Err(err) => {
                 figures
@@ -92,7 +94,7 @@ pub async fn idle_and_storm(
     }
     if !storm_done {
         crate::progress(&format!("reconnect storm with {}", options.storm));
-        if let Err(err) = idle(options.storm, true, relay, figures).await {
+        if let Err(err) = idle(options.storm, true, Duration::ZERO, relay, figures).await {
             figures
                 .notes
                 .push(format!("reconnect storm did not complete: {err:#}"));
@@ -102,10 +104,12 @@ pub async fn idle_and_storm(
 }
 
 /// Connects `count` fleet devices to a fresh relay process, records the relay's memory per
-/// tunnel, and with `storm`, crashes and restarts the relay and times the return.
+/// tunnel (again after `idle_for`, unless zero), and with `storm`, crashes and restarts the
+/// relay and times the return.
 async fn idle(
     count: usize,
     storm: bool,
+    idle_for: Duration,
     binary: &std::path::Path,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
@@ -158,6 +162,29 @@ async fn idle(
             "s",
         ),
     ]);
+    if !idle_for.is_zero() {
+        crate::progress(&format!("{count} tunnels idle for {idle_for:?}"));
+        tokio::time::sleep(idle_for).await;
+        let connected = relay.devices_connected().await?;
+        anyhow::ensure!(
+            connected == count as u64,
+            "{connected} of {count} tunnels still registered after {idle_for:?}"
+        );
+        let later = relay.rss_kib().context("reading the relay's VmRSS")?;
+        let per_tunnel = later.saturating_sub(before) as f64 / count as f64;
+        figures.figures.push(
+            Figure::info(
+                &scenario,
+                &format!(
+                    "relay RSS per tunnel after {}",
+                    humantime::format_duration(idle_for)
+                ),
+                per_tunnel,
+                "KiB",
+            )
+            .goal(Goal::AtMost(TARGET_KIB_PER_TUNNEL)),
+        );
+    }
 
     if storm {
         crate::progress(&format!("reconnect storm with {count} devices"));
