@@ -175,7 +175,7 @@ async fn idle(
         figures.figures.push(
             Figure::info(
                 &scenario,
-                &format!(
+                format!(
                     "relay RSS per tunnel after {}",
                     humantime::format_duration(idle_for)
                 ),
