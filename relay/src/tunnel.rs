@@ -189,7 +189,8 @@ async fn run(
                     "agent token expired and the daemon did not replace the tunnel: closing it"
                 );
             }
-            drain(device, &mut connection, state.config.shutdown_grace).await?
+            // Boxed like the handshake: an idle tunnel's task does not carry its state.
+            Box::pin(drain(device, &mut connection, state.config.shutdown_grace)).await?
         }
     };
     ended.context("tunnel task")?.context("tunnel connection")
