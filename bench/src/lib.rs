@@ -26,6 +26,7 @@ pub mod ollama;
 pub mod relay_host;
 pub mod report;
 pub mod scale;
+pub mod scratch;
 pub mod soak;
 pub mod stack;
 pub mod streams;

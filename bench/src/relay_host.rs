@@ -22,6 +22,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::scratch::Scratch;
+
 /// Signing secret of the benchmark relay (32+ bytes, as the relay requires).
 const SECRET: &str = "cloudllm-bench-scale-secret-0123456789abcdef";
 
@@ -127,8 +129,13 @@ pub fn relay_binary() -> anyhow::Result<PathBuf> {
 
 /// Where the relay runs.
 enum Host {
-    /// `cloudllm-relay serve` in its own process.
-    Process { binary: PathBuf, child: Child },
+    /// `cloudllm-relay serve` in its own process, with its config file (which holds the
+    /// benchmark's secret) and log in a private directory removed on drop.
+    Process {
+        binary: PathBuf,
+        child: Child,
+        scratch: Scratch,
+    },
     /// The relay library on a runtime of this process.
     InProcess {
         shutdown: CancellationToken,
@@ -141,26 +148,22 @@ pub struct RelayHost {
     /// Where daemons and users reach it.
     pub addr: SocketAddr,
     host: Host,
-    /// The config file of a relay process (and its log), removed on drop.
-    dir: PathBuf,
 }
 
 impl RelayHost {
     /// Starts `binary serve` on a free loopback port and waits until it answers.
     pub async fn spawn(binary: &Path) -> anyhow::Result<RelayHost> {
-        let dir = std::env::temp_dir().join(format!("cloudllm-bench-relay-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let scratch = Scratch::create("relay")?;
         // Any free port: bound and released again at once; the relay binds it a moment later.
         let addr = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
-        let child = start_process(binary, &dir, addr)?;
+        let child = start_process(binary, &scratch.0, addr)?;
         let relay = RelayHost {
             addr,
             host: Host::Process {
                 binary: binary.to_owned(),
                 child,
+                scratch,
             },
-            dir,
         };
         relay.wait_ready().await?;
         Ok(relay)
@@ -191,7 +194,6 @@ impl RelayHost {
                 shutdown,
                 done: relay.done,
             },
-            dir: PathBuf::new(),
         })
     }
 
@@ -261,7 +263,12 @@ impl RelayHost {
     /// Stops the relay process as `how` says and starts it again on the same port. Returns
     /// when the new process answers.
     pub async fn restart(&mut self, how: Restart) -> anyhow::Result<()> {
-        let Host::Process { binary, child } = &mut self.host else {
+        let Host::Process {
+            binary,
+            child,
+            scratch,
+        } = &mut self.host
+        else {
             bail!("only a relay process can be restarted");
         };
         match how {
@@ -283,7 +290,7 @@ impl RelayHost {
                 }
             }
         }
-        *child = start_process(binary, &self.dir, self.addr)?;
+        *child = start_process(binary, &scratch.0, self.addr)?;
         self.wait_ready().await
     }
 
@@ -297,10 +304,15 @@ impl RelayHost {
                 return Ok(());
             }
             if Instant::now() >= deadline {
+                let log = match &self.host {
+                    Host::Process { scratch, .. } => {
+                        format!(" (its log: {})", scratch.0.join("relay.log").display())
+                    }
+                    Host::InProcess { .. } => String::new(),
+                };
                 bail!(
-                    "the relay did not answer on {} within {START_TIMEOUT:?} (its log: {})",
-                    self.addr,
-                    self.dir.join("relay.log").display()
+                    "the relay did not answer on {} within {START_TIMEOUT:?}{log}",
+                    self.addr
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -341,9 +353,6 @@ impl Drop for RelayHost {
         {
             let _ = child.kill();
             let _ = child.wait();
-        }
-        if !self.dir.as_os_str().is_empty() {
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }

@@ -27,9 +27,10 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Conn, STEP, Target};
-use crate::daemons::{self, Daemon, Scratch};
+use crate::daemons::{self, Daemon};
 use crate::figures::{Figure, Figures, Goal};
 use crate::relay_host::{self, RelayHost};
+use crate::scratch::Scratch;
 use crate::stack::{Handles, Runtimes};
 
 /// Longest stream a soak request asks for, in lines.

@@ -7,7 +7,6 @@
 //! connection on the relay's threads, wherever the caller runs.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,8 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use url::Url;
+
+use crate::scratch::Scratch;
 
 /// Worker threads per component: 2, as a small process on a small machine would have.
 pub const WORKERS: usize = 2;
@@ -123,29 +124,6 @@ pub struct Stack {
     _scratch: Scratch,
 }
 
-/// A private directory for the daemon's files, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn create() -> anyhow::Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("cloudllm-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-        Ok(Scratch(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 impl Stack {
     /// Starts the relay and the daemon on their runtimes, the daemon forwarding to the Ollama
     /// API at `backend`, and waits until the daemon has registered.
@@ -184,7 +162,7 @@ impl Stack {
         .context("starting the relay")?;
 
         let daemon_shutdown = CancellationToken::new();
-        let scratch = Scratch::create()?;
+        let scratch = Scratch::create("daemon")?;
         let config = DaemonConfig {
             relay_url: Some(Url::parse(&format!("http://{}", relay.addr))?),
             ollama_url: Url::parse(&format!("http://{backend}"))?,

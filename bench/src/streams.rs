@@ -15,9 +15,10 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, STEP, Target};
-use crate::daemons::{self, Daemon, Scratch};
+use crate::daemons::{self, Daemon};
 use crate::figures::{Figure, Figures};
 use crate::relay_host::{self, RelayHost};
+use crate::scratch::Scratch;
 use crate::stack::Handles;
 
 /// Devices per user, as in the idle scenario.
