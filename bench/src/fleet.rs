@@ -3,11 +3,12 @@
 //! Running the whole daemon ten thousand times would measure ten thousand IPC sockets, state
 //! directories and Ollama health checks; the relay sees none of that. A fleet device is the
 //! daemon's tunnel and nothing else, built from the same parts: a WebSocket dialled with the
-//! agent token and device headers ([`cloudllm_tunnel::ws_config`]), HTTP/2 served over it with
-//! [`cloudllm_tunnel::h2_server`], the `/.cloudllm/hello` and `/.cloudllm/events` control
-//! paths the relay fetches and follows, and the daemon's own reconnect policy
+//! agent token and device headers ([`cloudllm_tunnel::ws_config`]), the hello, the relay's
+//! HTTP/2 sessions served with [`cloudllm_tunnel::server::serve`] and
+//! [`cloudllm_tunnel::h2_server`], and the daemon's own reconnect policy
 //! ([`cloudllm_daemon::backoff::Backoff`], full jitter): redial at once after a drain, after a
-//! random delay otherwise. It forwards no user request (there is no Ollama behind it): the
+//! random delay otherwise. There is no Ollama behind it: it answers `/api/version` itself (so
+//! the benchmark can put a request through every tunnel) and 404 to anything else; the
 //! relay's cost of an idle tunnel and of a reconnect storm is the same either way.
 
 use std::convert::Infallible;
@@ -19,21 +20,22 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use cloudllm_daemon::backoff::Backoff;
-use cloudllm_proto::{self as proto, DeviceEvent, Hello};
-use cloudllm_tunnel::{Liveness, WsIo};
-use futures_util::StreamExt;
+use cloudllm_proto::{self as proto, Control, Hello};
+use cloudllm_tunnel::server::{self, Served};
+use cloudllm_tunnel::{Link, Liveness};
+use futures_util::SinkExt;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +52,7 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Counters shared by every device of a fleet.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Devices whose hello the relay has fetched and whose tunnel is still up.
+    /// Devices the relay has registered and whose tunnel is still up.
     pub registered: AtomicU64,
     /// Dial attempts so far.
     pub dials: AtomicU64,
@@ -181,101 +183,83 @@ fn tunnel_request(device: &Device) -> anyhow::Result<tungstenite::handshake::cli
     Ok(request)
 }
 
-/// Response body of the control paths.
-type ControlBody = BoxBody<Bytes, Infallible>;
+/// Response body of a fleet device.
+type FleetBody = BoxBody<Bytes, Infallible>;
 
-/// What the service tells the connection loop.
-#[derive(Clone, Default)]
-struct Signals {
-    hello: CancellationToken,
-    drain: CancellationToken,
-    closing: CancellationToken,
-}
-
-/// Serves HTTP/2 on one tunnel until it ends.
-async fn serve(ws: WebSocketStream<TcpStream>, stats: &Stats, stop: &CancellationToken) -> Ended {
-    let io = TokioIo::new(WsIo::new(ws, Liveness::default()));
-    let signals = Signals::default();
-    let service = {
-        let signals = signals.clone();
-        service_fn(move |req: Request<Incoming>| {
-            let response = control(req.uri().path(), &signals);
-            async move { Ok::<_, Infallible>(response) }
+/// Serves one tunnel until it ends: hello, then the relay's HTTP/2 sessions.
+async fn serve(
+    mut ws: WebSocketStream<TcpStream>,
+    stats: &Stats,
+    stop: &CancellationToken,
+) -> Ended {
+    let hello = Control::Hello(Hello {
+        protocol_version: proto::PROTOCOL_VERSION,
+        daemon_version: concat!("bench-fleet/", env!("CARGO_PKG_VERSION")).to_owned(),
+        models: Vec::new(),
+    });
+    if ws
+        .send(tungstenite::Message::Text(hello.to_text().into()))
+        .await
+        .is_err()
+    {
+        return Ended::Closed;
+    }
+    let ready = CancellationToken::new();
+    let drain = CancellationToken::new();
+    let handler = {
+        let (ready, drain) = (ready.clone(), drain.clone());
+        Box::new(move |control| match control {
+            Control::Ready => ready.cancel(),
+            Control::Drain => drain.cancel(),
+            _ => {}
         })
     };
-    let connection = cloudllm_tunnel::h2_server(Liveness::default()).serve_connection(io, service);
-    tokio::pin!(connection);
+    let link = Link::new(ws, Liveness::default(), handler);
+    let service = service_fn(|req: Request<Incoming>| {
+        let response = answer(req.uri().path());
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let builder = cloudllm_tunnel::h2_server(Liveness::default());
+    let closing = CancellationToken::new();
+    let served = server::serve(link, &builder, service, &closing);
+    tokio::pin!(served);
     let mut registered = false;
     let ended = loop {
         tokio::select! {
-            _ = connection.as_mut() => break Ended::Closed,
-            () = signals.hello.cancelled(), if !registered => {
+            served = served.as_mut() => break match served {
+                Served::Stopped(mut link) => {
+                    link.close(CloseCode::Normal, "fleet device leaving").await;
+                    if stop.is_cancelled() { Ended::Stopped } else { Ended::Drained }
+                }
+                _ => Ended::Closed,
+            },
+            () = ready.cancelled(), if !registered => {
                 registered = true;
                 stats.registered.fetch_add(1, Ordering::Relaxed);
             }
-            () = signals.drain.cancelled() => break Ended::Drained,
-            () = stop.cancelled() => break Ended::Stopped,
+            () = drain.cancelled(), if !closing.is_cancelled() => closing.cancel(),
+            () = stop.cancelled(), if !closing.is_cancelled() => closing.cancel(),
         }
     };
     if registered {
         stats.registered.fetch_sub(1, Ordering::Relaxed);
     }
-    if !matches!(ended, Ended::Closed) {
-        // GOAWAY; nothing is in flight on an idle device, so this ends at once.
-        signals.closing.cancel();
-        connection.as_mut().graceful_shutdown();
-        let _ = timeout(Duration::from_secs(1), connection.as_mut()).await;
-    }
     ended
 }
 
-/// Answers the relay's control requests as the daemon does; anything else is 404.
-fn control(path: &str, signals: &Signals) -> Response<ControlBody> {
-    match path {
-        proto::CONTROL_HELLO => {
-            let hello = Hello {
-                protocol_version: proto::PROTOCOL_VERSION,
-                daemon_version: concat!("bench-fleet/", env!("CARGO_PKG_VERSION")).to_owned(),
-                models: Vec::new(),
-            };
-            signals.hello.cancel();
-            json(
-                StatusCode::OK,
-                Bytes::from(serde_json::to_vec(&hello).unwrap_or_default()),
-            )
-        }
-        proto::CONTROL_EVENTS => events(signals.closing.clone()),
-        proto::CONTROL_DRAIN => {
-            signals.drain.cancel();
-            json(StatusCode::ACCEPTED, Bytes::from_static(b"{}"))
-        }
-        _ => json(
-            StatusCode::NOT_FOUND,
-            Bytes::from_static(br#"{"error":"a fleet device serves no requests"}"#),
+/// A fleet device's answer: its version on `/api/version` (so a request can open a session
+/// and check it came back), 404 on anything else.
+fn answer(path: &str) -> Response<FleetBody> {
+    let (status, body) = match path {
+        "/api/version" => (
+            StatusCode::OK,
+            Bytes::from_static(br#"{"version":"bench-fleet"}"#),
         ),
-    }
-}
-
-/// The events stream: the (empty) model list once, then nothing until the tunnel closes.
-fn events(closing: CancellationToken) -> Response<ControlBody> {
-    let mut line =
-        serde_json::to_vec(&DeviceEvent::Models { models: Vec::new() }).unwrap_or_default();
-    line.push(b'\n');
-    let first = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(Bytes::from(line)))]);
-    let rest = futures_util::stream::once(async move {
-        closing.cancelled().await;
-    })
-    .filter_map(|()| async { None });
-    let body = StreamBody::new(first.chain(rest));
-    let mut response = Response::new(BodyExt::boxed(body));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    response
-}
-
-fn json(status: StatusCode, body: Bytes) -> Response<ControlBody> {
+        _ => (
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(br#"{"error":"a fleet device serves only /api/version"}"#),
+        ),
+    };
     let mut response = Response::new(Full::new(body).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(

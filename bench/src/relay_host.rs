@@ -46,6 +46,10 @@ const MAX_METRICS_BYTES: u64 = 1024 * 1024;
 /// Shutdown grace given to the relay: short, the benchmark stops it only when idle.
 const SHUTDOWN_GRACE: &str = "1s";
 
+/// The relay process's `session_idle`: 5 s, so that the scale run sees sessions close without
+/// waiting the default 30 s.
+pub const SESSION_IDLE: Duration = Duration::from_secs(5);
+
 /// The tier's device limit: above the largest fleet the benchmark connects for one user.
 const MAX_DEVICES: u32 = 1_000_000;
 
@@ -95,6 +99,7 @@ fn config_toml(addr: SocketAddr) -> String {
          secret = \"{SECRET}\"\n\
          auth_failures_per_minute = 0\n\
          shutdown_grace = \"{SHUTDOWN_GRACE}\"\n\
+         session_idle = \"{}s\"\n\
          \n\
          [tiers.{TIER}]\n\
          requests_per_minute = {}\n\
@@ -102,6 +107,7 @@ fn config_toml(addr: SocketAddr) -> String {
          devices = {}\n\
          max_body_bytes = {}\n\
          max_stream = \"{}s\"\n",
+        SESSION_IDLE.as_secs(),
         tier.requests_per_minute,
         tier.concurrent_requests,
         tier.devices,
@@ -238,6 +244,29 @@ impl RelayHost {
         devices_at(self.addr).await
     }
 
+    /// `cloudllm_tunnel_sessions_open` from the relay's `/metrics`: tunnels with an HTTP/2
+    /// session open.
+    pub async fn sessions_open(&self) -> anyhow::Result<u64> {
+        let text = timeout(METRICS_TIMEOUT, get(self.addr, "/metrics", &[]))
+            .await
+            .context("/metrics timed out")??;
+        gauge(&text, "cloudllm_tunnel_sessions_open")
+            .context("/metrics has no cloudllm_tunnel_sessions_open")
+    }
+
+    /// `GET path` on the relay as a user with `token`, for the device `device`: the body, if
+    /// the status is 200.
+    pub async fn get_as(&self, token: &str, device: &str, path: &str) -> anyhow::Result<String> {
+        let auth = format!("Bearer {token}");
+        let headers = [
+            ("authorization", auth.as_str()),
+            (cloudllm_proto::HEADER_DEVICE, device),
+        ];
+        timeout(METRICS_TIMEOUT, get(self.addr, path, &headers))
+            .await
+            .context("request timed out")?
+    }
+
     /// Waits until `/metrics` reports at least `count` devices, polling every `every`; fails
     /// after `limit`. Returns when that was first seen.
     pub async fn wait_devices(
@@ -297,7 +326,7 @@ impl RelayHost {
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if timeout(METRICS_TIMEOUT, get(self.addr, "/healthz"))
+            if timeout(METRICS_TIMEOUT, get(self.addr, "/healthz", &[]))
                 .await
                 .is_ok_and(|r| r.is_ok())
             {
@@ -392,7 +421,7 @@ fn terminate(_child: &Child) {
 
 /// `cloudllm_devices_connected` from the `/metrics` of the relay at `addr`.
 pub async fn devices_at(addr: SocketAddr) -> anyhow::Result<u64> {
-    let text = timeout(METRICS_TIMEOUT, get(addr, "/metrics"))
+    let text = timeout(METRICS_TIMEOUT, get(addr, "/metrics", &[]))
         .await
         .context("/metrics timed out")??;
     gauge(&text, "cloudllm_devices_connected").context("/metrics has no cloudllm_devices_connected")
@@ -418,11 +447,15 @@ fn gauge(text: &str, name: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-/// A bare HTTP/1.0 GET on loopback: the body, if the status is 200.
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+/// A bare HTTP/1.0 GET on loopback with `headers`: the body, if the status is 200.
+async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<String> {
     let mut tcp = TcpStream::connect(addr).await?;
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
+    let mut request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await?;
     let mut answer = Vec::new();
     tcp.take(MAX_METRICS_BYTES).read_to_end(&mut answer).await?;
     let text = String::from_utf8_lossy(&answer);

@@ -7,7 +7,9 @@
 //! concurrent streams through real daemons.
 //!
 //! - Idle tunnels: the relay's RSS before and after `N` tunnels are registered (its
-//!   `/metrics` gauge `cloudllm_devices_connected` says when), divided by `N`.
+//!   `/metrics` gauge `cloudllm_devices_connected` says when), divided by `N`; then again
+//!   with one request put through every tunnel (each opens an HTTP/2 session), and once more
+//!   after every session has closed for idleness (`cloudllm_tunnel_sessions_open` back at 0).
 //! - Reconnect storm: with the storm's count connected, the relay is killed (SIGKILL, a crash)
 //!   and started again on the same port; then stopped gracefully (SIGTERM: it drains every
 //!   tunnel, and daemons redial at once into a relay that is gone) and started again. The
@@ -73,7 +75,7 @@ pub async fn idle_and_storm(
 ) -> anyhow::Result<()> {
     figures.setup.push(format!(
         "idle tunnels: relay = `cloudllm-relay serve` process; devices = fleet tunnels \
-         (WebSocket + HTTP/2, hello + events) in the benchmark process, {DEVICES_PER_USER} per \
+         (WebSocket, hello, HTTP/2 sessions on demand) in the benchmark process, {DEVICES_PER_USER} per \
          user, dialled {BATCH} at a time; RSS = relay VmRSS after minus before, {SETTLE:?} after \
          the last registered"
     ));
@@ -100,6 +102,83 @@ pub async fn idle_and_storm(
                 .push(format!("reconnect storm did not complete: {err:#}"));
         }
     }
+    Ok(())
+}
+
+/// Puts one request through every one of the `count` tunnels (each opens an HTTP/2 session),
+/// records the relay's memory per tunnel with the sessions open, waits until every session
+/// has closed for idleness, and records the memory per idle tunnel again.
+async fn used_then_idle(
+    relay: &RelayHost,
+    count: usize,
+    before: u64,
+    scenario: &str,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    crate::progress(&format!("a request through each of {count} tunnels"));
+    let keys = relay_host::keys();
+    let tokens: Vec<String> = (0..count.div_ceil(DEVICES_PER_USER))
+        .map(|user| relay_host::client_token(&keys, &format!("scale-user-{user}")))
+        .collect::<anyhow::Result<_>>()?;
+    let mut served = 0;
+    for batch in (0..count).collect::<Vec<_>>().chunks(BATCH) {
+        let requests = batch.iter().map(|&i| {
+            let token = &tokens[i / DEVICES_PER_USER];
+            let device = format!("scale-device-{i}");
+            async move { relay.get_as(token, &device, "/api/version").await }
+        });
+        for answer in futures_util::future::join_all(requests).await {
+            let body = answer.context("a request through a fleet tunnel")?;
+            anyhow::ensure!(body.contains("bench-fleet"), "unexpected answer {body:?}");
+            served += 1;
+        }
+    }
+    let open = relay.sessions_open().await?;
+    tokio::time::sleep(SETTLE).await;
+    let busy = relay.rss_kib().context("reading the relay's VmRSS")?;
+    let deadline = Instant::now() + relay_host::SESSION_IDLE * 2 + BATCH_TIMEOUT;
+    loop {
+        if relay.sessions_open().await? == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "sessions still open long after session_idle"
+        );
+        tokio::time::sleep(STORM_POLL).await;
+    }
+    let connected = relay.devices_connected().await?;
+    anyhow::ensure!(
+        connected == count as u64,
+        "{connected} of {count} tunnels still registered after their sessions closed"
+    );
+    tokio::time::sleep(SETTLE).await;
+    let idle_again = relay.rss_kib().context("reading the relay's VmRSS")?;
+    let per_tunnel = |rss: u64| rss.saturating_sub(before) as f64 / count as f64;
+    figures.figures.extend([
+        Figure::info(
+            scenario,
+            "requests served, one per tunnel",
+            served as f64,
+            "",
+        ),
+        Figure::info(
+            scenario,
+            format!("relay RSS per tunnel with its session open ({open} open)"),
+            per_tunnel(busy),
+            "KiB",
+        ),
+        Figure::info(
+            scenario,
+            format!(
+                "relay RSS per idle tunnel after its session closed (session_idle {})",
+                humantime::format_duration(relay_host::SESSION_IDLE)
+            ),
+            per_tunnel(idle_again),
+            "KiB",
+        )
+        .goal(Goal::AtMost(TARGET_KIB_PER_TUNNEL)),
+    ]);
     Ok(())
 }
 
@@ -185,6 +264,8 @@ async fn idle(
             .goal(Goal::AtMost(TARGET_KIB_PER_TUNNEL)),
         );
     }
+
+    used_then_idle(&relay, count, before, &scenario, figures).await?;
 
     if storm {
         crate::progress(&format!("reconnect storm with {count} devices"));

@@ -1,7 +1,6 @@
 //! The daemon's HTTP/2 service: what the relay may ask through the tunnel.
 //!
-//! Control paths (`/.cloudllm/…`) answer the relay itself; everything else is a user request,
-//! checked against the [allowlist](crate::allowlist) and forwarded to the local Ollama with its
+//! Every request is a user's, checked against the [allowlist](crate::allowlist) and forwarded to the local Ollama with its
 //! body streamed both ways. Ollama refuses (403) requests whose `Host` is not local or that
 //! carry an `Origin`, so the forwarder sets `Host` to Ollama's address and drops `Origin`,
 //! `Referer`, credentials, cookies and hop-by-hop headers. When the relay resets the stream
@@ -12,16 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cloudllm_proto::{self as proto, DeviceEvent, Hello};
+use cloudllm_proto as proto;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use http_body::Frame;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use url::Url;
 
@@ -50,18 +47,6 @@ static STRIPPED_HEADERS: [header::HeaderName; 9] = [
     header::HeaderName::from_static("x-forwarded-host"),
     header::HeaderName::from_static("x-forwarded-proto"),
 ];
-
-/// What one tunnel connection learns from the relay's control requests.
-#[derive(Clone, Default)]
-pub struct ConnectionSignals {
-    /// Cancelled when the relay has fetched the hello: the device is registered.
-    pub hello: CancellationToken,
-    /// Cancelled when the relay asks this connection to drain.
-    pub drain: CancellationToken,
-    /// Cancelled when this connection starts to close: the long-lived events stream ends so
-    /// that only user requests hold the drain open.
-    pub closing: CancellationToken,
-}
 
 /// Forwards tunnel requests to the local Ollama.
 pub struct Forwarder {
@@ -106,16 +91,12 @@ impl Forwarder {
         })
     }
 
-    /// Serves one request that came through the tunnel on the connection with `signals`.
+    /// Serves one request that came through the tunnel.
     pub async fn serve(
         self: Arc<Self>,
         req: Request<Incoming>,
-        signals: ConnectionSignals,
     ) -> Result<Response<TunnelBody>, std::convert::Infallible> {
         let path = req.uri().path().to_owned();
-        if path.starts_with(proto::CONTROL_PREFIX) {
-            return Ok(self.control(&path, &signals));
-        }
         match allowlist::check(&path, self.allow_management) {
             Verdict::Allow => Ok(self.forward(req).await),
             Verdict::ManagementDisabled => Ok(error(
@@ -133,59 +114,6 @@ impl Forwarder {
                 &format!("{path} is not an endpoint cloudllm exposes"),
             )),
         }
-    }
-
-    fn control(&self, path: &str, signals: &ConnectionSignals) -> Response<TunnelBody> {
-        match path {
-            proto::CONTROL_HELLO => {
-                let hello = Hello {
-                    protocol_version: proto::PROTOCOL_VERSION,
-                    daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-                    models: self.state.models().borrow().clone(),
-                };
-                let body = serde_json::to_vec(&hello).unwrap_or_default();
-                signals.hello.cancel();
-                json(StatusCode::OK, body.into())
-            }
-            proto::CONTROL_EVENTS => self.events(signals.closing.clone()),
-            proto::CONTROL_DRAIN => {
-                info!("relay asked this tunnel to drain");
-                signals.drain.cancel();
-                json(StatusCode::ACCEPTED, Bytes::from_static(b"{}"))
-            }
-            _ => error(path, StatusCode::NOT_FOUND, "unknown control path"),
-        }
-    }
-
-    /// The events stream: the model list now, then again whenever it changes, until the
-    /// connection starts closing.
-    fn events(&self, closing: CancellationToken) -> Response<TunnelBody> {
-        let models = self.state.models();
-        let lines = futures_util::stream::unfold((models, true), move |(mut models, first)| {
-            let closing = closing.clone();
-            async move {
-                if !first {
-                    tokio::select! {
-                        changed = models.changed() => changed.ok()?,
-                        () = closing.cancelled() => return None,
-                    }
-                }
-                let event = DeviceEvent::Models {
-                    models: models.borrow_and_update().clone(),
-                };
-                let mut line = serde_json::to_vec(&event).ok()?;
-                line.push(b'\n');
-                let frame = Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(line)));
-                Some((frame, (models, false)))
-            }
-        });
-        let body = StreamBody::new(lines).map_err(|never| match never {});
-        let mut response = Response::new(body.boxed());
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-ndjson"),
-        );
-        response
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Response<TunnelBody> {

@@ -11,20 +11,22 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cloudllm_proto::Secret;
 use cloudllm_proto::ipc::Connection;
-use cloudllm_tunnel::{CloseCell, WsIo};
+use cloudllm_proto::{Control, Hello, PROTOCOL_VERSION, Secret, sane_models};
+use cloudllm_tunnel::Link;
+use cloudllm_tunnel::server::{self, Served};
+use futures_util::SinkExt;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::config::DaemonConfig;
 use crate::dial::{self, DialError};
-use crate::forward::{ConnectionSignals, Forwarder};
+use crate::forward::Forwarder;
 use crate::state::State;
 
 /// A tunnel that stayed up this long counts as good: the next failure backs off from the
@@ -69,8 +71,8 @@ enum Ended {
 }
 
 /// Keeps a tunnel to the relay open until `stop` says otherwise; then lets in-flight requests
-/// finish (see [`Stop`]) and returns. `up` is cancelled once the relay has fetched
-/// this device's hello on a connection, i.e. once requests can arrive.
+/// finish (see [`Stop`]) and returns. `up` is cancelled once the relay has registered this
+/// device on a connection, i.e. once requests can arrive.
 pub async fn run(
     session: Session,
     state: Arc<State>,
@@ -155,9 +157,10 @@ pub async fn run(
     }
 }
 
-/// Serves HTTP/2 on one established WebSocket until it ends.
+/// Serves one established WebSocket until it ends: says hello, then answers the HTTP/2
+/// sessions the relay opens, and keeps the relay's view of this device's models current.
 async fn serve(
-    ws: tokio_tungstenite::WebSocketStream<Box<dyn dial::Stream>>,
+    mut ws: tokio_tungstenite::WebSocketStream<Box<dyn dial::Stream>>,
     session: &Session,
     forwarder: &Arc<Forwarder>,
     state: &Arc<State>,
@@ -170,17 +173,32 @@ async fn serve(
         .as_ref()
         .map(|u| u.as_str())
         .unwrap_or_default();
-    let liveness = config.liveness();
-    let close = CloseCell::default();
-    let io = TokioIo::new(
-        WsIo::new(ws, liveness)
-            .with_rtt(state.rtt_cell())
-            .with_close(close.clone()),
-    );
-    let signals = ConnectionSignals::default();
+    let mut models = state.models();
+    let hello = Control::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+        models: sane_models(models.borrow_and_update().clone()),
+    });
+    if let Err(err) = ws.send(Message::Text(hello.to_text().into())).await {
+        return Ended::Closed(Some(format!("sending the hello: {err}")));
+    }
+    let ready = CancellationToken::new();
+    let drain = CancellationToken::new();
+    let handler = {
+        let (ready, drain) = (ready.clone(), drain.clone());
+        Box::new(move |control| match control {
+            Control::Ready => ready.cancel(),
+            Control::Drain => {
+                info!("relay asked this tunnel to drain");
+                drain.cancel();
+            }
+            other => debug!(control = ?other, "ignoring a control message relays do not send"),
+        })
+    };
+    let link = Link::new(ws, config.liveness(), handler).with_rtt(state.rtt_cell());
+    let outbox = link.outbox();
     let service = {
         let forwarder = forwarder.clone();
-        let signals = signals.clone();
         service_fn(move |req| {
             let id = req
                 .headers()
@@ -190,107 +208,99 @@ async fn serve(
                 .to_owned();
             forwarder
                 .clone()
-                .serve(req, signals.clone())
+                .serve(req)
                 .instrument(info_span!("stream", request_id = %id))
         })
     };
-    let connection = cloudllm_tunnel::h2_server(liveness).serve_connection(io, service);
-    tokio::pin!(connection);
+    let builder = cloudllm_tunnel::h2_server(config.liveness());
+    let closing = CancellationToken::new();
+    let served = server::serve(link, &builder, service, &closing);
+    tokio::pin!(served);
     let mut registered = false;
-    let closing = loop {
+    let ended = loop {
         tokio::select! {
-            result = connection.as_mut() => {
-                let frame = close.lock().ok().and_then(|mut slot| slot.take());
-                return match frame {
-                    Some(frame) if matches!(frame.code, CloseCode::Restart | CloseCode::Away) => {
-                        info!(code = u16::from(frame.code), reason = %frame.reason, "tunnel closed for a restart");
-                        Ended::Drained
-                    }
-                    Some(frame) => Ended::Closed(Some(format!(
-                        "WebSocket closed with code {} ({})",
-                        u16::from(frame.code),
-                        if frame.reason.is_empty() { "no reason given" } else { frame.reason.as_str() }
-                    ))),
-                    None => Ended::Closed(result.err().map(|e| with_causes(&e))),
-                };
-            }
-            () = signals.hello.cancelled(), if !registered => {
+            served = served.as_mut() => break served,
+            () = ready.cancelled(), if !registered => {
                 registered = true;
                 info!(%relay, device = %config.device_name, "tunnel up");
                 state.set_connection(Connection::Connected { since: unix_now(), rtt_ms: None });
                 up.cancel();
             }
-            () = signals.drain.cancelled() => break Ended::Drained,
-            () = stop.now.cancelled() => break Ended::Stopped,
-            () = stop.retire.cancelled() => break Ended::Stopped,
+            changed = models.changed(), if registered => {
+                if changed.is_ok() {
+                    let models = sane_models(models.borrow_and_update().clone());
+                    outbox.push(Control::Models { models });
+                }
+            }
+            () = drain.cancelled(), if !closing.is_cancelled() => closing.cancel(),
+            () = stop.now.cancelled(), if !closing.is_cancelled() => closing.cancel(),
+            () = stop.retire.cancelled(), if !closing.is_cancelled() => closing.cancel(),
+        }
+        if closing.is_cancelled() {
+            // GOAWAY: no new streams; the ones in flight finish within the limit.
+            let grace = config.shutdown_grace;
+            let limit = if stop.retire.is_cancelled() && !stop.now.is_cancelled() {
+                RETIRE_DRAIN
+            } else {
+                grace
+            };
+            let finished = tokio::select! {
+                finished = tokio::time::timeout(limit, served.as_mut()) => finished.ok(),
+                () = stop.now.cancelled(), if limit != grace => {
+                    tokio::time::timeout(grace, served.as_mut()).await.ok()
+                }
+            };
+            match finished {
+                Some(served) => break served,
+                None => {
+                    warn!(
+                        ?limit,
+                        "in-flight requests still running after the drain limit: cut"
+                    );
+                    break Served::Failed("cut after the drain limit".into());
+                }
+            }
         }
     };
-    // GOAWAY: no new streams; the ones in flight finish within the limit.
-    signals.closing.cancel();
-    connection.as_mut().graceful_shutdown();
-    let grace = config.shutdown_grace;
-    let limit = if stop.now.is_cancelled() {
-        grace
-    } else {
-        RETIRE_DRAIN
-    };
-    let finished = tokio::select! {
-        finished = tokio::time::timeout(limit, connection.as_mut()) => finished.is_ok(),
-        () = stop.now.cancelled(), if limit != grace => {
-            tokio::time::timeout(grace, connection.as_mut()).await.is_ok()
+    let stopped = stop.now.is_cancelled() || stop.retire.is_cancelled();
+    match ended {
+        Served::Stopped(mut link) => {
+            let reason = if stopped {
+                "daemon stopping"
+            } else {
+                "drained"
+            };
+            link.close(CloseCode::Normal, reason).await;
+            if stopped {
+                Ended::Stopped
+            } else {
+                Ended::Drained
+            }
         }
-    };
-    if !finished {
-        warn!(
-            ?limit,
-            "in-flight requests still running after the drain limit: cut"
-        );
+        _ if stopped => Ended::Stopped,
+        _ if drain.is_cancelled() => Ended::Drained,
+        Served::Closed(Some(frame))
+            if matches!(frame.code, CloseCode::Restart | CloseCode::Away) =>
+        {
+            info!(code = u16::from(frame.code), reason = %frame.reason, "tunnel closed for a restart");
+            Ended::Drained
+        }
+        Served::Closed(Some(frame)) => Ended::Closed(Some(format!(
+            "WebSocket closed with code {} ({})",
+            u16::from(frame.code),
+            if frame.reason.is_empty() {
+                "no reason given"
+            } else {
+                frame.reason.as_str()
+            }
+        ))),
+        Served::Closed(None) => Ended::Closed(None),
+        Served::Failed(err) => Ended::Closed(Some(server::with_causes(err.as_ref()))),
     }
-    closing
-}
-
-/// `err` and its causes, `: `-separated. hyper's errors print only their own kind
-/// ("connection error"); the cause (the peer silent past the ping bound, a reset) is what the
-/// user needs to see in `status`.
-fn with_causes(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("connection error")]
-    struct Outer(#[source] std::io::Error);
-
-    #[test]
-    fn lost_tunnels_are_reported_with_their_causes() {
-        let err = Outer(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "tunnel peer silent for 2s",
-        ));
-        assert_eq!(
-            with_causes(&err),
-            "connection error: tunnel peer silent for 2s"
-        );
-        let plain = std::io::Error::other("reset");
-        assert_eq!(with_causes(&plain), "reset");
-    }
 }

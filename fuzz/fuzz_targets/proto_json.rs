@@ -1,5 +1,5 @@
 //! The tunnel's and the IPC's JSON wire types, decoded from arbitrary bytes: the relay reads
-//! `Hello` and `DeviceEvent` from a daemon it does not trust, the daemon reads IPC requests
+//! `Control` messages (the hello among them) from a daemon it does not trust, the daemon reads IPC requests
 //! from any local process that can open its socket, and clients read IPC responses.
 //!
 //! Decoding never panics, and whatever decodes survives a round trip (encode, decode again,
@@ -8,7 +8,7 @@
 #![no_main]
 
 use cloudllm_proto::ipc::{self, Request, Response};
-use cloudllm_proto::{DeviceEvent, Hello};
+use cloudllm_proto::Control;
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -32,8 +32,7 @@ where
 }
 
 fuzz_target!(|data: &[u8]| {
-    round_trip::<Hello>(data);
-    round_trip::<DeviceEvent>(data);
+    round_trip::<Control>(data);
     round_trip::<Request>(data);
     round_trip::<Response>(data);
 });

@@ -1,17 +1,19 @@
 //! Wire types and names shared by every cloudllm component.
 //!
-//! The tunnel is HTTP/2 inside a WebSocket: the relay is the HTTP/2 client and the daemon the
-//! server. Everything the two ends must agree on — header names, the reserved control paths,
-//! the handshake document and the protocol version — lives here so that neither side can drift.
-//! This crate does no I/O.
+//! The tunnel is a WebSocket dialled out by the daemon. Its text messages carry [`Control`]
+//! messages (JSON); its binary messages carry HTTP/2 sessions, opened by the relay on demand
+//! (the relay is the HTTP/2 client and the daemon the server). Everything the two ends must
+//! agree on — header names, the control messages and the protocol version — lives here so that
+//! neither side can drift. This crate does no I/O.
 
 use serde::{Deserialize, Serialize};
 
 pub mod ipc;
 
 /// Version of the tunnel protocol. The daemon sends it when it dials and in its [`Hello`];
-/// the relay refuses versions it does not speak.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// the relay refuses versions it does not speak. Version 2 opens HTTP/2 sessions on demand
+/// and carries control messages as WebSocket text.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Path on the relay where daemons open their tunnel (WebSocket upgrade).
 pub const TUNNEL_PATH: &str = "/tunnel";
@@ -27,43 +29,53 @@ pub const HEADER_DEVICE: &str = "x-cloudllm-device";
 /// Request id carried end to end: user → relay → daemon → Ollama, and back on the response.
 pub const HEADER_REQUEST_ID: &str = "x-request-id";
 
-/// Prefix of the control paths the relay calls on the daemon through the tunnel. User traffic
-/// can never reach these: the relay only forwards `/api/*` and `/v1/*`.
-pub const CONTROL_PREFIX: &str = "/.cloudllm/";
-/// `GET`: the daemon answers with its [`Hello`].
-pub const CONTROL_HELLO: &str = "/.cloudllm/hello";
-/// `POST`: the relay asks the daemon to drain this tunnel (the relay is going away). The daemon
-/// answers, sends HTTP/2 GOAWAY, lets in-flight streams finish, and reconnects at once.
-pub const CONTROL_DRAIN: &str = "/.cloudllm/drain";
+/// Largest [`Control`] message either end reads, in bytes (as JSON text). A hello with
+/// [`MAX_MODELS`] names of [`MAX_MODEL_NAME_BYTES`] fits; the cap stops a hostile peer from
+/// making the other end buffer without end.
+pub const MAX_CONTROL_BYTES: usize = 256 * 1024;
 
-/// `GET`: a long-lived stream of [`DeviceEvent`]s, one JSON document per line, from the daemon
-/// to the relay (the relay is the HTTP/2 client, so the daemon answers one request forever).
-pub const CONTROL_EVENTS: &str = "/.cloudllm/events";
+/// Most model names a device reports; the rest are left out (by the daemon and by the relay).
+pub const MAX_MODELS: usize = 512;
 
-/// Largest [`DeviceEvent`] line the relay reads, in bytes: room for thousands of model names.
-pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Longest model name a device reports, in bytes.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
 
-/// Most model names a device may report; the relay ignores the rest.
-pub const MAX_MODELS: usize = 4096;
-
-/// Something the daemon tells the relay after the hello, on [`CONTROL_EVENTS`].
+/// A control message: one WebSocket text message on the tunnel, as JSON tagged by `type`.
+///
+/// The order on a tunnel: the daemon sends [`Control::Hello`] first; the relay answers
+/// [`Control::Ready`] once the device is registered (or closes the WebSocket with the reason).
+/// After that either end may send the others at any time, also while an HTTP/2 session runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum DeviceEvent {
-    /// The device's models changed (a model was pulled or removed, Ollama started or stopped):
-    /// the full new list of names.
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// Daemon → relay, first message: who is dialling.
+    Hello(Hello),
+    /// Relay → daemon: the device is registered; requests may come.
+    Ready,
+    /// Daemon → relay: the device's models changed (a model was pulled or removed, Ollama
+    /// started or stopped): the full new list of names.
     Models {
         /// The names, as in Ollama's `/api/tags`.
         models: Vec<String>,
     },
+    /// Relay → daemon: the relay is going away (restart, token past expiry). The daemon lets
+    /// the requests in flight finish, closes the tunnel and dials again at once.
+    Drain,
+    /// Either way: this end's HTTP/2 session is over; no more of its bytes follow. Once both
+    /// ends have sent it the tunnel is idle, and the relay opens the next session by sending
+    /// its first bytes.
+    SessionEnd,
 }
 
-/// Largest [`Hello`] document the relay reads, in bytes: a few hundred bytes plus the model
-/// names, as much as a [`DeviceEvent`]. The cap stops a hostile daemon from making the relay
-/// buffer without end.
-pub const MAX_HELLO_BYTES: usize = MAX_EVENT_BYTES;
+impl Control {
+    /// The message as WebSocket text.
+    pub fn to_text(&self) -> String {
+        // Serializing plain strings and numbers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
 
-/// The daemon's self-description, fetched by the relay right after the tunnel opens.
+/// The daemon's self-description, its first message on a tunnel.
 /// Unknown fields are ignored, so a newer daemon may add some without breaking older relays.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -74,6 +86,18 @@ pub struct Hello {
     /// The names of the models the device's Ollama has (empty while Ollama is down).
     #[serde(default)]
     pub models: Vec<String>,
+}
+
+/// Model names cut to what a tunnel carries: at most [`MAX_MODELS`] non-empty printable
+/// names of up to [`MAX_MODEL_NAME_BYTES`], so that any list fits in [`MAX_CONTROL_BYTES`].
+pub fn sane_models(mut models: Vec<String>) -> Vec<String> {
+    models.retain(|m| {
+        !m.is_empty()
+            && m.len() <= MAX_MODEL_NAME_BYTES
+            && m.bytes().all(|b| (0x21..0x7f).contains(&b))
+    });
+    models.truncate(MAX_MODELS);
+    models
 }
 
 /// Path on the relay that tells clients how to log in: a [`RelayInfo`].
@@ -185,26 +209,60 @@ mod tests {
             daemon_version: "0.1.0".into(),
             models: vec!["smollm2:135m".into()],
         };
-        let text = serde_json::to_string(&hello).unwrap();
-        assert_eq!(serde_json::from_str::<Hello>(&text).unwrap(), hello);
+        let text = Control::Hello(hello.clone()).to_text();
+        assert_eq!(
+            serde_json::from_str::<Control>(&text).unwrap(),
+            Control::Hello(hello.clone())
+        );
         let extra = text.replace('}', r#","surprise":1}"#);
-        assert_eq!(serde_json::from_str::<Hello>(&extra).unwrap(), hello);
-        assert!(serde_json::from_str::<Hello>(r#"{"daemon_version":"1"}"#).is_err());
-        // An older daemon's hello has no models.
-        let old: Hello =
-            serde_json::from_str(r#"{"protocol_version":1,"daemon_version":"0.0.9"}"#).unwrap();
-        assert!(old.models.is_empty());
+        assert_eq!(
+            serde_json::from_str::<Control>(&extra).unwrap(),
+            Control::Hello(hello)
+        );
+        assert!(
+            serde_json::from_str::<Control>(r#"{"type":"hello","daemon_version":"1"}"#).is_err()
+        );
+        let bare: Control = serde_json::from_str(
+            r#"{"type":"hello","protocol_version":2,"daemon_version":"0.0.9"}"#,
+        )
+        .unwrap();
+        assert!(matches!(bare, Control::Hello(Hello { models, .. }) if models.is_empty()));
     }
 
     #[test]
-    fn device_events_are_tagged_lines() {
-        let event = DeviceEvent::Models {
+    fn control_messages_are_tagged_json() {
+        assert_eq!(Control::Ready.to_text(), r#"{"type":"ready"}"#);
+        assert_eq!(Control::SessionEnd.to_text(), r#"{"type":"session_end"}"#);
+        let models = Control::Models {
             models: vec!["a:latest".into()],
         };
-        let text = serde_json::to_string(&event).unwrap();
-        assert_eq!(text, r#"{"event":"models","models":["a:latest"]}"#);
-        assert_eq!(serde_json::from_str::<DeviceEvent>(&text).unwrap(), event);
-        assert!(serde_json::from_str::<DeviceEvent>(r#"{"event":"reboot"}"#).is_err());
+        assert_eq!(
+            models.to_text(),
+            r#"{"type":"models","models":["a:latest"]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Control>(&models.to_text()).unwrap(),
+            models
+        );
+        assert!(serde_json::from_str::<Control>(r#"{"type":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn the_largest_model_list_fits_in_a_control_message() {
+        let names = vec!["m".repeat(MAX_MODEL_NAME_BYTES); MAX_MODELS + 10];
+        let mut with_junk = names.clone();
+        with_junk.insert(0, "bad name".into());
+        with_junk.insert(0, "x".repeat(MAX_MODEL_NAME_BYTES + 1));
+        with_junk.insert(0, String::new());
+        let models = sane_models(with_junk);
+        assert_eq!(models.len(), MAX_MODELS);
+        assert!(models.iter().all(|m| m.len() == MAX_MODEL_NAME_BYTES));
+        let hello = Control::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            daemon_version: "x".repeat(64),
+            models,
+        });
+        assert!(hello.to_text().len() <= MAX_CONTROL_BYTES);
     }
 
     #[test]

@@ -99,6 +99,10 @@ pub struct RelayConfig {
     /// How long a tunnel may stay silent after a ping before it is closed as dead.
     #[serde(with = "humantime_serde")]
     pub ping_timeout: Duration,
+    /// How long a tunnel's HTTP/2 session stays open without requests. An idle tunnel holds
+    /// only its WebSocket (a few KiB); the next request opens a new session at once.
+    #[serde(with = "humantime_serde")]
+    pub session_idle: Duration,
     /// On shutdown, how long in-flight streams get to finish before they are cut.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -144,6 +148,9 @@ impl Default for RelayConfig {
             tcp_keepalive: Duration::from_secs(15),
             ping_interval: liveness.ping_interval,
             ping_timeout: liveness.timeout,
+            // 30 s: a conversation's requests share one session; a tunnel idle for longer
+            // gives its HTTP/2 state back.
+            session_idle: Duration::from_secs(30),
             // 25 s: below systemd's default 90 s stop timeout and Kubernetes' 30 s grace.
             shutdown_grace: Duration::from_secs(25),
             // 30 s: hyper's own default for headers; a real client sends its headers and body
@@ -456,6 +463,10 @@ impl RelayConfig {
         anyhow::ensure!(
             !self.client_read_timeout.is_zero(),
             "client_read_timeout must be above zero"
+        );
+        anyhow::ensure!(
+            !self.session_idle.is_zero(),
+            "session_idle must be above zero (it is how long a tunnel's HTTP/2 session outlives its last request, e.g. \"30s\")"
         );
         for (name, tier) in &self.tiers {
             anyhow::ensure!(

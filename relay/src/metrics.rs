@@ -59,6 +59,10 @@ pub struct Metrics {
     pub auth_failures: Family<RouteLabel, Counter>,
     /// Requests and tunnels refused by a limit.
     pub rate_limited: Family<LimitLabel, Counter>,
+    /// Tunnels with an HTTP/2 session open (the others are idle: their WebSocket only).
+    pub sessions_open: Gauge,
+    /// HTTP/2 sessions opened on tunnels.
+    pub sessions: Counter,
 }
 
 impl Default for Metrics {
@@ -75,6 +79,8 @@ impl Default for Metrics {
             first_byte: Histogram::new(buckets()),
             auth_failures: Family::default(),
             rate_limited: Family::default(),
+            sessions_open: Gauge::default(),
+            sessions: Counter::default(),
         };
         let mut registry = Registry::with_prefix("cloudllm");
         registry.register(
@@ -117,6 +123,16 @@ impl Default for Metrics {
             "Requests and tunnels refused by a limit",
             metrics.rate_limited.clone(),
         );
+        registry.register(
+            "tunnel_sessions_open",
+            "Tunnels with an HTTP/2 session open; the others are idle",
+            metrics.sessions_open.clone(),
+        );
+        registry.register(
+            "tunnel_sessions",
+            "HTTP/2 sessions opened on tunnels",
+            metrics.sessions.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -143,11 +159,27 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts an HTTP/2 session as open on a tunnel until the returned guard drops.
+    pub fn session_open(&self) -> SessionOpen {
+        self.sessions.inc();
+        self.sessions_open.inc();
+        SessionOpen(self.sessions_open.clone())
+    }
+
     /// Counts a failed authentication on `route`.
     pub fn auth_failed(&self, route: &'static str) {
         self.auth_failures
             .get_or_create(&RouteLabel { route })
             .inc();
+    }
+}
+
+/// One open HTTP/2 session in [`Metrics::sessions_open`]; dropping it closes the count.
+pub struct SessionOpen(Gauge);
+
+impl Drop for SessionOpen {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

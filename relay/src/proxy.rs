@@ -423,7 +423,13 @@ async fn merged_listing(
             .body(Body::empty())
             .ok()?;
         let fetch = async {
-            let response = device.sender().send_request(request).await.ok()?;
+            let response = device
+                .sender()
+                .await
+                .ok()?
+                .send_request(request)
+                .await
+                .ok()?;
             if !response.status().is_success() {
                 return None;
             }
@@ -532,7 +538,14 @@ async fn forward_to(
     let in_flight = device.begin_request();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let mut response = match device.sender().send_request(request).await {
+    let sent = match device.sender().await {
+        Ok(mut sender) => sender
+            .send_request(request)
+            .await
+            .map_err(|err| err.to_string()),
+        Err(offline) => Err(offline.to_string()),
+    };
+    let mut response = match sent {
         Ok(response) => {
             info!(user = %device.user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
             let (mut parts, body) = response.into_parts();

@@ -1,12 +1,14 @@
-//! The relay's end of a tunnel: authenticate the daemon, upgrade to a WebSocket, run an
-//! HTTP/2 client over it, fetch the daemon's hello, and keep the device registered for as long
-//! as the tunnel lives.
+//! The relay's end of a tunnel: authenticate the daemon, upgrade to a WebSocket, read the
+//! daemon's hello, keep the device registered for as long as the tunnel lives, and run an
+//! HTTP/2 client session over it whenever requests need one.
 //!
 //! The token is checked before the upgrade, so a bad token gets a plain HTTP 401 and never a
-//! WebSocket. A tunnel lives no longer than its agent token: once the token's `exp` plus
-//! `token_grace` has passed, the device leaves the registry and the tunnel is drained. On relay
-//! shutdown each tunnel is drained too: the daemon sends GOAWAY, lets in-flight streams finish
-//! and reconnects (to the next relay, or with a fresh token) at once.
+//! WebSocket. An idle tunnel holds only its WebSocket: the HTTP/2 session (hyper's client,
+//! with its buffers and tables) opens when a request comes and closes after `session_idle`
+//! without requests. A tunnel lives no longer than its agent token: once the token's `exp`
+//! plus `token_grace` has passed, the device leaves the registry and the tunnel is drained. On
+//! relay shutdown each tunnel is drained too: the daemon sends GOAWAY, lets in-flight streams
+//! finish and reconnects (to the next relay, or with a fresh token) at once.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Weak};
@@ -16,14 +18,16 @@ use anyhow::Context;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use cloudllm_proto::{self as proto, DeviceEvent, Hello};
-use cloudllm_tunnel::WsIo;
+use bytes::Bytes;
+use cloudllm_proto::{self as proto, Control, Hello};
+use cloudllm_tunnel::{Incoming, Link, Outbox, Returned, WsIo};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::AppState;
@@ -33,7 +37,7 @@ use crate::client_addr::client_ip;
 use crate::limits::{Limit, Refusal};
 use crate::registry::Device;
 
-/// Time for the WebSocket upgrade and the HTTP/2 handshake plus hello: 10 s is generous on any
+/// Time for the WebSocket upgrade and for the hello: 10 s is generous on any
 /// network and stops half-open tunnels from holding memory.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -130,6 +134,18 @@ enum Drain {
     TokenExpired,
 }
 
+impl Drain {
+    fn reason(self) -> &'static str {
+        match self {
+            Drain::Shutdown => "relay shutdown",
+            Drain::TokenExpired => "token expired",
+        }
+    }
+}
+
+/// The relay's end of a tunnel's WebSocket.
+type TunnelLink = Link<TokioIo<hyper::upgrade::Upgraded>>;
+
 /// Runs one upgraded tunnel until it closes, the relay drains it, or `expiry` passes.
 async fn run(
     state: Arc<AppState>,
@@ -139,23 +155,24 @@ async fn run(
     expiry: tokio::time::Instant,
     addr: Option<IpAddr>,
 ) -> anyhow::Result<()> {
-    // Boxed: the handshake's state (WebSocket and HTTP/2 setup, the hello) lives on the heap
-    // while it runs and is freed after, so an idle tunnel's task keeps only what it waits on.
-    let Opened {
-        device,
-        mut connection,
-        daemon_version,
-    } = Box::pin(open(&state, io, (user, id, name))).await?;
+    // Boxed: the handshake's state lives on the heap while it runs and is freed after, so an
+    // idle tunnel's task keeps only what it waits on.
+    let (device, mut link, daemon_version) = Box::pin(open(&state, io, (user, id, name))).await?;
     // Checked again here: another tunnel of the same user may have come up meanwhile.
     if let Err(others) = state.registry.insert(device.clone(), max_devices) {
         state.metrics.limited(Limit::Devices);
-        anyhow::bail!(
+        let message = format!(
             "device limit reached while connecting ({} connected: {})",
             others.len(),
             others.join(", ")
         );
+        link.close(CloseCode::Policy, &message).await;
+        anyhow::bail!(message);
     }
-    tokio::spawn(follow_events(Arc::downgrade(&device)).in_current_span());
+    if let Err(err) = link.send(&Control::Ready).await {
+        state.registry.remove(&device);
+        return Err(anyhow::Error::new(err).context("telling the daemon it is registered"));
+    }
     info!(%daemon_version, models = device.models().len(), "tunnel up");
     state.audit.record(Event::TunnelConnect {
         user: device.user.clone(),
@@ -169,43 +186,161 @@ async fn run(
         since: tokio::time::Instant::now(),
         reason: "closed",
     };
-
-    let ended = tokio::select! {
-        ended = &mut connection => Ok(ended),
-        () = state.shutdown.cancelled() => Err(Drain::Shutdown),
-        () = tokio::time::sleep_until(expiry) => Err(Drain::TokenExpired),
-    };
+    let ended = serve(&state, &device, link, expiry).await;
     state.registry.remove(&device);
-    let ended = match ended {
-        Ok(ended) => ended,
-        Err(reason) => {
-            audited.reason = match reason {
-                Drain::Shutdown => "relay shutdown",
-                Drain::TokenExpired => "token expired",
-            };
+    device.set_gone();
+    match ended {
+        Served::Closed(result) => result,
+        Served::Drained(reason, result) => {
+            audited.reason = reason.reason();
             if let Drain::TokenExpired = reason {
                 info!(
                     grace = ?state.config.token_grace,
-                    "agent token expired and the daemon did not replace the tunnel: closing it"
+                    "agent token expired and the daemon did not replace the tunnel: closed it"
                 );
             }
-            // Boxed like the handshake: an idle tunnel's task does not carry its state.
-            Box::pin(drain(device, &mut connection, state.config.shutdown_grace)).await?
+            result
         }
-    };
-    ended.context("tunnel task")?.context("tunnel connection")
+    }
 }
 
-/// Opens the tunnel on an upgraded connection: WebSocket, HTTP/2 handshake (the relay is the
-/// client), the connection's own task, and the daemon's hello. Returns the device, not yet
-/// registered.
+/// How [`serve`] ended.
+enum Served {
+    /// The daemon closed the tunnel, or it failed.
+    Closed(anyhow::Result<()>),
+    /// The relay drained it.
+    Drained(Drain, anyhow::Result<()>),
+}
+
+/// Serves a registered device's tunnel: idle (its WebSocket only) until a request for the
+/// device comes; then an HTTP/2 session, which serves every request until the device has had
+/// none for `session_idle`; then idle again.
+async fn serve(
+    state: &AppState,
+    device: &Arc<Device>,
+    mut link: TunnelLink,
+    expiry: tokio::time::Instant,
+) -> Served {
+    let drain = async {
+        tokio::select! {
+            () = state.shutdown.cancelled() => Drain::Shutdown,
+            () = tokio::time::sleep_until(expiry) => Drain::TokenExpired,
+        }
+    };
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            () = device.session_wanted() => {}
+            incoming = link.next() => {
+                let result = match incoming {
+                    Ok(Incoming::Closed) => Ok(()),
+                    Ok(Incoming::Data(_)) => Err(anyhow::anyhow!("daemon sent HTTP/2 bytes outside a session")),
+                    Ok(Incoming::SessionEnd) => Err(anyhow::anyhow!("daemon ended a session that was not open")),
+                    Err(err) => Err(anyhow::Error::new(err).context("tunnel")),
+                };
+                return Served::Closed(result);
+            }
+            reason = &mut drain => {
+                state.registry.remove(device);
+                let deadline = tokio::time::Instant::now() + state.config.shutdown_grace;
+                let result = Box::pin(drain_idle(link, deadline, false)).await;
+                return Served::Drained(reason, result);
+            }
+        }
+        // Boxed: an idle tunnel's task does not carry the session's state.
+        match Box::pin(session(state, device, link, &mut drain)).await {
+            Ok(Some(idle)) => link = idle,
+            Ok(None) => return Served::Closed(Ok(())),
+            Err(Stop::Failed(err)) => return Served::Closed(Err(err)),
+            Err(Stop::Drained(reason, deadline, link)) => {
+                let result = Box::pin(drain_idle(*link, deadline, true)).await;
+                return Served::Drained(reason, result);
+            }
+        }
+    }
+}
+
+/// Why a session ended the tunnel.
+enum Stop {
+    /// The tunnel failed.
+    Failed(anyhow::Error),
+    /// The relay drains the tunnel: the session is over, the link waits for the daemon's
+    /// close until the deadline.
+    Drained(Drain, tokio::time::Instant, Box<TunnelLink>),
+}
+
+/// Runs one HTTP/2 session on `link` for the requests waiting and those that follow, until
+/// the device has been idle for `session_idle`. Returns the idle link, or `None` if the
+/// WebSocket closed.
+async fn session(
+    state: &AppState,
+    device: &Arc<Device>,
+    link: TunnelLink,
+    drain: &mut std::pin::Pin<&mut impl std::future::Future<Output = Drain>>,
+) -> Result<Option<TunnelLink>, Stop> {
+    let outbox = link.outbox();
+    let (io, back) = WsIo::lend(link, Bytes::new());
+    let (sender, connection) = cloudllm_tunnel::h2_client(state.config.liveness())
+        .handshake::<_, Body>(TokioIo::new(io))
+        .await
+        .map_err(|err| Stop::Failed(anyhow::Error::new(err).context("HTTP/2 handshake")))?;
+    let mut connection = tokio::spawn(connection);
+    device.open_session(sender);
+    let _open = state.metrics.session_open();
+    debug!("session open");
+    let mut drained = None;
+    let ended = loop {
+        tokio::select! {
+            ended = &mut connection => break ended,
+            () = device.idle_for(state.config.session_idle), if device.has_session() => {
+                debug!("device idle: closing the session");
+                device.close_session();
+            }
+            reason = drain.as_mut(), if drained.is_none() => {
+                state.registry.remove(device);
+                let deadline = tokio::time::Instant::now() + state.config.shutdown_grace;
+                drained = Some((reason, deadline));
+                break drain_session(device, &outbox, &mut connection, deadline).await;
+            }
+        }
+    };
+    let Ok(Returned { link, peer_ended }) = back.await else {
+        return Err(Stop::Failed(anyhow::anyhow!(
+            "HTTP/2 session lost the tunnel's link"
+        )));
+    };
+    debug!("session closed");
+    if let Some((reason, deadline)) = drained {
+        return Err(Stop::Drained(reason, deadline, Box::new(link)));
+    }
+    if link.is_closed() {
+        return Ok(None);
+    }
+    match ended {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            return Err(Stop::Failed(
+                anyhow::Error::new(err).context("tunnel session"),
+            ));
+        }
+        Err(err) => return Err(Stop::Failed(anyhow::anyhow!("tunnel session task: {err}"))),
+    }
+    let mut link = link;
+    link.end_session(peer_ended)
+        .await
+        .map_err(|err| Stop::Failed(anyhow::Error::new(err).context("ending a session")))?;
+    Ok(Some(link))
+}
+
+/// Opens the tunnel on an upgraded connection: the WebSocket and the daemon's hello. Returns
+/// the device, not yet registered, and the link, whose control handler keeps the device's
+/// model list current.
 async fn open(
     state: &AppState,
     io: TokioIo<hyper::upgrade::Upgraded>,
     (user, id, name): (String, String, String),
-) -> anyhow::Result<Opened> {
-    let liveness = state.config.liveness();
-    let ws = WebSocketStream::from_raw_socket(
+) -> anyhow::Result<(Arc<Device>, TunnelLink, String)> {
+    let mut ws = WebSocketStream::from_raw_socket(
         io,
         Role::Server,
         Some(cloudllm_tunnel::ws_config(
@@ -213,43 +348,69 @@ async fn open(
         )),
     )
     .await;
-    let io = TokioIo::new(WsIo::new(ws, liveness));
-    let (mut sender, connection) = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        cloudllm_tunnel::h2_client(liveness).handshake::<_, Body>(io),
-    )
-    .await
-    .context("HTTP/2 handshake timed out")?
-    .context("HTTP/2 handshake")?;
-    let connection = tokio::spawn(connection);
-
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, fetch_hello(&mut sender))
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_hello(&mut ws))
         .await
         .context("hello timed out")??;
-    anyhow::ensure!(
-        hello.protocol_version == proto::PROTOCOL_VERSION,
-        "daemon speaks protocol {}, relay speaks {}",
-        hello.protocol_version,
-        proto::PROTOCOL_VERSION
-    );
-    let device = Arc::new(Device::new(user, id, name, sender));
-    device.set_models(sane_models(hello.models));
-    Ok(Opened {
-        device,
-        connection,
-        daemon_version: hello.daemon_version,
+    if hello.protocol_version != proto::PROTOCOL_VERSION {
+        let _ = ws
+            .close(Some(CloseFrame {
+                code: CloseCode::Protocol,
+                reason: "unsupported protocol version: upgrade cloudllmd".into(),
+            }))
+            .await;
+        anyhow::bail!(
+            "daemon speaks protocol {}, relay speaks {}",
+            hello.protocol_version,
+            proto::PROTOCOL_VERSION
+        );
+    }
+    let device = Arc::new(Device::new(user, id, name));
+    device.set_models(proto::sane_models(hello.models));
+    let handler = control_handler(Arc::downgrade(&device));
+    let link = Link::new(ws, state.config.liveness(), handler);
+    Ok((device, link, hello.daemon_version))
+}
+
+/// Reads the daemon's first message, which must be its hello.
+async fn read_hello(
+    ws: &mut WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+) -> anyhow::Result<Hello> {
+    use futures_util::StreamExt;
+    loop {
+        let message = ws
+            .next()
+            .await
+            .context("tunnel closed before the hello")?
+            .context("reading the hello")?;
+        match message {
+            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Text(text) => match serde_json::from_str(text.as_str()) {
+                Ok(Control::Hello(hello)) => return Ok(hello),
+                Ok(other) => anyhow::bail!("daemon sent {other:?} before its hello"),
+                Err(err) => anyhow::bail!("unreadable hello: {err}"),
+            },
+            Message::Binary(_) => anyhow::bail!("daemon sent binary data before its hello"),
+            Message::Close(_) | Message::Frame(_) => {
+                anyhow::bail!("tunnel closed before the hello")
+            }
+        }
+    }
+}
+
+/// What the relay does with the daemon's control messages after the hello: model lists
+/// update the device; anything else a daemon does not send is ignored.
+fn control_handler(device: Weak<Device>) -> cloudllm_tunnel::ControlHandler {
+    Box::new(move |control| match control {
+        Control::Models { models } => {
+            if let Some(device) = device.upgrade() {
+                let models = proto::sane_models(models);
+                debug!(models = models.len(), "device models changed");
+                device.set_models(models);
+            }
+        }
+        other => debug!(control = ?other, "ignoring a control message daemons do not send"),
     })
 }
-
-/// A tunnel that has said hello.
-struct Opened {
-    device: Arc<Device>,
-    connection: Connection,
-    daemon_version: String,
-}
-
-/// The task running a tunnel's HTTP/2 connection.
-type Connection = tokio::task::JoinHandle<hyper::Result<()>>;
 
 /// Records a tunnel's end in the audit log when dropped, however `run` returns.
 struct Disconnect {
@@ -271,34 +432,58 @@ impl Drop for Disconnect {
     }
 }
 
-/// Asks the daemon to drain the tunnel (no new requests reach it: the device has already left
-/// the registry), then gives in-flight streams until `grace` from now to finish before cutting
-/// the tunnel.
-async fn drain(
-    device: Arc<Device>,
+/// The task running a tunnel's HTTP/2 session.
+type Connection = tokio::task::JoinHandle<hyper::Result<()>>;
+
+/// Drains a tunnel with a session open: asks the daemon to drain (no new requests reach the
+/// device: it has already left the registry), lets go of the session, and gives in-flight
+/// streams until `deadline` to finish before cutting the session.
+async fn drain_session(
+    device: &Device,
+    outbox: &Outbox,
     connection: &mut Connection,
-    grace: Duration,
-) -> anyhow::Result<Result<hyper::Result<()>, tokio::task::JoinError>> {
-    let deadline = tokio::time::Instant::now() + grace;
-    let request = http::Request::post(format!("http://tunnel{}", proto::CONTROL_DRAIN))
-        .body(Body::empty())
-        .map(|req| device.sender().send_request(req));
-    if let Ok(request) = request {
-        match tokio::time::timeout_at(deadline, request).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => warn!(error = %err, "drain request failed"),
-            Err(_) => warn!("drain request unanswered"),
+    deadline: tokio::time::Instant,
+) -> Result<hyper::Result<()>, tokio::task::JoinError> {
+    // The session's stream holds the link; the link's outbox reaches the daemon all the same.
+    outbox.push(Control::Drain);
+    device.close_session();
+    match tokio::time::timeout_at(deadline, &mut *connection).await {
+        Ok(ended) => ended,
+        Err(_) => {
+            warn!("tunnel still busy after the grace period: cut");
+            connection.abort();
+            // The aborted task drops the session, which sends the link back.
+            let _ = connection.await;
+            Ok(Ok(()))
         }
     }
-    // The registry may hold the last other clone of the sender; dropping ours lets the
-    // connection close once the daemon's streams are done.
-    drop(device);
-    match tokio::time::timeout_at(deadline, &mut *connection).await {
-        Ok(ended) => Ok(ended),
-        Err(_) => {
-            connection.abort();
-            anyhow::bail!("tunnel still busy after the grace period: cut")
+}
+
+/// Drains an idle tunnel: asks the daemon to drain (unless it was `asked` during a session)
+/// and waits, until `deadline`, for it to close the WebSocket.
+async fn drain_idle(
+    mut link: TunnelLink,
+    deadline: tokio::time::Instant,
+    asked: bool,
+) -> anyhow::Result<()> {
+    if link.is_closed() {
+        return Ok(());
+    }
+    if !asked {
+        link.send(&Control::Drain).await?;
+    }
+    let closed = tokio::time::timeout_at(deadline, async {
+        loop {
+            match link.next().await {
+                Ok(Incoming::Closed) | Err(_) => return,
+                Ok(Incoming::Data(_) | Incoming::SessionEnd) => {}
+            }
         }
+    })
+    .await;
+    match closed {
+        Ok(()) => Ok(()),
+        Err(_) => anyhow::bail!("daemon did not close the tunnel within the grace period: cut"),
     }
 }
 
@@ -309,86 +494,6 @@ fn token_lifetime(expires_at: u64, grace: Duration) -> Option<Duration> {
     let end = Duration::from_secs(expires_at).saturating_add(grace);
     let left = end.checked_sub(now).filter(|left| !left.is_zero())?;
     Some(left.min(MAX_TOKEN_WAIT))
-}
-
-async fn fetch_hello(
-    sender: &mut hyper::client::conn::http2::SendRequest<Body>,
-) -> anyhow::Result<Hello> {
-    let req =
-        http::Request::get(format!("http://tunnel{}", proto::CONTROL_HELLO)).body(Body::empty())?;
-    let response = sender.send_request(req).await.context("hello request")?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "hello answered {}",
-        response.status()
-    );
-    let body = Limited::new(response.into_body(), proto::MAX_HELLO_BYTES)
-        .collect()
-        .await
-        .map_err(|err| anyhow::anyhow!("reading hello: {err}"))?
-        .to_bytes();
-    serde_json::from_slice(&body).context("parsing hello")
-}
-
-/// Keeps a device's model list current from the daemon's events stream, until the stream or
-/// the device ends. A daemon that sends something unreadable or oversized loses the stream (its
-/// last good model list stays), not the tunnel.
-async fn follow_events(device: Weak<Device>) {
-    let Some(mut sender) = device.upgrade().map(|d| d.sender()) else {
-        return;
-    };
-    let Ok(request) =
-        http::Request::get(format!("http://tunnel{}", proto::CONTROL_EVENTS)).body(Body::empty())
-    else {
-        return;
-    };
-    let response = match sender.send_request(request).await {
-        Ok(response) if response.status().is_success() => response,
-        Ok(response) => return debug!(status = %response.status(), "daemon has no events stream"),
-        Err(err) => return debug!(error = %err, "events stream failed"),
-    };
-    drop(sender);
-    let mut body = response.into_body();
-    let mut pending = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { return };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        pending.extend_from_slice(&data);
-        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-            let line = pending.split_to(end + 1);
-            let Some(device) = device.upgrade() else {
-                return;
-            };
-            match serde_json::from_slice::<DeviceEvent>(&line) {
-                Ok(DeviceEvent::Models { models }) => {
-                    let models = sane_models(models);
-                    debug!(models = models.len(), "device models changed");
-                    device.set_models(models);
-                }
-                Err(err) => {
-                    return warn!(error = %err, "unreadable device event: ignoring the daemon's events");
-                }
-            }
-        }
-        if pending.len() > proto::MAX_EVENT_BYTES {
-            return warn!(
-                "device event over {} bytes: ignoring the daemon's events",
-                proto::MAX_EVENT_BYTES
-            );
-        }
-    }
-}
-
-/// Model names a daemon reported, cut to what the relay keeps: at most
-/// [`proto::MAX_MODELS`] printable names of up to 256 bytes.
-fn sane_models(mut models: Vec<String>) -> Vec<String> {
-    models.retain(|m| {
-        !m.is_empty() && m.len() <= 256 && m.bytes().all(|b| (0x21..0x7f).contains(&b))
-    });
-    models.truncate(proto::MAX_MODELS);
-    models
 }
 
 /// The refusal of a device over its user's device limit.

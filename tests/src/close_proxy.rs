@@ -1,5 +1,6 @@
 //! A WebSocket-aware proxy for fault injection: it accepts the daemon's tunnel upgrade, opens
-//! its own tunnel to the relay with the same headers, passes binary messages both ways, and on
+//! its own tunnel to the relay with the same headers, passes data and control messages (binary
+//! and text) both ways, and on
 //! command closes the daemon's WebSocket with a chosen close code — as a load balancer or
 //! reverse proxy in front of the relay does when it restarts or gives up on a connection.
 //!
@@ -116,7 +117,7 @@ async fn relay_one(inbound: TcpStream, relay: SocketAddr, mut close: broadcast::
     loop {
         tokio::select! {
             message = daemon.next() => match message {
-                Some(Ok(message @ Message::Binary(_))) => {
+                Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
                     if upstream.send(message).await.is_err() {
                         return;
                     }
@@ -125,7 +126,7 @@ async fn relay_one(inbound: TcpStream, relay: SocketAddr, mut close: broadcast::
                 Some(Err(_)) | None => return,
             },
             message = upstream.next() => match message {
-                Some(Ok(message @ Message::Binary(_))) => {
+                Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
                     if daemon.send(message).await.is_err() {
                         return;
                     }

@@ -252,20 +252,26 @@ async fn oversized_headers_are_refused_and_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_oversized_websocket_messages_on_the_tunnel_close_it() {
     let stack = Stack::with_relay_config(hostile_config()).await;
-    // Random binary messages instead of HTTP/2.
-    let mut ws = dial_tunnel(&stack, "mallory").await;
-    for seed in 1..20 {
-        if ws
-            .send(Message::Binary(noise(seed, 4096).into()))
-            .await
-            .is_err()
-        {
-            break;
+    // Random binary messages instead of the hello, and after it outside any session.
+    for hello in [None, Some(good_hello())] {
+        let mut ws = dial_tunnel(&stack, "mallory").await;
+        if let Some(hello) = hello {
+            ws.send(hello).await.unwrap();
+            stack.relay.wait_for_devices("mallory", 1).await;
         }
+        for seed in 1..20 {
+            if ws
+                .send(Message::Binary(noise(seed, 4096).into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        ws_closed_within(&mut ws, CLOSE_BOUND).await;
+        no_device_left(&stack, "mallory").await;
+        alice_is_served(&stack).await;
     }
-    ws_closed_within(&mut ws, CLOSE_BOUND).await;
-    no_device_left(&stack, "mallory").await;
-    alice_is_served(&stack).await;
 
     // Text and a message far over the relay's 256 KiB limit.
     let mut ws = dial_tunnel(&stack, "mallory").await;
@@ -277,10 +283,11 @@ async fn garbage_and_oversized_websocket_messages_on_the_tunnel_close_it() {
     no_device_left(&stack, "mallory").await;
     alice_is_served(&stack).await;
 
-    // A truncated HTTP/2 server preface (half a SETTINGS frame header), then silence while
-    // still answering WebSocket pings: the hello never comes.
+    // Half a WebSocket frame (a text frame's header announcing 100 bytes, and 4 of them), then
+    // silence: the hello never comes.
     let mut ws = dial_tunnel(&stack, "mallory").await;
-    ws.send(Message::Binary(Bytes::from_static(&[0, 0, 0, 4])))
+    ws.get_mut()
+        .write_all(&[0x81, 0x80 | 100, 1, 2, 3, 4, b'{', b'"', b't', b'y'])
         .await
         .unwrap();
     let started = Instant::now();
@@ -293,6 +300,8 @@ async fn garbage_and_oversized_websocket_messages_on_the_tunnel_close_it() {
 /// A hostile daemon's HTTP/2 side: a real hyper server whose bytes pass through the test, so
 /// it can answer properly and then misbehave.
 struct Relayed {
+    /// Sends control messages (WebSocket text) as the daemon.
+    say: tokio::sync::mpsc::Sender<String>,
     /// Stops forwarding the server's bytes and sends these raw bytes instead.
     inject: tokio::sync::mpsc::Sender<Vec<u8>>,
     /// Stops reading the tunnel at all (the WebSocket, and so the TCP socket).
@@ -301,16 +310,13 @@ struct Relayed {
     ended: tokio_util::sync::CancellationToken,
 }
 
-/// Runs an HTTP/2 server over `ws` that answers the hello with `hello_body`, the events stream
-/// with `events_body`, and every other path with an empty model list. Returns the controls.
-fn serve_over(ws: WebSocketStream<TcpStream>, hello_body: Bytes, events_body: Bytes) -> Relayed {
+/// Sends `hello` as the daemon's first message on `ws`, then runs an HTTP/2 server for the
+/// relay's first session that answers every path with an empty model list. The server's
+/// bytes flow once the relay has opened the session. Returns the controls.
+fn serve_over(ws: WebSocketStream<TcpStream>, hello: Message) -> Relayed {
     let (server_io, pump_io) = tokio::io::duplex(64 * 1024);
-    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let body = match req.uri().path() {
-            proto::CONTROL_HELLO => hello_body.clone(),
-            proto::CONTROL_EVENTS => events_body.clone(),
-            _ => Bytes::from_static(br#"{"models":[]}"#),
-        };
+    let service = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| {
+        let body = Bytes::from_static(br#"{"models":[]}"#);
         async move { Ok::<_, Infallible>(http::Response::new(Full::new(body))) }
     });
     tokio::spawn(async move {
@@ -318,6 +324,7 @@ fn serve_over(ws: WebSocketStream<TcpStream>, hello_body: Bytes, events_body: By
             .serve_connection(hyper_util::rt::TokioIo::new(server_io), service)
             .await;
     });
+    let (say, mut said) = tokio::sync::mpsc::channel::<String>(4);
     let (inject, mut injected) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let stop_reading = tokio_util::sync::CancellationToken::new();
     let stop = stop_reading.clone();
@@ -326,12 +333,16 @@ fn serve_over(ws: WebSocketStream<TcpStream>, hello_body: Bytes, events_body: By
     tokio::spawn(async move {
         let _ended = ended_guard;
         let (mut sink, mut stream) = ws.split();
+        if sink.send(hello).await.is_err() {
+            return;
+        }
         let (mut from_server, mut to_server) = tokio::io::split(pump_io);
         let mut buf = vec![0u8; 16 * 1024];
         let mut forwarding = true;
+        let mut session_open = false;
         loop {
             tokio::select! {
-                read = from_server.read(&mut buf), if forwarding => match read {
+                read = from_server.read(&mut buf), if forwarding && session_open => match read {
                     Ok(0) | Err(_) => return,
                     Ok(n) => if sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() { return },
                 },
@@ -342,8 +353,15 @@ fn serve_over(ws: WebSocketStream<TcpStream>, hello_body: Bytes, events_body: By
                     }
                     None => return,
                 },
+                text = said.recv() => match text {
+                    Some(text) => if sink.send(Message::Text(text.into())).await.is_err() { return },
+                    None => return,
+                },
                 message = stream.next(), if !stop.is_cancelled() => match message {
-                    Some(Ok(Message::Binary(data))) => if to_server.write_all(&data).await.is_err() { return },
+                    Some(Ok(Message::Binary(data))) => {
+                        session_open = true;
+                        if to_server.write_all(&data).await.is_err() { return }
+                    }
                     Some(Ok(_)) => {}
                     None | Some(Err(_)) => return,
                 },
@@ -352,19 +370,23 @@ fn serve_over(ws: WebSocketStream<TcpStream>, hello_body: Bytes, events_body: By
         }
     });
     Relayed {
+        say,
         inject,
         stop_reading,
         ended,
     }
 }
 
-fn good_hello() -> Bytes {
-    let hello = proto::Hello {
+fn hello_message(hello: &proto::Hello) -> Message {
+    Message::Text(proto::Control::Hello(hello.clone()).to_text().into())
+}
+
+fn good_hello() -> Message {
+    hello_message(&proto::Hello {
         protocol_version: proto::PROTOCOL_VERSION,
         daemon_version: "0.0.0-hostile".into(),
         models: vec!["m:latest".into()],
-    };
-    Bytes::from(serde_json::to_vec(&hello).unwrap())
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,8 +402,11 @@ async fn a_daemon_that_turns_to_invalid_http2_is_dropped() {
         noise(7, 2000),
     ] {
         let ws = dial_tunnel(&stack, "mallory").await;
-        let relayed = serve_over(ws, good_hello(), Bytes::new());
+        let relayed = serve_over(ws, good_hello());
         stack.relay.wait_for_devices("mallory", 1).await;
+        // A request opens the tunnel's HTTP/2 session, which works; then the daemon turns.
+        let response = stack.relay.get_as("mallory", "/api/tags").await;
+        assert_eq!(response.status(), 200);
         alice_is_served(&stack).await;
         relayed.inject.send(garbage).await.unwrap();
         let started = Instant::now();
@@ -397,14 +422,26 @@ async fn a_daemon_that_turns_to_invalid_http2_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_whose_hello_is_invalid_never_registers() {
     let stack = Stack::with_relay_config(hostile_config()).await;
-    let too_big = vec![b' '; proto::MAX_HELLO_BYTES + 10];
+    let mut too_big = proto::Hello {
+        protocol_version: proto::PROTOCOL_VERSION,
+        daemon_version: "x".into(),
+        models: Vec::new(),
+    };
+    too_big.daemon_version = "x".repeat(proto::MAX_CONTROL_BYTES + 10);
+    let old = proto::Hello {
+        protocol_version: 1,
+        daemon_version: "x".into(),
+        models: Vec::new(),
+    };
     for hello in [
-        Bytes::from_static(b"not json"),
-        Bytes::from_static(br#"{"protocol_version":99,"daemon_version":"x"}"#),
-        Bytes::from(too_big),
+        Message::Text("not json".into()),
+        Message::Text(r#"{"type":"models","models":[]}"#.into()),
+        hello_message(&old),
+        hello_message(&too_big),
+        Message::Binary(Bytes::from_static(b"PRI * HTTP/2.0")),
     ] {
         let ws = dial_tunnel(&stack, "mallory").await;
-        let relayed = serve_over(ws, hello, Bytes::new());
+        let relayed = serve_over(ws, hello);
         // The relay closes the tunnel by itself, and the device never shows up.
         timeout(CLOSE_BOUND, relayed.ended.cancelled())
             .await
@@ -418,7 +455,7 @@ async fn a_daemon_whose_hello_is_invalid_never_registers() {
 async fn a_daemon_that_never_reads_is_dropped_and_its_requests_fail_in_time() {
     let stack = Stack::with_relay_config(hostile_config()).await;
     let ws = dial_tunnel(&stack, "mallory").await;
-    let relayed = serve_over(ws, good_hello(), Bytes::new());
+    let relayed = serve_over(ws, good_hello());
     stack.relay.wait_for_devices("mallory", 1).await;
     // The daemon stops reading its socket: no pongs, no HTTP/2, nothing.
     relayed.stop_reading.cancel();
@@ -592,28 +629,46 @@ async fn silent_ipc_connections_cannot_lock_the_cli_out_for_long() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreadable_or_endless_device_events_cost_the_events_stream_not_the_tunnel() {
+async fn unreadable_or_oversized_control_messages_close_that_tunnel_only() {
     let stack = Stack::with_relay_config(hostile_config()).await;
-    let endless_line = Bytes::from(vec![b'm'; 3 * proto::MAX_EVENT_BYTES]);
-    for events in [
-        Bytes::from_static(b"not json\n{\"event\":\"models\"}\n"),
-        endless_line,
+    // Model names a relay does not keep are left out; the tunnel stays.
+    let ws = dial_tunnel(&stack, "mallory").await;
+    let relayed = serve_over(ws, good_hello());
+    stack.relay.wait_for_devices("mallory", 1).await;
+    let junk = proto::Control::Models {
+        models: vec![
+            "ok:latest".into(),
+            "bad name".into(),
+            "x".repeat(300),
+            String::new(),
+        ],
+    };
+    relayed.say.send(junk.to_text()).await.unwrap();
+    stack
+        .relay
+        .wait_for_models("mallory", "box", &["ok:latest"])
+        .await;
+    assert!(!relayed.ended.is_cancelled(), "the tunnel was closed");
+    drop(relayed);
+    no_device_left(&stack, "mallory").await;
+
+    for bad in [
+        "not json".to_owned(),
+        r#"{"type":"models"}"#.to_owned(),
+        r#"{"type":"reboot"}"#.to_owned(),
+        format!(
+            r#"{{"type":"models","models":["{}"]}}"#,
+            "m".repeat(3 * proto::MAX_CONTROL_BYTES)
+        ),
     ] {
         let ws = dial_tunnel(&stack, "mallory").await;
-        let relayed = serve_over(ws, good_hello(), events);
+        let relayed = serve_over(ws, good_hello());
         stack.relay.wait_for_devices("mallory", 1).await;
-        // The relay reads (and drops) the events; the tunnel and the hello's models stay.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        stack
-            .relay
-            .wait_for_models("mallory", "box", &["m:latest"])
-            .await;
-        assert!(!relayed.ended.is_cancelled(), "the tunnel was closed");
-        let response = stack.relay.get_as("mallory", "/api/tags").await;
-        assert_eq!(response.status(), 200);
-        alice_is_served(&stack).await;
-        // Hanging up ends the pump, and with it the tunnel.
-        drop(relayed);
+        relayed.say.send(bad).await.unwrap();
+        timeout(CLOSE_BOUND, relayed.ended.cancelled())
+            .await
+            .expect("the relay kept a tunnel with a bad control message open");
         no_device_left(&stack, "mallory").await;
+        alice_is_served(&stack).await;
     }
 }

@@ -218,7 +218,10 @@ async fn a_device_over_the_limit_is_refused_and_its_daemon_says_why() {
         .header("upgrade", "websocket")
         .header("sec-websocket-version", "13")
         .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .header(cloudllm_proto::HEADER_PROTOCOL, "1")
+        .header(
+            cloudllm_proto::HEADER_PROTOCOL,
+            cloudllm_proto::PROTOCOL_VERSION.to_string(),
+        )
         .header(cloudllm_proto::HEADER_DEVICE_ID, "alice-desktop")
         .header(cloudllm_proto::HEADER_DEVICE_NAME, "desktop")
         .send()

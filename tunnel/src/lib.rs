@@ -1,20 +1,27 @@
 //! The tunnel transport shared by the relay and the daemon.
 //!
-//! A tunnel is one WebSocket connection, dialled out by the daemon, carrying one HTTP/2
-//! connection in its binary messages: the relay is the HTTP/2 client and the daemon the server,
+//! A tunnel is one WebSocket connection, dialled out by the daemon ([`Link`]). Its text
+//! messages carry control messages ([`cloudllm_proto::Control`]); its binary messages carry
+//! HTTP/2 sessions, one at a time, which the relay opens when a request comes and closes when
+//! the device has been idle a while: the relay is the HTTP/2 client and the daemon the server,
 //! one stream per user request. HTTP/2 (hyper's) gives multiplexing, per-stream flow control,
-//! cancellation in both directions and PING liveness; this crate only supplies the byte stream
-//! ([`WsIo`]) and the HTTP/2 settings both ends must use ([`h2_client`], [`h2_server`]).
+//! cancellation in both directions and PING liveness; an idle tunnel holds no HTTP/2 state at
+//! all, only its WebSocket. This crate supplies the link, a session's byte stream ([`WsIo`]),
+//! the daemon's session loop ([`server::serve`]) and the HTTP/2 settings both ends must use
+//! ([`h2_client`], [`h2_server`]).
 
 pub mod coalesce;
 pub mod headers;
+mod link;
+pub mod server;
 mod ws_io;
 
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-pub use ws_io::{CloseCell, WsIo};
+pub use link::{ControlHandler, Incoming, Link, Outbox};
+pub use ws_io::{Returned, WsIo};
 
 /// Per-stream HTTP/2 flow-control window: 64 KiB. With hyper's larger defaults, many streams of
 /// small NDJSON chunks make h2 answer `GOAWAY(ENHANCE_YOUR_CALM, too_many_data_frames)` and kill
@@ -38,9 +45,10 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 /// latency for the streams queued behind them; smaller ones add per-message overhead.
 pub const MAX_WS_MESSAGE_OUT: usize = 16 * 1024;
 
-/// Largest WebSocket message (and frame) we accept: 256 KiB. Our own peer never sends more
-/// than [`MAX_WS_MESSAGE_OUT`]; anything far beyond it is hostile.
-pub const MAX_WS_MESSAGE_IN: usize = 256 * 1024;
+/// Largest WebSocket message (and frame) we accept: 256 KiB, the largest control message
+/// ([`cloudllm_proto::MAX_CONTROL_BYTES`]). Our own peer never sends binary messages over
+/// [`MAX_WS_MESSAGE_OUT`]; anything far beyond it is hostile.
+pub const MAX_WS_MESSAGE_IN: usize = cloudllm_proto::MAX_CONTROL_BYTES;
 
 /// The relay's WebSocket read buffer: 1 KiB. tungstenite zero-fills its whole read buffer
 /// before each read, so the buffer is resident memory in every tunnel, idle or not, and the
@@ -56,7 +64,7 @@ pub const DAEMON_WS_READ_BUFFER: usize = 8 * 1024;
 /// How each end finds out that its peer is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Liveness {
-    /// How often to send a WebSocket ping and an HTTP/2 PING.
+    /// How often to send a WebSocket ping (and an HTTP/2 PING while a session is open).
     pub ping_interval: Duration,
     /// How long a PING may go unanswered (and the socket stay silent after the last ping was
     /// due) before the peer is declared dead.

@@ -1,158 +1,86 @@
-//! [`WsIo`]: a WebSocket seen as a plain byte stream, so hyper can run HTTP/2 over it.
+//! [`WsIo`]: one HTTP/2 session's byte stream over a lent [`Link`], so hyper can run HTTP/2
+//! over the tunnel's WebSocket.
 //!
 //! Writes are gathered and sent as one binary message per flush (at most
 //! [`MAX_WS_MESSAGE_OUT`](crate::MAX_WS_MESSAGE_OUT) bytes each); reads hand out the payload of
-//! binary messages and skip pings, pongs and text; a close or the end of the socket is the end
-//! of the stream. The adapter also keeps the WebSocket itself alive: it sends a ping every
-//! interval and fails the stream when nothing at all has arrived for too long, so a peer that
-//! vanished without a FIN is noticed even before HTTP/2's own PING timeout.
-//!
-//! The peer's close frame (code and reason) can be kept in a [`CloseCell`]: HTTP/2 above sees
-//! only the end of the stream, but the daemon redials at once when a proxy in front of the
-//! relay closes with 1012 (service restart) and reports any other code to the user.
+//! binary messages. The peer's [`Control::SessionEnd`](cloudllm_proto::Control::SessionEnd)
+//! or a close of the WebSocket is the end of the stream; shutting the stream down only flushes
+//! it (the WebSocket stays open for the next session). When hyper drops the stream at the end
+//! of the session, the link goes back to its owner through the receiver [`WsIo::lend`] returned.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio::sync::oneshot;
 
-use crate::{Liveness, MAX_WS_MESSAGE_OUT};
+use crate::MAX_WS_MESSAGE_OUT;
+use crate::link::{Incoming, Link};
 
-/// A WebSocket connection as an `AsyncRead + AsyncWrite` byte stream. See the module docs.
+/// One HTTP/2 session's byte stream over a lent link. See the module docs.
 pub struct WsIo<S> {
-    ws: WebSocketStream<S>,
+    /// Always present until the stream is dropped.
+    link: Option<Link<S>>,
     /// Unread rest of the last binary message received.
     read_buf: Bytes,
     /// Bytes written by hyper and not yet sent as a message.
     write_buf: BytesMut,
-    liveness: Liveness,
-    /// When anything (data, ping, pong) last arrived from the peer.
-    last_received: Instant,
-    /// Fires when the next ping is due.
-    ping_timer: Pin<Box<Sleep>>,
-    /// Fires when the peer may be declared dead unless something arrived meanwhile.
-    idle_timer: Pin<Box<Sleep>>,
-    /// A ping was queued but the socket has not been flushed since.
-    ping_unflushed: bool,
-    /// When our last ping went out, until its pong arrives.
-    ping_sent: Option<Instant>,
-    /// Where the measured round trip goes, in microseconds.
-    rtt_micros: Option<Arc<AtomicU64>>,
-    /// Where the peer's close frame goes.
-    close: Option<CloseCell>,
+    /// The peer has ended the session.
+    peer_ended: bool,
+    give_back: Option<oneshot::Sender<Returned<S>>>,
 }
 
-/// The close frame the peer sent, if it sent one, filled in by [`WsIo`] when it reads it.
-pub type CloseCell = Arc<std::sync::Mutex<Option<CloseFrame>>>;
+/// A link back from a session (see [`WsIo::lend`]).
+pub struct Returned<S> {
+    /// The link, idle unless its WebSocket closed.
+    pub link: Link<S>,
+    /// Whether the peer ended its part of the session (for [`Link::end_session`]).
+    pub peer_ended: bool,
+}
 
 impl<S> WsIo<S> {
-    /// Wraps an established WebSocket. `liveness` sets the ping interval and how long the
-    /// peer may stay silent ([`Liveness::detection_bound`]) before reads fail. The first ping
-    /// goes out at once, so the round trip is known right after connecting.
-    pub fn new(ws: WebSocketStream<S>, liveness: Liveness) -> Self {
-        let now = Instant::now();
-        WsIo {
-            ws,
-            read_buf: Bytes::new(),
+    /// Lends `link` to a new session whose first bytes from the peer are `first` (empty when
+    /// this end opens the session). The link comes back through the receiver when the stream
+    /// is dropped.
+    pub fn lend(link: Link<S>, first: Bytes) -> (Self, oneshot::Receiver<Returned<S>>) {
+        let (give_back, back) = oneshot::channel();
+        let io = WsIo {
+            link: Some(link),
+            read_buf: first,
             write_buf: BytesMut::new(),
-            liveness,
-            last_received: now,
-            ping_timer: Box::pin(tokio::time::sleep_until(now)),
-            idle_timer: Box::pin(tokio::time::sleep_until(now + liveness.detection_bound())),
-            ping_unflushed: false,
-            ping_sent: None,
-            rtt_micros: None,
-            close: None,
+            peer_ended: false,
+            give_back: Some(give_back),
+        };
+        (io, back)
+    }
+
+    fn parts(&mut self) -> io::Result<(&mut Link<S>, &mut Bytes, &mut BytesMut, &mut bool)> {
+        match &mut self.link {
+            Some(link) => Ok((
+                link,
+                &mut self.read_buf,
+                &mut self.write_buf,
+                &mut self.peer_ended,
+            )),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "session stream without its link",
+            )),
         }
-    }
-
-    /// Stores the peer's close frame (code and reason) into `cell` when one arrives.
-    pub fn with_close(mut self, cell: CloseCell) -> Self {
-        self.close = Some(cell);
-        self
-    }
-
-    /// Stores each measured ping round trip (microseconds) into `cell`.
-    pub fn with_rtt(mut self, cell: Arc<AtomicU64>) -> Self {
-        self.rtt_micros = Some(cell);
-        self
     }
 }
 
-fn to_io(err: WsError) -> io::Error {
-    match err {
-        WsError::Io(err) => err,
-        WsError::ConnectionClosed | WsError::AlreadyClosed => {
-            io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed")
+impl<S> Drop for WsIo<S> {
+    fn drop(&mut self) {
+        if let (Some(link), Some(give_back)) = (self.link.take(), self.give_back.take()) {
+            // The owner may be gone (its task was cut): then the link just closes.
+            let _ = give_back.send(Returned {
+                link,
+                peer_ended: self.peer_ended,
+            });
         }
-        other => io::Error::other(other),
-    }
-}
-
-impl<S> WsIo<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    /// Sends a due ping and fails when the peer has been silent past the detection bound.
-    /// Never returns `Ready(Ok)`: it only registers timers and reports death.
-    fn poll_liveness(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.idle_timer.as_mut().poll(cx).is_ready() {
-            let deadline = self.last_received + self.liveness.detection_bound();
-            if deadline <= Instant::now() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "tunnel peer silent for {:?}: connection presumed dead",
-                        self.liveness.detection_bound()
-                    ),
-                ));
-            }
-            self.idle_timer.as_mut().reset(deadline);
-            // Register the waker on the new deadline.
-            let _ = self.idle_timer.as_mut().poll(cx);
-        }
-        if self.ping_timer.as_mut().poll(cx).is_ready()
-            && let Poll::Ready(ready) = Pin::new(&mut self.ws).poll_ready(cx)
-        {
-            ready.map_err(to_io)?;
-            Pin::new(&mut self.ws)
-                .start_send(Message::Ping(Bytes::new()))
-                .map_err(to_io)?;
-            self.ping_unflushed = true;
-            self.ping_sent = Some(Instant::now());
-            let next = Instant::now() + self.liveness.ping_interval;
-            self.ping_timer.as_mut().reset(next);
-            let _ = self.ping_timer.as_mut().poll(cx);
-        }
-        if self.ping_unflushed
-            && let Poll::Ready(flushed) = Pin::new(&mut self.ws).poll_flush(cx)
-        {
-            flushed.map_err(to_io)?;
-            self.ping_unflushed = false;
-        }
-        Ok(())
-    }
-
-    /// Sends what hyper has written so far as one binary message.
-    fn poll_send_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.write_buf.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(to_io)?;
-        let payload = self.write_buf.split().freeze();
-        Pin::new(&mut self.ws)
-            .start_send(Message::Binary(payload))
-            .map_err(to_io)?;
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -165,47 +93,21 @@ where
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+        let (link, read_buf, _, peer_ended) = self.get_mut().parts()?;
         loop {
-            if !this.read_buf.is_empty() {
-                let n = this.read_buf.len().min(buf.remaining());
-                buf.put_slice(&this.read_buf[..n]);
-                this.read_buf.advance(n);
+            if !read_buf.is_empty() {
+                let n = read_buf.len().min(buf.remaining());
+                buf.put_slice(&read_buf[..n]);
+                read_buf.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            this.poll_liveness(cx)?;
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
-                Some(Ok(message)) => {
-                    this.last_received = Instant::now();
-                    match message {
-                        Message::Binary(data) => this.read_buf = data,
-                        // A close ends the byte stream; tungstenite answers it for us.
-                        Message::Close(frame) => {
-                            if let (Some(frame), Some(cell)) = (frame, &this.close)
-                                && let Ok(mut slot) = cell.lock()
-                            {
-                                *slot = Some(frame);
-                            }
-                            return Poll::Ready(Ok(()));
-                        }
-                        Message::Pong(_) => {
-                            if let (Some(sent), Some(cell)) =
-                                (this.ping_sent.take(), &this.rtt_micros)
-                            {
-                                let micros =
-                                    sent.elapsed().as_micros().clamp(1, u128::from(u64::MAX));
-                                cell.store(micros as u64, Ordering::Relaxed);
-                            }
-                        }
-                        // Pings are answered by tungstenite; text carries no data.
-                        Message::Ping(_) | Message::Text(_) => {}
-                        Message::Frame(_) => {}
-                    }
-                }
-                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) | None => {
-                    return Poll::Ready(Ok(()));
-                }
-                Some(Err(err)) => return Poll::Ready(Err(to_io(err))),
+            if *peer_ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(link.poll_incoming(cx))? {
+                Incoming::Data(data) => *read_buf = data,
+                Incoming::SessionEnd => *peer_ended = true,
+                Incoming::Closed => return Poll::Ready(Ok(())),
             }
         }
     }
@@ -220,87 +122,167 @@ where
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.write_buf.len() >= MAX_WS_MESSAGE_OUT {
-            ready!(this.poll_send_buffered(cx))?;
+        let (link, _, write_buf, _) = self.get_mut().parts()?;
+        if write_buf.len() >= MAX_WS_MESSAGE_OUT {
+            ready!(link.poll_send_data(cx, write_buf))?;
         }
-        let n = data.len().min(MAX_WS_MESSAGE_OUT - this.write_buf.len());
-        this.write_buf.extend_from_slice(&data[..n]);
+        let n = data.len().min(MAX_WS_MESSAGE_OUT - write_buf.len());
+        write_buf.extend_from_slice(&data[..n]);
         Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_send_buffered(cx))?;
-        ready!(Pin::new(&mut this.ws).poll_flush(cx)).map_err(to_io)?;
-        this.ping_unflushed = false;
-        Poll::Ready(Ok(()))
+        let (link, _, write_buf, _) = self.get_mut().parts()?;
+        ready!(link.poll_send_data(cx, write_buf))?;
+        link.poll_flush(cx)
     }
 
+    /// Flushes only: the session's end is told by [`Link::end_session`] once the stream is
+    /// back with its owner, and the WebSocket outlives the session.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_send_buffered(cx))?;
-        match ready!(Pin::new(&mut this.ws).poll_close(cx)) {
-            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
-            Err(err) => Poll::Ready(Err(to_io(err))),
-        }
+        self.poll_flush(cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
+    use cloudllm_proto::Control;
+    use futures_util::{SinkExt, StreamExt};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio::time::Instant;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 
     use super::*;
+    use crate::Liveness;
 
-    async fn pair(liveness: Liveness) -> (WsIo<DuplexStream>, WebSocketStream<DuplexStream>) {
+    type Controls = Arc<std::sync::Mutex<Vec<Control>>>;
+
+    /// A link over an in-memory socket, the raw WebSocket of its peer, and the control
+    /// messages the link's handler got.
+    async fn pair(
+        liveness: Liveness,
+    ) -> (Link<DuplexStream>, WebSocketStream<DuplexStream>, Controls) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let ours = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
         let theirs = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
-        (WsIo::new(ours, liveness), theirs)
+        let got = Controls::default();
+        let sink = got.clone();
+        let handler = Box::new(move |c| sink.lock().unwrap().push(c));
+        (Link::new(ours, liveness, handler), theirs, got)
+    }
+
+    /// The peer's next message that is not a ping.
+    async fn next_data(peer: &mut WebSocketStream<DuplexStream>) -> Message {
+        loop {
+            match peer.next().await.unwrap().unwrap() {
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn text(control: &Control) -> Message {
+        Message::Text(control.to_text().into())
     }
 
     #[tokio::test]
-    async fn bytes_round_trip_as_binary_messages_split_at_the_cap() {
-        use futures_util::{SinkExt, StreamExt};
-        let (mut io, mut peer) = pair(Liveness::default()).await;
+    async fn session_bytes_are_binary_messages_split_at_the_cap_and_end_at_session_end() {
+        let (link, mut peer, got) = pair(Liveness::default()).await;
+        let (mut io, back) = WsIo::lend(link, Bytes::from_static(b"pre"));
         let data = vec![7u8; MAX_WS_MESSAGE_OUT + 10];
         io.write_all(&data).await.unwrap();
         io.flush().await.unwrap();
-        let first = peer.next().await.unwrap().unwrap();
-        let second = peer.next().await.unwrap().unwrap();
-        assert_eq!(first.len(), MAX_WS_MESSAGE_OUT);
-        assert_eq!(second.len(), 10);
-        assert!(matches!(first, Message::Binary(_)));
+        let first = next_data(&mut peer).await;
+        let second = next_data(&mut peer).await;
+        assert!(matches!(&first, Message::Binary(b) if b.len() == MAX_WS_MESSAGE_OUT));
+        assert!(matches!(&second, Message::Binary(b) if b.len() == 10));
 
-        peer.send(Message::Text("ignored".into())).await.unwrap();
+        // The first bytes come first; control messages in the middle of a session go to the
+        // handler, not into the byte stream.
+        let models = Control::Models {
+            models: vec!["a:latest".into()],
+        };
+        peer.send(text(&models)).await.unwrap();
         peer.send(Message::Binary(Bytes::from_static(b"hello")))
             .await
             .unwrap();
-        let mut got = [0u8; 5];
-        io.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"hello");
-
-        peer.close(None).await.unwrap();
+        peer.send(text(&Control::SessionEnd)).await.unwrap();
         let mut rest = Vec::new();
-        assert_eq!(io.read_to_end(&mut rest).await.unwrap(), 0, "close is EOF");
+        io.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"prehello", "session end is the end of the stream");
+        assert_eq!(*got.lock().unwrap(), vec![models]);
+
+        // Shutting the stream down does not close the WebSocket; dropping it returns the link.
+        io.shutdown().await.unwrap();
+        drop(io);
+        let Returned {
+            mut link,
+            peer_ended,
+        } = back.await.unwrap();
+        assert!(peer_ended && !link.is_closed());
+        link.end_session(true).await.unwrap();
+        assert_eq!(next_data(&mut peer).await, text(&Control::SessionEnd));
+    }
+
+    #[tokio::test]
+    async fn ending_a_session_waits_for_the_peer_and_drops_its_last_bytes() {
+        let (mut link, mut peer, _) = pair(Liveness::default()).await;
+        let ending = tokio::spawn(async move { link.end_session(false).await.map(|()| link) });
+        assert_eq!(next_data(&mut peer).await, text(&Control::SessionEnd));
+        peer.send(Message::Binary(Bytes::from_static(b"late")))
+            .await
+            .unwrap();
+        peer.send(text(&Control::SessionEnd)).await.unwrap();
+        peer.send(Message::Binary(Bytes::from_static(b"next")))
+            .await
+            .unwrap();
+        let mut link = ending.await.unwrap().unwrap();
+        // The idle link's next data is the next session's first bytes.
+        assert!(matches!(link.next().await.unwrap(), Incoming::Data(d) if d == "next"));
+    }
+
+    #[tokio::test]
+    async fn the_outbox_sends_while_a_session_waits_for_data() {
+        let (link, mut peer, _) = pair(Liveness::default()).await;
+        let outbox = link.outbox();
+        let (mut io, _back) = WsIo::lend(link, Bytes::new());
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 4];
+            io.read_exact(&mut buf).await.map(|_| buf)
+        });
+        outbox.push(Control::Drain);
+        assert_eq!(next_data(&mut peer).await, text(&Control::Drain));
+        peer.send(Message::Binary(Bytes::from_static(b"done")))
+            .await
+            .unwrap();
+        assert_eq!(&reader.await.unwrap().unwrap(), b"done");
+    }
+
+    #[tokio::test]
+    async fn unreadable_control_messages_fail_the_link() {
+        let (mut link, mut peer, _) = pair(Liveness::default()).await;
+        peer.send(Message::Text("hello?".into())).await.unwrap();
+        let err = link.next().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test(start_paused = true)]
     async fn silent_peer_is_declared_dead_within_the_bound_and_pinged_before() {
-        use futures_util::StreamExt;
         let liveness = Liveness {
             ping_interval: Duration::from_secs(2),
             timeout: Duration::from_secs(3),
         };
-        let (mut io, mut peer) = pair(liveness).await;
+        let (mut link, mut peer, _) = pair(liveness).await;
         let start = Instant::now();
         let reader = tokio::spawn(async move {
-            let mut buf = [0u8; 16];
-            let err = io.read(&mut buf).await.unwrap_err();
+            let err = link.next().await.unwrap_err();
             (err.kind(), Instant::now())
         });
         // The peer sees our first ping at once and the next after one interval (it never
@@ -317,11 +299,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_peers_close_code_and_reason_are_kept() {
-        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-        let (io, mut peer) = pair(Liveness::default()).await;
-        let cell = CloseCell::default();
-        let mut io = io.with_close(cell.clone());
+    async fn the_peers_close_code_and_reason_are_kept_and_end_a_session() {
+        let (link, mut peer, _) = pair(Liveness::default()).await;
+        let (mut io, back) = WsIo::lend(link, Bytes::new());
         peer.close(Some(CloseFrame {
             code: CloseCode::Restart,
             reason: "maintenance".into(),
@@ -330,20 +310,21 @@ mod tests {
         .unwrap();
         let mut rest = Vec::new();
         assert_eq!(io.read_to_end(&mut rest).await.unwrap(), 0, "close is EOF");
-        let frame = cell.lock().unwrap().clone().expect("the close frame");
+        drop(io);
+        let link = back.await.unwrap().link;
+        assert!(link.is_closed());
+        let frame = link.peer_close().expect("the close frame");
         assert_eq!(frame.code, CloseCode::Restart);
         assert_eq!(frame.reason.as_str(), "maintenance");
     }
 
     #[tokio::test]
     async fn pongs_measure_the_round_trip() {
-        use futures_util::StreamExt;
-        let (io, mut peer) = pair(Liveness::default()).await;
+        let (link, mut peer, _) = pair(Liveness::default()).await;
         let cell = Arc::new(AtomicU64::new(0));
-        let mut io = io.with_rtt(cell.clone());
+        let mut link = link.with_rtt(cell.clone());
         let reader = tokio::spawn(async move {
-            let mut buf = [0u8; 1];
-            let _ = io.read(&mut buf).await;
+            let _ = link.next().await;
         });
         // The peer reads our first ping; tungstenite answers it with a pong as it reads on.
         let ping = peer.next().await.unwrap().unwrap();
@@ -362,16 +343,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_keeps_talking_stays_alive() {
-        use futures_util::SinkExt;
         let liveness = Liveness {
             ping_interval: Duration::from_secs(2),
             timeout: Duration::from_secs(3),
         };
-        let (mut io, mut peer) = pair(liveness).await;
-        let reader = tokio::spawn(async move {
-            let mut buf = [0u8; 4];
-            io.read_exact(&mut buf).await.map(|_| buf)
-        });
+        let (mut link, mut peer, _) = pair(liveness).await;
+        let reader = tokio::spawn(async move { link.next().await });
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_secs(2)).await;
             peer.send(Message::Pong(Bytes::new())).await.unwrap();
@@ -379,6 +356,7 @@ mod tests {
         peer.send(Message::Binary(Bytes::from_static(b"live")))
             .await
             .unwrap();
-        assert_eq!(&reader.await.unwrap().unwrap(), b"live");
+        let incoming = reader.await.unwrap().unwrap();
+        assert!(matches!(incoming, Incoming::Data(d) if d == "live"));
     }
 }

@@ -1,0 +1,159 @@
+//! The daemon's end of a tunnel: answer each HTTP/2 session the relay opens, for as long as
+//! the link lives.
+//!
+//! The relay opens a session by sending its first bytes (the HTTP/2 preface) on an idle link;
+//! this end then serves HTTP/2 on it with [`h2_server`](crate::h2_server) until the session's
+//! connection ends, tells the peer with [`Link::end_session`], and waits for the next one.
+
+use std::error::Error as StdError;
+use std::io;
+
+use bytes::Bytes;
+use hyper::body::{Body, Incoming as IncomingBody};
+use hyper::rt::bounds::Http2ServerConnExec;
+use hyper::server::conn::http2;
+use hyper::service::HttpService;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_util::sync::CancellationToken;
+
+use crate::WsIo;
+use crate::link::{Incoming, Link};
+
+/// How [`serve`] ended.
+pub enum Served<S> {
+    /// `stop` was cancelled: the session in flight (if any) finished after a GOAWAY. The link
+    /// is idle and still open; close it with the reason.
+    Stopped(Box<Link<S>>),
+    /// The peer closed the WebSocket, with this close frame if it sent one.
+    Closed(Option<CloseFrame>),
+    /// The tunnel failed: the peer went silent, broke the protocol, or the socket failed.
+    Failed(Box<dyn StdError + Send + Sync>),
+}
+
+/// Serves every HTTP/2 session the peer opens on `link` with `service`, until the WebSocket
+/// closes or fails, or `stop` is cancelled. On `stop`, a session in flight gets a GOAWAY and
+/// its streams run to their end: bound the wait by dropping this future.
+pub async fn serve<S, Svc, B>(
+    mut link: Link<S>,
+    builder: &http2::Builder<hyper_util::rt::TokioExecutor>,
+    service: Svc,
+    stop: &CancellationToken,
+) -> Served<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: HttpService<IncomingBody, ResBody = B> + Clone,
+    Svc::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    hyper_util::rt::TokioExecutor: Http2ServerConnExec<Svc::Future, B>,
+{
+    loop {
+        let first = tokio::select! {
+            incoming = link.next() => match incoming {
+                Ok(Incoming::Data(first)) => first,
+                Ok(Incoming::SessionEnd) => {
+                    return Served::Failed("the relay ended a session that was not open".into());
+                }
+                Ok(Incoming::Closed) => return Served::Closed(link.peer_close().cloned()),
+                Err(err) => return Served::Failed(err.into()),
+            },
+            () = stop.cancelled() => return Served::Stopped(Box::new(link)),
+        };
+        let (returned, result) = session(link, first, builder, service.clone(), stop).await;
+        let Ok(returned) = returned else {
+            return Served::Failed("an HTTP/2 session lost the tunnel's link".into());
+        };
+        link = returned.link;
+        if link.is_closed() {
+            return Served::Closed(link.peer_close().cloned());
+        }
+        if let Err(err) = result {
+            return Served::Failed(err.into());
+        }
+        if stop.is_cancelled() {
+            // The peer reads the end before the close the caller sends next.
+            let _ = link.send(&cloudllm_proto::Control::SessionEnd).await;
+            return Served::Stopped(Box::new(link));
+        }
+        if let Err(err) = link.end_session(returned.peer_ended).await {
+            return Served::Failed(err.into());
+        }
+    }
+}
+
+/// Runs one session to its end; returns the link (through the session stream's drop) and how
+/// the HTTP/2 connection ended.
+async fn session<S, Svc, B>(
+    link: Link<S>,
+    first: Bytes,
+    builder: &http2::Builder<hyper_util::rt::TokioExecutor>,
+    service: Svc,
+    stop: &CancellationToken,
+) -> (
+    Result<crate::ws_io::Returned<S>, tokio::sync::oneshot::error::RecvError>,
+    Result<(), io::Error>,
+)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: HttpService<IncomingBody, ResBody = B>,
+    Svc::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    hyper_util::rt::TokioExecutor: Http2ServerConnExec<Svc::Future, B>,
+{
+    let (io, back) = WsIo::lend(link, first);
+    let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service));
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.as_mut().await
+        }
+    };
+    // Dropping the connection drops the stream, which sends the link back.
+    drop(connection);
+    let result = ended.map_err(|err| io::Error::other(with_causes(&err)));
+    (back.await, result)
+}
+
+/// `err` and its causes, `: `-separated. hyper's errors print only their own kind
+/// ("connection error"); the cause (the peer silent past the ping bound, a reset) is what the
+/// user needs to see.
+pub fn with_causes(err: &dyn StdError) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection error")]
+    struct Outer(#[source] io::Error);
+
+    #[test]
+    fn errors_are_reported_with_their_causes() {
+        let err = Outer(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "tunnel peer silent for 2s",
+        ));
+        assert_eq!(
+            with_causes(&err),
+            "connection error: tunnel peer silent for 2s"
+        );
+        let plain = io::Error::other("reset");
+        assert_eq!(with_causes(&plain), "reset");
+    }
+}
