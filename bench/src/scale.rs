@@ -107,7 +107,8 @@ pub async fn idle_and_storm(
 
 /// Puts one request through every one of the `count` tunnels (each opens an HTTP/2 session),
 /// records the relay's memory per tunnel with the sessions open, waits until every session
-/// has closed for idleness, and records the memory per idle tunnel again.
+/// has closed for idleness and the relay has given the freed memory back, and records the
+/// memory per idle tunnel again.
 async fn used_then_idle(
     relay: &RelayHost,
     count: usize,
@@ -152,7 +153,8 @@ async fn used_then_idle(
         connected == count as u64,
         "{connected} of {count} tunnels still registered after their sessions closed"
     );
-    tokio::time::sleep(SETTLE).await;
+    // The relay gives freed memory back within one trim interval.
+    tokio::time::sleep(cloudllm_relay::memory::TRIM_INTERVAL + SETTLE).await;
     let idle_again = relay.rss_kib().context("reading the relay's VmRSS")?;
     let per_tunnel = |rss: u64| rss.saturating_sub(before) as f64 / count as f64;
     figures.figures.extend([

@@ -11,6 +11,7 @@ mod client_addr;
 pub mod config;
 pub mod jwks;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 mod proxy;
 pub mod registry;
@@ -53,6 +54,8 @@ struct AppState {
     shutdown: CancellationToken,
     /// The tunnel tasks, so shutdown can wait for them to drain.
     tasks: TaskTracker,
+    /// Gives the memory of closed sessions and tunnels back to the system.
+    trimmer: Arc<memory::Trimmer>,
 }
 
 impl AppState {
@@ -143,7 +146,11 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         registry: registry.clone(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
+        trimmer: Arc::default(),
     });
+    state
+        .tasks
+        .spawn(state.trimmer.clone().run(shutdown.clone()));
     if let Some(jwks) = jwks {
         state
             .tasks

@@ -189,6 +189,7 @@ async fn run(
     let ended = serve(&state, &device, link, expiry).await;
     state.registry.remove(&device);
     device.set_gone();
+    state.trimmer.freed();
     match ended {
         Served::Closed(result) => result,
         Served::Drained(reason, result) => {
@@ -310,6 +311,7 @@ async fn session(
         )));
     };
     debug!("session closed");
+    state.trimmer.freed();
     if let Some((reason, deadline)) = drained {
         return Err(Stop::Drained(reason, deadline, Box::new(link)));
     }
