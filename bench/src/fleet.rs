@@ -21,7 +21,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use cloudllm_daemon::backoff::Backoff;
 use cloudllm_proto::{self as proto, Control, Hello};
-use cloudllm_tunnel::server::{self, Served};
+use cloudllm_tunnel::server::{self, RelaySignals, Served};
 use cloudllm_tunnel::{Link, Liveness};
 use futures_util::SinkExt;
 use http_body_util::combinators::BoxBody;
@@ -204,17 +204,8 @@ async fn serve(
     {
         return Ended::Closed;
     }
-    let ready = CancellationToken::new();
-    let drain = CancellationToken::new();
-    let handler = {
-        let (ready, drain) = (ready.clone(), drain.clone());
-        Box::new(move |control| match control {
-            Control::Ready => ready.cancel(),
-            Control::Drain => drain.cancel(),
-            _ => {}
-        })
-    };
-    let link = Link::new(ws, Liveness::default(), handler);
+    let signals = RelaySignals::default();
+    let link = Link::new(ws, Liveness::default(), signals.handler());
     let service = service_fn(|req: Request<Incoming>| {
         let response = answer(req.uri().path());
         async move { Ok::<_, Infallible>(response) }
@@ -233,11 +224,11 @@ async fn serve(
                 }
                 _ => Ended::Closed,
             },
-            () = ready.cancelled(), if !registered => {
+            () = signals.ready.cancelled(), if !registered => {
                 registered = true;
                 stats.registered.fetch_add(1, Ordering::Relaxed);
             }
-            () = drain.cancelled(), if !closing.is_cancelled() => closing.cancel(),
+            () = signals.drain.cancelled(), if !closing.is_cancelled() => closing.cancel(),
             () = stop.cancelled(), if !closing.is_cancelled() => closing.cancel(),
         }
     };

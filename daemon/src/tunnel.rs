@@ -14,14 +14,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cloudllm_proto::ipc::Connection;
 use cloudllm_proto::{Control, Hello, PROTOCOL_VERSION, Secret, sane_models};
 use cloudllm_tunnel::Link;
-use cloudllm_tunnel::server::{self, Served};
+use cloudllm_tunnel::server::{self, RelaySignals, Served};
 use futures_util::SinkExt;
 use hyper::service::service_fn;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::config::DaemonConfig;
@@ -182,20 +182,8 @@ async fn serve(
     if let Err(err) = ws.send(Message::Text(hello.to_text().into())).await {
         return Ended::Closed(Some(format!("sending the hello: {err}")));
     }
-    let ready = CancellationToken::new();
-    let drain = CancellationToken::new();
-    let handler = {
-        let (ready, drain) = (ready.clone(), drain.clone());
-        Box::new(move |control| match control {
-            Control::Ready => ready.cancel(),
-            Control::Drain => {
-                info!("relay asked this tunnel to drain");
-                drain.cancel();
-            }
-            other => debug!(control = ?other, "ignoring a control message relays do not send"),
-        })
-    };
-    let link = Link::new(ws, config.liveness(), handler).with_rtt(state.rtt_cell());
+    let signals = RelaySignals::default();
+    let link = Link::new(ws, config.liveness(), signals.handler()).with_rtt(state.rtt_cell());
     let outbox = link.outbox();
     let service = {
         let forwarder = forwarder.clone();
@@ -220,7 +208,7 @@ async fn serve(
     let ended = loop {
         tokio::select! {
             served = served.as_mut() => break served,
-            () = ready.cancelled(), if !registered => {
+            () = signals.ready.cancelled(), if !registered => {
                 registered = true;
                 info!(%relay, device = %config.device_name, "tunnel up");
                 state.set_connection(Connection::Connected { since: unix_now(), rtt_ms: None });
@@ -232,7 +220,10 @@ async fn serve(
                     outbox.push(Control::Models { models });
                 }
             }
-            () = drain.cancelled(), if !closing.is_cancelled() => closing.cancel(),
+            () = signals.drain.cancelled(), if !closing.is_cancelled() => {
+                info!("relay asked this tunnel to drain");
+                closing.cancel();
+            }
             () = stop.now.cancelled(), if !closing.is_cancelled() => closing.cancel(),
             () = stop.retire.cancelled(), if !closing.is_cancelled() => closing.cancel(),
         }
@@ -278,7 +269,7 @@ async fn serve(
             }
         }
         _ if stopped => Ended::Stopped,
-        _ if drain.is_cancelled() => Ended::Drained,
+        _ if signals.drain.is_cancelled() => Ended::Drained,
         Served::Closed(Some(frame))
             if matches!(frame.code, CloseCode::Restart | CloseCode::Away) =>
         {

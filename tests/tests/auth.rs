@@ -131,6 +131,7 @@ async fn bad_tokens_get_401_on_the_api_and_nothing_reaches_the_device() {
 async fn bad_tokens_get_401_on_the_tunnel_before_any_upgrade() {
     let stack = Stack::start().await;
     let http = client();
+    let version = cloudllm_proto::PROTOCOL_VERSION.to_string();
     let upgrade = |token: Option<&str>| {
         let mut request = http
             .get(stack.relay.api("/tunnel"))
@@ -138,7 +139,7 @@ async fn bad_tokens_get_401_on_the_tunnel_before_any_upgrade() {
             .header("upgrade", "websocket")
             .header("sec-websocket-version", "13")
             .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .header("x-cloudllm-protocol", "1")
+            .header("x-cloudllm-protocol", version.as_str())
             .header("x-cloudllm-device-id", "intruder")
             .header("x-cloudllm-device-name", "intruder");
         if let Some(token) = token {
@@ -162,13 +163,31 @@ async fn bad_tokens_get_401_on_the_tunnel_before_any_upgrade() {
     let plain = http
         .get(stack.relay.api("/tunnel"))
         .bearer_auth(token("mallory", Scope::Agent))
-        .header("x-cloudllm-protocol", "1")
+        .header("x-cloudllm-protocol", version.as_str())
         .header("x-cloudllm-device-id", "d")
         .header("x-cloudllm-device-name", "d")
         .send()
         .await
         .unwrap();
     assert_eq!(plain.status(), 400);
+    assert!(plain.text().await.unwrap().contains("WebSocket upgrade"));
+    // A daemon of another protocol version is told to upgrade, before any upgrade.
+    let old = http
+        .get(stack.relay.api("/tunnel"))
+        .bearer_auth(token("mallory", Scope::Agent))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("x-cloudllm-protocol", "1")
+        .header("x-cloudllm-device-id", "d")
+        .header("x-cloudllm-device-name", "d")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 400);
+    let text = old.text().await.unwrap();
+    assert!(text.contains("upgrade cloudllmd"), "{text}");
     assert_eq!(
         stack.relay.relay.registry.len(),
         1,

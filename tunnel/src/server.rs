@@ -18,8 +18,32 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
 
-use crate::WsIo;
 use crate::link::{Incoming, Link};
+use crate::{ControlHandler, WsIo};
+
+/// What the relay tells this end, as cancelled tokens: the daemon's control handler.
+#[derive(Clone, Default)]
+pub struct RelaySignals {
+    /// The relay has registered the device ([`Control::Ready`](cloudllm_proto::Control::Ready)):
+    /// requests may come.
+    pub ready: CancellationToken,
+    /// The relay asks this tunnel to drain
+    /// ([`Control::Drain`](cloudllm_proto::Control::Drain)).
+    pub drain: CancellationToken,
+}
+
+impl RelaySignals {
+    /// The link's control handler that cancels these tokens; other control messages (which
+    /// relays do not send) are ignored.
+    pub fn handler(&self) -> ControlHandler {
+        let signals = self.clone();
+        Box::new(move |control| match control {
+            cloudllm_proto::Control::Ready => signals.ready.cancel(),
+            cloudllm_proto::Control::Drain => signals.drain.cancel(),
+            _ => {}
+        })
+    }
+}
 
 /// How [`serve`] ended.
 pub enum Served<S> {
