@@ -84,6 +84,10 @@ enum Command {
         /// Mean time between daemon restarts (`0s`: none).
         #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
         restart_every: Duration,
+        /// The relay's `session_idle` (`2ms` makes sessions close and reopen between a
+        /// device's requests all the time).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        session_idle: Duration,
         /// Run the relay in this process instead of as the `cloudllm-relay` binary (then the
         /// memory sampled is the whole process's).
         #[arg(long)]
@@ -152,6 +156,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             workers,
             disconnects,
             restart_every,
+            session_idle,
             in_process,
         }) => {
             let relay_binary = if *in_process {
@@ -165,6 +170,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 workers_per_user: *workers,
                 disconnect_share: *disconnects,
                 restart_every: *restart_every,
+                session_idle: *session_idle,
                 relay_binary,
                 ..cloudllm_bench::soak::Options::new(*duration)
             };

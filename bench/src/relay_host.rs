@@ -46,8 +46,8 @@ const MAX_METRICS_BYTES: u64 = 1024 * 1024;
 /// Shutdown grace given to the relay: short, the benchmark stops it only when idle.
 const SHUTDOWN_GRACE: &str = "1s";
 
-/// The relay process's `session_idle`: 5 s, so that the scale run sees sessions close without
-/// waiting the default 30 s.
+/// The benchmark relay's usual `session_idle`: 5 s, so that the scale run sees sessions close
+/// without waiting the default 30 s.
 pub const SESSION_IDLE: Duration = Duration::from_secs(5);
 
 /// The tier's device limit: above the largest fleet the benchmark connects for one user.
@@ -92,14 +92,14 @@ fn tier() -> TierLimits {
 }
 
 /// The relay's config file for `addr`.
-fn config_toml(addr: SocketAddr) -> String {
+fn config_toml(addr: SocketAddr, session_idle: Duration) -> String {
     let tier = tier();
     format!(
         "listen = \"{addr}\"\n\
          secret = \"{SECRET}\"\n\
          auth_failures_per_minute = 0\n\
          shutdown_grace = \"{SHUTDOWN_GRACE}\"\n\
-         session_idle = \"{}s\"\n\
+         session_idle = \"{}ms\"\n\
          \n\
          [tiers.{TIER}]\n\
          requests_per_minute = {}\n\
@@ -107,7 +107,7 @@ fn config_toml(addr: SocketAddr) -> String {
          devices = {}\n\
          max_body_bytes = {}\n\
          max_stream = \"{}s\"\n",
-        SESSION_IDLE.as_secs(),
+        session_idle.as_millis(),
         tier.requests_per_minute,
         tier.concurrent_requests,
         tier.devices,
@@ -158,11 +158,14 @@ pub struct RelayHost {
 
 impl RelayHost {
     /// Starts `binary serve` on a free loopback port and waits until it answers.
-    pub async fn spawn(binary: &Path) -> anyhow::Result<RelayHost> {
+    pub async fn spawn(binary: &Path, session_idle: Duration) -> anyhow::Result<RelayHost> {
         let scratch = Scratch::create("relay")?;
         // Any free port: bound and released again at once; the relay binds it a moment later.
         let addr = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
-        let child = start_process(binary, &scratch.0, addr)?;
+        let config = scratch.0.join("relay.toml");
+        std::fs::write(&config, config_toml(addr, session_idle))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let child = start_process(binary, &scratch.0)?;
         let relay = RelayHost {
             addr,
             host: Host::Process {
@@ -176,12 +179,13 @@ impl RelayHost {
     }
 
     /// Starts the relay library on the runtime of `handle`, on a free loopback port.
-    pub async fn in_process(handle: &Handle) -> anyhow::Result<RelayHost> {
+    pub async fn in_process(handle: &Handle, session_idle: Duration) -> anyhow::Result<RelayHost> {
         let mut config = RelayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             secret: Some(Secret::new(SECRET)),
             auth_failures_per_minute: 0,
             shutdown_grace: Duration::from_secs(1),
+            session_idle,
             ..RelayConfig::default()
         };
         config.tiers.insert(TIER.to_owned(), tier());
@@ -254,6 +258,15 @@ impl RelayHost {
             .context("/metrics has no cloudllm_tunnel_sessions_open")
     }
 
+    /// `cloudllm_tunnel_sessions_total` from the relay's `/metrics`: HTTP/2 sessions opened.
+    pub async fn sessions_opened(&self) -> anyhow::Result<u64> {
+        let text = timeout(METRICS_TIMEOUT, get(self.addr, "/metrics", &[]))
+            .await
+            .context("/metrics timed out")??;
+        gauge(&text, "cloudllm_tunnel_sessions_total")
+            .context("/metrics has no cloudllm_tunnel_sessions_total")
+    }
+
     /// `GET path` on the relay as a user with `token`, for the device `device`: the body, if
     /// the status is 200.
     pub async fn get_as(&self, token: &str, device: &str, path: &str) -> anyhow::Result<String> {
@@ -319,7 +332,7 @@ impl RelayHost {
                 }
             }
         }
-        *child = start_process(binary, &scratch.0, self.addr)?;
+        *child = start_process(binary, &scratch.0)?;
         self.wait_ready().await
     }
 
@@ -386,10 +399,9 @@ impl Drop for RelayHost {
     }
 }
 
-fn start_process(binary: &Path, dir: &Path, addr: SocketAddr) -> anyhow::Result<Child> {
+/// Starts the relay with the config file `relay.toml` in `dir`.
+fn start_process(binary: &Path, dir: &Path) -> anyhow::Result<Child> {
     let config = dir.join("relay.toml");
-    std::fs::write(&config, config_toml(addr))
-        .with_context(|| format!("writing {}", config.display()))?;
     let log = std::fs::File::create(dir.join("relay.log"))?;
     Command::new(binary)
         .arg("serve")
@@ -488,7 +500,7 @@ mod tests {
 
     #[test]
     fn the_config_file_is_one_the_relay_accepts() {
-        let text = config_toml(SocketAddr::from(([127, 0, 0, 1], 9)));
+        let text = config_toml(SocketAddr::from(([127, 0, 0, 1], 9)), SESSION_IDLE);
         let config: RelayConfig = toml_like(&text);
         assert_eq!(config.auth_failures_per_minute, 0);
         assert_eq!(config.tiers.get(TIER), Some(&tier()));

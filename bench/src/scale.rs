@@ -194,7 +194,7 @@ async fn idle(
     binary: &std::path::Path,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
-    let mut relay = RelayHost::spawn(binary).await?;
+    let mut relay = RelayHost::spawn(binary, relay_host::SESSION_IDLE).await?;
     tokio::time::sleep(SETTLE).await;
     let before = relay.rss_kib().context("reading the relay's VmRSS")?;
     let keys = relay_host::keys();

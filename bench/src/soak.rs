@@ -72,6 +72,10 @@ pub struct Options {
     /// The `cloudllm-relay` binary to run as its own process; `None`: the relay library in
     /// this process (then the memory sampled is the whole process's).
     pub relay_binary: Option<PathBuf>,
+    /// The relay's `session_idle`: how long a device's HTTP/2 session outlives its last
+    /// request. A few milliseconds make sessions close and open between a device's requests
+    /// all the time.
+    pub session_idle: Duration,
 }
 
 impl Options {
@@ -86,6 +90,7 @@ impl Options {
             restart_every: Duration::from_secs(15),
             sample_every: Duration::from_secs(1).max(duration / 200),
             relay_binary: None,
+            session_idle: relay_host::SESSION_IDLE,
         }
     }
 }
@@ -144,6 +149,8 @@ pub struct Outcome {
     pub rss: Vec<(f64, u64)>,
     /// The first lost or misrouted requests, for the operator.
     pub failures: Vec<String>,
+    /// HTTP/2 sessions the relay opened on the devices' tunnels.
+    pub sessions: u64,
 }
 
 impl Outcome {
@@ -197,8 +204,8 @@ impl Device {
 async fn soak(options: Options, handles: Handles) -> anyhow::Result<Outcome> {
     let mut figures = Figures::new();
     let relay = match &options.relay_binary {
-        Some(binary) => RelayHost::spawn(binary).await?,
-        None => RelayHost::in_process(&handles.relay).await?,
+        Some(binary) => RelayHost::spawn(binary, options.session_idle).await?,
+        None => RelayHost::in_process(&handles.relay, options.session_idle).await?,
     };
     let keys = relay_host::keys();
     let scratch = Scratch::create("soak")?;
@@ -299,6 +306,7 @@ async fn soak(options: Options, handles: Handles) -> anyhow::Result<Outcome> {
     }
     backends_stop.cancel();
     let relay_only = relay.rss_is_relay_only();
+    let sessions = relay.sessions_opened().await?;
     relay.stop().await?;
     anyhow::ensure!(
         errors.is_empty(),
@@ -309,11 +317,18 @@ async fn soak(options: Options, handles: Handles) -> anyhow::Result<Outcome> {
     let counts = counts.snapshot();
     let failures = failures.lock().map(|f| f.clone()).unwrap_or_default();
     describe(&options, &counts, &rss, relay_only, &mut figures);
+    figures.figures.push(Figure::info(
+        "soak",
+        "HTTP/2 sessions the relay opened",
+        sessions as f64,
+        "sessions",
+    ));
     Ok(Outcome {
         figures,
         counts,
         rss,
         failures,
+        sessions,
     })
 }
 
@@ -655,13 +670,14 @@ fn describe(
     figures.setup.push(format!(
         "soak: {:?} of {} users × {} devices (real daemons, each with its own fake backend) × {} \
          workers per user; {:.0}% of requests cut by the client mid-stream; a random daemon \
-         restarted about every {:?}; relay {}",
+         restarted about every {:?}; relay session_idle {:?}; relay {}",
         options.duration,
         options.users,
         options.devices_per_user,
         options.workers_per_user,
         options.disconnect_share * 100.0,
         options.restart_every,
+        options.session_idle,
         if relay_only { "process" } else { "in-process" },
     ));
 }

@@ -50,7 +50,7 @@ pub async fn run(
         options.streams > 0 && options.devices > 0 && options.lines >= 2,
         "streams, devices and lines (≥ 2) must be set"
     );
-    let relay = RelayHost::spawn(&relay_host::relay_binary()?).await?;
+    let relay = RelayHost::spawn(&relay_host::relay_binary()?, relay_host::SESSION_IDLE).await?;
     let backend_stop = CancellationToken::new();
     let backend = timeout(
         STEP,

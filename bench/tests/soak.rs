@@ -15,6 +15,8 @@ fn a_short_soak_loses_and_misroutes_nothing() {
         restart_every: Duration::from_secs(4),
         // The relay in this process: tests of this crate have no relay binary at hand.
         relay_binary: None,
+        // Sessions close between a device's requests and reopen all the time.
+        session_idle: Duration::from_millis(2),
         ..soak::Options::new(Duration::from_secs(20))
     };
     // The soak bounds itself (duration plus start-up and shutdown limits).
@@ -28,6 +30,10 @@ fn a_short_soak_loses_and_misroutes_nothing() {
     assert!(Counts::value(&counts.completed) >= 50, "{text}");
     assert!(Counts::value(&counts.cut_by_client) >= 1, "{text}");
     assert!(Counts::value(&counts.restarts) >= 2, "{text}");
+    assert!(
+        outcome.sessions > 2 * 4,
+        "sessions closed and reopened on the four devices: {text}"
+    );
     assert!(outcome.rss.len() >= 10, "{text}");
     let accounted = Counts::value(&counts.completed)
         + Counts::value(&counts.cut_by_client)
