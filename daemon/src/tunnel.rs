@@ -179,8 +179,12 @@ async fn serve(
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
         models: sane_models(models.borrow_and_update().clone()),
     });
-    if let Err(err) = ws.send(Message::Text(hello.to_text().into())).await {
-        return Ended::Closed(Some(format!("sending the hello: {err}")));
+    let bound = config.liveness().detection_bound();
+    let message = Message::Text(hello.to_text().into());
+    match tokio::time::timeout(bound, ws.send(message)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Ended::Closed(Some(format!("sending the hello: {err}"))),
+        Err(_) => return Ended::Closed(Some(format!("the relay took no hello for {bound:?}"))),
     }
     let signals = RelaySignals::default();
     let link = Link::new(ws, config.liveness(), signals.handler()).with_rtt(state.rtt_cell());

@@ -354,12 +354,11 @@ async fn open(
         .await
         .context("hello timed out")??;
     if hello.protocol_version != proto::PROTOCOL_VERSION {
-        let _ = ws
-            .close(Some(CloseFrame {
-                code: CloseCode::Protocol,
-                reason: "unsupported protocol version: upgrade cloudllmd".into(),
-            }))
-            .await;
+        let frame = CloseFrame {
+            code: CloseCode::Protocol,
+            reason: "unsupported protocol version: upgrade cloudllmd".into(),
+        };
+        let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, ws.close(Some(frame))).await;
         anyhow::bail!(
             "daemon speaks protocol {}, relay speaks {}",
             hello.protocol_version,
@@ -471,10 +470,10 @@ async fn drain_idle(
     if link.is_closed() {
         return Ok(());
     }
-    if !asked {
-        link.send(&Control::Drain).await?;
-    }
     let closed = tokio::time::timeout_at(deadline, async {
+        if !asked && link.send(&Control::Drain).await.is_err() {
+            return;
+        }
         loop {
             match link.next().await {
                 Ok(Incoming::Closed) | Err(_) => return,

@@ -141,16 +141,22 @@ where
         std::future::poll_fn(|cx| self.poll_incoming(cx)).await
     }
 
-    /// Sends one control message now.
+    /// Sends one control message now. A peer that does not take it within the liveness bound
+    /// (its socket full: it stopped reading) is presumed dead.
     pub async fn send(&mut self, control: &Control) -> io::Result<()> {
-        self.ws
-            .send(Message::Text(control.to_text().into()))
-            .await
-            .map_err(to_io)
+        let bound = self.liveness.detection_bound();
+        let message = Message::Text(control.to_text().into());
+        match tokio::time::timeout(bound, self.ws.send(message)).await {
+            Ok(sent) => sent.map_err(to_io),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("tunnel peer took no message for {bound:?}: connection presumed dead"),
+            )),
+        }
     }
 
     /// Closes the WebSocket with `code` and `reason` (cut to the 123 bytes a close frame
-    /// holds).
+    /// holds), waiting at most the liveness bound for the frame to go out.
     pub async fn close(&mut self, code: CloseCode, reason: &str) {
         let mut end = reason.len().min(123);
         while !reason.is_char_boundary(end) {
@@ -160,7 +166,8 @@ where
             code,
             reason: reason[..end].to_owned().into(),
         };
-        let _ = self.ws.close(Some(frame)).await;
+        let bound = self.liveness.detection_bound();
+        let _ = tokio::time::timeout(bound, self.ws.close(Some(frame))).await;
         self.closed = true;
     }
 

@@ -169,7 +169,14 @@ mod tests {
     async fn pair(
         liveness: Liveness,
     ) -> (Link<DuplexStream>, WebSocketStream<DuplexStream>, Controls) {
-        let (a, b) = tokio::io::duplex(1 << 20);
+        pair_with_buffer(liveness, 1 << 20).await
+    }
+
+    async fn pair_with_buffer(
+        liveness: Liveness,
+        buffer: usize,
+    ) -> (Link<DuplexStream>, WebSocketStream<DuplexStream>, Controls) {
+        let (a, b) = tokio::io::duplex(buffer);
         let ours = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
         let theirs = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
         let got = Controls::default();
@@ -263,6 +270,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&reader.await.unwrap().unwrap(), b"done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_fails_a_send_within_the_bound() {
+        let liveness = Liveness {
+            ping_interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(3),
+        };
+        // A socket with room for 64 bytes, and a peer that never reads.
+        let (mut link, _peer, _) = pair_with_buffer(liveness, 64).await;
+        let big = Control::Models {
+            models: vec!["m".repeat(1000)],
+        };
+        let started = Instant::now();
+        let err = link.send(&big).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), liveness.detection_bound());
+        // Closing does not hang either.
+        link.close(CloseCode::Normal, "bye").await;
+        assert!(link.is_closed());
     }
 
     #[tokio::test]
