@@ -287,17 +287,22 @@ where
             let _ = self.ping_timer.as_mut().poll(cx);
         }
         self.outbox.shared.waker.register(cx.waker());
-        loop {
-            let Some(control) = lock(&self.outbox.shared.queue)
-                .front()
-                .map(Control::to_text)
-            else {
+        // Checked on every read: the lock is taken only when something was queued.
+        while self.outbox.shared.queued.load(Ordering::Acquire) {
+            let queue = lock(&self.outbox.shared.queue);
+            let Some(control) = queue.front().map(Control::to_text) else {
+                self.outbox.shared.queued.store(false, Ordering::Release);
                 break;
             };
+            drop(queue);
             if !self.poll_start_send(cx, || Message::Text(control.into()))? {
                 break;
             }
-            lock(&self.outbox.shared.queue).pop_front();
+            let mut queue = lock(&self.outbox.shared.queue);
+            queue.pop_front();
+            if queue.is_empty() {
+                self.outbox.shared.queued.store(false, Ordering::Release);
+            }
         }
         if self.unflushed
             && let Poll::Ready(flushed) = Pin::new(&mut self.ws).poll_flush(cx)
@@ -360,6 +365,8 @@ pub struct Outbox {
 #[derive(Default)]
 struct OutboxShared {
     queue: Mutex<VecDeque<Control>>,
+    /// Whether `queue` may hold something; changed only under its lock.
+    queued: std::sync::atomic::AtomicBool,
     /// The task polling the link.
     waker: AtomicWaker,
 }
@@ -367,7 +374,10 @@ struct OutboxShared {
 impl Outbox {
     /// Queues `control`; the link sends it as soon as its owner or session polls it.
     pub fn push(&self, control: Control) {
-        lock(&self.shared.queue).push_back(control);
+        let mut queue = lock(&self.shared.queue);
+        queue.push_back(control);
+        self.shared.queued.store(true, Ordering::Release);
+        drop(queue);
         self.shared.waker.wake();
     }
 }
