@@ -305,6 +305,8 @@ async fn session(
             }
         }
     };
+    // However the session ended, its handle goes too (it holds hyper's request queue).
+    device.close_session();
     let Ok(Returned { link, peer_ended }) = back.await else {
         return Err(Stop::Failed(anyhow::anyhow!(
             "HTTP/2 session lost the tunnel's link"
