@@ -7,8 +7,8 @@
 
 #![no_main]
 
-use cloudllm_proto::ipc::{self, Request, Response};
 use cloudllm_proto::Control;
+use cloudllm_proto::ipc::{self, Request, Response};
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
