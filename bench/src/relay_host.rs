@@ -251,20 +251,12 @@ impl RelayHost {
     /// `cloudllm_tunnel_sessions_open` from the relay's `/metrics`: tunnels with an HTTP/2
     /// session open.
     pub async fn sessions_open(&self) -> anyhow::Result<u64> {
-        let text = timeout(METRICS_TIMEOUT, get(self.addr, "/metrics", &[]))
-            .await
-            .context("/metrics timed out")??;
-        gauge(&text, "cloudllm_tunnel_sessions_open")
-            .context("/metrics has no cloudllm_tunnel_sessions_open")
+        metric_at(self.addr, "cloudllm_tunnel_sessions_open").await
     }
 
     /// `cloudllm_tunnel_sessions_total` from the relay's `/metrics`: HTTP/2 sessions opened.
     pub async fn sessions_opened(&self) -> anyhow::Result<u64> {
-        let text = timeout(METRICS_TIMEOUT, get(self.addr, "/metrics", &[]))
-            .await
-            .context("/metrics timed out")??;
-        gauge(&text, "cloudllm_tunnel_sessions_total")
-            .context("/metrics has no cloudllm_tunnel_sessions_total")
+        metric_at(self.addr, "cloudllm_tunnel_sessions_total").await
     }
 
     /// `GET path` on the relay as a user with `token`, for the device `device`: the body, if
@@ -433,10 +425,15 @@ fn terminate(_child: &Child) {
 
 /// `cloudllm_devices_connected` from the `/metrics` of the relay at `addr`.
 pub async fn devices_at(addr: SocketAddr) -> anyhow::Result<u64> {
+    metric_at(addr, "cloudllm_devices_connected").await
+}
+
+/// The unlabelled metric `name` from the `/metrics` of the relay at `addr`.
+async fn metric_at(addr: SocketAddr, name: &str) -> anyhow::Result<u64> {
     let text = timeout(METRICS_TIMEOUT, get(addr, "/metrics", &[]))
         .await
         .context("/metrics timed out")??;
-    gauge(&text, "cloudllm_devices_connected").context("/metrics has no cloudllm_devices_connected")
+    gauge(&text, name).with_context(|| format!("/metrics has no {name}"))
 }
 
 /// `VmRSS` in KiB from a `/proc/PID/status` text.
@@ -448,7 +445,7 @@ pub fn vm_rss_kib(status: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-/// The value of an unlabelled gauge in Prometheus text.
+/// The value of an unlabelled gauge or counter in Prometheus text.
 fn gauge(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .filter(|line| !line.starts_with('#'))
