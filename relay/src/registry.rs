@@ -91,6 +91,10 @@ impl Device {
     /// A handle to send requests on this tunnel's HTTP/2 session, once one is open: the
     /// tunnel task opens one on demand.
     pub async fn sender(&self) -> Result<SendRequest<Body>, Offline> {
+        // The common case, a session already open, takes one lock and no waiting list.
+        if let Some(session) = self.open_sender() {
+            return Ok(session);
+        }
         let deadline = Instant::now() + SESSION_WAIT;
         loop {
             let opened = self.opened.notified();
@@ -100,15 +104,24 @@ impl Device {
             if self.gone.load(Ordering::Acquire) {
                 return Err(Offline);
             }
-            if let Some(session) = lock(&self.session).as_ref().filter(|s| !s.is_closed()) {
-                return Ok(session.clone());
+            if let Some(session) = self.open_sender() {
+                return Ok(session);
             }
-            self.waiting.fetch_add(1, Ordering::AcqRel);
+            // Counted while waiting, also when the caller gives up and drops this future.
+            let _waiting = Waiting::start(&self.waiting);
             self.wanted.notify_one();
-            let woken = tokio::time::timeout_at(deadline, opened).await;
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            woken.map_err(|_| Offline)?;
+            tokio::time::timeout_at(deadline, opened)
+                .await
+                .map_err(|_| Offline)?;
         }
+    }
+
+    /// The open session's handle, unless there is none or its connection has ended.
+    fn open_sender(&self) -> Option<SendRequest<Body>> {
+        lock(&self.session)
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .cloned()
     }
 
     /// Waits until a request needs a session (for the tunnel task).
@@ -191,6 +204,22 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One request waiting for a session, counted in [`Device::waiting`] until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn start(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -379,6 +408,23 @@ mod tests {
         assert!(matches!(waiting.await.unwrap(), Err(Offline)));
         // Later requests do not wait at all.
         assert!(matches!(device.sender().await, Err(Offline)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_goes_away_while_waiting_stops_counting() {
+        let device = device();
+        let waiting = tokio::spawn({
+            let device = device.clone();
+            async move { device.sender().await.map(|_| ()) }
+        });
+        tokio::time::timeout(Duration::from_secs(1), device.session_wanted())
+            .await
+            .expect("the request asked for a session");
+        assert_eq!(device.waiting.load(Ordering::Acquire), 1);
+        // The caller hangs up: its request future is dropped mid-wait.
+        waiting.abort();
+        let _ = waiting.await;
+        assert_eq!(device.waiting.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test(start_paused = true)]

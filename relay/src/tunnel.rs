@@ -297,7 +297,7 @@ async fn session(
                 debug!("device idle: closing the session");
                 device.close_session();
             }
-            reason = drain.as_mut(), if drained.is_none() => {
+            reason = drain.as_mut() => {
                 state.registry.remove(device);
                 let deadline = tokio::time::Instant::now() + state.config.shutdown_grace;
                 drained = Some((reason, deadline));
