@@ -1,7 +1,14 @@
 //! [`Coalesce`]: a body that merges the data frames already waiting into one, so a burst of
 //! small chunks (NDJSON tokens produced faster than they are sent) crosses each hop as a few
-//! large frames instead of thousands of tiny ones. It never waits for data: a frame is passed
-//! on as soon as the inner body has nothing more ready, so latency is unchanged.
+//! large frames instead of thousands of tiny ones.
+//!
+//! It never waits for data to be produced, only for the producer's task to take its turn: a
+//! body whose frames come from another task (hyper's HTTP/1 client hands over one chunk at a
+//! time and decodes the next only when that one is taken) has nothing ready on the second poll
+//! even when the next chunk already sits in the socket. So when the inner body is pending with
+//! data in hand, the merge yields once to the scheduler and looks again; it keeps merging while
+//! each turn brings more, and passes the frame on as soon as one turn brings nothing. A token
+//! that comes alone is delayed by one scheduler turn (microseconds), not by any timer.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -15,6 +22,11 @@ pub const MAX_MERGED: usize = 16 * 1024;
 /// See the module docs.
 pub struct Coalesce<B: Body> {
     inner: B,
+    /// Data taken from the inner body and not passed on yet, kept over a yield.
+    gathered: Option<Bytes>,
+    merged: Option<BytesMut>,
+    /// The last poll yielded with data gathered: a poll that finds nothing new passes it on.
+    yielded: bool,
     /// An error met after data was merged: reported on the next poll, after that data.
     failed: Option<B::Error>,
     /// A frame read past the end of a merge (trailers, or data that would overflow).
@@ -28,10 +40,46 @@ impl<B: Body> Coalesce<B> {
     pub fn new(inner: B) -> Self {
         Coalesce {
             inner,
+            gathered: None,
+            merged: None,
+            yielded: false,
             failed: None,
             held: None,
             done: false,
         }
+    }
+
+    /// Bytes gathered so far.
+    fn gathered_len(&self) -> usize {
+        match (&self.merged, &self.gathered) {
+            (Some(merged), _) => merged.len(),
+            (None, Some(first)) => first.len(),
+            (None, None) => 0,
+        }
+    }
+
+    /// Adds `data` to what is gathered, copying only once a second piece comes.
+    fn gather(&mut self, data: Bytes) {
+        if let Some(merged) = &mut self.merged {
+            merged.extend_from_slice(&data);
+        } else if let Some(first) = self.gathered.take() {
+            let mut merged = BytesMut::with_capacity(MAX_MERGED);
+            merged.extend_from_slice(&first);
+            merged.extend_from_slice(&data);
+            self.merged = Some(merged);
+        } else {
+            self.gathered = Some(data);
+        }
+    }
+
+    /// Takes what is gathered as one frame, if anything is.
+    fn take_gathered(&mut self) -> Option<Frame<Bytes>> {
+        self.yielded = false;
+        let data = match self.merged.take() {
+            Some(merged) => Some(merged.freeze()),
+            None => self.gathered.take(),
+        };
+        data.map(Frame::data)
     }
 }
 
@@ -48,71 +96,73 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
-        if let Some(err) = this.failed.take() {
-            return Poll::Ready(Some(Err(err)));
+        if this.gathered_len() == 0 {
+            if let Some(err) = this.failed.take() {
+                return Poll::Ready(Some(Err(err)));
+            }
+            match this.held.take() {
+                Some(frame) => match frame.into_data() {
+                    Ok(data) => this.gather(data),
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                None if this.done => return Poll::Ready(None),
+                None => {}
+            }
         }
-        let first = match this.held.take() {
-            Some(frame) => frame,
-            None if this.done => return Poll::Ready(None),
-            None => match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => frame,
-                Poll::Ready(other) => {
-                    this.done = true;
-                    return Poll::Ready(other);
-                }
-                Poll::Pending => return Poll::Pending,
-            },
-        };
-        let first = match first.into_data() {
-            Ok(data) => data,
-            Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
-        };
-        if first.len() >= MAX_MERGED || this.done {
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        }
-        let mut merged: Option<BytesMut> = None;
-        let mut size = first.len();
-        loop {
+        let mut progressed = false;
+        while !this.done && this.held.is_none() && this.gathered_len() < MAX_MERGED {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if size + data.len() <= MAX_MERGED => {
-                        let buffer = merged.get_or_insert_with(|| {
-                            let mut buffer = BytesMut::with_capacity(MAX_MERGED);
-                            buffer.extend_from_slice(&first);
-                            buffer
-                        });
-                        size += data.len();
-                        buffer.extend_from_slice(&data);
+                    // An empty chunk carries nothing: not worth a frame, nor another turn.
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if this.gathered_len() + data.len() <= MAX_MERGED => {
+                        this.gather(data);
+                        progressed = true;
                     }
-                    Ok(data) => {
-                        this.held = Some(Frame::data(data));
+                    Ok(data) if this.gathered_len() == 0 => {
+                        // Larger than a merge on its own: passed on as it is.
+                        this.gather(data);
                         break;
                     }
-                    Err(trailers) => {
-                        this.held = Some(trailers);
-                        break;
-                    }
+                    Ok(data) => this.held = Some(Frame::data(data)),
+                    Err(trailers) => this.held = Some(trailers),
                 },
-                // End, error or nothing ready: send what we have; an error or the end comes
-                // on the next poll.
-                Poll::Ready(None) => {
-                    this.done = true;
-                    break;
-                }
+                // The end, or an error: send what we have; the error or the end comes on the
+                // next poll.
+                Poll::Ready(None) => this.done = true,
                 Poll::Ready(Some(Err(err))) => {
                     this.done = true;
                     this.failed = Some(err);
+                }
+                Poll::Pending => {
+                    if this.gathered_len() == 0 {
+                        return Poll::Pending;
+                    }
+                    if progressed || !this.yielded {
+                        // Give the producer a turn to make its next chunk, then look again.
+                        this.yielded = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                     break;
                 }
-                Poll::Pending => break,
             }
         }
-        let data = merged.map_or(first, BytesMut::freeze);
-        Poll::Ready(Some(Ok(Frame::data(data))))
+        match this.take_gathered() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            // Only an error or the end was found: report it now.
+            None => match this.failed.take() {
+                Some(err) => Poll::Ready(Some(Err(err))),
+                None => Poll::Ready(None),
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_none() && self.failed.is_none() && (self.done || self.inner.is_end_stream())
+        self.gathered_len() == 0
+            && self.held.is_none()
+            && self.failed.is_none()
+            && (self.done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -166,15 +216,68 @@ mod tests {
 
     #[tokio::test]
     async fn ready_chunks_merge_and_a_pause_ends_a_frame() {
+        // One `None` is a producer that needs a turn (it was woken and makes its next chunk
+        // then); two in a row are a pause: nothing came in the turn the merge gave.
         let out = frames(vec![
             data("a\n"),
             data("b\n"),
+            None,
             None,
             data("c\n"),
             data("d\n"),
         ])
         .await;
         assert_eq!(out, vec![Ok("a\nb\n".to_owned()), Ok("c\nd\n".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn a_producer_that_hands_over_one_chunk_per_turn_still_merges() {
+        // hyper's HTTP/1 client body: one chunk, then pending until its task runs again.
+        let out = frames(vec![
+            data("a"),
+            None,
+            data("b"),
+            None,
+            data("c"),
+            None,
+            None,
+            data("d"),
+        ])
+        .await;
+        assert_eq!(out, vec![Ok("abc".to_owned()), Ok("d".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn a_lone_chunk_waits_one_turn_only() {
+        use http_body_util::BodyExt;
+        // A producer that stays pending: the chunk in hand must come out after one look.
+        struct Once(Option<Bytes>);
+        impl Body for Once {
+            type Data = Bytes;
+            type Error = &'static str;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+                match self.0.take() {
+                    Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    None => Poll::Pending,
+                }
+            }
+        }
+        let mut body = Coalesce::new(Once(Some(Bytes::from_static(b"token"))));
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+            .await
+            .expect("the chunk in hand came out")
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.into_data().unwrap(), "token");
+    }
+
+    #[tokio::test]
+    async fn empty_chunks_make_no_frames() {
+        let out = frames(vec![data(""), data("a"), data(""), None, None, data("")]).await;
+        assert_eq!(out, vec![Ok("a".to_owned())]);
     }
 
     #[tokio::test]
