@@ -20,7 +20,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cloudllm_proto::{self as proto, Control, Hello};
-use cloudllm_tunnel::{Incoming, Link, Outbox, Returned, WsIo};
+use cloudllm_tunnel::{Incoming, Link, Outbox, ReadAhead, Returned, WsIo};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
@@ -143,8 +143,11 @@ impl Drain {
     }
 }
 
+/// A tunnel's connection as its WebSocket reads it: small reads, large ones in a burst.
+type TunnelIo = ReadAhead<TokioIo<hyper::upgrade::Upgraded>>;
+
 /// The relay's end of a tunnel's WebSocket.
-type TunnelLink = Link<TokioIo<hyper::upgrade::Upgraded>>;
+type TunnelLink = Link<TunnelIo>;
 
 /// Runs one upgraded tunnel until it closes, the relay drains it, or `expiry` passes.
 async fn run(
@@ -345,7 +348,7 @@ async fn open(
     (user, id, name): (String, String, String),
 ) -> anyhow::Result<(Arc<Device>, TunnelLink, String)> {
     let mut ws = WebSocketStream::from_raw_socket(
-        io,
+        ReadAhead::new(io),
         Role::Server,
         Some(cloudllm_tunnel::ws_config(
             cloudllm_tunnel::RELAY_WS_READ_BUFFER,
@@ -375,9 +378,7 @@ async fn open(
 }
 
 /// Reads the daemon's first message, which must be its hello.
-async fn read_hello(
-    ws: &mut WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
-) -> anyhow::Result<Hello> {
+async fn read_hello(ws: &mut WebSocketStream<TunnelIo>) -> anyhow::Result<Hello> {
     use futures_util::StreamExt;
     loop {
         let message = ws

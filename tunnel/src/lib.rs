@@ -13,6 +13,7 @@
 pub mod coalesce;
 pub mod headers;
 mod link;
+mod read_ahead;
 pub mod server;
 mod ws_io;
 
@@ -21,6 +22,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use link::{ControlHandler, Incoming, Link, Outbox};
+pub use read_ahead::{READ_AHEAD, ReadAhead};
 pub use ws_io::{Returned, WsIo};
 
 /// Per-stream HTTP/2 flow-control window: 64 KiB. With hyper's larger defaults, many streams of
@@ -41,9 +43,10 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// below what would let a peer make us buffer without end.
 pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
-/// Largest WebSocket message we send: 16 KiB, one HTTP/2 frame's worth. Bigger messages add
+/// Largest WebSocket message we send: one full HTTP/2 frame (16 KiB of payload and its 9-byte
+/// header), so a merged 16 KiB chunk of tokens crosses as one message. Bigger messages add
 /// latency for the streams queued behind them; smaller ones add per-message overhead.
-pub const MAX_WS_MESSAGE_OUT: usize = 16 * 1024;
+pub const MAX_WS_MESSAGE_OUT: usize = 16 * 1024 + 9;
 
 /// Largest WebSocket message (and frame) we accept: 256 KiB, the largest control message
 /// ([`cloudllm_proto::MAX_CONTROL_BYTES`]). Our own peer never sends binary messages over
@@ -53,8 +56,8 @@ pub const MAX_WS_MESSAGE_IN: usize = cloudllm_proto::MAX_CONTROL_BYTES;
 /// The relay's WebSocket read buffer: 1 KiB. tungstenite zero-fills its whole read buffer
 /// before each read, so the buffer is resident memory in every tunnel, idle or not, and the
 /// relay holds thousands of tunnels: 1 KiB instead of 8 KiB takes an idle tunnel from ≈42 to
-/// ≈34 KiB. It costs throughput only on large messages (a 16 KiB message takes 16 reads), which
-/// carry whole response bodies, not token streams.
+/// ≈34 KiB. The relay reads through a [`ReadAhead`], so a burst of large messages still takes
+/// one read per [`READ_AHEAD`] bytes, not one per kilobyte.
 pub const RELAY_WS_READ_BUFFER: usize = 1024;
 
 /// The daemon's WebSocket read buffer: 8 KiB (tungstenite's default is 128 KiB). The daemon
