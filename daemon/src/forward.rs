@@ -231,4 +231,78 @@ mod tests {
         left.sort_unstable();
         assert_eq!(left, ["content-type", "x-request-id"]);
     }
+
+    /// A burst of tokens that Ollama wrote at once leaves the daemon as a few 16 KiB frames,
+    /// not one frame (one HTTP/2 frame and one tunnel message) per token, although hyper's
+    /// HTTP/1 client hands the body over one chunk at a time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_from_ollama_leaves_as_a_few_large_frames() {
+        use hyper_util::rt::TokioIo;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        const LINES: usize = 2_000;
+        let line = "{\"model\":\"m\",\"response\":\"token\",\"done\":false}\n";
+        // An "Ollama" that answers with every line at once, each its own chunk.
+        let ollama = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ollama_url: Url = format!("http://{}", ollama.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let mut response = String::from(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        for _ in 0..LINES {
+            response.push_str(&format!("{:x}\r\n{line}\r\n", line.len()));
+        }
+        response.push_str("0\r\n\r\n");
+        tokio::spawn(async move {
+            let (mut conn, _) = ollama.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                conn.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            conn.write_all(response.as_bytes()).await.unwrap();
+            // Keep the connection open until the daemon has read it all.
+            let _ = conn.read(&mut byte).await;
+        });
+
+        // The forwarder behind an HTTP/1 server, so the test can send it a real request.
+        let state = State::new("test".to_owned(), "file".to_owned());
+        let forwarder =
+            Arc::new(Forwarder::new(ollama_url, false, "test".to_owned(), state).unwrap());
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (conn, _) = front.accept().await.unwrap();
+            let service = hyper::service::service_fn(move |req| forwarder.clone().serve(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(conn), service)
+                .await;
+        });
+
+        let stream = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let request = Request::post("/api/generate")
+            .header(header::HOST, "daemon")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let mut body = sender.send_request(request).await.unwrap().into_body();
+        let (mut frames, mut bytes) = (0usize, 0usize);
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                frames += 1;
+                bytes += data.len();
+            }
+        }
+        assert_eq!(bytes, LINES * line.len(), "every byte arrives");
+        // 100 KB in 16 KiB frames is 7; one frame per line would be 2,000.
+        assert!(
+            frames <= 40,
+            "{LINES} lines came as {frames} frames: the burst was not merged"
+        );
+    }
 }

@@ -4,11 +4,13 @@
 //!
 //! It never waits for data to be produced, only for the producer's task to take its turn: a
 //! body whose frames come from another task (hyper's HTTP/1 client hands over one chunk at a
-//! time and decodes the next only when that one is taken) has nothing ready on the second poll
+//! time and decodes the next only once that one is taken) has nothing ready on the second poll
 //! even when the next chunk already sits in the socket. So when the inner body is pending with
-//! data in hand, the merge yields once to the scheduler and looks again; it keeps merging while
-//! each turn brings more, and passes the frame on as soon as one turn brings nothing. A token
-//! that comes alone is delayed by one scheduler turn (microseconds), not by any timer.
+//! data in hand, the merge wakes its own task, which lets the tasks already queued (the
+//! producer among them) run first, and looks again; it keeps merging while the looks bring
+//! more, and passes the frame on after two more looks in a row that bring nothing. A token
+//! that comes alone is delayed by two trips through the task queue (microseconds), not by any
+//! timer.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -19,14 +21,21 @@ use hyper::body::{Body, Frame, SizeHint};
 /// Largest merged frame: 16 KiB, one HTTP/2 frame and one tunnel message.
 pub const MAX_MERGED: usize = 16 * 1024;
 
+/// Looks in a row that find nothing new, after the one that came back empty, before a merge
+/// goes out: 2. A look can come before the producer had its turn (hyper's HTTP/1 server polls
+/// a pending body again in the same go; an idle worker may steal the merging task and poll it
+/// at once), so one empty look is no proof that nothing more is coming. Each look costs a trip
+/// through the task queue.
+const EMPTY_LOOKS: u8 = 2;
+
 /// See the module docs.
 pub struct Coalesce<B: Body> {
     inner: B,
     /// Data taken from the inner body and not passed on yet, kept over a yield.
     gathered: Option<Bytes>,
     merged: Option<BytesMut>,
-    /// The last poll yielded with data gathered: a poll that finds nothing new passes it on.
-    yielded: bool,
+    /// Looks at the inner body that found nothing since data was last gathered.
+    empty_looks: u8,
     /// An error met after data was merged: reported on the next poll, after that data.
     failed: Option<B::Error>,
     /// A frame read past the end of a merge (trailers, or data that would overflow).
@@ -42,7 +51,7 @@ impl<B: Body> Coalesce<B> {
             inner,
             gathered: None,
             merged: None,
-            yielded: false,
+            empty_looks: 0,
             failed: None,
             held: None,
             done: false,
@@ -74,7 +83,7 @@ impl<B: Body> Coalesce<B> {
 
     /// Takes what is gathered as one frame, if anything is.
     fn take_gathered(&mut self) -> Option<Frame<Bytes>> {
-        self.yielded = false;
+        self.empty_looks = 0;
         let data = match self.merged.take() {
             Some(merged) => Some(merged.freeze()),
             None => self.gathered.take(),
@@ -138,9 +147,13 @@ where
                     if this.gathered_len() == 0 {
                         return Poll::Pending;
                     }
-                    if progressed || !this.yielded {
+                    if progressed {
+                        this.empty_looks = 0;
+                    } else {
+                        this.empty_looks += 1;
+                    }
+                    if this.empty_looks < EMPTY_LOOKS {
                         // Give the producer a turn to make its next chunk, then look again.
-                        this.yielded = true;
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
                     }
@@ -216,11 +229,13 @@ mod tests {
 
     #[tokio::test]
     async fn ready_chunks_merge_and_a_pause_ends_a_frame() {
-        // One `None` is a producer that needs a turn (it was woken and makes its next chunk
-        // then); two in a row are a pause: nothing came in the turn the merge gave.
+        // A `None` is a look that finds nothing (a producer that needs a turn to make its next
+        // chunk); three in a row, the look that came back empty and [`EMPTY_LOOKS`] more, are a
+        // pause.
         let out = frames(vec![
             data("a\n"),
             data("b\n"),
+            None,
             None,
             None,
             data("c\n"),
@@ -241,6 +256,7 @@ mod tests {
             data("c"),
             None,
             None,
+            None,
             data("d"),
         ])
         .await;
@@ -248,9 +264,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lone_chunk_waits_one_turn_only() {
+    async fn a_second_poll_before_the_producers_turn_waits_for_it() {
+        use http_body_util::{BodyExt, StreamBody};
+        // A producer on its own task that can hand over its next chunk only once the last was
+        // taken, as hyper's HTTP/1 client does; and a consumer that polls a pending body twice
+        // in one go, as hyper's HTTP/1 server does. The second look comes before the producer
+        // ran and must not end the merge.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        tokio::spawn(async move {
+            for chunk in ["a", "b"] {
+                tx.send(Bytes::from_static(chunk.as_bytes())).await.unwrap();
+            }
+        });
+        tokio::task::yield_now().await;
+        let stream = futures_util::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok::<_, &'static str>(Frame::data(c))))
+        });
+        let mut body = Coalesce::new(StreamBody::new(stream));
+        for _ in 0..2 {
+            let pending = std::future::poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut body).poll_frame(cx).is_pending())
+            })
+            .await;
+            assert!(pending, "nothing goes out before the producer's turn");
+        }
+        // The consumer's task gives way; the producer runs.
+        tokio::task::yield_now().await;
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lone_chunk_is_not_held_waiting_for_more() {
         use http_body_util::BodyExt;
-        // A producer that stays pending: the chunk in hand must come out after one look.
+        // A producer that stays pending: the chunk in hand must come out after a few looks.
         struct Once(Option<Bytes>);
         impl Body for Once {
             type Data = Bytes;
