@@ -234,8 +234,9 @@ mod tests {
 
     /// A burst of tokens that Ollama wrote at once leaves the daemon as a few 16 KiB frames,
     /// not one frame (one HTTP/2 frame and one tunnel message) per token, although hyper's
-    /// HTTP/1 client hands the body over one chunk at a time.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// HTTP/1 client hands the body over one chunk at a time. One thread, so that the count
+    /// does not depend on how busy the machine is (12 frames here, loaded or not).
+    #[tokio::test]
     async fn a_burst_from_ollama_leaves_as_a_few_large_frames() {
         use hyper_util::rt::TokioIo;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -299,9 +300,10 @@ mod tests {
             }
         }
         assert_eq!(bytes, LINES * line.len(), "every byte arrives");
-        // 100 KB in 16 KiB frames is 7; one frame per line would be 2,000.
+        // 92 KB in 16 KiB frames is 6, more as the socket delivers it in pieces; one frame per
+        // line would be 2,000.
         assert!(
-            frames <= 40,
+            frames <= 100,
             "{LINES} lines came as {frames} frames: the burst was not merged"
         );
     }

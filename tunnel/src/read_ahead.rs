@@ -25,6 +25,8 @@ pub struct ReadAhead<T> {
     inner: T,
     /// Bytes read ahead and not yet handed out; empty (and unallocated) most of the time.
     ahead: BytesMut,
+    /// An error met while reading ahead, reported once the bytes before it are handed out.
+    failed: Option<io::Error>,
 }
 
 impl<T> ReadAhead<T> {
@@ -33,6 +35,7 @@ impl<T> ReadAhead<T> {
         ReadAhead {
             inner,
             ahead: BytesMut::new(),
+            failed: None,
         }
     }
 
@@ -59,6 +62,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             }
             return Poll::Ready(Ok(()));
         }
+        if let Some(err) = this.failed.take() {
+            return Poll::Ready(Err(err));
+        }
         let wanted = out.remaining();
         let before = out.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
@@ -71,9 +77,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         let mut block = BytesMut::with_capacity(READ_AHEAD);
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut block) {
             Poll::Ready(Ok(n)) if n > 0 => this.ahead = block,
-            // The data already read is the caller's; the end or an error shows on the next
-            // read, which finds nothing ahead and asks the inner reader again.
-            Poll::Ready(_) | Poll::Pending => {}
+            // The data already read is the caller's; the error comes with the next read.
+            Poll::Ready(Err(err)) => this.failed = Some(err),
+            // The end shows on the next read, which asks the inner reader again.
+            Poll::Ready(Ok(_)) | Poll::Pending => {}
         }
         Poll::Ready(Ok(()))
     }
@@ -190,6 +197,36 @@ mod tests {
         assert_eq!(read_small(&mut reader, data.len()).await, data);
         let mut rest = Vec::new();
         assert_eq!(reader.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_error_met_reading_ahead_comes_after_the_data() {
+        /// Gives `data` (in reads of the caller's size), then fails once, then reads the end,
+        /// as a TCP socket reports a reset.
+        struct ThenFail(Vec<u8>, bool);
+        impl AsyncRead for ThenFail {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                out: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                if self.0.is_empty() {
+                    if std::mem::replace(&mut self.1, true) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::ConnectionReset)));
+                }
+                let n = self.0.len().min(out.remaining());
+                out.put_slice(&self.0[..n]);
+                self.0.drain(..n);
+                Poll::Ready(Ok(()))
+            }
+        }
+        let mut reader = ReadAhead::new(ThenFail(vec![5u8; 1024], false));
+        let mut chunk = [0u8; 1024];
+        assert_eq!(reader.read(&mut chunk).await.unwrap(), 1024);
+        let err = reader.read(&mut chunk).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]
