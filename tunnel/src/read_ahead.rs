@@ -40,7 +40,8 @@ impl<T> ReadAhead<T> {
     }
 
     /// Bytes read ahead and not handed out yet.
-    pub fn buffered(&self) -> usize {
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.ahead.len()
     }
 }
