@@ -161,14 +161,14 @@ where
                 }
             }
         }
-        match this.take_gathered() {
-            Some(frame) => Poll::Ready(Some(Ok(frame))),
-            // Only an error or the end was found: report it now.
-            None => match this.failed.take() {
-                Some(err) => Poll::Ready(Some(Err(err))),
-                None => Poll::Ready(None),
-            },
+        if let Some(frame) = this.take_gathered() {
+            return Poll::Ready(Some(Ok(frame)));
         }
+        // No data came, only trailers, an error or the end: pass it on now.
+        if let Some(frame) = this.held.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Poll::Ready(this.failed.take().map(Err))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -338,6 +338,27 @@ mod tests {
         assert_eq!(total, 40_000);
         assert!(out.iter().all(|f| f.as_ref().unwrap().len() <= MAX_MERGED));
         assert_eq!(out.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn trailers_pass_whether_data_came_before_them_or_not() {
+        use http_body_util::BodyExt;
+        let trailers = || {
+            let mut map = hyper::HeaderMap::new();
+            map.insert("x-done", hyper::header::HeaderValue::from_static("1"));
+            Some(Ok(Frame::trailers(map)))
+        };
+        for script in [vec![trailers()], vec![data("a"), trailers()]] {
+            let with_data = script.len() > 1;
+            let mut body = Coalesce::new(Script(script.into()));
+            if with_data {
+                let frame = body.frame().await.unwrap().unwrap();
+                assert_eq!(frame.into_data().unwrap(), "a");
+            }
+            let frame = body.frame().await.expect("trailers, not the end").unwrap();
+            assert_eq!(frame.into_trailers().unwrap()["x-done"], "1");
+            assert!(body.frame().await.is_none());
+        }
     }
 
     #[tokio::test]

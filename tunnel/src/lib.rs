@@ -7,8 +7,9 @@
 //! one stream per user request. HTTP/2 (hyper's) gives multiplexing, per-stream flow control,
 //! cancellation in both directions and PING liveness; an idle tunnel holds no HTTP/2 state at
 //! all, only its WebSocket. This crate supplies the link, a session's byte stream ([`WsIo`]),
-//! the daemon's session loop ([`server::serve`]) and the HTTP/2 settings both ends must use
-//! ([`h2_client`], [`h2_server`]).
+//! the daemon's session loop ([`server::serve`]), the HTTP/2 settings both ends must use
+//! ([`h2_client`], [`h2_server`]), the merging of token bursts into large frames
+//! ([`coalesce`]) and the relay's read-ahead for its small WebSocket reads ([`ReadAhead`]).
 
 pub mod coalesce;
 pub mod headers;
