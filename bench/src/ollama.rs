@@ -1,6 +1,7 @@
 //! The same small-request and streaming runs against a real Ollama, directly and through
 //! cloudllm (relay and daemon in this process, as in the tunnel benchmark). Start one with
-//! `shared/tools/real-ollama start` or point at any Ollama that has the model [`MODEL`].
+//! `scripts/real-ollama start` (then `--ollama 127.0.0.1:11535`) or point at any Ollama that has
+//! the model [`MODEL`].
 //!
 //! A real model on a CPU makes a few tokens per second, so the figures here say what cloudllm
 //! adds to a real server's answers (status, headers, streaming), not how fast tunnels are.
@@ -15,7 +16,7 @@ use crate::client::{self, STEP, Target};
 use crate::figures::{Figure, Figures};
 use crate::stack::{Handles, Stack};
 
-/// The model asked for: the small one `real-ollama` installs.
+/// The model asked for: the small one `scripts/real-ollama` installs.
 pub const MODEL: &str = "smollm2:135m";
 
 /// Tokens per generation: a real model on a CPU makes a few per second; keep runs short.

@@ -1,10 +1,12 @@
-//! Conformance against a genuine Ollama server (`shared/tools/real-ollama`): the tunnel must be
+//! Conformance against a genuine Ollama server (`scripts/real-ollama`): the tunnel must be
 //! transparent to the real thing, including its refusal of foreign `Host` and `Origin` headers.
 //! Its model writes garbage quickly: these tests check the protocol, never the words.
 //!
-//! The server is started by the shared tool; `CLOUDLLM_REAL_OLLAMA_URL` points at one already
-//! running instead. Without either, the tests fail (they must run in CI) unless
-//! `CLOUDLLM_SKIP_REAL_OLLAMA=1` is set.
+//! The server is the repository's own: `scripts/real-ollama start` installs it into the user's
+//! cache on first use and starts it (or finds it running). `CLOUDLLM_REAL_OLLAMA_URL` points at
+//! one already running instead; `CLOUDLLM_SKIP_REAL_OLLAMA=1` skips these tests knowingly.
+//! Otherwise a failure to start is a test failure (they must run in CI), with the script's
+//! message saying what is missing.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,24 +33,18 @@ async fn real_ollama() -> Option<Url> {
             if let Ok(url) = std::env::var("CLOUDLLM_REAL_OLLAMA_URL") {
                 return Some(Url::parse(&url).expect("CLOUDLLM_REAL_OLLAMA_URL is a URL"));
             }
-            let tool = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/real-ollama");
-            if !tool.exists() {
-                if std::env::var("CLOUDLLM_SKIP_REAL_OLLAMA").as_deref() == Ok("1") {
-                    eprintln!("skipping: {} not found and CLOUDLLM_SKIP_REAL_OLLAMA=1", tool.display());
-                    return None;
-                }
-                panic!(
-                    "{} not found: set CLOUDLLM_REAL_OLLAMA_URL to a running Ollama, or CLOUDLLM_SKIP_REAL_OLLAMA=1",
-                    tool.display()
-                );
+            if std::env::var("CLOUDLLM_SKIP_REAL_OLLAMA").as_deref() == Ok("1") {
+                eprintln!("skipping: CLOUDLLM_SKIP_REAL_OLLAMA=1");
+                return None;
             }
+            let tool = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/real-ollama");
             let output = timeout(START_TIMEOUT, tokio::process::Command::new(&tool).arg("start").output())
                 .await
-                .expect("real-ollama start timed out")
-                .expect("running real-ollama");
+                .expect("scripts/real-ollama start timed out")
+                .unwrap_or_else(|e| panic!("running {}: {e}", tool.display()));
             assert!(
                 output.status.success(),
-                "real-ollama start failed: {}",
+                "scripts/real-ollama start failed (CLOUDLLM_SKIP_REAL_OLLAMA=1 skips these tests): {}",
                 String::from_utf8_lossy(&output.stderr)
             );
             let stdout = String::from_utf8_lossy(&output.stdout);
