@@ -1,12 +1,15 @@
 //! The daemon's HTTP/2 service: what the relay may ask through the tunnel.
 //!
-//! Every request is a user's, checked against the [allowlist](crate::allowlist) and forwarded to the local Ollama with its
-//! body streamed both ways. Ollama refuses (403) requests whose `Host` is not local or that
-//! carry an `Origin`, so the forwarder sets `Host` to Ollama's address and drops `Origin`,
-//! `Referer`, credentials, cookies and hop-by-hop headers. When the relay resets the stream
-//! (the user went away), hyper drops the response future or body, which closes the connection
-//! to Ollama and stops the generation.
+//! Every request is a user's, checked against the [allowlist](crate::allowlist) (endpoint,
+//! method, path parameter) and forwarded to the local Ollama with its body streamed both ways.
+//! The query string is dropped: Ollama's API reads none, so it could only carry something
+//! nobody has reviewed. Request headers pass by an allowlist ([`FORWARDED_HEADERS`]): Ollama
+//! reads the body and nothing else, and refuses (403) requests whose `Host` is not local or that
+//! carry an `Origin`, so the forwarder sets `Host` to Ollama's address and lets nothing else of
+//! the caller's through. When the relay resets the stream (the user went away), hyper drops the
+//! response future or body, which closes the connection to Ollama and stops the generation.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,10 +36,33 @@ pub type TunnelBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// Time to open a TCP connection to Ollama: it is local, so 5 s means it is not there.
 const OLLAMA_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Request headers never passed to Ollama besides the hop-by-hop ones: the caller's
-/// credentials and browser context (Ollama answers 403 to any `Origin` it does not know), and
-/// forwarding metadata.
-static STRIPPED_HEADERS: [header::HeaderName; 9] = [
+/// The only request headers passed to Ollama (besides `Host`, which the forwarder sets).
+///
+/// - `content-type`, `content-length`: what the body is and how long; Ollama decodes JSON
+///   whatever the type says, but the length frames the body on the HTTP/1.1 connection.
+/// - `accept`: content negotiation, harmless, and kept so that a future Ollama that negotiates
+///   (JSON or a stream) answers clients as it would locally.
+/// - `x-request-id`: the id the relay checked or made, so that Ollama's side of a request can
+///   be matched with the relay's and the caller's logs.
+///
+/// Everything else stays behind: credentials (`Authorization`, cookies, `X-Api-Key`), browser
+/// context (`Origin`, `Referer`, which Ollama answers with 403), forwarding metadata
+/// (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`), method and URL overrides
+/// (`X-HTTP-Method-Override`, `X-Original-URL`), the relay's own `x-cloudllm-*`, `Expect`,
+/// `TE`, `User-Agent` (Ollama ignores it; it only tells the device about the caller), and
+/// `Accept-Encoding`: Ollama does not compress, and a compressed stream would hold tokens back
+/// in the compressor.
+static FORWARDED_HEADERS: [header::HeaderName; 4] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::ACCEPT,
+    header::HeaderName::from_static(proto::HEADER_REQUEST_ID),
+];
+
+/// Response headers not passed back besides the hop-by-hop ones and the relay's own
+/// `x-cloudllm-*`: credentials, browser context and forwarding metadata have no place in
+/// Ollama's answer.
+static STRIPPED_RESPONSE_HEADERS: [header::HeaderName; 9] = [
     header::AUTHORIZATION,
     header::COOKIE,
     header::FORWARDED,
@@ -47,6 +73,10 @@ static STRIPPED_HEADERS: [header::HeaderName; 9] = [
     header::HeaderName::from_static("x-forwarded-host"),
     header::HeaderName::from_static("x-forwarded-proto"),
 ];
+
+/// Longest part of a caller's method or path quoted back in an error message: enough to
+/// recognise it, and a 5,000-byte method does not come back 5,000 bytes long.
+const MAX_QUOTED_BYTES: usize = 64;
 
 /// Forwards tunnel requests to the local Ollama.
 pub struct Forwarder {
@@ -96,38 +126,64 @@ impl Forwarder {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<TunnelBody>, std::convert::Infallible> {
-        let path = req.uri().path().to_owned();
-        match allowlist::check(&path, self.allow_management) {
-            Verdict::Allow => Ok(self.forward(req).await),
-            Verdict::ManagementDisabled => Ok(error(
-                &path,
+        let path = req.uri().path();
+        let refusal = match allowlist::check(req.method().as_str(), path, self.allow_management) {
+            Verdict::Allow(target) => {
+                let target = target.into_owned();
+                return Ok(self.forward(req, &target).await);
+            }
+            Verdict::ManagementDisabled => error(
+                path,
                 StatusCode::FORBIDDEN,
                 &format!(
-                    "{path} (model management) is disabled on device {:?}; its owner can enable it with \
+                    "{} (model management) is disabled on device {:?}; its owner can enable it with \
                      `allow_model_management = true` in cloudllmd's config",
+                    quoted(path),
                     self.device_name
                 ),
-            )),
-            Verdict::NotExposed => Ok(error(
-                &path,
+            ),
+            Verdict::MethodNotAllowed(methods) => {
+                let allow = methods.join(", ");
+                let mut response = error(
+                    path,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!(
+                        "{} does not take {}; it takes {allow}",
+                        quoted(path),
+                        quoted(req.method().as_str())
+                    ),
+                );
+                if let Ok(value) = HeaderValue::from_str(&allow) {
+                    response.headers_mut().insert(header::ALLOW, value);
+                }
+                response
+            }
+            Verdict::BadParam(err) => error(
+                path,
+                StatusCode::BAD_REQUEST,
+                &format!("{} is not a valid request: {err}", quoted(path)),
+            ),
+            Verdict::NotExposed => error(
+                path,
                 StatusCode::FORBIDDEN,
-                &format!("{path} is not an endpoint cloudllm exposes"),
-            )),
-        }
+                &format!("{} is not an endpoint cloudllm exposes", quoted(path)),
+            ),
+        };
+        Ok(refusal)
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<TunnelBody> {
+    /// Forwards `req` to Ollama's `target` path (the allowlist's checked form, no query).
+    async fn forward(&self, req: Request<Incoming>, target: &str) -> Response<TunnelBody> {
         let started = tokio::time::Instant::now();
         let in_flight = self.state.begin_request();
         let (mut parts, body) = req.into_parts();
-        let path = parts.uri.path().to_owned();
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = match format!("{}{path_and_query}", self.base).parse() {
+        let path = target.to_owned();
+        parts.uri = match format!("{}{target}", self.base).parse() {
             Ok(uri) => uri,
             Err(_) => return error(&path, StatusCode::BAD_REQUEST, "malformed request path"),
         };
         parts.version = http::Version::HTTP_11;
-        strip(&mut parts.headers);
+        parts.headers = forwarded_headers(std::mem::take(&mut parts.headers));
         parts.headers.insert(header::HOST, self.ollama_host.clone());
         let method = parts.method.clone();
 
@@ -141,7 +197,7 @@ impl Forwarder {
                     "request"
                 );
                 let (mut parts, body) = response.into_parts();
-                strip(&mut parts.headers);
+                strip_response(&mut parts.headers);
                 // Tokens Ollama produced faster than they are sent go as one frame; the
                 // request counts as in flight until its body ends or the caller goes away.
                 let body = Coalesce::new(body).map_frame(move |frame| {
@@ -168,9 +224,29 @@ impl Forwarder {
     }
 }
 
-fn strip(headers: &mut HeaderMap) {
+/// The caller's headers that Ollama may see: [`FORWARDED_HEADERS`], nothing else.
+fn forwarded_headers(mut headers: HeaderMap) -> HeaderMap {
+    cloudllm_tunnel::headers::remove_hop_by_hop(&mut headers);
+    cloudllm_tunnel::headers::keep_only(&mut headers, &FORWARDED_HEADERS);
+    headers
+}
+
+/// `text` cut to [`MAX_QUOTED_BYTES`] for an error message (the JSON encoder escapes it).
+fn quoted(text: &str) -> Cow<'_, str> {
+    if text.len() <= MAX_QUOTED_BYTES {
+        return Cow::Borrowed(text);
+    }
+    let mut end = MAX_QUOTED_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &text[..end]))
+}
+
+/// Removes from Ollama's response the headers that never go back to the caller.
+fn strip_response(headers: &mut HeaderMap) {
     cloudllm_tunnel::headers::remove_hop_by_hop(headers);
-    for name in &STRIPPED_HEADERS {
+    for name in &STRIPPED_RESPONSE_HEADERS {
         headers.remove(name);
     }
     if headers
@@ -208,28 +284,73 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strip_removes_credentials_browser_context_and_hop_headers() {
+    fn only_the_allowlisted_request_headers_reach_ollama() {
         let mut headers = HeaderMap::new();
         for (k, v) in [
             ("authorization", "Bearer x"),
             ("origin", "https://evil.example"),
             ("referer", "https://evil.example/page"),
             ("cookie", "a=b"),
+            ("cookie2", "$Version=1"),
             ("connection", "keep-alive, x-custom-hop"),
             ("x-custom-hop", "1"),
             ("x-cloudllm-device", "laptop"),
+            ("x-real-ip", "10.0.0.1"),
+            ("x-api-key", "secret"),
+            ("x-http-method-override", "DELETE"),
+            ("x-original-url", "/api/delete"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("user-agent", "curl/8"),
+            ("accept-encoding", "gzip"),
+            ("expect", "100-continue"),
             ("content-type", "application/json"),
+            ("content-length", "2"),
+            ("accept", "application/x-ndjson"),
             ("x-request-id", "abc"),
+        ] {
+            headers.append(
+                header::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            );
+        }
+        let kept = forwarded_headers(headers);
+        let mut left: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["accept", "content-length", "content-type", "x-request-id"]
+        );
+        assert_eq!(kept["x-request-id"], "abc");
+    }
+
+    #[test]
+    fn response_headers_lose_hop_headers_and_the_relays_own() {
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("x-cloudllm-device", "spoofed"),
+            ("content-type", "application/x-ndjson"),
+            ("date", "Mon, 01 Jan 2026 00:00:00 GMT"),
         ] {
             headers.insert(
                 header::HeaderName::from_static(k),
                 HeaderValue::from_static(v),
             );
         }
-        strip(&mut headers);
+        strip_response(&mut headers);
         let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
-        assert_eq!(left, ["content-type", "x-request-id"]);
+        assert_eq!(left, ["content-type", "date"]);
+    }
+
+    #[test]
+    fn quoted_text_is_cut_on_a_char_boundary() {
+        assert_eq!(quoted("TRACE"), "TRACE");
+        let long = "X".repeat(5_000);
+        assert_eq!(quoted(&long).len(), MAX_QUOTED_BYTES + '…'.len_utf8());
+        let accents = "é".repeat(MAX_QUOTED_BYTES);
+        assert!(quoted(&accents).ends_with('…'));
     }
 
     /// A burst of tokens that Ollama wrote at once leaves the daemon as a few 16 KiB frames,

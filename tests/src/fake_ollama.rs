@@ -1,6 +1,7 @@
 //! A fake Ollama backend (a fake, not Ollama): streams NDJSON and SSE at a pace the test sets,
 //! records when each line was produced and when each stream ended (finished or cancelled by
-//! the client going away), echoes the headers it received, and fails mid-stream on request.
+//! the client going away), echoes the headers and URI it received, and fails mid-stream on
+//! request.
 //!
 //! `POST /api/generate` takes Ollama's request shape plus fake-only fields:
 //! `{"prompt": TAG, "options": {"num_predict": N}, "fake_interval_ms": M, "fake_fail_after": K}`.
@@ -199,6 +200,7 @@ async fn openai_models(State(records): State<Arc<Records>>) -> impl IntoResponse
 
 async fn echo_headers(
     State(records): State<Arc<Records>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> impl IntoResponse {
     let map: HashMap<String, String> = headers
@@ -211,7 +213,7 @@ async fn echo_headers(
         })
         .collect();
     *records.echoed.lock().unwrap() = Some(headers);
-    axum::Json(serde_json::json!({ "headers": map }))
+    axum::Json(serde_json::json!({ "headers": map, "uri": uri.to_string() }))
 }
 
 #[derive(Deserialize)]

@@ -18,25 +18,44 @@ async fn ollama_sees_its_own_host_and_none_of_the_callers_credentials() {
         .header("x-request-id", "trace-42")
         .header("x-cloudllm-device", "laptop")
         .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("x-real-ip", "10.1.2.3")
+        .header("x-api-key", "sk-secret")
+        .header("x-http-method-override", "DELETE")
+        .header("x-original-url", "/api/delete")
+        .header("cookie2", "$Version=1")
+        .header("x-forwarded-for", "10.1.2.3")
+        .header("user-agent", "probe/1")
         .body(r#"{"model":"fake"}"#)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-request-id"], "trace-42");
+    let echo: serde_json::Value = response.json().await.unwrap();
     let seen = stack.backend.records.echoed();
     assert_eq!(seen["host"], stack.backend.addr.to_string().as_str());
     assert_eq!(seen["x-request-id"], "trace-42");
     assert_eq!(seen["content-type"], "application/json");
+    assert_eq!(seen["accept"], "application/json");
     for gone in [
         "authorization",
         "origin",
         "referer",
         "cookie",
         "x-cloudllm-device",
+        "x-real-ip",
+        "x-api-key",
+        "x-http-method-override",
+        "x-original-url",
+        "cookie2",
+        "x-forwarded-for",
+        "user-agent",
     ] {
         assert!(!seen.contains_key(gone), "{gone} reached Ollama");
     }
+    // Ollama's API reads no query string: it is dropped, not passed on unreviewed.
+    assert_eq!(echo["uri"], "/api/show");
     assert_eq!(
         stack.backend.records.hits.lock().unwrap().last().unwrap(),
         "/api/show"
@@ -46,7 +65,7 @@ async fn ollama_sees_its_own_host_and_none_of_the_callers_credentials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_is_generated_when_the_caller_sends_none() {
     let stack = Stack::start().await;
-    let response = stack.get("/api/show").send().await.unwrap();
+    let response = stack.post("/api/show").send().await.unwrap();
     let id = response.headers()["x-request-id"]
         .to_str()
         .unwrap()
@@ -56,12 +75,102 @@ async fn a_request_id_is_generated_when_the_caller_sends_none() {
     assert_eq!(seen["x-request-id"], id.as_str());
     // A hostile id is replaced, not forwarded.
     let response = stack
-        .get("/api/show")
+        .post("/api/show")
         .header("x-request-id", "a b\"c")
         .send()
         .await
         .unwrap();
     assert_ne!(response.headers()["x-request-id"], "a b\"c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_an_endpoint_does_not_take_gets_405_with_allow() {
+    let stack = Stack::start().await;
+    let long = reqwest::Method::from_bytes("X".repeat(5_000).as_bytes()).unwrap();
+    for (method, path, allow) in [
+        (reqwest::Method::TRACE, "/api/show", "POST"),
+        (reqwest::Method::GET, "/api/show", "POST"),
+        (reqwest::Method::PUT, "/api/chat", "POST"),
+        (reqwest::Method::POST, "/api/tags", "GET, HEAD"),
+        (long, "/api/tags", "GET, HEAD"),
+        (reqwest::Method::DELETE, "/v1/models/fake:latest", "GET"),
+    ] {
+        let response = stack
+            .http
+            .request(method.clone(), stack.relay.api(path))
+            .bearer_auth(token("alice", Scope::Client))
+            .send()
+            .await
+            .unwrap();
+        let shown = &method.as_str()[..method.as_str().len().min(16)];
+        assert_eq!(response.status(), 405, "{shown} {path}");
+        assert_eq!(response.headers()["allow"], allow, "{shown} {path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        let message = if path.starts_with("/v1/") {
+            &body["error"]["message"]
+        } else {
+            &body["error"]
+        };
+        let message = message.as_str().unwrap();
+        assert!(message.contains(allow), "{message}");
+        assert!(
+            message.len() < 400,
+            "the method is not echoed whole: {message}"
+        );
+    }
+    // HEAD where Ollama takes it.
+    let head = stack
+        .http
+        .head(stack.relay.api("/api/version"))
+        .bearer_auth(token("alice", Scope::Client))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        stack.backend.records.hits.lock().unwrap().as_slice(),
+        ["/api/version"],
+        "only the HEAD reached Ollama"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_name_that_hides_a_path_never_reaches_ollama() {
+    let stack = Stack::start().await;
+    for path in [
+        "/v1/models/..%2F..%2Fapi%2Fpull",
+        "/v1/models/..%2f..%2fapi%2fpull",
+        "/v1/models/x%2F..%2F..%2Fapi%2Ftags",
+        "/v1/models/a%00b",
+        "/v1/models/fake%20latest",
+        "/api/blobs/..%2F..%2Fapi%2Fpull",
+    ] {
+        let response = stack.get(path).send().await.unwrap();
+        if path.starts_with("/api/blobs/") {
+            // Management first: the caller learns which setting to ask for.
+            assert_eq!(response.status(), 403, "{path}");
+        } else {
+            assert_eq!(response.status(), 400, "{path}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("model name"), "{message}");
+        }
+    }
+    assert_eq!(
+        stack.backend.records.hit_count(),
+        0,
+        "nothing reached Ollama"
+    );
+    // Real names pass, an escaped `:` decoded: the fake has no route for them, so its 404
+    // proves they got through.
+    for path in ["/v1/models/fake:latest", "/v1/models/library/fake%3Alatest"] {
+        let response = stack.get(path).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    assert_eq!(
+        stack.backend.records.hits.lock().unwrap().as_slice(),
+        ["/v1/models/fake:latest", "/v1/models/library/fake:latest"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,9 +291,36 @@ async fn model_management_passes_when_the_owner_enables_it() {
         .unwrap();
     // The fake has no /api/pull: its 404 proves the request got through.
     assert_eq!(response.status(), 404);
+    let digest = format!("sha256:{}", "0a".repeat(32));
+    let blob = format!("/api/blobs/{digest}");
+    for (method, path) in [
+        (reqwest::Method::DELETE, "/api/delete"),
+        (reqwest::Method::HEAD, blob.as_str()),
+    ] {
+        let response = cloudllm_e2e::client()
+            .request(method, relay.api(path))
+            .bearer_auth(token("alice", Scope::Client))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    // A digest that is not one is refused before Ollama.
+    let response = cloudllm_e2e::client()
+        .post(relay.api("/api/blobs/sha256:00"))
+        .bearer_auth(token("alice", Scope::Client))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("64 hex digits"),
+        "{body}"
+    );
     assert_eq!(
         backend.records.hits.lock().unwrap().as_slice(),
-        ["/api/pull"]
+        ["/api/pull", "/api/delete", blob.as_str()]
     );
 }
 

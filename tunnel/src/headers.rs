@@ -1,4 +1,5 @@
-//! Header hygiene at each proxy hop: what never crosses from one connection to the next.
+//! Header hygiene at each proxy hop: what never crosses from one connection to the next, and
+//! (where a hop trusts only what it knows) the short list of what does.
 
 use hyper::header::{self, HeaderMap, HeaderName};
 
@@ -35,6 +36,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Keeps only the headers named in `allowed` (every value of each), in `allowed`'s order, and
+/// drops the rest: for a hop that passes what it has reviewed rather than refusing what it
+/// has heard of.
+pub fn keep_only(headers: &mut HeaderMap, allowed: &[HeaderName]) {
+    let all = std::mem::take(headers);
+    for name in allowed {
+        for value in all.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +67,35 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["content-type"]);
+    }
+
+    #[test]
+    fn keep_only_keeps_every_value_of_the_named_headers_and_nothing_else() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("accept", "application/json"),
+            ("accept", "text/event-stream"),
+            ("x-real-ip", "10.0.0.1"),
+            ("content-type", "application/json"),
+            ("cookie2", "x"),
+        ] {
+            headers.append(HeaderName::from_static(name), value.parse().unwrap());
+        }
+        keep_only(
+            &mut headers,
+            &[header::CONTENT_TYPE, header::ACCEPT, header::HOST],
+        );
+        let left: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("content-type", "application/json"),
+                ("accept", "application/json"),
+                ("accept", "text/event-stream"),
+            ]
+        );
     }
 }
