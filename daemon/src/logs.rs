@@ -2,13 +2,17 @@
 //! nor a log file to see what the daemon did.
 //!
 //! [`LogBuffer::global`] is what the daemon's tracing subscriber writes into (see
-//! [`LogBuffer::make_writer`]); IPC clients read the last lines and follow new ones.
+//! [`LogBuffer::layer`]); IPC clients read the last lines and follow new ones. The lines are
+//! plain text: no terminal colour codes, whatever the daemon's standard error does.
 
 use std::collections::VecDeque;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::broadcast;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 
 /// Lines kept: 1,000 lines of ~200 bytes is ~200 KiB, hours of a quiet daemon's log.
 pub const KEPT_LINES: usize = 1000;
@@ -75,6 +79,17 @@ impl LogBuffer {
         self.new_lines.subscribe()
     }
 
+    /// The tracing layer that writes plain lines into this buffer.
+    pub fn layer<S>(self: &Arc<Self>) -> impl tracing_subscriber::Layer<S> + Send + Sync + 'static
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .fmt_fields(PlainFields::default())
+            .with_writer(self.make_writer())
+    }
+
     /// A writer for `tracing_subscriber::fmt().with_writer(...)`: each event becomes a line.
     pub fn make_writer(self: &Arc<Self>) -> impl Fn() -> LineWriter + Send + Sync + 'static {
         let buffer = self.clone();
@@ -82,6 +97,29 @@ impl LogBuffer {
             buffer: buffer.clone(),
             pending: Vec::new(),
         }
+    }
+}
+
+/// Whether standard error should carry terminal colours: only on a terminal, and never with
+/// `NO_COLOR` set (<https://no-color.org>). A file, a pipe or journald gets plain text.
+pub fn stderr_in_colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Span fields formatted without colour, as a type of its own. tracing-subscriber formats a
+/// span's fields once per field-formatter *type* and every layer with that type reuses the
+/// text: with the default type on both layers, the buffer got the terminal layer's colour
+/// codes in every span field.
+#[derive(Debug, Default)]
+pub struct PlainFields(DefaultFields);
+
+impl<'writer> FormatFields<'writer> for PlainFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        writer: Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        self.0.format_fields(writer, fields)
     }
 }
 
@@ -157,5 +195,29 @@ mod tests {
             writer.write_all(b"event\n").unwrap();
         }
         assert_eq!(buffer.recent(10), vec!["first event", "second event"]);
+    }
+
+    #[test]
+    fn span_fields_carry_no_colour_codes_beside_a_coloured_terminal_layer() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let buffer = LogBuffer::new();
+        let terminal = tracing_subscriber::fmt::layer()
+            .with_ansi(true)
+            .with_writer(std::io::sink);
+        let subscriber = tracing_subscriber::registry()
+            .with(terminal)
+            .with(buffer.layer());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("tunnel", relay = "http://relay", attempt = 3);
+            let _entered = span.enter();
+            tracing::info!(answer = 42, "connected");
+        });
+        let lines = buffer.recent(10);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("tunnel{relay=\"http://relay\" attempt=3}"),
+            "{lines:?}"
+        );
+        assert!(!lines[0].contains('\x1b'), "colour codes in {lines:?}");
     }
 }

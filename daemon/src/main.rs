@@ -39,15 +39,11 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
+                .with_ansi(cloudllm_daemon::logs::stderr_in_colour())
                 .with_writer(std::io::stderr)
                 .with_filter(filter()),
         )
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(LogBuffer::global().make_writer())
-                .with_filter(filter()),
-        )
+        .with(LogBuffer::global().layer().with_filter(filter()))
         .init();
     #[cfg(windows)]
     let result = if cli.service {

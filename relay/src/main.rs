@@ -79,6 +79,13 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
     Ok(config)
 }
 
+/// Colours only on a terminal and never with `NO_COLOR` set: journald, a file or a pipe gets
+/// plain text.
+fn stderr_in_colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -86,6 +93,7 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(stderr_in_colour())
         .init();
     let result =
         match cli.command {
@@ -133,15 +141,14 @@ fn main() -> std::process::ExitCode {
                     .map_or("/metrics on the main address".to_owned(), |addr| {
                         format!("/metrics on {addr}")
                     });
-                println!(
+                print_out(&format!(
                     "{}: ok\n  listen: {}\n  tls: {tls}\n  tokens: {auth}\n  login: {login}\n  \
                  tier claim: {}\n  tiers: {}\n  audit log: {audit}\n  metrics: {metrics}",
                     file.display(),
                     config.listen,
                     config.tier_claim,
                     tiers.join("; ")
-                );
-                Ok(())
+                ))
             }),
             Command::Token {
                 command:
@@ -154,8 +161,7 @@ fn main() -> std::process::ExitCode {
                     },
             } => load_config(config.as_ref()).and_then(|config| {
                 let keys = Keys::new(config.require_secret()?);
-                println!("{}", keys.issue(&user, scope, tier.as_deref(), ttl)?);
-                Ok(())
+                print_out(&keys.issue(&user, scope, tier.as_deref(), ttl)?)
             }),
         };
     match result {
@@ -232,14 +238,27 @@ fn print_dev_tokens(config: &RelayConfig, addr: SocketAddr) -> anyhow::Result<()
     let ttl = Duration::from_secs(24 * 3600);
     let agent = keys.issue("dev", Scope::Agent, Some("premium"), ttl)?;
     let client = keys.issue("dev", Scope::Client, Some("premium"), ttl)?;
-    println!(
+    print_out(&format!(
         "\nDevelopment mode: throwaway secret, tokens for user \"dev\" valid 24 h.\n\n\
          Start the daemon on the machine with Ollama:\n  \
          CLOUDLLM_RELAY_URL={scheme}://{addr} CLOUDLLM_TOKEN={agent} cloudllmd\n\n\
          Then call your Ollama through the relay:\n  \
          curl -H 'Authorization: Bearer {client}' {scheme}://{addr}/api/tags\n"
-    );
-    Ok(())
+    ))
+}
+
+/// Writes `text` and a newline to standard output. A reader that has gone away (`… | head -1`)
+/// is not an error: it wanted no more, and a serving relay carries on (`println!` would panic
+/// there).
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(err).context("writing to standard output"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// systemd's `Type=notify` protocol; does nothing without `$NOTIFY_SOCKET`.

@@ -181,6 +181,66 @@ fn dev_mode_prints_working_tokens_and_sigterm_stops_it_cleanly() {
     assert!(status.success(), "exit status {status}");
 }
 
+#[test]
+fn dev_mode_with_nobody_reading_its_output_keeps_serving_and_stops_on_sigterm() {
+    // `serve --dev | head -1`: standard output is a pipe whose reader has gone. Reading end
+    // dropped before the relay starts, so its first write meets EPIPE for certain.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = relay()
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let reading = std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let addr = loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("the relay never said where it listens: {seen:#?}"));
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+        seen.push(line);
+    };
+    // Still serving after its dev text met the closed pipe.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let health = runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    });
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    reading.join().unwrap();
+    let rest: Vec<String> = lines_rx.try_iter().collect();
+    assert!(
+        !seen.iter().chain(&rest).any(|l| l.contains("panicked")),
+        "{seen:#?} {rest:#?}"
+    );
+    assert!(status.success(), "exit status {status}");
+}
+
 /// A GET with a bearer token over a plain TCP socket, returning the status code.
 async fn get_status(url: &str, token: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -22,6 +22,12 @@ struct Args {
     wait_for_tray: Duration,
 }
 
+/// Colours only on a terminal and never with `NO_COLOR` set: a log file gets plain text.
+fn stderr_in_colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -30,9 +36,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(stderr_in_colour())
         .init();
-    let socket = cloudllm_cli::socket_path(args.socket);
-    match run(socket, args.wait_for_tray) {
+    let result = cloudllm_cli::socket_path(args.socket)
+        .map_err(anyhow::Error::from)
+        .and_then(|socket| run(socket, args.wait_for_tray));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("cloudllm-tray: {err:#}");

@@ -146,9 +146,8 @@ fn capture_logs() {
     let buffer = cloudllm_daemon::logs::LogBuffer::global();
     let _ = tracing_subscriber::registry()
         .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(buffer.make_writer())
+            buffer
+                .layer()
                 .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
         )
         .try_init();
