@@ -177,10 +177,9 @@ impl Forwarder {
         let started = tokio::time::Instant::now();
         let in_flight = self.state.begin_request();
         let (mut parts, body) = req.into_parts();
-        let path = target.to_owned();
         parts.uri = match format!("{}{target}", self.base).parse() {
             Ok(uri) => uri,
-            Err(_) => return error(&path, StatusCode::BAD_REQUEST, "malformed request path"),
+            Err(_) => return error(target, StatusCode::BAD_REQUEST, "malformed request path"),
         };
         parts.version = http::Version::HTTP_11;
         parts.headers = forwarded_headers(std::mem::take(&mut parts.headers));
@@ -191,7 +190,7 @@ impl Forwarder {
             Ok(response) => {
                 info!(
                     %method,
-                    %path,
+                    path = %target,
                     status = response.status().as_u16(),
                     headers_after = ?started.elapsed(),
                     "request"
@@ -207,11 +206,11 @@ impl Forwarder {
                 Response::from_parts(parts, body.map_err(Into::into).boxed())
             }
             Err(err) => {
-                warn!(%path, error = %err, "Ollama request failed");
+                warn!(path = %target, error = %err, "Ollama request failed");
                 let cause = std::error::Error::source(&err)
                     .map_or_else(|| err.to_string(), ToString::to_string);
                 error(
-                    &path,
+                    target,
                     StatusCode::BAD_GATEWAY,
                     &format!(
                         "cannot reach Ollama at {} on device {:?} ({cause}). Start Ollama there (`ollama serve`) \
