@@ -155,6 +155,13 @@ impl From<ConnectError> for Failure {
 
 impl From<std::io::Error> for Failure {
     fn from(err: std::io::Error) -> Self {
+        // The client refused to trust the socket's owner with a request: said as it is.
+        if err.kind() == std::io::ErrorKind::PermissionDenied {
+            return Failure {
+                code: EXIT_PERMISSION,
+                message: err.to_string(),
+            };
+        }
         Failure {
             code: EXIT_FAILED,
             message: format!("lost the daemon: {err}"),
@@ -225,7 +232,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         _ => {}
     }
-    let path = socket_path(cli.socket);
+    let path = socket_path(cli.socket)?;
     let mut client = Client::connect(&path).await?;
     let style = Style::detect();
     match cli.command {

@@ -1,5 +1,6 @@
 //! The daemon's IPC socket under misuse: garbage, oversized lines, the wrong version, another
-//! user, and a socket file left behind by a dead daemon.
+//! user, a socket file left behind by a dead daemon, a flood of connections from another user,
+//! idle connections, a socket another user bound, and a user with no private directory.
 
 #![cfg(unix)]
 
@@ -326,4 +327,412 @@ async fn an_operator_group_member_may_change_a_system_daemon_and_others_cannot_o
         String::from_utf8_lossy(&operator.stderr)
     );
     relay.wait_for_devices("alice", 0).await;
+}
+
+/// Set (to `MODE:ARGUMENT`) when this test binary runs again as another user to play a part
+/// in a test above: see [`helper`].
+const HELPER_ENV: &str = "CLOUDLLM_TEST_IPC_HELPER";
+
+/// What starts each line the helper prints for the test.
+const HELPER_SAYS: &str = "helper says: ";
+
+/// A uid with no entry in the user database, hence no home directory.
+const HOMELESS_UID: u32 = 4242;
+
+/// Runs this test binary's [`helper`] as user and group `id`, in `mode` with `argument`. It
+/// prints lines with [`HELPER_SAYS`] and runs until its standard input closes.
+fn spawn_helper(id: u32, mode: &str, argument: &Path) -> tokio::process::Child {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    tokio::process::Command::new("setpriv")
+        .arg(format!("--reuid={id}"))
+        .arg(format!("--regid={id}"))
+        .arg("--clear-groups")
+        .arg(exe)
+        .args(["--exact", "helper", "--nocapture", "--test-threads=1"])
+        .env(HELPER_ENV, format!("{mode}:{}", argument.display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running setpriv")
+}
+
+/// What the helper prints next.
+async fn helper_says(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) -> String {
+    loop {
+        let line = tokio::time::timeout(STEP, lines.next_line())
+            .await
+            .expect("the helper said nothing")
+            .expect("reading the helper")
+            .expect("the helper ended");
+        // libtest may print its own words on the same line first.
+        if let Some((_, said)) = line.split_once(HELPER_SAYS) {
+            return said.to_owned();
+        }
+    }
+}
+
+/// Not a test: the part another user plays when [`HELPER_ENV`] is set (a no-op otherwise).
+/// `flood:SOCKET` opens connections to SOCKET that say hello and then idle, and prints how many
+/// the daemon kept; `fake_daemon:SOCKET` binds SOCKET, answers like a daemon, and prints every
+/// request line it gets.
+#[tokio::test]
+async fn helper() {
+    let Ok(task) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let (mode, path) = task.split_once(':').expect("MODE:ARGUMENT");
+    let path = std::path::PathBuf::from(path);
+    let mut keep = Vec::new();
+    match mode {
+        "flood" => {
+            let (mut held, mut refused) = (0, 0);
+            for _ in 0..cloudllm_daemon::ipc::MAX_CONNECTIONS {
+                let Ok(stream) =
+                    Stream::connect(path.as_path().to_fs_name::<GenericFilePath>().unwrap()).await
+                else {
+                    refused += 1;
+                    continue;
+                };
+                let (reader, mut writer) = tokio::io::split(stream);
+                let mut reader = BufReader::new(reader);
+                let hello = ipc::to_line(&Request::Hello {
+                    version: IPC_VERSION,
+                });
+                let mut line = String::new();
+                let answered = writer.write_all(&hello).await.is_ok()
+                    && tokio::time::timeout(STEP, reader.read_line(&mut line))
+                        .await
+                        .is_ok_and(|read| read.is_ok_and(|n| n > 0));
+                match serde_json::from_str::<Response>(&line) {
+                    Ok(Response::Hello { .. }) if answered => {
+                        held += 1;
+                        keep.push((reader, writer));
+                    }
+                    _ => refused += 1,
+                }
+            }
+            println!("{HELPER_SAYS}held {held} refused {refused}");
+        }
+        "fake_daemon" => {
+            let listener = tokio::net::UnixListener::bind(&path).expect("binding the socket");
+            println!("{HELPER_SAYS}ready");
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        let (reader, mut writer) = tokio::io::split(stream);
+                        let mut lines = BufReader::new(reader).lines();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            println!("{HELPER_SAYS}line {line}");
+                            let reply = match serde_json::from_str::<Request>(&line) {
+                                Ok(Request::Hello { .. }) => Response::Hello {
+                                    version: IPC_VERSION,
+                                    daemon_version: "fake".into(),
+                                },
+                                _ => Response::LoginDone {
+                                    user: Some("caught".into()),
+                                },
+                            };
+                            if writer.write_all(&ipc::to_line(&reply)).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        other => panic!("unknown helper mode {other}"),
+    }
+    // Hold everything until the test closes standard input.
+    let mut rest = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut rest).await;
+    drop(keep);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_another_user_leaves_room_for_root_and_other_users() {
+    // A system daemon without an operator group: its socket is 0666, open to every user.
+    let (_relay, _backend, _daemon, socket) = start_daemon(true).await;
+    let mut flood = spawn_helper(65534, "flood", &socket);
+    let mut said = BufReader::new(flood.stdout.take().unwrap()).lines();
+    let counts = helper_says(&mut said).await;
+    assert_eq!(
+        counts,
+        format!(
+            "held {} refused {}",
+            cloudllm_daemon::ipc::MAX_CONNECTIONS_PER_USER,
+            cloudllm_daemon::ipc::MAX_CONNECTIONS - cloudllm_daemon::ipc::MAX_CONNECTIONS_PER_USER
+        ),
+        "one user gets its share of the connections, no more"
+    );
+
+    // While nobody holds its connections: root (here also the daemon's own user) is served …
+    let output = tokio::time::timeout(
+        STEP,
+        tokio::process::Command::new(BIN)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["status", "--json"])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "root is locked out: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // … and so is another user.
+    let other = as_user(65533, &socket, &["status", "--json"]).await;
+    assert_eq!(
+        other.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    // The flooding user hears why it gets no more.
+    let refused = as_user(65534, &socket, &["status"]).await;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("connections to cloudllmd already"), "{err}");
+
+    // Once the flood ends, its slots come back.
+    drop(flood.stdin.take());
+    tokio::time::timeout(STEP, flood.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let again = as_user(65534, &socket, &["status", "--json"]).await;
+        if again.status.code() == Some(0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_and_a_watching_one_is_not() {
+    let relay = TestRelay::start(relay_config()).await;
+    let backend = FakeOllama::start().await;
+    let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    let idle_timeout = Duration::from_millis(500);
+    config.ipc_idle_timeout = Some(idle_timeout);
+    let socket = config.socket_path.clone().unwrap();
+    let _daemon = TestDaemon::start(config);
+    relay.wait_for_devices("alice", 1).await;
+
+    let hello = ipc::to_line(&Request::Hello {
+        version: IPC_VERSION,
+    });
+    let (mut watching, mut watch_writer) = raw(&socket).await;
+    watch_writer.write_all(&hello).await.unwrap();
+    assert!(matches!(
+        read_response(&mut watching).await,
+        Some(Response::Hello { .. })
+    ));
+    watch_writer
+        .write_all(&ipc::to_line(&Request::Watch))
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_response(&mut watching).await,
+        Some(Response::Status(_))
+    ));
+
+    let (mut idle, mut idle_writer) = raw(&socket).await;
+    idle_writer.write_all(&hello).await.unwrap();
+    assert!(matches!(
+        read_response(&mut idle).await,
+        Some(Response::Hello { .. })
+    ));
+    let since = tokio::time::Instant::now();
+    // A request resets the clock; then nothing more is asked.
+    idle_writer
+        .write_all(&ipc::to_line(&Request::Status))
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_response(&mut idle).await,
+        Some(Response::Status(_))
+    ));
+    assert!(
+        read_response(&mut idle).await.is_none(),
+        "the daemon closes the idle connection"
+    );
+    assert!(since.elapsed() >= idle_timeout, "closed too early");
+
+    // The watcher, idle just as long, still gets the next change.
+    let output = tokio::time::timeout(
+        STEP,
+        tokio::process::Command::new(BIN)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("disconnect")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(output.status.success());
+    loop {
+        match read_response(&mut watching).await {
+            Some(Response::Status(status))
+                if status.connection == ipc::Connection::Disconnected =>
+            {
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the watching connection was closed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_a_token_only_to_a_socket_of_its_own_user_root_or_the_system_daemon() {
+    // Another user (nobody) binds a socket and plays the daemon.
+    let dir = cloudllm_e2e::scratch_dir();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let socket = dir.join("cloudllmd.sock");
+    let mut fake = spawn_helper(65534, "fake_daemon", &socket);
+    let mut said = BufReader::new(fake.stdout.take().unwrap()).lines();
+    assert_eq!(helper_says(&mut said).await, "ready");
+
+    // root's CLI refuses to hand it a token or to run a login through it.
+    let login = |args: &[&str], token: &str| {
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let token = token.to_owned();
+        async move {
+            let mut child = command.spawn().unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(token.as_bytes()).await.unwrap();
+            drop(stdin);
+            tokio::time::timeout(STEP, child.wait_with_output())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let relay = ["--relay", "http://127.0.0.1:9"];
+    for flags in [
+        &["--with-token"][..],
+        &["--device"],
+        &["--browser", "--no-browser"],
+    ] {
+        let mut args = vec!["login"];
+        args.extend_from_slice(&relay);
+        args.extend_from_slice(flags);
+        let output = login(&args, "eyJroot-secret").await;
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(5), "{flags:?}: {err}");
+        assert!(
+            err.contains("refusing to log in through") && err.contains("uid 65534"),
+            "{err}"
+        );
+    }
+    // A request that hands over nothing still goes through.
+    let output = tokio::time::timeout(
+        STEP,
+        tokio::process::Command::new(BIN)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("logout")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // The socket's own user may log in through it (the check is about who, not where).
+    let mut as_nobody = tokio::process::Command::new("setpriv");
+    as_nobody
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .arg("--socket")
+        .arg(&socket)
+        .args(["login", "--with-token"])
+        .args(relay)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = as_nobody.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"nobodys-own-token").await.unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(STEP, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // What the impostor got: hellos, the logout, nobody's own token, and never root's.
+    let mut lines = Vec::new();
+    loop {
+        let line = helper_says(&mut said).await;
+        let done = line.contains("nobodys-own-token");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    drop(fake.stdin.take());
+    let _ = tokio::time::timeout(STEP, fake.wait()).await;
+    let received = lines.join("\n");
+    assert!(!received.contains("root-secret"), "{received}");
+    assert!(!received.contains("\"login\""), "{received}");
+    assert!(received.contains("\"logout\""), "{received}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_home_or_runtime_dir_the_cli_names_what_to_set_instead_of_using_tmp() {
+    // A user with no home directory and an empty environment: no private place for a socket.
+    let output = tokio::time::timeout(
+        STEP,
+        tokio::process::Command::new("setpriv")
+            .arg(format!("--reuid={HOMELESS_UID}"))
+            .arg(format!("--regid={HOMELESS_UID}"))
+            .args(["--clear-groups", BIN, "login", "--with-token"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    if Path::new(ipc::SYSTEM_SOCKET).exists() {
+        // A system daemon runs on this machine: the CLI rightly uses it.
+        return;
+    }
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("XDG_RUNTIME_DIR") && err.contains("--socket"),
+        "{err}"
+    );
+    assert!(!err.contains("/tmp/cloudllmd.sock"), "{err}");
 }

@@ -61,6 +61,11 @@ pub struct DaemonConfig {
     /// Run as a system service (set by `cloudllmd --system`, not by the file).
     #[serde(skip)]
     pub system: bool,
+    /// How long an IPC connection may wait between requests before the daemon closes it
+    /// (default [`crate::ipc::IDLE_TIMEOUT`]; streams such as `watch` are never idle). Not a
+    /// file setting: tests shorten it.
+    #[serde(skip)]
+    pub ipc_idle_timeout: Option<Duration>,
     /// The file these settings came from, which `cloudllm config set` writes (default: the
     /// platform's config file).
     #[serde(skip)]
@@ -118,6 +123,7 @@ impl Default for DaemonConfig {
             operator_group: None,
             credential_store: StoreChoice::Auto,
             system: false,
+            ipc_idle_timeout: None,
             file: None,
         }
     }
@@ -142,12 +148,19 @@ impl DaemonConfig {
         project_dirs().map(|dirs| dirs.config_dir().join("cloudllmd.toml"))
     }
 
-    /// Where the IPC socket is.
-    pub fn socket_path(&self) -> PathBuf {
+    /// Where the IPC socket is: `socket_path`, else the default (see [`default_socket_path`]).
+    /// An error, saying what to set, when there is no private place for a user daemon's socket.
+    pub fn socket_path(&self) -> anyhow::Result<PathBuf> {
         if let Some(path) = &self.socket_path {
-            return path.clone();
+            return Ok(path.clone());
         }
-        default_socket_path(self.system)
+        default_socket_path(self.system).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}. Set XDG_RUNTIME_DIR (or HOME) to a directory only you can write, or choose the \
+                 socket with CLOUDLLM_SOCKET or `socket_path` in the config file (then pass the same \
+                 path to `cloudllm --socket`), or run the system daemon (`cloudllmd --system`)"
+            )
+        })
     }
 
     /// Where state (credential file, preferences) lives.
@@ -277,7 +290,10 @@ impl DaemonConfig {
             "ping_timeout" => duration(&self.ping_timeout),
             "reconnect_max" => duration(&self.reconnect_max),
             "shutdown_grace" => duration(&self.shutdown_grace),
-            "socket_path" => self.socket_path().display().to_string(),
+            "socket_path" => self
+                .socket_path()
+                .map(|path| path.display().to_string())
+                .unwrap_or_default(),
             "state_dir" => self.state_dir().display().to_string(),
             "operator_group" => self.operator_group.clone().unwrap_or_default(),
             "credential_store" => match self.credential_store {

@@ -6,6 +6,13 @@
 //! user, root, or a member of the configured operator group. The socket is 0600 for a user
 //! daemon (only its user can connect at all) and 0666 for a system daemon (any local user may
 //! read its status; changes are checked per request).
+//!
+//! Since any local user may connect to a system daemon's socket, connections are counted per
+//! user: one user can take at most [`MAX_CONNECTIONS_PER_USER`], and
+//! [`RESERVED_FOR_OWNER`] of the [`MAX_CONNECTIONS`] are kept for root and the daemon's own
+//! user, so a flood from another account never locks the operators out. A connection that
+//! sits between requests longer than [`IDLE_TIMEOUT`] is closed; streams (`watch`, `logs
+//! --follow`, an interactive login) are not idle.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,7 +39,30 @@ const COUNTER_REFRESH: Duration = Duration::from_secs(1);
 
 /// Most IPC connections served at once: clients are a CLI or two and a tray; 64 leaves room and
 /// bounds a local process opening connections in a loop.
-const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Most connections one user other than root and the daemon's own may hold: a tray (its
+/// watch, and one per menu action), a `status --watch`, a `logs --follow` and a few commands
+/// come to well under 16.
+pub const MAX_CONNECTIONS_PER_USER: usize = 16;
+
+/// Slots of the [`MAX_CONNECTIONS`] that only root and the daemon's own user may take, so
+/// that other users together can never fill the socket: 8 is room for an operator's status,
+/// disconnect and logs while something else holds all the rest.
+pub const RESERVED_FOR_OWNER: usize = 8;
+
+/// How long a connection may wait between requests before it is closed: a CLI sends its
+/// request as soon as it has said hello, and a tray opens a connection per action, so 60 s
+/// only ends connections that are held open on purpose.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the daemon spends telling a refused connection why: the reply fits in a fresh
+/// socket's buffer, so this only bounds a peer that does not read.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Refusals answered at once; more are closed without a word, so a flood costs no more than
+/// this many small tasks.
+const MAX_REFUSAL_REPLIES: usize = 8;
 
 /// How long a new connection has to say hello: the CLI and the tray do so at once; a
 /// connection that stays silent (or sends only junk) would otherwise hold one of the
@@ -176,6 +206,123 @@ struct Shared {
     supervisor: Arc<Supervisor>,
     logs: Arc<LogBuffer>,
     operators: Operators,
+    idle_timeout: Duration,
+}
+
+/// The connections being served, counted per user so that no other user can take the slots
+/// root and the daemon's own user need (see [`RESERVED_FOR_OWNER`]).
+struct Slots {
+    owner: Option<u32>,
+    counts: std::sync::Mutex<SlotCounts>,
+}
+
+#[derive(Default)]
+struct SlotCounts {
+    total: usize,
+    /// Connections of users other than root and the owner, by uid (`None`: unknown).
+    by_user: std::collections::HashMap<Option<u32>, usize>,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Every slot is taken.
+    Full,
+    /// The slots other users may take are all taken.
+    OthersFull,
+    /// This user holds [`MAX_CONNECTIONS_PER_USER`] already.
+    UserFull,
+}
+
+impl Refusal {
+    fn message(self) -> String {
+        match self {
+            Refusal::Full => format!(
+                "cloudllmd is serving {MAX_CONNECTIONS} connections already; try again shortly"
+            ),
+            Refusal::OthersFull => format!(
+                "cloudllmd is serving {} connections of other users already (the rest are kept for \
+                 root and its own user); try again shortly",
+                MAX_CONNECTIONS - RESERVED_FOR_OWNER
+            ),
+            Refusal::UserFull => format!(
+                "you hold {MAX_CONNECTIONS_PER_USER} connections to cloudllmd already: close some \
+                 (a `cloudllm status --watch`, `logs --follow` or tray) and try again"
+            ),
+        }
+    }
+}
+
+/// One connection's place in [`Slots`], given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    user: Option<Option<u32>>,
+}
+
+impl Slots {
+    fn new(owner: Option<u32>) -> Slots {
+        Slots {
+            owner,
+            counts: std::sync::Mutex::new(SlotCounts::default()),
+        }
+    }
+
+    /// Root and the daemon's own user; everyone where there are no uids (Windows' named pipe
+    /// admits only its creator and administrators).
+    fn privileged(&self, uid: Option<u32>) -> bool {
+        cfg!(not(unix)) || uid == Some(0) || (uid.is_some() && uid == self.owner)
+    }
+
+    fn acquire(self: &Arc<Self>, uid: Option<u32>) -> Result<Slot, Refusal> {
+        let privileged = self.privileged(uid);
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if counts.total >= MAX_CONNECTIONS {
+            return Err(Refusal::Full);
+        }
+        if privileged {
+            counts.total += 1;
+            return Ok(Slot {
+                slots: self.clone(),
+                user: None,
+            });
+        }
+        let others: usize = counts.by_user.values().sum();
+        if others >= MAX_CONNECTIONS - RESERVED_FOR_OWNER {
+            return Err(Refusal::OthersFull);
+        }
+        let mine = counts.by_user.entry(uid).or_default();
+        if *mine >= MAX_CONNECTIONS_PER_USER {
+            return Err(Refusal::UserFull);
+        }
+        *mine += 1;
+        counts.total += 1;
+        Ok(Slot {
+            slots: self.clone(),
+            user: Some(uid),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .slots
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(uid) = self.user
+            && let Some(count) = counts.by_user.get_mut(&uid)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.by_user.remove(&uid);
+            }
+        }
+    }
 }
 
 /// Serves IPC clients on `listener` until `shutdown`.
@@ -193,12 +340,15 @@ pub(crate) async fn serve(
     if let (Some(name), None) = (&config.operator_group, operators.group) {
         warn!(group = %name, "operator_group does not exist: only this user and root may change the daemon");
     }
+    let idle_timeout = config.ipc_idle_timeout.unwrap_or(IDLE_TIMEOUT);
     let context = Arc::new(Shared {
         supervisor,
         logs,
         operators,
+        idle_timeout,
     });
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Slots::new(operators.daemon_uid));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSAL_REPLIES));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -211,18 +361,32 @@ pub(crate) async fn serve(
             },
             () = shutdown.cancelled() => return,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!("too many IPC connections: refusing one");
-            continue;
+        let peer = peer_of(&stream);
+        let slot = match slots.acquire(peer.uid) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                debug!(uid = ?peer.uid, ?refusal, "refusing an IPC connection");
+                // Say why, instead of a bare "connection reset", when it costs little.
+                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        let (_, mut writer) = tokio::io::split(stream);
+                        let reply = error(ErrorCode::Internal, refusal.message());
+                        let _ =
+                            tokio::time::timeout(REFUSAL_TIMEOUT, send(&mut writer, &reply)).await;
+                        drop(permit);
+                    });
+                }
+                continue;
+            }
         };
         let context = context.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = handle(stream, &context) => {}
+                () = handle(stream, peer, &context) => {}
                 () = shutdown.cancelled() => {}
             }
-            drop(permit);
+            drop(slot);
         });
     }
 }
@@ -341,15 +505,22 @@ fn changes_state(request: &Request) -> bool {
     )
 }
 
-async fn handle(stream: Stream, context: &Shared) {
-    let peer = peer_of(&stream);
+async fn handle(stream: Stream, peer: Peer, context: &Shared) {
     let (recv, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::new(recv);
     let mut greeted = false;
     let hello_deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
         let read = if greeted {
-            read_line(&mut reader).await
+            // Between requests: a connection held open without asking anything gives its slot
+            // back. The whole line counts, so sending it a byte at a time does not help.
+            match tokio::time::timeout(context.idle_timeout, read_line(&mut reader)).await {
+                Ok(read) => read,
+                Err(_) => {
+                    debug!(uid = ?peer.uid, "closing an idle IPC connection");
+                    return;
+                }
+            }
         } else {
             match tokio::time::timeout_at(hello_deadline, read_line(&mut reader)).await {
                 Ok(read) => read,
@@ -629,6 +800,46 @@ mod tests {
         }));
         assert!(changes_state(&Request::Disconnect));
         assert!(!changes_state(&Request::Status));
+    }
+
+    #[test]
+    fn other_users_cannot_take_the_owners_slots() {
+        let slots = Arc::new(Slots::new(Some(1000)));
+        // One user fills its share and no more.
+        let mut held: Vec<Slot> = (0..MAX_CONNECTIONS_PER_USER)
+            .map(|_| slots.acquire(Some(2000)).unwrap())
+            .collect();
+        assert_eq!(slots.acquire(Some(2000)).err(), Some(Refusal::UserFull));
+        // Other users fill what is left to them, and no more.
+        let mut uid = 3000;
+        while held.len() < MAX_CONNECTIONS - RESERVED_FOR_OWNER {
+            match slots.acquire(Some(uid)) {
+                Ok(slot) => held.push(slot),
+                Err(Refusal::UserFull) => uid += 1,
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(slots.acquire(Some(9999)).err(), Some(Refusal::OthersFull));
+        assert_eq!(slots.acquire(None).err(), Some(Refusal::OthersFull));
+        // Root and the owner still get in, up to the total.
+        held.push(slots.acquire(Some(0)).unwrap());
+        while held.len() < MAX_CONNECTIONS {
+            held.push(slots.acquire(Some(1000)).unwrap());
+        }
+        assert_eq!(slots.acquire(Some(0)).err(), Some(Refusal::Full));
+        // Slots come back when connections end.
+        held.truncate(MAX_CONNECTIONS_PER_USER);
+        assert_eq!(
+            slots.acquire(Some(2000)).err(),
+            Some(Refusal::UserFull),
+            "still at its share"
+        );
+        assert!(slots.acquire(Some(3000)).is_ok());
+        held.clear();
+        assert!(slots.acquire(Some(2000)).is_ok());
+        let counts = slots.counts.lock().unwrap();
+        assert_eq!(counts.total, 0, "the temporary slot was given back");
+        assert!(counts.by_user.is_empty());
     }
 
     #[cfg(unix)]

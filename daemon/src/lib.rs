@@ -39,7 +39,7 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> anyhow::R
     config.validate()?;
     // A bad ca_file is a start-up error, not a tunnel that never comes up.
     dial::tls_config(&config)?;
-    let socket_path = config.socket_path();
+    let socket_path = config.socket_path()?;
     let listener = ipc::bind(
         &socket_path,
         config.system,

@@ -263,20 +263,44 @@ pub const SYSTEM_SOCKET: &str = "/var/run/cloudllm/cloudllmd.sock";
 
 /// Where a daemon puts its IPC socket unless configured otherwise, and where clients look: a
 /// user daemon's in the user's runtime dir (`$XDG_RUNTIME_DIR/cloudllm/cloudllmd.sock` on
-/// Linux, the cache dir elsewhere), the system daemon's at [`SYSTEM_SOCKET`].
-pub fn default_socket_path(system: bool) -> std::path::PathBuf {
+/// Linux, the cache dir under the home directory elsewhere or when `XDG_RUNTIME_DIR` is unset),
+/// the system daemon's at [`SYSTEM_SOCKET`].
+///
+/// A user daemon's socket is never put in a directory shared with other users (such as `/tmp`):
+/// there another user could bind the name first and receive what the CLI sends, tokens
+/// included. With neither `XDG_RUNTIME_DIR` nor a home directory ([`NoSocketDir`]) the caller
+/// must be told where to put it instead.
+pub fn default_socket_path(system: bool) -> Result<std::path::PathBuf, NoSocketDir> {
     if system {
-        return std::path::PathBuf::from(SYSTEM_SOCKET);
+        return Ok(std::path::PathBuf::from(SYSTEM_SOCKET));
     }
     directories::ProjectDirs::from("", "", "cloudllm")
         .map(|dirs| {
             dirs.runtime_dir()
                 .unwrap_or_else(|| dirs.cache_dir())
-                .to_path_buf()
+                .join("cloudllmd.sock")
         })
-        .unwrap_or_else(std::env::temp_dir)
-        .join("cloudllmd.sock")
+        // A relative `HOME` would put the socket wherever the process happens to start.
+        .filter(|path| path.is_absolute())
+        .ok_or(NoSocketDir)
 }
+
+/// No private directory for a user daemon's socket: neither `XDG_RUNTIME_DIR` nor `HOME` is
+/// set, and the user database names no home directory for this user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoSocketDir;
+
+impl std::fmt::Display for NoSocketDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "there is no private directory for the daemon's socket: neither XDG_RUNTIME_DIR nor \
+             HOME is set to an absolute path and this user has no home directory (a shared \
+             directory such as /tmp is never used: another user could take the socket's name)",
+        )
+    }
+}
+
+impl std::error::Error for NoSocketDir {}
 
 /// The named pipe a daemon with socket `path` listens on where local sockets have no paths
 /// (Windows): the path's file name. Daemon and clients both derive it here, so they agree.
