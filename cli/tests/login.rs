@@ -1,7 +1,7 @@
 //! Logging in through the relay's OpenID provider with the real CLI, daemon and relay, against
 //! a real, certified provider (`oidc-provider`, started by the test): the device flow, the
-//! browser flow with PKCE, and refresh of short-lived tokens with the tunnel and its streams
-//! surviving.
+//! browser flow with PKCE (and a forged redirect that must not end it), and refresh of
+//! short-lived tokens with the tunnel and its streams surviving.
 
 mod common;
 
@@ -51,6 +51,15 @@ fn browser() -> Browser {
 /// device page with the code filled in, or the provider's login page), and returns what the
 /// CLI printed.
 async fn cli_login(f: &Fixture, flags: &[&str]) -> String {
+    cli_login_after(f, flags, |_| async {}).await
+}
+
+/// [`cli_login`], with `before` run on the URL the CLI printed before the user signs in.
+async fn cli_login_after<F: std::future::Future<Output = ()>>(
+    f: &Fixture,
+    flags: &[&str],
+    before: impl FnOnce(url::Url) -> F,
+) -> String {
     let relay = f.relay.url().to_string();
     let mut args = vec!["login", "--relay", relay.as_str()];
     args.extend_from_slice(flags);
@@ -78,6 +87,7 @@ async fn cli_login(f: &Fixture, flags: &[&str]) -> String {
             break line.to_owned();
         }
     };
+    before(url.parse().unwrap()).await;
     let page = browser()
         .log_in(&url.parse().unwrap(), User::Approves)
         .await;
@@ -133,6 +143,31 @@ async fn browser_login_with_pkce_through_the_cli_connects_the_tunnel() {
     };
     let f = Fixture::with_relay(relay_for(&provider)).await;
     let printed = cli_login(&f, &["--browser", "--no-browser"]).await;
+    assert!(printed.contains("Logged in as alice"), "{printed}");
+    f.relay.wait_for_devices("alice", 1).await;
+}
+
+/// Another local process (or a page in the browser) that guesses the login's port and sends a
+/// redirect of its own gets a 400; the CLI keeps waiting, and the real sign-in still logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_redirect_does_not_end_a_browser_login() {
+    let Some(provider) = OidcProvider::start(&[]).await else {
+        return;
+    };
+    let f = Fixture::with_relay(relay_for(&provider)).await;
+    let printed = cli_login_after(&f, &["--browser", "--no-browser"], |authorize| async move {
+        let redirect = authorize
+            .query_pairs()
+            .find(|(key, _)| key == "redirect_uri")
+            .map(|(_, value)| url::Url::parse(&value).unwrap())
+            .expect("the login URL names its redirect");
+        let mut forged = redirect.clone();
+        forged.set_query(Some("code=forged&state=guessed"));
+        let page = browser().get(&forged).await;
+        assert_eq!(page.status, 400, "{}", page.body);
+        assert!(page.body.contains("ignored"), "{}", page.body);
+    })
+    .await;
     assert!(printed.contains("Logged in as alice"), "{printed}");
     f.relay.wait_for_devices("alice", 1).await;
 }

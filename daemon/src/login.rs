@@ -11,11 +11,12 @@
 //! No token, code or verifier ever appears in an error or a log line: errors carry the
 //! provider's `error` code and description, the failing URL, or a transport failure.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -33,7 +34,7 @@ use oauth2::{
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::timeout;
 use tracing::{Instrument, debug, debug_span, info, warn};
 use url::{Host, Url};
@@ -62,8 +63,20 @@ const MAX_DEVICE_WAIT: Duration = Duration::from_secs(30 * 60);
 const MIN_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Connections the loopback listener serves at once: a browser opens a few (page, favicon,
-/// speculative preconnects); more is not a browser.
+/// speculative preconnects); more is not a browser. When all are taken, the oldest one that has
+/// not sent its request yet makes room for the newcomer (see [`CallbackConnections`]), so idle
+/// connections opened by another local process cannot keep the browser out.
 const MAX_CALLBACK_CONNECTIONS: usize = 16;
+
+/// Time a connection to the loopback listener has to send its request headers: a browser sends
+/// them at once; 10 s also covers a browser busy starting up, and a silent connection does not
+/// hold one of the [`MAX_CALLBACK_CONNECTIONS`] for long.
+const CALLBACK_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request head (request line with the query, and headers) the loopback listener
+/// reads: a redirect's query is a code, a state and an issuer (under 2 KiB even for providers
+/// with long codes) and a browser's headers a few KiB more.
+const MAX_CALLBACK_HEAD_BYTES: usize = 16 * 1024;
 
 /// Time one connection to the loopback listener may stay open: the callback's answer waits for
 /// the code exchange, which is bounded by [`HTTP_TIMEOUT`].
@@ -96,7 +109,8 @@ pub enum LoginError {
     )]
     NoDeviceFlow,
     /// The browser's redirect carried a `state` that is not this login's: a forged or stale
-    /// answer, refused.
+    /// answer, refused. [`browser_finish`] answers such a redirect with HTTP 400 and keeps
+    /// waiting for the real one, so it never ends a login with this error.
     #[error(
         "the browser came back with an answer that belongs to no login in progress (state mismatch), so it was refused; run `cloudllm login` again"
     )]
@@ -388,7 +402,13 @@ pub async fn browser_start(provider: &Provider) -> Result<BrowserLogin, LoginErr
 
 /// Waits for the redirect (at most [`BROWSER_TIMEOUT`]), checks `state` (and `iss`, when the
 /// provider sends it), exchanges the code, and answers the browser with a small page saying how
-/// it went. A redirect with a wrong `state` ends the login with [`LoginError::StateMismatch`].
+/// it went.
+///
+/// The listener is reachable by every local process and by any page the browser loads, so a
+/// redirect whose `state` is not this login's is answered with HTTP 400 and ignored: the login
+/// keeps waiting for the real one until [`BROWSER_TIMEOUT`]. Only a redirect with the right
+/// `state` (a secret that only the browser the login was started in has seen) ends the login,
+/// whether it carries a code or the provider's error.
 pub async fn browser_finish(
     provider: &Provider,
     login: BrowserLogin,
@@ -401,26 +421,34 @@ pub async fn browser_finish(
         ..
     } = login;
     let (callbacks, mut received) = mpsc::channel::<Callback>(MAX_CALLBACK_CONNECTIONS);
-    let mut connections = JoinSet::new();
+    let gate = Arc::new(Gate {
+        state: state.secret().clone(),
+        refused: AtomicUsize::new(0),
+    });
+    let mut connections = CallbackConnections::default();
     let mut verifier = Some(verifier);
     let waited = timeout(BROWSER_TIMEOUT, async {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) if connections.len() < MAX_CALLBACK_CONNECTIONS => {
+                    Ok((stream, peer)) => {
                         let span = debug_span!("login_callback", %peer);
-                        connections.spawn(
-                            serve_callback_connection(stream, callbacks.clone()).instrument(span),
+                        let requested = Arc::new(AtomicBool::new(false));
+                        let serve = serve_callback_connection(
+                            stream,
+                            callbacks.clone(),
+                            gate.clone(),
+                            requested.clone(),
                         );
+                        connections.admit(serve.instrument(span), requested);
                     }
-                    Ok(_) => debug!("too many connections to the login listener; one dropped"),
                     Err(e) => {
                         // Transient (e.g. out of file descriptors): pause instead of spinning.
                         warn!(error = %e, "accepting a connection for the browser login");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                Some(_) = connections.set.join_next(), if !connections.set.is_empty() => {}
                 Some(callback) = received.recv() => {
                     let outcome = match verifier.take() {
                         Some(verifier) => {
@@ -438,13 +466,14 @@ pub async fn browser_finish(
     .await;
     // Let the page reach the browser before the connections are dropped.
     let _ = timeout(PAGE_FLUSH_TIMEOUT, async {
-        while connections.join_next().await.is_some() {}
+        while connections.set.join_next().await.is_some() {}
     })
     .await;
+    let refused = gate.refused.load(Ordering::Relaxed);
     match &waited {
-        Ok(Ok(_)) => info!(issuer = %provider.issuer, "browser login completed"),
-        Ok(Err(e)) => info!(issuer = %provider.issuer, error = %e, "browser login failed"),
-        Err(_) => info!(issuer = %provider.issuer, "browser login timed out"),
+        Ok(Ok(_)) => info!(issuer = %provider.issuer, refused, "browser login completed"),
+        Ok(Err(e)) => info!(issuer = %provider.issuer, refused, error = %e, "browser login failed"),
+        Err(_) => info!(issuer = %provider.issuer, refused, "browser login timed out"),
     }
     waited.unwrap_or(Err(LoginError::BrowserTimeout))
 }
@@ -504,18 +533,80 @@ struct Callback {
     page: oneshot::Sender<String>,
 }
 
-/// Serves one browser connection to the loopback listener: `GET /callback` is handed to
-/// [`browser_finish`], which answers with the final page; anything else is a 404.
+/// What the loopback listener's connections check a redirect against.
+struct Gate {
+    /// This login's `state`.
+    state: String,
+    /// Redirects refused for a wrong or missing `state` (for the log).
+    refused: AtomicUsize,
+}
+
+/// The loopback listener's connections: at most [`MAX_CALLBACK_CONNECTIONS`], each bounded by
+/// [`CALLBACK_CONNECTION_TIMEOUT`].
+#[derive(Default)]
+struct CallbackConnections {
+    set: JoinSet<()>,
+    /// Oldest first: each connection's task, and whether it has sent its request.
+    order: VecDeque<(AbortHandle, Arc<AtomicBool>)>,
+}
+
+impl CallbackConnections {
+    /// Starts serving a new connection. When all slots are taken, the oldest connection still
+    /// waiting for its request is closed to make room: a browser sends its request as soon as
+    /// it connects, so only a connection kept idle on purpose (or a browser's unused
+    /// preconnect) loses its place. With no such connection the new one is dropped.
+    fn admit(
+        &mut self,
+        serve: impl Future<Output = ()> + Send + 'static,
+        requested: Arc<AtomicBool>,
+    ) {
+        self.order.retain(|(task, _)| !task.is_finished());
+        if self.order.len() >= MAX_CALLBACK_CONNECTIONS {
+            let idle = self
+                .order
+                .iter()
+                .position(|(_, requested)| !requested.load(Ordering::Acquire));
+            match idle.and_then(|index| self.order.remove(index)) {
+                Some((task, _)) => {
+                    debug!("the login listener is full: closing its oldest idle connection");
+                    task.abort();
+                }
+                None => {
+                    debug!("the login listener is full: one connection dropped");
+                    return;
+                }
+            }
+        }
+        let task = self.set.spawn(serve);
+        self.order.push_back((task, requested));
+    }
+}
+
+/// Serves one browser connection to the loopback listener: `GET /callback` with this login's
+/// `state` is handed to [`browser_finish`], which answers with the final page; one with another
+/// `state` gets a 400, anything else a 404. The request head is bounded in size
+/// ([`MAX_CALLBACK_HEAD_BYTES`]) and time ([`CALLBACK_HEADER_TIMEOUT`]); the whole connection
+/// by [`CALLBACK_CONNECTION_TIMEOUT`].
 async fn serve_callback_connection(
     stream: tokio::net::TcpStream,
     callbacks: mpsc::Sender<Callback>,
+    gate: Arc<Gate>,
+    requested: Arc<AtomicBool>,
 ) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        requested.store(true, Ordering::Release);
         let callbacks = callbacks.clone();
-        async move { Ok::<_, std::convert::Infallible>(answer_callback(request, callbacks).await) }
+        let gate = gate.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(answer_callback(request, callbacks, &gate).await)
+        }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(CALLBACK_HEADER_TIMEOUT)
+        .max_header_size(MAX_CALLBACK_HEAD_BYTES)
+        .max_buf_size(MAX_CALLBACK_HEAD_BYTES * 2)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     match timeout(CALLBACK_CONNECTION_TIMEOUT, connection).await {
         Ok(Ok(())) => debug!("login listener connection closed"),
@@ -527,11 +618,33 @@ async fn serve_callback_connection(
 async fn answer_callback(
     request: Request<Incoming>,
     callbacks: mpsc::Sender<Callback>,
+    gate: &Gate,
 ) -> Response<Full<Bytes>> {
     if request.method() != hyper::Method::GET || request.uri().path() != CALLBACK_PATH {
         return html(StatusCode::NOT_FOUND, "Not found".to_owned());
     }
     let params = CallbackParams::parse(request.uri().query().unwrap_or(""));
+    if !params
+        .state
+        .as_deref()
+        .is_some_and(|state| same_secret(state, &gate.state))
+    {
+        // Anyone on this machine can reach the listener: a wrong state is someone else's
+        // request, not the login's end. Logged once per login, so a flood does not fill the log.
+        if gate.refused.fetch_add(1, Ordering::Relaxed) == 0 {
+            warn!(
+                "the browser login's listener got a redirect that belongs to no login (state mismatch): answered 400 and still waiting for the real one"
+            );
+        }
+        return html(
+            StatusCode::BAD_REQUEST,
+            page_html(
+                "This answer does not belong to the cloudllm login in progress (state mismatch), \
+                 so it was ignored. If you are logging in, finish in the page that \
+                 <code>cloudllm login</code> opened.",
+            ),
+        );
+    }
     let (page, ready) = oneshot::channel();
     if callbacks.send(Callback { params, page }).await.is_err() {
         return html(
@@ -546,6 +659,13 @@ async fn answer_callback(
             page_html("This login is over. Run <code>cloudllm login</code> again if you need to."),
         ),
     }
+}
+
+/// Compares a received `state` with the login's in time that depends only on their lengths,
+/// so a local process timing the listener's answers learns nothing about the secret.
+fn same_secret(received: &str, expected: &str) -> bool {
+    let (a, b) = (received.as_bytes(), expected.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// Checks the redirect against this login and exchanges its code.
@@ -954,6 +1074,14 @@ mod tests {
             matches!(result, Err(LoginError::StateMismatch)),
             "{result:?}"
         );
+    }
+
+    #[test]
+    fn states_compare_whole() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abd", "abc"));
+        assert!(!same_secret("ab", "abc"));
+        assert!(!same_secret("", "abc"));
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use cloudllm_e2e::STEP;
 use cloudllm_e2e::oidc::{
     AUDIENCE, Browser, CLIENT_ID, DEVICE_LOGIN_TIMEOUT, OidcProvider, User, device_login, scopes,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use url::Url;
 
@@ -211,8 +212,11 @@ async fn browser_login_with_pkce_then_refresh() {
     );
 }
 
+/// Any local process (or a page in the browser that guesses the port) can reach the loopback
+/// listener: a redirect with the wrong `state`, or none, is answered 400 and ignored, even when
+/// it carries an error, and the real redirect still completes the login.
 #[tokio::test]
-async fn browser_login_refuses_a_wrong_state() {
+async fn browser_login_ignores_forged_redirects_and_completes() {
     cloudllm_e2e::init_logs();
     let Some(idp) = OidcProvider::start(&[]).await else {
         return;
@@ -222,27 +226,100 @@ async fn browser_login_refuses_a_wrong_state() {
         .await
         .expect("browser_start timed out")
         .expect("browser_start");
-    let mut forged = browser_login.redirect_uri().clone();
-    forged.set_query(Some("code=stolen-code&state=not-the-state"));
+    let authorize_url = browser_login.authorize_url.clone();
+    let redirect = browser_login.redirect_uri().clone();
     let finishing = {
         let provider = provider.clone();
         tokio::spawn(async move { login::browser_finish(&provider, browser_login).await })
     };
-    let page = browser().get(&forged).await;
-    assert!(page.body.contains("state mismatch"), "{}", page.body);
-    let result = timeout(STEP, finishing)
+    for query in [
+        "code=stolen-code&state=not-the-state",
+        "error=access_denied&state=not-the-state",
+        "code=stolen-code",
+    ] {
+        let mut forged = redirect.clone();
+        forged.set_query(Some(query));
+        let page = browser().get(&forged).await;
+        assert_eq!(page.status, 400, "{query}: {}", page.body);
+        assert!(page.body.contains("state mismatch"), "{}", page.body);
+        assert!(!finishing.is_finished(), "{query} ended the login");
+    }
+
+    let page = browser().log_in(&authorize_url, User::Approves).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("close this tab"), "{}", page.body);
+    let tokens = timeout(STEP, finishing)
         .await
         .expect("browser_finish timed out")
-        .expect("browser_finish task");
-    assert!(
-        matches!(result, Err(LoginError::StateMismatch)),
-        "{result:?}"
-    );
+        .expect("browser_finish task")
+        .expect("the real redirect completes the login");
+    let claims = verify(&idp.issuer, tokens.access_token.expose()).await;
+    assert_eq!(claims["sub"], "alice");
     // The listener is closed once the login is over.
-    let after = timeout(STEP, reqwest::get(forged))
+    let after = timeout(STEP, reqwest::get(redirect))
         .await
         .expect("timed out");
     assert!(after.is_err(), "the listener still answers: {after:?}");
+}
+
+/// A local process that opens many idle connections to the loopback listener, or sends an
+/// endless request head, does not keep the browser's redirect out.
+#[tokio::test]
+async fn browser_login_survives_a_flood_of_idle_connections() {
+    cloudllm_e2e::init_logs();
+    let Some(idp) = OidcProvider::start(&[]).await else {
+        return;
+    };
+    let provider = idp.discover().await;
+    let browser_login = timeout(STEP, login::browser_start(&provider))
+        .await
+        .expect("browser_start timed out")
+        .expect("browser_start");
+    let authorize_url = browser_login.authorize_url.clone();
+    let redirect = browser_login.redirect_uri().clone();
+    let port = redirect.port().expect("the redirect names its port");
+    let finishing = {
+        let provider = provider.clone();
+        tokio::spawn(async move { login::browser_finish(&provider, browser_login).await })
+    };
+
+    // An oversized request head: refused (431) or cut off, never read without end.
+    let mut huge = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let head = format!(
+        "GET /callback?state={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "x".repeat(1024 * 1024)
+    );
+    let _ = timeout(STEP, huge.write_all(head.as_bytes())).await;
+    let mut answer = Vec::new();
+    let read = timeout(STEP, huge.read_to_end(&mut answer))
+        .await
+        .expect("the listener kept an oversized request open");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_err() || answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+
+    // Far more idle connections than the listener serves at once, all left silent.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+        );
+    }
+    let page = browser().log_in(&authorize_url, User::Approves).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("close this tab"), "{}", page.body);
+    timeout(STEP, finishing)
+        .await
+        .expect("browser_finish timed out")
+        .expect("browser_finish task")
+        .expect("the login completes despite the idle connections");
+    drop(idle);
 }
 
 #[tokio::test]
