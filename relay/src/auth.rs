@@ -13,6 +13,12 @@
 //!
 //! Anything else — `alg: none`, an HS256 token when the relay has no secret, an HS256 token
 //! "signed" with a provider's public key, an algorithm not configured — is refused.
+//!
+//! Every token, whatever its key, then passes the same checks: `exp` (required) and `nbf` (when
+//! present) within [`LEEWAY_SECS`] of the relay's clock; no `crit` header (the relay implements
+//! no JWS extension, and RFC 7515 §4.1.11 says a token that names one its reader does not
+//! understand is invalid); and a `sub` that is 1 to [`MAX_SUBJECT_BYTES`] bytes without control
+//! characters, because the user id is written into logs and the audit log.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,7 +36,12 @@ pub const ISSUER: &str = "cloudllm-relay";
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds: 30 s covers ordinary NTP drift without
 /// keeping expired tokens alive for long.
-const LEEWAY_SECS: u64 = 30;
+pub const LEEWAY_SECS: u64 = 30;
+
+/// Longest user id (`sub`) accepted, in bytes: 256. Identity providers' subjects are UUIDs or
+/// `provider|id` strings of a few dozen bytes (an e-mail address, at most 254); the bound keeps
+/// every log line and audit record that names the user small.
+pub const MAX_SUBJECT_BYTES: usize = 256;
 
 /// Longest token accepted, in bytes. Real tokens are a few hundred bytes (an identity
 /// provider's, with its claims, one or two KiB); the cap bounds the work an attacker can make
@@ -199,6 +210,22 @@ pub enum AuthError {
     /// The token has expired.
     #[error("token expired: get a new one")]
     Expired,
+    /// The token's `nbf` lies in the future.
+    #[error(
+        "token not valid yet (its `nbf` is in the future): check the clock of the machine that made it"
+    )]
+    NotYetValid,
+    /// The token's header names critical extensions (`crit`); the relay implements none.
+    #[error(
+        "invalid token: its header marks extensions as critical (`crit`), and this relay implements none"
+    )]
+    CriticalExtension,
+    /// The token's `sub` cannot be a user id.
+    #[error(
+        "invalid token: its subject (`sub`) must be 1 to {max} bytes with no control characters",
+        max = MAX_SUBJECT_BYTES
+    )]
+    BadSubject,
     /// The token is malformed, forged, or signed with another key.
     #[error("invalid token")]
     Invalid,
@@ -221,6 +248,43 @@ impl AuthError {
             _ => http::StatusCode::UNAUTHORIZED,
         }
     }
+}
+
+/// Whether verifying a token may fetch the identity provider's key set when the token names a
+/// key the relay has not seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFetch {
+    /// It may (rate-limited; see [`crate::jwks`]).
+    Allowed,
+    /// Cached keys only: for callers over their failure budget, whose made-up key ids should
+    /// cost nothing.
+    CachedOnly,
+}
+
+/// The checks every token passes, whatever its key: `exp` required, `exp` and `nbf` checked
+/// with [`LEEWAY_SECS`] of leeway, `sub` required. The audience is the caller's to add (the
+/// relay's own tokens carry none).
+fn validation(alg: Algorithm) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.leeway = LEEWAY_SECS;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.validate_aud = false;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation
+}
+
+/// Whether `sub` can name a user in logs and limits: not empty, at most [`MAX_SUBJECT_BYTES`],
+/// and free of characters that would break or disguise a log line: control characters
+/// (newlines above all), Unicode line and paragraph separators, and bidirectional overrides
+/// (which make a line display in another order than it is written).
+pub fn valid_subject(sub: &str) -> bool {
+    !sub.is_empty()
+        && sub.len() <= MAX_SUBJECT_BYTES
+        && !sub.chars().any(|c| {
+            c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        })
 }
 
 /// The relay's own HS256 secret, for verifying and minting.
@@ -249,14 +313,10 @@ impl Keys {
     pub fn verifying(secret: Option<&Secret>, jwks: Option<Arc<Jwks>>) -> Self {
         let secret = secret.map(|secret| {
             let bytes = secret.expose().as_bytes();
-            let mut validation = Validation::new(Algorithm::HS256);
-            validation.leeway = LEEWAY_SECS;
-            validation.validate_aud = false;
-            validation.set_required_spec_claims(&["exp", "sub"]);
             SecretKeys {
                 decoding: DecodingKey::from_secret(bytes),
                 encoding: EncodingKey::from_secret(bytes),
-                validation,
+                validation: validation(Algorithm::HS256),
             }
         });
         Keys {
@@ -281,8 +341,19 @@ impl Keys {
         headers: &HeaderMap,
         need: Scope,
     ) -> Result<Identity, AuthError> {
+        self.authenticate_with(headers, need, KeyFetch::Allowed)
+            .await
+    }
+
+    /// [`Keys::authenticate`], fetching the identity provider's keys only if `fetch` allows.
+    pub async fn authenticate_with(
+        &self,
+        headers: &HeaderMap,
+        need: Scope,
+        fetch: KeyFetch,
+    ) -> Result<Identity, AuthError> {
         let token = bearer_token(headers).ok_or(AuthError::Missing)?;
-        let claims = self.verify(token).await?;
+        let claims = self.verify_with(token, fetch).await?;
         if !claims.scope.has(need) {
             return Err(AuthError::WrongScope {
                 need: need.as_str(),
@@ -300,25 +371,36 @@ impl Keys {
     /// selects. May fetch the identity provider's key set once when the token names a key the
     /// relay has not seen (rate-limited; see [`crate::jwks`]).
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        self.verify_with(token, KeyFetch::Allowed).await
+    }
+
+    /// [`Keys::verify`], fetching the identity provider's keys only if `fetch` allows.
+    pub async fn verify_with(&self, token: &str, fetch: KeyFetch) -> Result<Claims, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Invalid);
         }
         // Only the algorithm and key id are read from the unverified header, and only to pick
-        // among keys and algorithms the configuration already allows.
+        // among keys and algorithms the configuration already allows; `crit` is read to refuse.
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
+        if header.crit.is_some() {
+            return Err(AuthError::CriticalExtension);
+        }
         let claims = match (header.alg, &self.secret, &self.jwks) {
             (Algorithm::HS256, Some(secret), _) => {
                 decode(token, &secret.decoding, &secret.validation)?
             }
             (alg, _, Some(jwks)) if jwks.algorithms.contains(&alg) => {
                 let kid = header.kid.as_deref().ok_or(AuthError::Invalid)?;
-                let key = jwks.key(kid).await.ok_or(AuthError::Invalid)?;
+                let key = match fetch {
+                    KeyFetch::Allowed => jwks.key(kid).await,
+                    KeyFetch::CachedOnly => jwks.cached(kid),
+                };
+                let key = key.ok_or(AuthError::Invalid)?;
                 if key.algorithm.is_some_and(|bound| bound != alg) {
                     return Err(AuthError::Invalid);
                 }
-                let mut validation = Validation::new(alg);
-                validation.leeway = LEEWAY_SECS;
-                validation.validate_nbf = true;
+                let mut validation = validation(alg);
+                validation.validate_aud = true;
                 validation.set_audience(&[&jwks.audience]);
                 validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
                 let claims = decode(token, &key.decoding, &validation)?;
@@ -337,7 +419,10 @@ impl Keys {
         if claims.scope == Scopes::default() {
             claims.scope = self.rules.implicit_scopes;
         }
-        if claims.sub.is_empty() || claims.scope == Scopes::default() {
+        if !valid_subject(&claims.sub) {
+            return Err(AuthError::BadSubject);
+        }
+        if claims.scope == Scopes::default() {
             return Err(AuthError::Invalid);
         }
         Ok(claims)
@@ -356,7 +441,10 @@ impl Keys {
                 "this relay has no signing secret (only [jwks]): it cannot mint tokens; they come from the identity provider"
             )
         })?;
-        anyhow::ensure!(!user.is_empty(), "the user id must not be empty");
+        anyhow::ensure!(
+            valid_subject(user),
+            "the user id must be 1 to {MAX_SUBJECT_BYTES} bytes with no control characters"
+        );
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
         let mut other = serde_json::Map::new();
         if let Some(tier) = tier {
@@ -383,6 +471,7 @@ fn decode(token: &str, key: &DecodingKey, validation: &Validation) -> Result<Cla
         .map(|data| data.claims)
         .map_err(|err| match err.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             _ => AuthError::Invalid,
         })
 }
@@ -586,6 +675,158 @@ mod tests {
                 Err(AuthError::Invalid)
             );
         }
+    }
+
+    /// Signs `claims` with the test secret under `header`.
+    fn sign_hs256(header: serde_json::Value, claims: serde_json::Value) -> String {
+        let message = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let key = EncodingKey::from_secret("a".repeat(32).as_bytes());
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).unwrap();
+        format!("{message}.{signature}")
+    }
+
+    #[tokio::test]
+    async fn nbf_is_checked_on_hs256_tokens_with_the_same_leeway_as_exp() {
+        let keys = keys();
+        let header = serde_json::json!({"alg": "HS256", "typ": "JWT"});
+        let claims = |nbf: u64| serde_json::json!({"sub": "alice", "scope": "client", "exp": now() + 3600, "nbf": nbf});
+        let later = sign_hs256(header.clone(), claims(now() + 600));
+        let err = keys.verify(&later).await.unwrap_err();
+        assert_eq!(err, AuthError::NotYetValid);
+        assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
+        assert!(err.to_string().contains("nbf"), "{err}");
+        // Within the leeway, a clock a little ahead is forgiven; so is any past nbf.
+        let skewed = sign_hs256(header.clone(), claims(now() + LEEWAY_SECS / 2));
+        assert!(keys.verify(&skewed).await.is_ok());
+        let past = sign_hs256(header.clone(), claims(now() - 60));
+        assert!(keys.verify(&past).await.is_ok());
+        // A nbf that is not a number is no valid token either.
+        let garbled = sign_hs256(
+            header,
+            serde_json::json!({"sub": "alice", "scope": "client", "exp": now() + 3600, "nbf": "soon"}),
+        );
+        assert_eq!(keys.verify(&garbled).await.unwrap_err(), AuthError::Invalid);
+    }
+
+    #[tokio::test]
+    async fn tokens_with_critical_header_extensions_are_refused() {
+        let keys = keys();
+        let claims = serde_json::json!({"sub": "alice", "scope": "client", "exp": now() + 3600});
+        let plain = sign_hs256(serde_json::json!({"alg": "HS256"}), claims.clone());
+        assert!(keys.verify(&plain).await.is_ok());
+        for crit in [
+            serde_json::json!({"alg": "HS256", "crit": ["exp-policy"], "exp-policy": 1}),
+            serde_json::json!({"alg": "HS256", "crit": ["b64"], "b64": false}),
+            serde_json::json!({"alg": "HS256", "crit": []}),
+        ] {
+            let token = sign_hs256(crit.clone(), claims.clone());
+            let err = keys.verify(&token).await.unwrap_err();
+            assert_eq!(err, AuthError::CriticalExtension, "{crit}");
+            assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
+        }
+        // Not even a list: not a token.
+        let token = sign_hs256(serde_json::json!({"alg": "HS256", "crit": "b64"}), claims);
+        assert_eq!(keys.verify(&token).await.unwrap_err(), AuthError::Invalid);
+    }
+
+    #[tokio::test]
+    async fn subjects_that_would_break_a_log_line_are_refused() {
+        let keys = keys();
+        let header = serde_json::json!({"alg": "HS256"});
+        let with_sub = |sub: &str| {
+            sign_hs256(
+                header.clone(),
+                serde_json::json!({"sub": sub, "scope": "client", "exp": now() + 3600}),
+            )
+        };
+        let longest = "u".repeat(MAX_SUBJECT_BYTES);
+        for good in [
+            "alice",
+            "auth0|5f7c8ec7c33c6c004bbafe82",
+            "ünïcödé user",
+            &longest,
+        ] {
+            assert_eq!(keys.verify(&with_sub(good)).await.unwrap().sub, good);
+        }
+        let too_long = "u".repeat(MAX_SUBJECT_BYTES + 1);
+        for bad in [
+            "alice\nINFO forged line",
+            "alice\r",
+            "tab\there",
+            "nul\0",
+            "esc\u{1b}[31m",
+            "del\u{7f}",
+            "c1\u{85}",
+            "line\u{2028}sep",
+            "bidi\u{202e}txt.exe",
+            "",
+            &too_long,
+        ] {
+            let err = keys.verify(&with_sub(bad)).await.unwrap_err();
+            assert_eq!(err, AuthError::BadSubject, "{bad:?}");
+            assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
+            assert!(err.to_string().contains("`sub`"), "{err}");
+        }
+        // Nor can the relay mint one.
+        let err = keys
+            .issue("alice\nbob", Scope::Client, None, Duration::from_secs(60))
+            .unwrap_err();
+        assert!(err.to_string().contains("control characters"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn cached_only_verification_never_calls_the_identity_provider() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // A "provider" that counts the connections made to it and answers none.
+        let provider = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", provider.local_addr().unwrap());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = provider.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        let jwks = Jwks::new(&JwksConfig {
+            url: url.parse().unwrap(),
+            issuer: "https://idp.example.com".into(),
+            audience: "cloudllm".into(),
+            algorithms: vec![Algorithm::RS256],
+            refresh: Duration::from_secs(600),
+            refetch_min: Duration::from_millis(1),
+        })
+        .unwrap();
+        let keys = Keys::verifying(None, Some(jwks));
+        let claims = format!(r#"{{"sub":"alice","scope":"agent","exp":{}}}"#, now() + 600);
+        let token = format!(
+            "{}.{}.c2ln",
+            b64(br#"{"alg":"RS256","kid":"made-up"}"#),
+            b64(claims.as_bytes())
+        );
+        assert_eq!(
+            keys.verify_with(&token, KeyFetch::CachedOnly)
+                .await
+                .unwrap_err(),
+            AuthError::Invalid
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "no fetch for cached-only");
+        assert_eq!(
+            keys.verify_with(&token, KeyFetch::Allowed)
+                .await
+                .unwrap_err(),
+            AuthError::Invalid
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "an unknown kid fetches once"
+        );
     }
 
     #[tokio::test]

@@ -86,6 +86,16 @@ pub struct RelayConfig {
     /// may name the client's address in `X-Forwarded-For`; from anyone else the header is
     /// ignored (it could be forged to dodge the per-address limit).
     pub trusted_proxies: Vec<IpAddr>,
+    /// Unauthenticated connections (accepted, but no request on them admitted yet: TLS
+    /// handshakes, idle or slow clients, bad tokens) one client address may hold at once; an
+    /// IPv6 client counts by its /64. When full, a new connection from that address closes the
+    /// address's oldest unauthenticated one if that has had 2 s to authenticate, and is closed
+    /// at once otherwise. Peers in `trusted_proxies` count only in the total.
+    pub max_unauthenticated_connections_per_address: u32,
+    /// Unauthenticated connections the relay holds at once, from everyone (the same rule when
+    /// full). At most half the process's open-file limit: a larger value is lowered at startup,
+    /// with a warning, so that pre-authentication traffic can never take every descriptor.
+    pub max_unauthenticated_connections: u32,
     /// Serve `/metrics` on this address instead of the main one (keeps them off the public
     /// port). Unset: `/metrics` is on the main address.
     pub metrics_listen: Option<SocketAddr>,
@@ -143,6 +153,14 @@ impl Default for RelayConfig {
             // 20 a minute: far more than a person mistyping, far too few to guess a secret.
             auth_failures_per_minute: 20,
             trusted_proxies: Vec::new(),
+            // 128: far above what one client opens before its first request is answered (a
+            // browser opens 6, an SDK's pool one per request in flight, and premium allows 32),
+            // and a small share of any realistic descriptor budget.
+            max_unauthenticated_connections_per_address: 128,
+            // 4096: a reconnect storm of thousands of daemons after a restart passes in
+            // seconds, and it is a sixteenth of the 65,536 descriptors the systemd unit gives
+            // the relay, leaving the rest to tunnels and authenticated clients.
+            max_unauthenticated_connections: 4096,
             metrics_listen: None,
             // 15 s: well inside the shortest common NAT and load-balancer idle timeouts (30 s).
             tcp_keepalive: Duration::from_secs(15),
@@ -465,6 +483,12 @@ impl RelayConfig {
             "client_read_timeout must be above zero"
         );
         anyhow::ensure!(
+            self.max_unauthenticated_connections > 0
+                && self.max_unauthenticated_connections_per_address > 0,
+            "max_unauthenticated_connections and max_unauthenticated_connections_per_address must be above zero \
+             (with zero, no client could ever connect)"
+        );
+        anyhow::ensure!(
             !self.session_idle.is_zero(),
             "session_idle must be above zero (it is how long a tunnel's HTTP/2 session outlives its last request, e.g. \"30s\")"
         );
@@ -574,6 +598,26 @@ mod tests {
         config.secret = Some(Secret::new("x".repeat(MIN_SECRET_BYTES)));
         assert!(config.require_secret().is_ok());
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn connection_caps_have_defaults_and_must_be_positive() {
+        let config: RelayConfig = toml::from_str(
+            "secret = \"0123456789abcdef0123456789abcdef\"\nmax_unauthenticated_connections = 100\n",
+        )
+        .unwrap();
+        assert_eq!(config.max_unauthenticated_connections, 100);
+        assert_eq!(config.max_unauthenticated_connections_per_address, 128);
+        assert!(config.validate().is_ok());
+        let zero: RelayConfig = toml::from_str(
+            "secret = \"0123456789abcdef0123456789abcdef\"\nmax_unauthenticated_connections_per_address = 0\n",
+        )
+        .unwrap();
+        let err = zero.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("max_unauthenticated_connections_per_address"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -144,7 +144,8 @@ impl Jwks {
         self.len() == 0
     }
 
-    fn cached(&self, kid: &str) -> Option<Arc<JwksKey>> {
+    /// The key named `kid` if the cached set has it; never fetches.
+    pub(crate) fn cached(&self, kid: &str) -> Option<Arc<JwksKey>> {
         self.current().get(kid).cloned()
     }
 

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 mod client_addr;
 pub mod config;
+pub mod connections;
 pub mod jwks;
 pub mod limits;
 pub mod memory;
@@ -28,8 +29,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::response::IntoResponse;
 use axum::routing::{any, get};
-use axum::serve::ListenerExt;
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,7 +58,66 @@ struct AppState {
     trimmer: Arc<memory::Trimmer>,
 }
 
+/// Why a caller was turned away by [`AppState::authenticate`].
+pub(crate) enum Denied {
+    /// Over the address's failure budget: 429 with `Retry-After`.
+    Limited(limits::Refusal),
+    /// The credentials: 401, or 403 for the wrong scope.
+    Auth(auth::AuthError),
+}
+
 impl AppState {
+    /// Authenticates a request from `addr` on `route` (`api` or `tunnel`) that needs scope
+    /// `need`, with the per-address brute-force protection.
+    ///
+    /// A valid token always passes, even from an address over its failure budget: the budget
+    /// counts failures and must not lock out the users behind a shared address (a NAT, a
+    /// company proxy) because one of them, or anyone else there, sends bad tokens. A request from
+    /// such an address that does not authenticate gets 429 instead of 401, is not counted again,
+    /// and its token is checked against cached keys only, so made-up key ids from it never make
+    /// the relay fetch the identity provider's keys.
+    pub(crate) async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        addr: Option<std::net::IpAddr>,
+        need: Scope,
+        route: &'static str,
+    ) -> Result<auth::Identity, Denied> {
+        let blocked = addr.and_then(|ip| self.limits.blocked(ip));
+        let fetch = match blocked {
+            Some(_) => auth::KeyFetch::CachedOnly,
+            None => auth::KeyFetch::Allowed,
+        };
+        match (
+            self.keys.authenticate_with(headers, need, fetch).await,
+            blocked,
+        ) {
+            (Ok(identity), _) => Ok(identity),
+            (Err(_), Some(refusal)) => Err(Denied::Limited(refusal)),
+            (Err(err), None) => Err(self.auth_failed(addr, route, err)),
+        }
+    }
+
+    /// Records a failed authentication from `addr` on `route` (metrics, audit log, the
+    /// address's failure budget) and says how to answer it: 429 once the budget is spent.
+    pub(crate) fn auth_failed(
+        &self,
+        addr: Option<std::net::IpAddr>,
+        route: &'static str,
+        err: auth::AuthError,
+    ) -> Denied {
+        self.metrics.auth_failed(route);
+        self.audit.record(audit::Event::AuthFailure {
+            reason: err.to_string(),
+            route,
+            addr,
+        });
+        match addr.and_then(|ip| self.limits.auth_failed(ip)) {
+            Some(refusal) => Denied::Limited(refusal),
+            None => Denied::Auth(err),
+        }
+    }
+
     /// Counts a refusal by a limit in the metrics and the audit log.
     fn record_refusal(
         &self,
@@ -114,6 +173,7 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
+    let max_unauthenticated = unauthenticated_cap(config.max_unauthenticated_connections);
     let addr = listener.local_addr()?;
     let metrics_listener = match config.metrics_listen {
         Some(metrics_addr) => Some(
@@ -136,13 +196,20 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         None => (audit::Audit::disabled(), None),
     };
     let limits = Arc::new(limits::Limits::new(&config));
+    let counters = Arc::new(metrics::Metrics::default());
+    let gate = connections::Gate::new(
+        config.max_unauthenticated_connections_per_address,
+        max_unauthenticated,
+        config.trusted_proxies.clone(),
+        counters.clone(),
+    );
     let state = Arc::new(AppState {
         config,
         audit,
         jwks: jwks.clone(),
         keys,
         limits: limits.clone(),
-        metrics: Arc::default(),
+        metrics: counters,
         registry: registry.clone(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
@@ -181,13 +248,13 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
     let read_timeout = state.config.client_read_timeout;
     let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
         Some(tls) => Box::pin(serve_http(
-            tls.listener(listener, keepalive)?,
+            tls.listener(listener, keepalive, gate),
             app,
             read_timeout,
             shutdown.clone(),
         )),
         None => Box::pin(serve_http(
-            listener.tap_io(move |tcp| tune_socket(tcp, &keepalive)),
+            connections::PlainListener::new(listener, keepalive, gate),
             app,
             read_timeout,
             shutdown.clone(),
@@ -224,27 +291,28 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
 /// Serves HTTP/1.1 (with upgrades, for `/tunnel`) on `listener` until `stop`, then lets open
 /// connections finish their requests, as `axum::serve`'s graceful shutdown does. Unlike
 /// `axum::serve`, it bounds slow clients: a connection that has not sent a whole request head
-/// within `read_timeout` (a slowloris, or an idle keep-alive connection) is closed.
-async fn serve_http<L>(
+/// within `read_timeout` (a slowloris, an idle keep-alive connection, or one that never sends a
+/// byte) is closed. Connections come admitted by the caps on unauthenticated connections; one
+/// that the caps close to make room is dropped at once.
+async fn serve_http<L: connections::Accept>(
     mut listener: L,
     app: Router,
     read_timeout: std::time::Duration,
     stop: CancellationToken,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-{
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let connections = TaskTracker::new();
     loop {
-        let (io, peer) = tokio::select! {
+        let connections::Incoming { io, peer, slot } = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        // The handlers read the peer address as `ConnectInfo`, as with axum's own server.
+        // The handlers read the peer address as `ConnectInfo`, as with axum's own server, and
+        // mark the connection authenticated through its slot.
         let service = hyper_util::service::TowerToHyperService::new(
             app.clone()
-                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer)))
+                .layer(axum::Extension(slot.clone())),
         );
         let stop = stop.clone();
         connections.spawn(async move {
@@ -258,6 +326,10 @@ where
             tokio::pin!(connection);
             let served = tokio::select! {
                 served = connection.as_mut() => served,
+                () = slot.evicted() => {
+                    tracing::debug!(%peer, "unauthenticated connection closed to make room");
+                    return;
+                }
                 () = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
@@ -280,6 +352,45 @@ fn tune_socket(tcp: &tokio::net::TcpStream, keepalive: &socket2::TcpKeepalive) {
     let _ = tcp.set_nodelay(true);
     // Probes keep NAT and firewall state alive while a request waits for its first token.
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(keepalive);
+}
+
+/// The cap on unauthenticated connections in all: `configured`, lowered to half the process's
+/// open-file limit if that is smaller (with a warning saying how to raise the limit), so that
+/// connections that never authenticate can never take every descriptor.
+fn unauthenticated_cap(configured: u32) -> u32 {
+    let Some(open_files) = open_files_limit() else {
+        return configured;
+    };
+    let ceiling = u32::try_from(open_files / 2).unwrap_or(u32::MAX).max(1);
+    if configured <= ceiling {
+        return configured;
+    }
+    warn!(
+        max_unauthenticated_connections = configured,
+        open_files,
+        lowered_to = ceiling,
+        "max_unauthenticated_connections is above half the open-file limit: lowered; raise the limit \
+         (LimitNOFILE= in the systemd unit, `ulimit -n`, or the container's nofile) to keep it"
+    );
+    ceiling
+}
+
+/// The process's soft limit on open files, where it can be read (Linux: `/proc/self/limits`).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    parse_open_files(&limits)
+}
+
+/// The soft "Max open files" value of a `/proc/PID/limits` text; `None` when unlimited.
+fn parse_open_files(limits: &str) -> Option<u64> {
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Prunes idle limiter state every [`limits::PRUNE_INTERVAL`] until shutdown.
@@ -352,4 +463,27 @@ fn is_loopback(host: &str) -> bool {
             .trim_end_matches(']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(parse_open_files(text), Some(1024));
+        assert_eq!(
+            parse_open_files(
+                "Max open files            unlimited            unlimited            files"
+            ),
+            None
+        );
+        assert_eq!(parse_open_files(""), None);
+        if cfg!(target_os = "linux") {
+            assert!(open_files_limit().is_some_and(|n| n > 0));
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! Tier limits and brute-force protection, enforced in memory.
 //!
 //! Each user gets a token bucket per minute and a count of requests in flight, sized by their
-//! tier; each client address gets a budget of failed authentications, after which it is refused
-//! for a while before any token is even looked at. Nothing here outlives the process, and idle
+//! tier; each client address gets a budget of failed authentications, after which, for a while,
+//! its requests that do not carry a valid token get 429 (valid tokens still pass: see
+//! `AppState::authenticate`). Nothing here outlives the process, and idle
 //! entries are pruned (see [`Limits::prune`]) so memory follows the active users, not every user
 //! ever seen.
 
@@ -155,7 +156,8 @@ impl Limits {
         })
     }
 
-    /// Whether `ip` is refused for too many failed authentications, and for how long.
+    /// Whether `ip` is over its budget of failed authentications, and for how long: its
+    /// requests without a valid token are then refused with this.
     pub fn blocked(&self, ip: IpAddr) -> Option<Refusal> {
         let until = *lock(&self.blocked).get(&ip)?;
         let left = until.checked_duration_since(Instant::now())?;
@@ -163,7 +165,7 @@ impl Limits {
     }
 
     /// Records a failed authentication from `ip`. Returns the refusal once the address is over
-    /// its budget: it is then refused without looking at tokens until the budget refills.
+    /// its budget: until the budget refills, its failures get 429 and are not counted again.
     pub fn auth_failed(&self, ip: IpAddr) -> Option<Refusal> {
         let failures = self.failures.as_ref()?;
         let not_until = failures.check_key(&ip).err()?;

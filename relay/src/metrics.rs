@@ -2,8 +2,8 @@
 //!
 //! Counts and timings only — never a user, device, model or path label, so the series stay
 //! few and carry nothing personal: connected devices, requests in flight and by status, bytes
-//! each way, request duration and time to first byte, authentication failures by route, and
-//! refusals by limit.
+//! each way, request duration and time to first byte, authentication failures by route,
+//! refusals by limit, and unauthenticated connections with those the connection caps closed.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -40,6 +40,13 @@ pub struct LimitLabel {
     pub limit: &'static str,
 }
 
+/// Label: which connection cap closed a connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapLabel {
+    /// See [`crate::connections::Cap::as_str`].
+    pub cap: &'static str,
+}
+
 /// Every metric the relay keeps.
 pub struct Metrics {
     registry: Registry,
@@ -63,6 +70,12 @@ pub struct Metrics {
     pub sessions_open: Gauge,
     /// HTTP/2 sessions opened on tunnels.
     pub sessions: Counter,
+    /// Connections that have not carried an admitted request yet (TLS handshakes included).
+    pub unauthenticated: Gauge,
+    /// New connections closed at accept because a cap on unauthenticated connections was full.
+    pub connections_refused: Family<CapLabel, Counter>,
+    /// Unauthenticated connections closed to make room for a newer one under a full cap.
+    pub connections_evicted: Family<CapLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -81,6 +94,9 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             sessions_open: Gauge::default(),
             sessions: Counter::default(),
+            unauthenticated: Gauge::default(),
+            connections_refused: Family::default(),
+            connections_evicted: Family::default(),
         };
         let mut registry = Registry::with_prefix("cloudllm");
         registry.register(
@@ -133,6 +149,21 @@ impl Default for Metrics {
             "HTTP/2 sessions opened on tunnels",
             metrics.sessions.clone(),
         );
+        registry.register(
+            "unauthenticated_connections",
+            "Connections that have not carried an admitted request yet",
+            metrics.unauthenticated.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "New connections closed at accept: a cap on unauthenticated connections was full",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_evicted",
+            "Unauthenticated connections closed to make room for a newer one",
+            metrics.connections_evicted.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -156,6 +187,20 @@ impl Metrics {
             .get_or_create(&LimitLabel {
                 limit: limit.as_str(),
             })
+            .inc();
+    }
+
+    /// Counts a new connection closed at accept by `cap`.
+    pub fn connection_refused(&self, cap: crate::connections::Cap) {
+        self.connections_refused
+            .get_or_create(&CapLabel { cap: cap.as_str() })
+            .inc();
+    }
+
+    /// Counts an unauthenticated connection closed by `cap` to make room.
+    pub fn connection_evicted(&self, cap: crate::connections::Cap) {
+        self.connections_evicted
+            .get_or_create(&CapLabel { cap: cap.as_str() })
             .inc();
     }
 

@@ -24,7 +24,6 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use tracing::{debug, info};
 
-use crate::AppState;
 use crate::audit::{Audit, Event};
 use crate::auth::Scope;
 use crate::client_addr::client_ip;
@@ -32,6 +31,7 @@ use crate::config::TierLimits;
 use crate::limits::{Admitted, Refusal};
 use crate::metrics::{DirectionLabel, Metrics, StatusLabel};
 use crate::registry::{Device, RouteError};
+use crate::{AppState, Denied};
 
 /// Request headers that stay at the relay besides the hop-by-hop ones: the caller's
 /// credentials, and `Host` (HTTP/2 carries the authority itself).
@@ -74,29 +74,21 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0);
     let addr = client_ip(peer, req.headers(), &state.config.trusted_proxies);
-    if let Some(refusal) = addr.and_then(|ip| state.limits.blocked(ip)) {
-        return limited(&state, api, None, addr, &refusal);
-    }
-    let identity = match state.keys.authenticate(req.headers(), Scope::Client).await {
+    let identity = match state
+        .authenticate(req.headers(), addr, Scope::Client, "api")
+        .await
+    {
         Ok(identity) => identity,
-        Err(err) => {
-            state.metrics.auth_failed("api");
-            state.audit.record(Event::AuthFailure {
-                reason: err.to_string(),
-                route: "api",
-                addr,
-            });
-            if let Some(refusal) = addr.and_then(|ip| state.limits.auth_failed(ip)) {
-                return limited(&state, api, None, addr, &refusal);
-            }
-            return api.error(err.status(), &err.to_string());
-        }
+        Err(Denied::Limited(refusal)) => return limited(&state, api, None, addr, &refusal),
+        Err(Denied::Auth(err)) => return api.error(err.status(), &err.to_string()),
     };
     let (tier_name, tier) = state.config.tier(identity.tier.as_deref());
     let admitted = match state.limits.admit(&identity.user, tier_name, tier) {
         Ok(admitted) => admitted,
         Err(refusal) => return limited(&state, api, Some(&identity.user), addr, &refusal),
     };
+    // The connection no longer counts against the caps on unauthenticated connections.
+    crate::connections::admitted(req.extensions());
     let request_id = request_id(req.headers());
     let method = req.method().to_string();
     let mut record = RequestRecord::new(&state, started);

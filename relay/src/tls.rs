@@ -12,12 +12,13 @@
 //! current certificate, so a renewal script that writes a half-finished file cannot take the
 //! relay offline.
 //!
-//! [`Tls::listener`] is what axum serves on: a background task accepts TCP connections and runs
-//! each handshake in a task of its own under a timeout, so a slow or silent client never holds
-//! up anyone else's, and passes finished connections to axum through a bounded channel.
+//! [`Tls::listener`] is what the HTTP server takes connections from: a background task accepts
+//! TCP connections, admits each through the caps on unauthenticated connections
+//! ([`crate::connections`]) before any TLS work (a refused one is closed at once), and runs each
+//! handshake in a task of its own under a timeout, so a slow or silent client never holds up
+//! anyone else's, and passes finished connections on through a bounded channel.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -35,14 +36,17 @@ use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 
 pub use crate::config::TlsConfig;
+use crate::connections::{Accept, Gate, Incoming};
 
 /// Longest a client may take to complete its TLS handshake: 10 s. A real client needs one or
 /// two round trips (well under a second even across continents); the bound is what a
 /// connection that never speaks may cost: one socket and one small task for this long.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Handshakes in progress at once, at most: 1024. Beyond that, accepting waits for one to
-/// finish. A reconnect storm of thousands of daemons still passes quickly (each handshake takes
+/// Handshakes in progress at once, at most: 1024. Beyond that, new connections wait (within
+/// their handshake timeout) for one to finish; accepting never waits, so the caps on
+/// unauthenticated connections always see new connections and can close idle ones to make
+/// room. A reconnect storm of thousands of daemons still passes quickly (each handshake takes
 /// milliseconds), while a flood of clients that never finish theirs holds bounded memory.
 const MAX_HANDSHAKES: usize = 1024;
 
@@ -264,20 +268,20 @@ impl Tls {
         self.current.get().cert.clone()
     }
 
-    /// Serves TLS on `tcp`: the returned listener yields connections whose handshake has
-    /// completed. Accepting stops once the listener is dropped.
+    /// Serves TLS on `tcp`, admitting connections through `gate`: the returned listener yields
+    /// connections whose handshake has completed. Accepting stops once the listener is dropped.
     pub(crate) fn listener(
         &self,
         tcp: TcpListener,
         keepalive: socket2::TcpKeepalive,
-    ) -> io::Result<TlsListener> {
-        let local_addr = tcp.local_addr()?;
+        gate: Arc<Gate>,
+    ) -> TlsListener {
         let (ready_tx, ready) = mpsc::channel(READY_QUEUE);
         tokio::spawn(
-            accept_loop(tcp, keepalive, self.acceptor.clone(), ready_tx)
+            accept_loop(tcp, keepalive, self.acceptor.clone(), gate, ready_tx)
                 .instrument(info_span!("tls_accept")),
         );
-        Ok(TlsListener { ready, local_addr })
+        TlsListener { ready }
     }
 }
 
@@ -286,17 +290,11 @@ async fn accept_loop(
     tcp: TcpListener,
     keepalive: socket2::TcpKeepalive,
     acceptor: TlsAcceptor,
-    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    gate: Arc<Gate>,
+    ready: mpsc::Sender<Incoming<TlsStream<TcpStream>>>,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
-        let permit = tokio::select! {
-            _ = ready.closed() => break,
-            permit = handshakes.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break, // never closed
-            },
-        };
         let (stream, addr) = tokio::select! {
             _ = ready.closed() => break,
             accepted = tcp.accept() => match accepted {
@@ -307,19 +305,38 @@ async fn accept_loop(
                 }
             },
         };
+        let Some(slot) = gate.admit(addr.ip()) else {
+            debug!(%addr, "connection refused: too many unauthenticated connections");
+            continue; // dropping `stream` closes it, before any TLS work
+        };
         crate::tune_socket(&stream, &keepalive);
         let acceptor = acceptor.clone();
+        let handshakes = handshakes.clone();
         let ready = ready.clone();
         tokio::spawn(
             async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        drop(permit);
-                        // Fails only when the server has stopped accepting: the connection closes.
-                        let _ = ready.send((tls, addr)).await;
+                let handshake = async {
+                    // Never closed, so always a permit; held for the handshake only.
+                    let permit = handshakes.acquire_owned().await;
+                    let tls = acceptor.accept(stream).await;
+                    drop(permit);
+                    tls
+                };
+                let evicted = slot.clone();
+                tokio::select! {
+                    () = evicted.evicted() => {
+                        debug!("closed during its TLS handshake to make room for newer connections");
                     }
-                    Ok(Err(err)) => debug!(error = %err, "TLS handshake failed"),
-                    Err(_) => debug!(timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out"),
+                    handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match handshake {
+                        Ok(Ok(tls)) => {
+                            let incoming = Incoming { io: tls, peer: addr, slot };
+                            // Fails only when the server has stopped accepting: the connection
+                            // closes.
+                            let _ = ready.send(incoming).await;
+                        }
+                        Ok(Err(err)) => debug!(error = %err, "TLS handshake failed"),
+                        Err(_) => debug!(timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out"),
+                    },
                 }
             }
             .instrument(debug_span!("tls_handshake", %addr)),
@@ -331,7 +348,7 @@ async fn accept_loop(
 /// After a failed `accept`: a connection that died before it was accepted is nobody's concern;
 /// anything else (out of file descriptors, most likely) is logged, and accepting pauses for a
 /// second rather than spinning.
-async fn accept_failed(err: io::Error) {
+pub(crate) async fn accept_failed(err: io::Error) {
     use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
     if matches!(
         err.kind(),
@@ -343,27 +360,21 @@ async fn accept_failed(err: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// A listener for `axum::serve` whose connections have completed their TLS handshake.
+/// Connections whose TLS handshake has completed, admitted by the gate.
 pub(crate) struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local_addr: SocketAddr,
+    ready: mpsc::Receiver<Incoming<TlsStream<TcpStream>>>,
 }
 
-impl axum::serve::Listener for TlsListener {
+impl Accept for TlsListener {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    async fn accept(&mut self) -> Incoming<Self::Io> {
         match self.ready.recv().await {
             Some(connection) => connection,
             // The accept loop ends only when this listener is dropped, so this is unreachable
             // in practice; waiting forever is what a listener with no more clients does.
             None => std::future::pending().await,
         }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local_addr)
     }
 }
 

@@ -1,0 +1,181 @@
+//! Token validation and the per-address failure budget, seen from outside: the same rules for
+//! every token (`nbf`, no `crit`, a `sub` that can be logged) on the API and the tunnel; a
+//! valid token passes from an address over its failure budget while bad ones still get 429;
+//! and garbage in `X-Forwarded-For` neither hides a client behind its proxy nor gives it a
+//! fresh budget.
+
+use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cloudllm_e2e::{STEP, Stack, relay_config, token};
+use cloudllm_relay::Scope;
+use serde_json::json;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Signs `claims` with the test relay's secret under `header`.
+fn sign(header: jsonwebtoken::Header, claims: &serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(cloudllm_e2e::SECRET.as_bytes());
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+fn hs256() -> jsonwebtoken::Header {
+    jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+}
+
+/// A client bound to a loopback address of its own, to act as another client address.
+fn client_from(addr: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(addr.parse::<IpAddr>().unwrap())
+        .timeout(STEP)
+        .build()
+        .unwrap()
+}
+
+/// Validly signed tokens that break one rule each, and what the refusal must say.
+fn rule_breakers() -> Vec<(&'static str, String, &'static str)> {
+    let claims = |sub: &str, scope: &str| json!({"sub": sub, "scope": scope, "exp": now() + 600, "iss": "cloudllm-relay"});
+    let mut later = claims("alice", "client agent");
+    later["nbf"] = json!(now() + 3600);
+    let mut crit = hs256();
+    crit.crit = Some(vec!["exp-policy".to_owned()]);
+    vec![
+        ("nbf an hour ahead", sign(hs256(), &later), "nbf"),
+        (
+            "a critical header extension",
+            sign(crit, &claims("alice", "client agent")),
+            "crit",
+        ),
+        (
+            "a newline in sub",
+            sign(
+                hs256(),
+                &claims("alice\nINFO cloudllm_relay: forged", "client agent"),
+            ),
+            "`sub`",
+        ),
+        (
+            "an escape sequence in sub",
+            sign(hs256(), &claims("alice\u{1b}[2J", "client agent")),
+            "`sub`",
+        ),
+        (
+            "a sub of 1 KiB",
+            sign(hs256(), &claims(&"a".repeat(1024), "client agent")),
+            "`sub`",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_gets_the_same_rules_on_the_api_and_the_tunnel() {
+    let stack = Stack::start().await;
+    let http = cloudllm_e2e::client();
+    let version = cloudllm_proto::PROTOCOL_VERSION.to_string();
+    for (what, bad, says) in rule_breakers() {
+        let response = http
+            .get(stack.relay.api("/api/tags"))
+            .bearer_auth(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{what}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{what}: {message}");
+
+        let tunnel = http
+            .get(stack.relay.api("/tunnel"))
+            .bearer_auth(&bad)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("x-cloudllm-protocol", version.as_str())
+            .header("x-cloudllm-device-id", "intruder")
+            .header("x-cloudllm-device-name", "intruder")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(tunnel.status(), 401, "{what} on the tunnel");
+    }
+    assert_eq!(
+        stack.relay.relay.registry.len(),
+        1,
+        "only alice's own daemon is connected"
+    );
+    assert_eq!(
+        stack.backend.records.hits.lock().unwrap().as_slice(),
+        &[] as &[String],
+        "nothing reached the device"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_token_passes_from_an_address_over_its_failure_budget() {
+    let mut config = relay_config();
+    config.auth_failures_per_minute = 3;
+    let stack = Stack::with_relay_config(config).await;
+    let url = stack.relay.api("/api/tags");
+    // Someone behind the same NAT as alice guesses tokens until the address is over budget.
+    let nat = client_from("127.0.0.7");
+    for _ in 0..3 {
+        let response = nat.get(&url).bearer_auth("forged").send().await.unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    let blocked = nat.get(&url).bearer_auth("forged").send().await.unwrap();
+    assert_eq!(blocked.status(), 429);
+    assert!(blocked.headers().contains_key("retry-after"));
+    // Alice, from the same address, is served all the same …
+    for _ in 0..3 {
+        let response = nat
+            .get(&url)
+            .bearer_auth(token("alice", Scope::Client))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // … while every token that does not verify still gets 429, forged or validly signed but
+    // breaking a rule, so guessing from there gains nothing.
+    let mut bad: Vec<String> = rule_breakers().into_iter().map(|(_, t, _)| t).collect();
+    bad.push("forged".to_owned());
+    bad.push(token("alice", Scope::Agent)); // the wrong scope is no pass either
+    for token in bad {
+        let response = nat.get(&url).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(response.status(), 429);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_forwarded_for_neither_hides_the_client_nor_gives_it_a_fresh_budget() {
+    let mut config = relay_config();
+    config.auth_failures_per_minute = 2;
+    config.trusted_proxies = vec!["127.0.0.8".parse().unwrap()];
+    let stack = Stack::with_relay_config(config).await;
+    let url = stack.relay.api("/api/tags");
+    let proxy = client_from("127.0.0.8");
+    let bad_as = |xff: &'static str| {
+        proxy
+            .get(&url)
+            .bearer_auth("forged")
+            .header("x-forwarded-for", xff)
+            .send()
+    };
+    // The client prepends garbage; the proxy appends the address it saw. The failures are
+    // the client's …
+    assert_eq!(bad_as("x, 198.51.100.1").await.unwrap().status(), 401);
+    assert_eq!(bad_as("x, 198.51.100.1").await.unwrap().status(), 401);
+    assert_eq!(bad_as("x, 198.51.100.1").await.unwrap().status(), 429);
+    // … so without the garbage it is still over budget …
+    assert_eq!(bad_as("198.51.100.1").await.unwrap().status(), 429);
+    // … and the proxy's other clients are untouched.
+    assert_eq!(bad_as("198.51.100.2").await.unwrap().status(), 401);
+    assert_eq!(bad_as("x").await.unwrap().status(), 401);
+}
