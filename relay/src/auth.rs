@@ -230,7 +230,11 @@ pub enum AuthError {
     #[error("invalid token")]
     Invalid,
     /// A valid token with the wrong scope.
-    #[error("this is a {got} token; this endpoint needs a {need} token")]
+    #[error(
+        "this is {} token; this endpoint needs {} token",
+        with_article(.got),
+        with_article(.need)
+    )]
     WrongScope {
         /// The scope the endpoint needs.
         need: &'static str,
@@ -248,6 +252,12 @@ impl AuthError {
             _ => http::StatusCode::UNAUTHORIZED,
         }
     }
+}
+
+/// `agent` → "an agent", `client` → "a client".
+fn with_article(word: &str) -> String {
+    let vowel = word.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {word}", if vowel { "an" } else { "a" })
 }
 
 /// Whether verifying a token may fetch the identity provider's key set when the token names a
@@ -608,6 +618,10 @@ mod tests {
             }
         );
         assert_eq!(err.status(), http::StatusCode::FORBIDDEN);
+        assert_eq!(
+            err.to_string(),
+            "this is a client token; this endpoint needs an agent token"
+        );
         for none in [
             sign("openid".into()),
             sign("admin".into()),

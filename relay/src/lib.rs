@@ -16,6 +16,7 @@ pub mod memory;
 pub mod metrics;
 mod proxy;
 pub mod registry;
+mod request_id;
 pub mod tls;
 mod tunnel;
 mod well_known;
@@ -453,6 +454,7 @@ fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
             )
                 .into_response()
         })
+        .layer(axum::middleware::from_fn(request_id::tag))
         .with_state(state)
 }
 

@@ -89,7 +89,13 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
     };
     // The connection no longer counts against the caps on unauthenticated connections.
     crate::connections::admitted(req.extensions());
-    let request_id = request_id(req.headers());
+    // Set by the router's outermost layer ([`crate::request_id`]), which also puts it on the
+    // response.
+    let request_id = req
+        .headers()
+        .get(proto::HEADER_REQUEST_ID)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("unknown"));
     let method = req.method().to_string();
     let mut record = RequestRecord::new(&state, started);
     let mut response = route(
@@ -102,9 +108,6 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
         req,
     )
     .await;
-    response
-        .headers_mut()
-        .insert(proto::HEADER_REQUEST_ID, request_id.clone());
     record.status = response.status().as_u16();
     if state.audit.is_enabled() {
         record.audit = Some(AuditFields {
@@ -584,25 +587,6 @@ fn too_large(api: Api<'_>, limit: u64) -> Response {
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("request body is larger than this relay's limit of {limit} bytes"),
     )
-}
-
-/// The caller's `x-request-id` if it is a sane token, else a fresh UUID.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get(proto::HEADER_REQUEST_ID)
-        .filter(|v| {
-            let bytes = v.as_bytes();
-            !bytes.is_empty()
-                && bytes.len() <= 128
-                && bytes
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
-        })
-        .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .unwrap_or(HeaderValue::from_static("unknown"))
-        })
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {

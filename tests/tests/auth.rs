@@ -282,3 +282,46 @@ async fn a_user_only_ever_reaches_their_own_devices() {
         "{bob_tags:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_the_relay_makes_itself_carry_a_request_id() {
+    let stack = Stack::start().await;
+    let http = client();
+    let id_of = |response: &reqwest::Response| {
+        response
+            .headers()
+            .get("x-request-id")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let is_uuid = |id: Option<String>| id.is_some_and(|id| id.len() == 36 && id.contains('-'));
+
+    let unauthorized = http.get(stack.relay.api("/api/tags")).send().await.unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    assert!(
+        is_uuid(id_of(&unauthorized)),
+        "{:?}",
+        unauthorized.headers()
+    );
+
+    let echoed = http
+        .get(stack.relay.api("/v1/models"))
+        .header("x-request-id", "my-trace-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echoed.status(), 401);
+    assert_eq!(id_of(&echoed).as_deref(), Some("my-trace-7"));
+
+    let not_found = http.get(stack.relay.api("/")).send().await.unwrap();
+    assert_eq!(not_found.status(), 404);
+    assert!(is_uuid(id_of(&not_found)), "{:?}", not_found.headers());
+
+    let tunnel = http
+        .get(stack.relay.api("/tunnel"))
+        .bearer_auth("forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tunnel.status(), 401);
+    assert!(is_uuid(id_of(&tunnel)), "{:?}", tunnel.headers());
+}
