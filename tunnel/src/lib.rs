@@ -9,8 +9,10 @@
 //! all, only its WebSocket. This crate supplies the link, a session's byte stream ([`WsIo`]),
 //! the daemon's session loop ([`server::serve`]), the HTTP/2 settings both ends must use
 //! ([`h2_client`], [`h2_server`]), the merging of token bursts into large frames
-//! ([`coalesce`]) and the relay's read-ahead for its small WebSocket reads ([`ReadAhead`]).
+//! ([`coalesce`]), the relay's read-ahead for its small WebSocket reads ([`ReadAhead`]), and the
+//! bounded reading of whole bodies from the network that relay and daemon share ([`body`]).
 
+pub mod body;
 pub mod coalesce;
 pub mod headers;
 mod link;
