@@ -14,7 +14,6 @@ pub mod ipc;
 pub mod login;
 pub mod logs;
 mod ollama;
-pub mod service_manager;
 mod state;
 mod supervisor;
 mod tunnel;
@@ -58,22 +57,10 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> anyhow::R
     let watch = tokio::spawn(ollama::watch(supervisor.clone(), shutdown.clone()));
     let refresh = tokio::spawn(supervisor.clone().run_refresh());
     // The socket is listening (connections queue until accepted) and the supervisor answers.
-    service_manager::ready();
-    let finished = CancellationToken::new();
-    let watchdog = tokio::spawn(service_manager::watchdog(finished.clone()));
-    let stopping = {
-        let (shutdown, finished) = (shutdown.clone(), finished.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                () = shutdown.cancelled() => service_manager::stopping(),
-                () = finished.cancelled() => {}
-            }
-        })
-    };
+    let running = cloudllm_lifecycle::service::announce_ready(&shutdown);
     supervisor.run_tunnels().await;
     let _ = tokio::join!(ipc, watch, refresh);
-    finished.cancel();
-    let _ = tokio::join!(watchdog, stopping);
+    running.finish().await;
     info!("cloudllmd stopped");
     Ok(())
 }

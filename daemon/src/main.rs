@@ -82,37 +82,9 @@ fn load(cli: &Cli) -> anyhow::Result<DaemonConfig> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load(&cli)?;
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!(
-            "shutting down: finishing in-flight requests (a second signal exits at once)"
-        );
-        signal.cancel();
-        wait_for_signal().await;
-        std::process::exit(130);
-    });
+    cloudllm_lifecycle::signal::cancel_on_stop_signal(
+        shutdown.clone(),
+        "finishing in-flight requests",
+    );
     cloudllm_daemon::run(config, shutdown).await
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use cloudllm_lifecycle::{service, signal};
 use cloudllm_proto::Secret;
 use cloudllm_relay::{Keys, RelayConfig, Scope};
 use tokio_util::sync::CancellationToken;
@@ -185,29 +186,25 @@ async fn serve(listen: Option<SocketAddr>, path: Option<PathBuf>, dev: bool) -> 
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         config.secret = Some(Secret::new(hex));
     }
-    // Installed before the relay says it listens: SIGHUP's default action would end the process.
+    // Installed before the relay says it listens: the default actions of SIGHUP, SIGTERM and
+    // SIGINT would end the process without draining.
     #[cfg(unix)]
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let shutdown = CancellationToken::new();
+    signal::cancel_on_stop_signal(shutdown.clone(), "draining tunnels");
     let relay = cloudllm_relay::serve(config.clone(), shutdown.clone()).await?;
-    // Listening: tell systemd (`Type=notify`), and keep its watchdog fed from this runtime.
-    systemd::ready();
-    tokio::spawn(systemd::watchdog());
+    // Listening: tell systemd (`Type=notify`), keep its watchdog fed from this runtime, and
+    // say `STOPPING=1` when the drain begins.
+    let running = service::announce_ready(&shutdown);
     if dev {
         print_dev_tokens(&config, relay.addr)?;
     }
     #[cfg(unix)]
     tokio::spawn(reload_on_hangup(hangup, relay.tls.clone()));
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: draining tunnels (a second signal exits at once)");
-        systemd::stopping();
-        shutdown.cancel();
-        wait_for_signal().await;
-        std::process::exit(130);
-    });
-    relay.done.await.context("relay task")?
+    let result = relay.done.await.context("relay task")?;
+    running.finish().await;
+    result
 }
 
 /// SIGHUP: read the TLS certificate and key files again (after a renewal). A failed reload
@@ -258,61 +255,5 @@ fn print_out(text: &str) -> anyhow::Result<()> {
             Err(anyhow::Error::new(err).context("writing to standard output"))
         }
         _ => Ok(()),
-    }
-}
-
-/// systemd's `Type=notify` protocol; does nothing without `$NOTIFY_SOCKET`.
-#[cfg(unix)]
-mod systemd {
-    use sd_notify::NotifyState;
-
-    pub fn ready() {
-        let _ = sd_notify::notify(false, &[NotifyState::Ready]);
-    }
-
-    pub fn stopping() {
-        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
-    }
-
-    /// Sends `WATCHDOG=1` at half of `WatchdogSec=`, if systemd set one.
-    pub async fn watchdog() {
-        let mut usec = 0;
-        if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-            return;
-        }
-        let mut ticks = tokio::time::interval(std::time::Duration::from_micros(usec) / 2);
-        loop {
-            ticks.tick().await;
-            let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
-        }
-    }
-}
-
-#[cfg(not(unix))]
-mod systemd {
-    pub fn ready() {}
-    pub fn stopping() {}
-    pub async fn watchdog() {}
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
