@@ -357,32 +357,36 @@ pub fn set_in_file(path: &Path, key: &str, value: &str) -> anyhow::Result<Daemon
     Ok(config)
 }
 
-/// Writes `data` to `path` through a temporary file in the same directory, so the file is
-/// either the old one or the new one, never half-written.
+/// The mode of a config file `cloudllm config set` creates: readable by all, like the files in
+/// `/etc` (it holds no secret: tokens never live in it). A file that exists keeps its own.
+const NEW_CONFIG_MODE: u32 = 0o644;
+
+/// Writes `data` to `path` in one step (`cloudllm_atomic_write`): the file is either the old
+/// one or the new one, never half-written, and keeps the mode it had (a system config that an
+/// operator made 0640 stays 0640).
 fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("config"),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
+    let mode = existing_mode(path).unwrap_or(NEW_CONFIG_MODE);
+    cloudllm_atomic_write::write(path, mode, data)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The permission bits of the file at `path`, if there is one.
+#[cfg(unix)]
+fn existing_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|meta| meta.permissions().mode() & 0o777)
+}
+
+#[cfg(not(unix))]
+fn existing_mode(_path: &Path) -> Option<u32> {
+    None
 }
 
 fn parse_url(name: &str, value: &str) -> anyhow::Result<Url> {
@@ -493,6 +497,31 @@ mod tests {
             .filter_map(Result::ok)
             .collect();
         assert_eq!(leftovers.len(), 1, "no temporary files left behind");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn set_in_file_keeps_the_files_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cloudllm-config-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode_of = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let created = dir.join("new.toml");
+        set_in_file(&created, "device_name", "box").unwrap();
+        assert_eq!(mode_of(&created), NEW_CONFIG_MODE);
+
+        let restricted = dir.join("cloudllmd.toml");
+        std::fs::write(
+            &restricted,
+            "# for the cloudllm group only
+",
+        )
+        .unwrap();
+        std::fs::set_permissions(&restricted, std::fs::Permissions::from_mode(0o640)).unwrap();
+        set_in_file(&restricted, "device_name", "box").unwrap();
+        assert_eq!(mode_of(&restricted), 0o640, "an operator's 0640 stays 0640");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

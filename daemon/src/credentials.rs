@@ -4,15 +4,16 @@
 //! the right home for a token: other programs of the same user cannot read it without asking.
 //! Headless servers have no keyring service (no D-Bus session, no Secret Service), so there the
 //! credentials go to `credentials.json`, mode 0600, in the daemon's state directory, written
-//! atomically (temp file, fsync, rename) so a crash never leaves half a token behind. Which of
+//! atomically (`cloudllm_atomic_write`: a temp file private from its first byte, fsync, rename)
+//! so a crash never leaves half a token behind. Which of
 //! the two is in use is part of [`StoreKind`], so `status` can tell the user plainly.
 //!
 //! Every call here blocks (D-Bus round trips, file I/O, fsync): async callers run them through
 //! `tokio::task::spawn_blocking`.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
@@ -43,11 +44,9 @@ const KEYRING_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// refused rather than read whole into memory.
 const MAX_CREDENTIALS_BYTES: usize = 64 * 1024;
 
-/// Temp files of an interrupted save start with this, so `clear` can remove them too.
-const TEMP_PREFIX: &str = ".credentials.json.";
-
-/// Temp files of a save end with this.
-const TEMP_SUFFIX: &str = ".tmp";
+/// Owner read and write only: the file holds the tokens. (Ignored on Windows, where the user
+/// profile's ACL keeps other users out.)
+const PRIVATE_MODE: u32 = 0o600;
 
 /// What the daemon stores: serialized as JSON into the keyring entry or the file.
 ///
@@ -249,7 +248,9 @@ impl CredentialStore {
             },
             Backend::File { path } => {
                 remove_if_present(path)?;
-                remove_temp_files(path)
+                // An interrupted save's temp file may hold part of a token.
+                cloudllm_atomic_write::remove_leftovers(path)
+                    .with_context(|| format!("removing the temp files beside {}", path.display()))
             }
         }
     }
@@ -365,84 +366,14 @@ fn warn_if_exposed(path: &Path, file: &File) {
 #[cfg(not(unix))]
 fn warn_if_exposed(_path: &Path, _file: &File) {}
 
-/// Writes `bytes` to `path` atomically with mode 0600: a temp file in the same directory,
-/// fsync, rename over `path`, fsync of the directory.
+/// Writes `bytes` to `path` atomically with mode 0600 (see `cloudllm_atomic_write`), in a
+/// directory only the owner may write to.
 fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent directory", path.display()))?;
     ensure_private_dir(dir)?;
-    let temp = TempFile {
-        path: dir.join(format!(
-            "{TEMP_PREFIX}{}{TEMP_SUFFIX}",
-            uuid::Uuid::new_v4().simple()
-        )),
-        renamed: false,
-    };
-    let mut file =
-        create_private(&temp.path).with_context(|| format!("creating {}", temp.path.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", temp.path.display()))?;
-    drop(file);
-    temp.rename_to(path)?;
-    sync_dir(dir)
-}
-
-/// A temp file that is removed on drop unless it was renamed into place, so a failed save
-/// leaves nothing behind.
-struct TempFile {
-    path: PathBuf,
-    renamed: bool,
-}
-
-impl TempFile {
-    /// Moves the temp file over `target` in one step.
-    fn rename_to(mut self, target: &Path) -> anyhow::Result<()> {
-        fs::rename(&self.path, target)
-            .with_context(|| format!("renaming {} to {}", self.path.display(), target.display()))?;
-        self.renamed = true;
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.renamed {
-            // Best effort: the error that made the save fail is the one worth reporting.
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Creates a new file that only its owner can read or write.
-#[cfg(unix)]
-fn create_private(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-}
-
-/// Creates a new file; the user profile's ACL keeps other users out.
-#[cfg(not(unix))]
-fn create_private(path: &Path) -> io::Result<File> {
-    OpenOptions::new().write(true).create_new(true).open(path)
-}
-
-/// Makes the rename durable: on Unix a rename is on disk only once its directory is synced.
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> anyhow::Result<()> {
-    Ok(())
+    Ok(cloudllm_atomic_write::write(path, PRIVATE_MODE, bytes)?)
 }
 
 /// Creates `dir` with mode 0700, or checks the existing one: a directory that others may
@@ -485,26 +416,4 @@ fn remove_if_present(path: &Path) -> anyhow::Result<()> {
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(err).with_context(|| format!("removing {}", path.display())),
     }
-}
-
-/// Removes the temp files that saves interrupted by a crash left beside `path`: they may hold
-/// part of a token.
-fn remove_temp_files(path: &Path) -> anyhow::Result<()> {
-    let Some(dir) = path.parent() else {
-        return Ok(());
-    };
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(err).with_context(|| format!("listing {}", dir.display())),
-    };
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
-            remove_if_present(&entry.path())?;
-        }
-    }
-    Ok(())
 }
