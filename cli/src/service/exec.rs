@@ -169,25 +169,12 @@ pub fn execute(plan: &Plan, out: &mut impl std::io::Write) -> Result<Outcome, Ex
     Ok(outcome)
 }
 
-/// Writes `contents` to `path` through a temporary file in the same directory, then gives it
-/// `mode`: the service manager never reads a half-written unit.
+/// Writes `contents` to `path` in one step (`cloudllm_atomic_write`: a temp file with `mode`
+/// from the start, fsync, rename): the service manager never reads a half-written unit.
 fn write_file(path: &Path, contents: &str, mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = std::fs::write(&tmp, contents)
-        .and_then(|()| set_mode(&tmp, mode))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    cloudllm_atomic_write::write(path, mode, contents.as_bytes())
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
