@@ -665,7 +665,8 @@ fn stable_device_id(state_dir: &std::path::Path) -> anyhow::Result<String> {
         }
     }
     let id = uuid::Uuid::new_v4().to_string();
-    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    cloudllm_atomic_write::write(&path, STATE_FILE_MODE, id.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(id)
 }
 
@@ -676,13 +677,17 @@ fn read_prefs(state_dir: &std::path::Path) -> Prefs {
         .unwrap_or(Prefs { connect: true })
 }
 
+/// Replaces `prefs.json` in one step (two `cloudllm connect` at once each write their own temp
+/// file).
 fn write_prefs(state_dir: &std::path::Path, prefs: &Prefs) -> anyhow::Result<()> {
     let path = state_dir.join("prefs.json");
-    let tmp = state_dir.join("prefs.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(prefs)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    cloudllm_atomic_write::write(&path, STATE_FILE_MODE, &serde_json::to_vec(prefs)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
+
+/// The mode of `device-id` and `prefs.json`: neither is a secret (the relay shows the device
+/// id to the user), and the state directory around them is the daemon's own.
+const STATE_FILE_MODE: u32 = 0o644;
 
 #[cfg(test)]
 mod tests {
