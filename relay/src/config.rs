@@ -135,6 +135,34 @@ pub struct RelayConfig {
     /// A web page for this relay's users (account, tokens, usage), published at
     /// `/.well-known/cloudllm`; the tray offers "Open web page" when it is set.
     pub web_url: Option<Url>,
+    /// Origins of browser apps (chat UIs, extensions, notebooks) allowed to call `/api/*` and
+    /// `/v1/*` from a page on another origin (CORS): exact origins like
+    /// `"https://chat.example.com"`, or `"*"` for any. Default none. The relay's own web page at
+    /// `/` needs no entry.
+    pub allowed_origins: Vec<String>,
+    /// `[web_login]`: sign-in on the relay's web page through the `[login]` provider, with a
+    /// client registered for the page (authorization code + PKCE, redirect URI: the relay's
+    /// own root URL, e.g. `https://relay.example.com/`). Without it the page offers only
+    /// pasting a client token and `cloudllm open`.
+    pub web_login: Option<WebLoginConfig>,
+}
+
+/// `[web_login]`: the web page's own client at the `[login]` provider.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebLoginConfig {
+    /// The public client id registered for the page (no secret: the page runs in browsers).
+    pub client_id: String,
+    /// Scopes the page asks for (default `["openid", "offline_access", "client"]`: a refresh
+    /// token and the right to send requests, not to open a tunnel).
+    #[serde(default = "default_web_scopes")]
+    pub scopes: Vec<String>,
+}
+
+fn default_web_scopes() -> Vec<String> {
+    ["openid", "offline_access", "client"]
+        .map(String::from)
+        .to_vec()
 }
 
 impl Default for RelayConfig {
@@ -180,6 +208,8 @@ impl Default for RelayConfig {
             audit_log: None,
             tls: None,
             web_url: None,
+            allowed_origins: Vec::new(),
+            web_login: None,
         }
     }
 }
@@ -509,6 +539,17 @@ impl RelayConfig {
         );
         if let Some(tls) = &self.tls {
             crate::tls::load(tls).context("in [tls]")?;
+        }
+        crate::cors::Cors::new(&self.allowed_origins)?;
+        if let Some(web) = &self.web_login {
+            anyhow::ensure!(
+                self.login.is_some(),
+                "[web_login] needs [login]: it names the provider's issuer"
+            );
+            anyhow::ensure!(
+                !web.client_id.trim().is_empty(),
+                "[web_login] client_id must not be empty"
+            );
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ pub mod auth;
 mod client_addr;
 pub mod config;
 pub mod connections;
+pub mod cors;
 pub mod jwks;
 pub mod limits;
 pub mod memory;
@@ -19,6 +20,7 @@ pub mod registry;
 mod request_id;
 pub mod tls;
 mod tunnel;
+pub mod web;
 mod well_known;
 
 use std::future::Future;
@@ -37,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 pub use auth::{Keys, Scope, Scopes};
-pub use config::{JwksConfig, LoginConfig, RelayConfig, TlsConfig};
+pub use config::{JwksConfig, LoginConfig, RelayConfig, TlsConfig, WebLoginConfig};
 use jwks::Jwks;
 use registry::Registry;
 
@@ -245,7 +247,7 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         }
         None => None,
     };
-    let app = router(state.clone(), metrics_addr.is_none());
+    let app = router(state.clone(), metrics_addr.is_none())?;
     let read_timeout = state.config.client_read_timeout;
     let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
         Some(tls) => Box::pin(serve_http(
@@ -431,19 +433,27 @@ async fn readyz(
     }
 }
 
-fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
+fn router(state: Arc<AppState>, with_metrics: bool) -> anyhow::Result<Router> {
     let router = if with_metrics {
         Router::new().route("/metrics", get(metrics))
     } else {
         Router::new()
     };
-    router
+    let cors = Arc::new(cors::Cors::new(&state.config.allowed_origins)?);
+    let api = Router::new()
+        .route("/api/{*rest}", any(proxy::forward))
+        .route("/v1/{*rest}", any(proxy::forward))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            cors::layer(cors.clone(), req, next)
+        }));
+    let site = web::Site::new(&state.config)?;
+    Ok(router
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route(cloudllm_proto::WELL_KNOWN_PATH, get(well_known::get))
         .route(cloudllm_proto::TUNNEL_PATH, get(tunnel::accept))
-        .route("/api/{*rest}", any(proxy::forward))
-        .route("/v1/{*rest}", any(proxy::forward))
+        .merge(api)
+        .merge(web::routes(site))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -455,7 +465,8 @@ fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
                 .into_response()
         })
         .layer(axum::middleware::from_fn(request_id::tag))
-        .with_state(state)
+        .layer(axum::Extension(Arc::new(web::OpenCodes::default())))
+        .with_state(state))
 }
 
 fn is_loopback(host: &str) -> bool {
