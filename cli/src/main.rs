@@ -513,9 +513,10 @@ fn connection_text(connection: &Connection, relay: Option<&str>, style: Style) -
     let relay = relay.unwrap_or("the relay");
     match connection {
         Connection::LoggedOut => style.paint("31", "logged out: run `cloudllm login --relay URL`"),
-        Connection::LoginRequired { reason } => {
-            style.paint("31", &format!("login required: {reason}"))
-        }
+        Connection::LoginRequired { reason } => style.paint(
+            "31",
+            &format!("login required: {}", cloudllm_proto::printable(reason)),
+        ),
         Connection::Disconnected => style.paint("33", "disconnected (run `cloudllm connect`)"),
         Connection::Connecting => style.paint("33", &format!("connecting to {relay}")),
         Connection::Connected { since, rtt_ms } => {
@@ -536,10 +537,27 @@ fn connection_text(connection: &Connection, relay: Option<&str>, style: Style) -
             let wait = next_try.saturating_sub(now());
             style.paint(
                 "33",
-                &format!("reconnecting (attempt {attempt}, next in {wait} s): {last_error}"),
+                &format!(
+                    "reconnecting (attempt {attempt}, next in {wait} s): {}",
+                    cloudllm_proto::printable(last_error)
+                ),
             )
         }
+        Connection::Replaced { at } => style.paint("31", &replaced_text(*at, now())),
     }
+}
+
+/// What `status` says of a tunnel another connection with the same device id replaced at
+/// `at`, seen at `now` (Unix seconds).
+fn replaced_text(at: u64, now: u64) -> String {
+    let when = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(at),
+    );
+    format!(
+        "replaced by another connection with the same device id at {when} ({} ago); \
+         run `cloudllm connect` to take it back",
+        human_duration(now.saturating_sub(at))
+    )
 }
 
 fn ollama_text(ollama: &Ollama, style: Style) -> String {
@@ -613,6 +631,30 @@ mod tests {
             Style::for_output(true, none).paint("32", "up"),
             "\x1b[32mup\x1b[0m"
         );
+    }
+
+    #[test]
+    fn a_replaced_tunnel_says_when_and_how_to_take_it_back() {
+        let text = replaced_text(1_767_225_600, 1_767_225_600 + 300);
+        assert_eq!(
+            text,
+            "replaced by another connection with the same device id at 2026-01-01T00:00:00Z \
+             (5 min ago); run `cloudllm connect` to take it back"
+        );
+        let plain = Style::for_output(false, None);
+        let shown = connection_text(&Connection::Replaced { at: 5 }, None, plain);
+        assert!(
+            shown.starts_with("replaced by another connection"),
+            "{shown}"
+        );
+        // Whatever reached the daemon from the network, the terminal gets no escape codes.
+        let hostile = Connection::Reconnecting {
+            attempt: 1,
+            next_try: 0,
+            last_error: "closed (\u{1b}[2Jbye\nforged)".into(),
+        };
+        let shown = connection_text(&hostile, None, plain);
+        assert!(!shown.contains(['\u{1b}', '\n']), "{shown}");
     }
 
     #[test]

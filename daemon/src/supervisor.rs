@@ -4,6 +4,9 @@
 //! What should run is one value, [`Desired`], in a watch channel; the tunnel manager follows it.
 //! A new token (refresh, re-login) starts a new tunnel first and drains the old one once the new
 //! one is registered, so streams in flight finish and new requests never find the device gone.
+//! A tunnel that another connection with this device id replaced on the relay ends the wish to
+//! be connected until the user says `cloudllm connect` (or the daemon restarts): see
+//! [`crate::tunnel`] for why it does not fight back.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -24,7 +27,7 @@ use crate::config::{self, DaemonConfig, StoreChoice};
 use crate::credentials::{CredentialStore, Credentials};
 use crate::login;
 use crate::state::State;
-use crate::tunnel::{self, Session, Stop};
+use crate::tunnel::{self, Finished, Session, Stop};
 
 /// How long an old tunnel keeps serving while its replacement registers. Past it the old one
 /// drains anyway: a replacement that cannot register in 15 s is failing, and the old token is
@@ -52,6 +55,9 @@ struct Desired {
     session: Option<Session>,
     /// Why the credentials no longer work, when they don't.
     login_required: Option<String>,
+    /// When (Unix seconds) another connection with this device id replaced the tunnel, until
+    /// the user connects again.
+    replaced: Option<u64>,
 }
 
 /// Preferences that survive restarts.
@@ -240,7 +246,12 @@ impl Supervisor {
     fn set_connect(&self, connect: bool) -> Result<(), ControlError> {
         let dir = self.config().state_dir();
         write_prefs(&dir, &Prefs { connect }).map_err(ControlError::Internal)?;
-        self.desired.send_modify(|d| d.connect = connect);
+        // Connecting (or disconnecting) is the user's answer to a replacement: the tunnel
+        // starts again even if nothing else changed.
+        self.desired.send_modify(|d| {
+            d.connect = connect;
+            d.replaced = None;
+        });
         Ok(())
     }
 
@@ -433,10 +444,9 @@ impl Supervisor {
         let mut running_session: Option<(String, Arc<DaemonConfig>)> = None;
         loop {
             let want = desired.borrow_and_update().clone();
-            let session = want
-                .session
-                .clone()
-                .filter(|_| want.connect && want.login_required.is_none());
+            let session = want.session.clone().filter(|_| {
+                want.connect && want.login_required.is_none() && want.replaced.is_none()
+            });
             let key = session
                 .as_ref()
                 .map(|s| (s.token.expose().to_owned(), s.config.clone()));
@@ -453,24 +463,37 @@ impl Supervisor {
                 match session {
                     Some(session) => {
                         let up = CancellationToken::new();
+                        if let Some(old) = &old {
+                            // Before the new tunnel exists: the relay replacing the old one
+                            // with it is then known to be our own doing.
+                            old.stop.superseded.cancel();
+                        }
                         // Daemon shutdown reaches every tunnel, retiring ones included.
                         let stop = Stop {
                             now: self.shutdown.child_token(),
                             retire: CancellationToken::new(),
+                            superseded: CancellationToken::new(),
                         };
                         let run =
                             tunnel::run(session, self.state.clone(), stop.clone(), up.clone());
                         let state = self.state.clone();
+                        let supervisor = self.clone();
                         let task = tokio::spawn(async move {
-                            if let Err(err) = run.await {
-                                warn!(error = format!("{err:#}"), "tunnel cannot start");
-                                state.set_connection(Connection::Reconnecting {
-                                    attempt: 0,
-                                    next_try: 0,
-                                    last_error: format!(
-                                        "cannot start: {err:#}; fix it with `cloudllm config set`"
-                                    ),
-                                });
+                            match run.await {
+                                Ok(Finished::Stopped) => {}
+                                Ok(Finished::Replaced { at }) => {
+                                    supervisor.desired.send_modify(|d| d.replaced = Some(at));
+                                }
+                                Err(err) => {
+                                    warn!(error = format!("{err:#}"), "tunnel cannot start");
+                                    state.set_connection(Connection::Reconnecting {
+                                        attempt: 0,
+                                        next_try: 0,
+                                        last_error: format!(
+                                            "cannot start: {err:#}; fix it with `cloudllm config set`"
+                                        ),
+                                    });
+                                }
                             }
                         });
                         if let Some(old) = old {
@@ -497,7 +520,10 @@ impl Supervisor {
                                     reason: reason.clone(),
                                 },
                                 (None, None) => Connection::LoggedOut,
-                                (None, Some(_)) => Connection::Disconnected,
+                                (None, Some(_)) => match want.replaced {
+                                    Some(at) if want.connect => Connection::Replaced { at },
+                                    _ => Connection::Disconnected,
+                                },
                             });
                     }
                 }

@@ -1,18 +1,27 @@
 //! The daemon's end of the tunnel: dial the relay, serve HTTP/2 over the WebSocket, and
 //! redial for ever with backoff, reporting each step in the daemon's [`State`].
 //!
-//! A tunnel ends in one of four ways: the relay asked it to drain (it is restarting), or the
+//! A tunnel ends in one of five ways: the relay asked it to drain (it is restarting), or the
 //! WebSocket was closed with 1012 "service restart" or 1001 "going away" (as a proxy in front
 //! of the relay does when it restarts) — redial at once; it closed or failed after working for
 //! a while — redial after a short random delay; dialling failed — redial with exponential
-//! backoff and full jitter, capped; or the daemon stopped this tunnel — in-flight requests
-//! finish (within the grace period) and it returns.
+//! backoff and full jitter, capped; the daemon stopped this tunnel — in-flight requests
+//! finish (within the grace period) and it returns; or the relay closed it with
+//! [`CLOSE_REPLACED`] because a newer tunnel with this device id took over — it returns too.
+//!
+//! A replacement by this daemon's own newer tunnel (a renewed token, changed settings: see
+//! [`Stop::superseded`]) is the planned handover. Any other replacement came from a second
+//! daemon with the same device id (a copied state directory) or from someone holding the agent
+//! token: redialling would take the device back and be taken again, for ever, with each side's
+//! requests failing in between. So the daemon stops, reports [`Connection::Replaced`], and
+//! leaves the choice to its user (`cloudllm connect`), as a chat app open in two places asks
+//! which one to use instead of flipping between them.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cloudllm_proto::ipc::Connection;
-use cloudllm_proto::{Control, Hello, PROTOCOL_VERSION, Secret, sane_models};
+use cloudllm_proto::{CLOSE_REPLACED, Control, Hello, PROTOCOL_VERSION, Secret, sane_models};
 use cloudllm_tunnel::Link;
 use cloudllm_tunnel::server::{self, RelaySignals, Served};
 use futures_util::SinkExt;
@@ -58,6 +67,24 @@ pub struct Stop {
     /// A newer tunnel took over (a refreshed token, changed settings): requests in flight get
     /// up to [`RETIRE_DRAIN`], shortened to the grace period if `now` comes meanwhile.
     pub retire: CancellationToken,
+    /// This daemon has started a newer tunnel for the same device, before it dials: once that
+    /// one registers, the relay closes this one as replaced, and that is no one else's doing.
+    /// Cancelled before the newer tunnel exists, so the relay's replacement can never be seen
+    /// first.
+    pub superseded: CancellationToken,
+}
+
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// The daemon stopped or retired the tunnel, or its own newer tunnel replaced it.
+    Stopped,
+    /// Another connection with this device id replaced the tunnel on the relay at `at` (Unix
+    /// seconds); the daemon does not dial again by itself.
+    Replaced {
+        /// When, Unix seconds.
+        at: u64,
+    },
 }
 
 /// How one connection ended.
@@ -66,19 +93,22 @@ enum Ended {
     Drained,
     /// The connection closed or failed after it was established.
     Closed(Option<String>),
+    /// The relay closed it with [`CLOSE_REPLACED`]: a newer tunnel has this device id.
+    Replaced,
     /// The daemon stopped or retired this tunnel.
     Stopped,
 }
 
-/// Keeps a tunnel to the relay open until `stop` says otherwise; then lets in-flight requests
-/// finish (see [`Stop`]) and returns. `up` is cancelled once the relay has registered this
-/// device on a connection, i.e. once requests can arrive.
+/// Keeps a tunnel to the relay open until `stop` says otherwise (then lets in-flight requests
+/// finish, see [`Stop`]) or another connection replaces it; then returns why. `up` is
+/// cancelled once the relay has registered this device on a connection, i.e. once requests
+/// can arrive.
 pub async fn run(
     session: Session,
     state: Arc<State>,
     stop: Stop,
     up: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Finished> {
     let config = &session.config;
     let tls = dial::tls_config(config)?;
     let forwarder = Arc::new(Forwarder::new(
@@ -95,14 +125,28 @@ pub async fn run(
         }
         let dialled = tokio::select! {
             dialled = dial::dial(config, &tls, &session.device_id, &session.token) => dialled,
-            () = stop.now.cancelled() => return Ok(()),
-            () = stop.retire.cancelled() => return Ok(()),
+            () = stop.now.cancelled() => return Ok(Finished::Stopped),
+            () = stop.retire.cancelled() => return Ok(Finished::Stopped),
         };
         let (delay, error) = match dialled {
             Ok(ws) => {
                 let started = Instant::now();
                 match serve(ws, &session, &forwarder, &state, &stop, &up).await {
-                    Ended::Stopped => return Ok(()),
+                    Ended::Stopped => return Ok(Finished::Stopped),
+                    Ended::Replaced if stop.superseded.is_cancelled() => {
+                        info!("this device's newer tunnel took over from this one");
+                        return Ok(Finished::Stopped);
+                    }
+                    Ended::Replaced => {
+                        let at = unix_now();
+                        warn!(
+                            device_id = %session.device_id,
+                            "another connection with this device id replaced this tunnel on the \
+                             relay: not reconnecting until `cloudllm connect`"
+                        );
+                        state.set_connection(Connection::Replaced { at });
+                        return Ok(Finished::Replaced { at });
+                    }
                     Ended::Drained => {
                         info!("tunnel drained by the relay; reconnecting");
                         backoff.reset();
@@ -151,8 +195,8 @@ pub async fn run(
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = stop.now.cancelled() => return Ok(()),
-            () = stop.retire.cancelled() => return Ok(()),
+            () = stop.now.cancelled() => return Ok(Finished::Stopped),
+            () = stop.retire.cancelled() => return Ok(Finished::Stopped),
         }
     }
 }
@@ -273,20 +317,23 @@ async fn serve(
             }
         }
         _ if stopped => Ended::Stopped,
+        Served::Closed(Some(frame)) if u16::from(frame.code) == CLOSE_REPLACED => Ended::Replaced,
         _ if signals.drain.is_cancelled() => Ended::Drained,
         Served::Closed(Some(frame))
             if matches!(frame.code, CloseCode::Restart | CloseCode::Away) =>
         {
-            info!(code = u16::from(frame.code), reason = %frame.reason, "tunnel closed for a restart");
+            // The relay's words, escaped: they go into a log line.
+            info!(code = u16::from(frame.code), reason = ?frame.reason.as_str(), "tunnel closed for a restart");
             Ended::Drained
         }
         Served::Closed(Some(frame)) => Ended::Closed(Some(format!(
             "WebSocket closed with code {} ({})",
             u16::from(frame.code),
             if frame.reason.is_empty() {
-                "no reason given"
+                "no reason given".to_owned()
             } else {
-                frame.reason.as_str()
+                // Shown by `cloudllm status` and logged: no control characters from the wire.
+                cloudllm_proto::printable(frame.reason.as_str()).into_owned()
             }
         ))),
         Served::Closed(None) => Ended::Closed(None),

@@ -232,6 +232,14 @@ pub enum Connection {
         /// What went wrong last.
         last_error: String,
     },
+    /// Another connection with this device's id took the device over on the relay (a copy of
+    /// this machine's state, or someone with the agent token). The daemon does not dial again
+    /// until `cloudllm connect` (or its own restart), so two daemons never take the device from
+    /// each other in a loop.
+    Replaced {
+        /// When, Unix seconds.
+        at: u64,
+    },
 }
 
 /// The local Ollama's state, polled in the background.

@@ -40,6 +40,52 @@ pub const MAX_MODELS: usize = 512;
 /// Longest model name a device reports, in bytes.
 pub const MAX_MODEL_NAME_BYTES: usize = 256;
 
+/// Longest `daemon_version` a hello may carry, in bytes: a semantic version with a
+/// pre-release and build part fits in a quarter of it. The relay refuses longer ones, so a
+/// hostile daemon cannot fill the relay's log with one field.
+pub const MAX_VERSION_BYTES: usize = 64;
+
+/// Whether a hello's `daemon_version` is acceptable: 1 to [`MAX_VERSION_BYTES`] characters
+/// from what semantic versions use (`A–Z a–z 0–9 . + - _`). Nothing else reaches a log line.
+pub fn valid_version(version: &str) -> bool {
+    !version.is_empty()
+        && version.len() <= MAX_VERSION_BYTES
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-' | b'_'))
+}
+
+/// `text` safe to print on a terminal or in a log line: characters that could end a line or
+/// steer a terminal (newlines, ESC and other control characters, invisible format characters
+/// such as bidi overrides) as Rust escapes (`\n`, `\u{1b}`); everything else as it is, so
+/// ordinary text (quotes and apostrophes included) is unchanged and not copied.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |c: char| matches!(c, '\\' | '"' | '\'') || c.escape_debug().len() == 1;
+    if text.chars().all(plain) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if plain(c) {
+            out.push(c);
+        } else {
+            out.extend(c.escape_debug());
+        }
+    }
+    out.into()
+}
+
+/// WebSocket close code with which the relay ends a tunnel that a newer tunnel with the same
+/// user and device id has replaced (from the 4000–4999 range RFC 6455 leaves to
+/// applications). The daemon that gets it does not dial again by itself: two daemons with one
+/// device id would otherwise take the device from each other for ever (see the README's
+/// security notes); `cloudllm status` says what happened and `cloudllm connect` takes the
+/// device back.
+pub const CLOSE_REPLACED: u16 = 4001;
+
+/// The reason the relay sends with [`CLOSE_REPLACED`].
+pub const REPLACED_REASON: &str = "replaced by another connection with the same device id";
+
 /// A control message: one WebSocket text message on the tunnel, as JSON tagged by `type`.
 ///
 /// The order on a tunnel: the daemon sends [`Control::Hello`] first; the relay answers
@@ -274,6 +320,30 @@ mod tests {
         assert!(!valid_device_field("new\nline"));
         assert!(!valid_device_field(&"x".repeat(MAX_DEVICE_FIELD_BYTES + 1)));
         assert!(!valid_device_field("naïve"));
+    }
+
+    #[test]
+    fn versions_are_short_and_plain() {
+        assert!(valid_version(env!("CARGO_PKG_VERSION")));
+        assert!(valid_version("1.2.3-rc.1+build_5"));
+        assert!(!valid_version(""));
+        assert!(!valid_version("1.0\nINFO forged line"));
+        assert!(!valid_version("1.0\u{1b}[31m"));
+        assert!(!valid_version("1.0 beta"));
+        assert!(!valid_version(&"1".repeat(MAX_VERSION_BYTES + 1)));
+        assert!(valid_version(&"1".repeat(MAX_VERSION_BYTES)));
+    }
+
+    #[test]
+    fn printable_text_escapes_only_what_could_steer_a_terminal() {
+        assert!(matches!(
+            printable("Bob's \"PC\" \\ naïve"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            printable("a\nb\u{1b}[31m\u{202e}c\t"),
+            r"a\nb\u{1b}[31m\u{202e}c\t"
+        );
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub sessions_open: Gauge,
     /// HTTP/2 sessions opened on tunnels.
     pub sessions: Counter,
+    /// Tunnels open: handshaking, registered, and replaced ones still closing.
+    pub tunnels_open: Gauge,
     /// Connections that have not carried an admitted request yet (TLS handshakes included).
     pub unauthenticated: Gauge,
     /// New connections closed at accept because a cap on unauthenticated connections was full.
@@ -94,6 +96,7 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             sessions_open: Gauge::default(),
             sessions: Counter::default(),
+            tunnels_open: Gauge::default(),
             unauthenticated: Gauge::default(),
             connections_refused: Family::default(),
             connections_evicted: Family::default(),
@@ -148,6 +151,11 @@ impl Default for Metrics {
             "tunnel_sessions",
             "HTTP/2 sessions opened on tunnels",
             metrics.sessions.clone(),
+        );
+        registry.register(
+            "tunnels_open",
+            "Tunnels open: handshaking, registered, and replaced ones still closing",
+            metrics.tunnels_open.clone(),
         );
         registry.register(
             "unauthenticated_connections",
@@ -211,6 +219,12 @@ impl Metrics {
         SessionOpen(self.sessions_open.clone())
     }
 
+    /// Counts a tunnel as open until the returned guard drops.
+    pub fn tunnel_open(&self) -> SessionOpen {
+        self.tunnels_open.inc();
+        SessionOpen(self.tunnels_open.clone())
+    }
+
     /// Counts a failed authentication on `route`.
     pub fn auth_failed(&self, route: &'static str) {
         self.auth_failures
@@ -219,7 +233,8 @@ impl Metrics {
     }
 }
 
-/// One open HTTP/2 session in [`Metrics::sessions_open`]; dropping it closes the count.
+/// One open HTTP/2 session in [`Metrics::sessions_open`] (or one open tunnel in
+/// [`Metrics::tunnels_open`]); dropping it ends the count.
 pub struct SessionOpen(Gauge);
 
 impl Drop for SessionOpen {

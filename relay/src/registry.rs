@@ -2,6 +2,14 @@
 //!
 //! This is the relay's only state, and it lives exactly as long as the tunnels do. Isolation
 //! between users is enforced here: a lookup only ever sees the devices of the user it names.
+//!
+//! Two counts bound what one user holds. Registered devices (distinct device ids) are bounded
+//! by the tier's `devices` when a tunnel registers. Open tunnels — handshaking, registered, and
+//! replaced ones still finishing their requests — are bounded by [`TunnelSlot`]s taken before
+//! the WebSocket upgrade, so neither many ids nor one id dialled many times can hold more
+//! connections than the tier allows. A tunnel with the same user and device id as a registered
+//! one replaces it: the older one leaves the registry at once and its task closes it (see
+//! [`Device::replaced`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -12,6 +20,7 @@ use axum::body::Body;
 use hyper::client::conn::http2::SendRequest;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Longest a request waits for its device's tunnel to open an HTTP/2 session: the session
 /// starts without a round trip, so only a tunnel that is dying takes this long.
@@ -39,6 +48,8 @@ pub struct Device {
     opened: Notify,
     /// The tunnel is gone: no session will open again.
     gone: AtomicBool,
+    /// A newer tunnel with the same user and device id took this one's place in the registry.
+    replaced: CancellationToken,
     /// Requests in flight on this tunnel, for least-busy routing.
     in_flight: AtomicUsize,
     /// When a request last started or ended, in milliseconds since `born`.
@@ -62,6 +73,7 @@ impl Device {
             waiting: AtomicUsize::new(0),
             opened: Notify::new(),
             gone: AtomicBool::new(false),
+            replaced: CancellationToken::new(),
             in_flight: AtomicUsize::new(0),
             last_active: AtomicU64::new(0),
             born: Instant::now(),
@@ -159,6 +171,17 @@ impl Device {
         self.gone.store(true, Ordering::Release);
         self.close_session();
         self.opened.notify_waiters();
+    }
+
+    /// Waits until a newer tunnel with the same user and device id has replaced this one (for
+    /// the tunnel task, which then closes this tunnel). Returns at once if that has happened.
+    pub async fn replaced(&self) {
+        self.replaced.cancelled().await;
+    }
+
+    /// Whether a newer tunnel with the same user and device id has replaced this one.
+    pub fn is_replaced(&self) -> bool {
+        self.replaced.is_cancelled()
     }
 
     /// Waits until no request has been in flight for `idle`.
@@ -262,18 +285,26 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// All connected devices, grouped by user.
+/// All connected devices, grouped by user, and every user's open tunnels.
 #[derive(Debug, Default)]
 pub struct Registry {
     by_user: Mutex<HashMap<String, Vec<Arc<Device>>>>,
+    /// Open tunnels per user, whatever their state; see [`TunnelSlot`].
+    tunnels: Mutex<HashMap<String, usize>>,
 }
 
 impl Registry {
     /// Adds a device, unless its user already has `max_devices` other devices connected; then
     /// returns the names of those. A tunnel with the same user and device id replaces the older
-    /// one (a daemon that reconnected before the relay noticed its old tunnel was dead, or
-    /// one that renewed its token) and does not count against the limit.
-    pub fn insert(&self, device: Arc<Device>, max_devices: usize) -> Result<(), Vec<String>> {
+    /// one (a daemon that reconnected before the relay noticed its old tunnel was dead, one that
+    /// renewed its token, or someone else with the user's agent token and that id) and does
+    /// not count against the limit: the older one is marked [`Device::replaced`] and returned,
+    /// and its task closes it.
+    pub fn insert(
+        &self,
+        device: Arc<Device>,
+        max_devices: usize,
+    ) -> Result<Option<Arc<Device>>, Vec<String>> {
         let mut by_user = self.lock();
         let devices = by_user.entry(device.user.clone()).or_default();
         let others: Vec<String> = devices
@@ -287,9 +318,43 @@ impl Registry {
             }
             return Err(others);
         }
-        devices.retain(|d| d.id != device.id);
+        let replaced = devices
+            .iter()
+            .position(|d| d.id == device.id)
+            .map(|at| devices.remove(at));
+        if let Some(old) = &replaced {
+            // Under the lock: no request picks the old tunnel after this.
+            old.replaced.cancel();
+        }
         devices.push(device);
-        Ok(())
+        Ok(replaced)
+    }
+
+    /// Counts one more open tunnel for `user` until the returned slot drops, unless `user`
+    /// already has `max` open; then returns how many are. Taken before the WebSocket upgrade
+    /// and held by the tunnel's task to its end, so a tunnel counts while it handshakes, while
+    /// it is registered, and after it was replaced until it has closed.
+    pub fn open_tunnel(self: &Arc<Self>, user: &str, max: usize) -> Result<TunnelSlot, usize> {
+        let mut tunnels = self.lock_tunnels();
+        let open = tunnels.get(user).copied().unwrap_or(0);
+        if open >= max {
+            return Err(open);
+        }
+        tunnels.insert(user.to_owned(), open + 1);
+        Ok(TunnelSlot {
+            registry: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+
+    /// How many tunnels `user` has open (see [`Registry::open_tunnel`]).
+    pub fn tunnels(&self, user: &str) -> usize {
+        self.lock_tunnels().get(user).copied().unwrap_or(0)
+    }
+
+    /// How many tunnels are open, all users together.
+    pub fn tunnels_total(&self) -> usize {
+        self.lock_tunnels().values().sum()
     }
 
     /// The names of `user`'s connected devices other than the one with `device_id`.
@@ -383,6 +448,30 @@ impl Registry {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    fn lock_tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        lock(&self.tunnels)
+    }
+}
+
+/// One open tunnel counted against its user's bound (see [`Registry::open_tunnel`]); dropping
+/// it ends the count.
+#[derive(Debug)]
+pub struct TunnelSlot {
+    registry: Arc<Registry>,
+    user: String,
+}
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        let mut tunnels = self.registry.lock_tunnels();
+        if let Some(open) = tunnels.get_mut(&self.user) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                tunnels.remove(&self.user);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -391,6 +480,51 @@ mod tests {
 
     fn device() -> Arc<Device> {
         Arc::new(Device::new("u".into(), "id".into(), "name".into()))
+    }
+
+    #[tokio::test]
+    async fn a_newer_tunnel_of_the_same_device_replaces_and_marks_the_older_one() {
+        let registry = Registry::default();
+        let first = device();
+        assert!(registry.insert(first.clone(), 1).unwrap().is_none());
+        // At the device limit, the same device id still gets in: it takes the old one's place.
+        let second = device();
+        let replaced = registry.insert(second.clone(), 1).unwrap().unwrap();
+        assert_eq!(replaced.tunnel_id, first.tunnel_id);
+        tokio::time::timeout(Duration::from_secs(1), first.replaced())
+            .await
+            .expect("the older tunnel hears it was replaced");
+        assert!(!second.is_replaced());
+        assert_eq!(registry.count("u"), 1);
+        // The replaced tunnel's task unregistering itself leaves its successor in place.
+        registry.remove(&first);
+        assert_eq!(
+            registry.pick("u", None, None).unwrap().tunnel_id,
+            second.tunnel_id
+        );
+        // Another id is over the limit.
+        let other = Arc::new(Device::new("u".into(), "id2".into(), "other".into()));
+        assert_eq!(
+            registry.insert(other, 1).unwrap_err(),
+            vec!["name".to_owned()]
+        );
+    }
+
+    #[test]
+    fn open_tunnels_are_bounded_per_user_until_their_slots_drop() {
+        let registry = Arc::new(Registry::default());
+        let a = registry.open_tunnel("u", 2).unwrap();
+        let b = registry.open_tunnel("u", 2).unwrap();
+        assert_eq!(registry.open_tunnel("u", 2).unwrap_err(), 2);
+        // Other users have bounds of their own.
+        let other = registry.open_tunnel("v", 2).unwrap();
+        assert_eq!(registry.tunnels_total(), 3);
+        drop(a);
+        assert_eq!(registry.tunnels("u"), 1);
+        let c = registry.open_tunnel("u", 2).unwrap();
+        drop((b, c, other));
+        assert_eq!(registry.tunnels_total(), 0);
+        assert!(registry.lock_tunnels().is_empty(), "no entry left behind");
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,7 +9,18 @@
 //! plus `token_grace` has passed, the device leaves the registry and the tunnel is drained. On
 //! relay shutdown each tunnel is drained too: the daemon sends GOAWAY, lets in-flight streams
 //! finish and reconnects (to the next relay, or with a fresh token) at once.
+//!
+//! One device id has one tunnel: a newer tunnel with the same user and device id takes the
+//! older one's place in the registry, and the older one's task lets the requests it carries
+//! finish (within [`REPLACED_GRACE`]) and closes it with [`proto::CLOSE_REPLACED`], which
+//! tells its daemon not to dial again by itself. Every tunnel, whatever its state, holds one
+//! of its user's [`TUNNELS_PER_DEVICE`] × `devices` slots from before the upgrade to its end.
+//!
+//! Everything the daemon sends is hostile until checked: the hello's version must be a plain
+//! version string or the tunnel is refused, model names are cut to what [`proto::sane_models`]
+//! allows, and whatever else from the network reaches a log line goes through [`escaped`].
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -41,6 +52,27 @@ use crate::registry::Device;
 /// network and stops half-open tunnels from holding memory.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Open tunnels a user may hold per device the tier allows: each device's live tunnel plus one
+/// replacing it (a daemon that renews its token opens the new tunnel before it lets the old one
+/// go, and a daemon that lost its network redials before the relay notices the old tunnel is
+/// dead). Handshaking tunnels and replaced ones still closing count too.
+pub const TUNNELS_PER_DEVICE: usize = 2;
+
+/// Longest a replaced tunnel keeps carrying the requests it has in flight before the relay
+/// closes it: 5 min, like the daemon's own limit for a tunnel it retires (a long generation on
+/// a slow machine). New requests never reach it, it still counts against its user's tunnels,
+/// and relay shutdown or token expiry cut it sooner.
+pub const REPLACED_GRACE: Duration = Duration::from_secs(300);
+
+/// Longest piece of network-supplied text (an error chain with a peer's words in it) the relay
+/// writes into one log line, in bytes: enough for any honest error, and a hostile peer cannot
+/// grow the log by more per connection.
+const MAX_LOGGED_BYTES: usize = 512;
+
+/// The close reason for a hello whose version is not a plain version string.
+const BAD_VERSION_REASON: &str =
+    "invalid hello: daemon_version must be 1 to 64 characters of A-Z a-z 0-9 . + - _";
+
 /// Longest wait armed for a token's expiry: no tunnel lives ten years, and the cap keeps the
 /// deadline arithmetic far from overflow whatever `exp` a token carries.
 const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -56,7 +88,7 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
         return limited(&state, None, addr, &refusal);
     }
     let refuse = |err: AuthError| {
-        warn!(reason = %err, "tunnel refused");
+        warn!(reason = %escaped(&err.to_string()), "tunnel refused");
         state.metrics.auth_failed("tunnel");
         state.audit.record(Event::AuthFailure {
             reason: err.to_string(),
@@ -96,11 +128,25 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return plain(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
+    // Counted from here to the task's end, whatever becomes of the tunnel.
+    let max_tunnels = max_devices.saturating_mul(TUNNELS_PER_DEVICE);
+    let slot = match state.registry.open_tunnel(&identity.user, max_tunnels) {
+        Ok(slot) => (slot, state.metrics.tunnel_open()),
+        Err(open) => {
+            let refusal = tunnel_limit(tier_name, max_devices, open);
+            return limited(&state, Some(&identity.user), addr, &refusal);
+        }
+    };
 
-    let span = info_span!("tunnel", user = %identity.user, device = %device_name);
+    let span = info_span!(
+        "tunnel",
+        user = %escaped(&identity.user),
+        device = %escaped(&device_name)
+    );
     let task_state = state.clone();
     state.tasks.spawn(
         async move {
+            let _slot = slot;
             let upgraded = match tokio::time::timeout(HANDSHAKE_TIMEOUT, on_upgrade).await {
                 Ok(Ok(upgraded)) => upgraded,
                 Ok(Err(err)) => return warn!(error = %err, "upgrade failed"),
@@ -110,7 +156,7 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
             let io = TokioIo::new(upgraded);
             match run(task_state, io, device, max_devices, expiry, addr).await {
                 Ok(()) => info!("tunnel closed"),
-                Err(err) => info!(error = format!("{err:#}"), "tunnel closed"),
+                Err(err) => info!(error = %escaped(&format!("{err:#}")), "tunnel closed"),
             }
         }
         .instrument(span),
@@ -132,6 +178,8 @@ enum Drain {
     Shutdown,
     /// The agent token's expiry plus `token_grace` has passed.
     TokenExpired,
+    /// A newer tunnel with the same user and device id took this one's place.
+    Replaced,
 }
 
 impl Drain {
@@ -139,6 +187,17 @@ impl Drain {
         match self {
             Drain::Shutdown => "relay shutdown",
             Drain::TokenExpired => "token expired",
+            Drain::Replaced => "replaced by a newer tunnel with the same device id",
+        }
+    }
+
+    /// Until when the requests in flight may run: the shutdown grace for a drain, at most
+    /// [`REPLACED_GRACE`] (and never past the token's expiry) for a replaced tunnel.
+    fn deadline(self, state: &AppState, expiry: tokio::time::Instant) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        match self {
+            Drain::Shutdown | Drain::TokenExpired => now + state.config.shutdown_grace,
+            Drain::Replaced => (now + REPLACED_GRACE).min(expiry),
         }
     }
 }
@@ -162,21 +221,29 @@ async fn run(
     // idle tunnel's task keeps only what it waits on.
     let (device, mut link, daemon_version) = Box::pin(open(&state, io, (user, id, name))).await?;
     // Checked again here: another tunnel of the same user may have come up meanwhile.
-    if let Err(others) = state.registry.insert(device.clone(), max_devices) {
-        state.metrics.limited(Limit::Devices);
-        let message = format!(
-            "device limit reached while connecting ({} connected: {})",
-            others.len(),
-            others.join(", ")
-        );
-        link.close(CloseCode::Policy, &message).await;
-        anyhow::bail!(message);
+    match state.registry.insert(device.clone(), max_devices) {
+        Err(others) => {
+            state.metrics.limited(Limit::Devices);
+            let message = format!(
+                "device limit reached while connecting ({} connected: {})",
+                others.len(),
+                others.join(", ")
+            );
+            link.close_and_wait(CloseCode::Policy, &message).await;
+            anyhow::bail!(message);
+        }
+        Ok(Some(old)) => info!(
+            replaced_tunnel = old.tunnel_id,
+            "took the place of this device's older tunnel, which closes"
+        ),
+        Ok(None) => {}
     }
     if let Err(err) = link.send(&Control::Ready).await {
         state.registry.remove(&device);
         return Err(anyhow::Error::new(err).context("telling the daemon it is registered"));
     }
-    info!(%daemon_version, models = device.models().len(), "tunnel up");
+    // The version passed `valid_version`: plain characters only.
+    info!(%daemon_version, models = device.models().len(), tunnel = device.tunnel_id, "tunnel up");
     state.audit.record(Event::TunnelConnect {
         user: device.user.clone(),
         device: device.name.clone(),
@@ -197,11 +264,16 @@ async fn run(
         Served::Closed(result) => result,
         Served::Drained(reason, result) => {
             audited.reason = reason.reason();
-            if let Drain::TokenExpired = reason {
-                info!(
+            match reason {
+                Drain::TokenExpired => info!(
                     grace = ?state.config.token_grace,
                     "agent token expired and the daemon did not replace the tunnel: closed it"
-                );
+                ),
+                Drain::Replaced => info!(
+                    tunnel = device.tunnel_id,
+                    "a newer tunnel with the same device id replaced this one: closed it"
+                ),
+                Drain::Shutdown => {}
             }
             result
         }
@@ -229,6 +301,7 @@ async fn serve(
         tokio::select! {
             () = state.shutdown.cancelled() => Drain::Shutdown,
             () = tokio::time::sleep_until(expiry) => Drain::TokenExpired,
+            () = device.replaced() => Drain::Replaced,
         }
     };
     tokio::pin!(drain);
@@ -246,18 +319,18 @@ async fn serve(
             }
             reason = &mut drain => {
                 state.registry.remove(device);
-                let deadline = tokio::time::Instant::now() + state.config.shutdown_grace;
-                let result = Box::pin(drain_idle(link, deadline, false)).await;
+                let deadline = reason.deadline(state, expiry);
+                let result = Box::pin(end_idle(link, reason, deadline, false)).await;
                 return Served::Drained(reason, result);
             }
         }
         // Boxed: an idle tunnel's task does not carry the session's state.
-        match Box::pin(session(state, device, link, &mut drain)).await {
+        match Box::pin(session(state, device, link, &mut drain, expiry)).await {
             Ok(Some(idle)) => link = idle,
             Ok(None) => return Served::Closed(Ok(())),
             Err(Stop::Failed(err)) => return Served::Closed(Err(err)),
             Err(Stop::Drained(reason, deadline, link)) => {
-                let result = Box::pin(drain_idle(*link, deadline, true)).await;
+                let result = Box::pin(end_idle(*link, reason, deadline, true)).await;
                 return Served::Drained(reason, result);
             }
         }
@@ -268,8 +341,8 @@ async fn serve(
 enum Stop {
     /// The tunnel failed.
     Failed(anyhow::Error),
-    /// The relay drains the tunnel: the session is over, the link waits for the daemon's
-    /// close until the deadline.
+    /// The relay drains the tunnel (or it was replaced): the session is over, the link waits
+    /// for the daemon's close until the deadline (or is closed at once).
     Drained(Drain, tokio::time::Instant, Box<TunnelLink>),
 }
 
@@ -281,6 +354,7 @@ async fn session(
     device: &Arc<Device>,
     link: TunnelLink,
     drain: &mut std::pin::Pin<&mut impl std::future::Future<Output = Drain>>,
+    expiry: tokio::time::Instant,
 ) -> Result<Option<TunnelLink>, Stop> {
     let outbox = link.outbox();
     let (io, back) = WsIo::lend(link, Bytes::new());
@@ -293,6 +367,7 @@ async fn session(
     let _open = state.metrics.session_open();
     debug!("session open");
     let mut drained = None;
+    let mut cut = false;
     let ended = loop {
         tokio::select! {
             ended = &mut connection => break ended,
@@ -302,9 +377,15 @@ async fn session(
             }
             reason = drain.as_mut() => {
                 state.registry.remove(device);
-                let deadline = tokio::time::Instant::now() + state.config.shutdown_grace;
+                let deadline = reason.deadline(state, expiry);
                 drained = Some((reason, deadline));
-                break drain_session(device, &outbox, &mut connection, deadline).await;
+                match drain_session(state, device, &outbox, &mut connection, reason, deadline).await {
+                    Some(ended) => break ended,
+                    None => {
+                        cut = true;
+                        break Ok(Ok(()));
+                    }
+                }
             }
         }
     };
@@ -318,6 +399,16 @@ async fn session(
     debug!("session closed");
     state.trimmer.freed();
     if let Some((reason, deadline)) = drained {
+        let mut link = link;
+        if !cut && !link.is_closed() {
+            // Ended as after an idle period: the daemon's session ends now instead of waiting
+            // for a peer that has gone (until its HTTP/2 keepalive gives up), and the daemon,
+            // idle again, reads the close that follows as the end of the tunnel rather than of
+            // a session gone wrong.
+            if let Err(err) = link.end_session(peer_ended).await {
+                debug!(error = %err, "ending the drained tunnel's session");
+            }
+        }
         return Err(Stop::Drained(reason, deadline, Box::new(link)));
     }
     if link.is_closed() {
@@ -359,19 +450,31 @@ async fn open(
         .await
         .context("hello timed out")??;
     if hello.protocol_version != proto::PROTOCOL_VERSION {
-        let frame = CloseFrame {
-            code: CloseCode::Protocol,
-            reason: "unsupported protocol version: upgrade cloudllmd".into(),
-        };
-        let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, ws.close(Some(frame))).await;
+        refuse_hello(&mut ws, "unsupported protocol version: upgrade cloudllmd").await;
         anyhow::bail!(
             "daemon speaks protocol {}, relay speaks {}",
             hello.protocol_version,
             proto::PROTOCOL_VERSION
         );
     }
+    if !proto::valid_version(&hello.daemon_version) {
+        refuse_hello(&mut ws, BAD_VERSION_REASON).await;
+        anyhow::bail!(
+            "invalid hello: a daemon_version of {} bytes that is not a plain version",
+            hello.daemon_version.len()
+        );
+    }
     let device = Arc::new(Device::new(user, id, name));
-    device.set_models(proto::sane_models(hello.models));
+    let offered = hello.models.len();
+    let models = proto::sane_models(hello.models);
+    if models.len() < offered {
+        debug!(
+            offered,
+            kept = models.len(),
+            "left out model names that are empty, too long or not printable ASCII"
+        );
+    }
+    device.set_models(models);
     let handler = control_handler(Arc::downgrade(&device));
     let link = Link::new(ws, state.config.liveness(), handler);
     Ok((device, link, hello.daemon_version))
@@ -390,10 +493,20 @@ async fn read_hello(ws: &mut WebSocketStream<TunnelIo>) -> anyhow::Result<Hello>
             Message::Ping(_) | Message::Pong(_) => {}
             Message::Text(text) => match serde_json::from_str(text.as_str()) {
                 Ok(Control::Hello(hello)) => return Ok(hello),
-                Ok(other) => anyhow::bail!("daemon sent {other:?} before its hello"),
-                Err(err) => anyhow::bail!("unreadable hello: {err}"),
+                Ok(other) => {
+                    refuse_hello(ws, "invalid hello: the first message must be a hello").await;
+                    anyhow::bail!("daemon sent a {} message before its hello", kind(&other))
+                }
+                Err(err) => {
+                    refuse_hello(ws, "invalid hello: unreadable JSON").await;
+                    // serde quotes what it could not read: the peer's words, cut and escaped.
+                    anyhow::bail!("unreadable hello: {}", escaped(&err.to_string()))
+                }
             },
-            Message::Binary(_) => anyhow::bail!("daemon sent binary data before its hello"),
+            Message::Binary(_) => {
+                refuse_hello(ws, "invalid hello: the first message must be a hello").await;
+                anyhow::bail!("daemon sent binary data before its hello")
+            }
             Message::Close(_) | Message::Frame(_) => {
                 anyhow::bail!("tunnel closed before the hello")
             }
@@ -412,8 +525,63 @@ fn control_handler(device: Weak<Device>) -> cloudllm_tunnel::ControlHandler {
                 device.set_models(models);
             }
         }
-        other => debug!(control = ?other, "ignoring a control message daemons do not send"),
+        other => debug!(
+            control = kind(&other),
+            "ignoring a control message daemons do not send"
+        ),
     })
+}
+
+/// Closes a tunnel whose hello is refused with 1002 (protocol error) and `reason`, and reads
+/// (for a bounded time) until the daemon answers the close: a socket dropped with unread bytes
+/// is reset, and the reset may overtake the reason.
+async fn refuse_hello(ws: &mut WebSocketStream<TunnelIo>, reason: &str) {
+    use futures_util::StreamExt;
+    let frame = CloseFrame {
+        code: CloseCode::Protocol,
+        reason: reason.to_owned().into(),
+    };
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        ws.close(Some(frame)).await?;
+        while let Some(message) = ws.next().await {
+            if let Message::Close(_) = message? {
+                break;
+            }
+        }
+        Ok::<_, tokio_tungstenite::tungstenite::Error>(())
+    })
+    .await;
+}
+
+/// A control message's type, which is all the relay logs of a message it does not expect (the
+/// rest may be a quarter of a megabyte of the peer's text).
+fn kind(control: &Control) -> &'static str {
+    match control {
+        Control::Hello(_) => "hello",
+        Control::Ready => "ready",
+        Control::Models { .. } => "models",
+        Control::Drain => "drain",
+        Control::SessionEnd => "session_end",
+    }
+}
+
+/// `text` as it may go into a log line: [`proto::printable`] (no newlines, ESC or other
+/// characters that could forge a line or steer a terminal), cut to [`MAX_LOGGED_BYTES`] with
+/// the length left out noted. Short plain text is returned as it is.
+pub fn escaped(text: &str) -> Cow<'_, str> {
+    let shown = proto::printable(text);
+    if shown.len() <= MAX_LOGGED_BYTES {
+        return shown;
+    }
+    let mut end = MAX_LOGGED_BYTES;
+    while !shown.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!(
+        "{}… ({} more bytes)",
+        &shown[..end],
+        shown.len() - end
+    ))
 }
 
 /// Records a tunnel's end in the audit log when dropped, however `run` returns.
@@ -439,28 +607,60 @@ impl Drop for Disconnect {
 /// The task running a tunnel's HTTP/2 session.
 type Connection = tokio::task::JoinHandle<hyper::Result<()>>;
 
-/// Drains a tunnel with a session open: asks the daemon to drain (no new requests reach the
-/// device: it has already left the registry), lets go of the session, and gives in-flight
-/// streams until `deadline` to finish before cutting the session.
+/// Drains a tunnel with a session open: asks the daemon to drain unless the tunnel was
+/// replaced (a drained daemon dials again at once; a replaced one must not), lets go of the
+/// session (no new requests reach the device: it has already left the registry), and gives
+/// in-flight streams until `deadline` to finish before cutting the session. Relay shutdown
+/// shortens a replaced tunnel's wait to the shutdown grace. `None` if the session was cut.
 async fn drain_session(
+    state: &AppState,
     device: &Device,
     outbox: &Outbox,
     connection: &mut Connection,
-    deadline: tokio::time::Instant,
-) -> Result<hyper::Result<()>, tokio::task::JoinError> {
-    // The session's stream holds the link; the link's outbox reaches the daemon all the same.
-    outbox.push(Control::Drain);
+    reason: Drain,
+    mut deadline: tokio::time::Instant,
+) -> Option<Result<hyper::Result<()>, tokio::task::JoinError>> {
+    if !matches!(reason, Drain::Replaced) {
+        // The session's stream holds the link; the link's outbox reaches the daemon all the
+        // same.
+        outbox.push(Control::Drain);
+    }
     device.close_session();
-    match tokio::time::timeout_at(deadline, &mut *connection).await {
-        Ok(ended) => ended,
-        Err(_) => {
-            warn!("tunnel still busy after the grace period: cut");
-            connection.abort();
-            // The aborted task drops the session, which sends the link back.
-            let _ = connection.await;
-            Ok(Ok(()))
+    let mut shutdown_seen = matches!(reason, Drain::Shutdown);
+    loop {
+        tokio::select! {
+            ended = &mut *connection => return Some(ended),
+            () = tokio::time::sleep_until(deadline) => break,
+            () = state.shutdown.cancelled(), if !shutdown_seen => {
+                shutdown_seen = true;
+                deadline = deadline.min(tokio::time::Instant::now() + state.config.shutdown_grace);
+            }
         }
     }
+    warn!("tunnel still busy after the grace period: cut");
+    connection.abort();
+    // The aborted task drops the session, which sends the link back.
+    let _ = connection.await;
+    None
+}
+
+/// Ends an idle tunnel the relay no longer serves: closes a replaced one at once with
+/// [`proto::CLOSE_REPLACED`]; drains any other (see [`drain_idle`]).
+async fn end_idle(
+    mut link: TunnelLink,
+    reason: Drain,
+    deadline: tokio::time::Instant,
+    asked: bool,
+) -> anyhow::Result<()> {
+    if let Drain::Replaced = reason {
+        link.close_and_wait(
+            CloseCode::from(proto::CLOSE_REPLACED),
+            proto::REPLACED_REASON,
+        )
+        .await;
+        return Ok(());
+    }
+    drain_idle(link, deadline, asked).await
 }
 
 /// Drains an idle tunnel: asks the daemon to drain (unless it was `asked` during a session)
@@ -513,6 +713,21 @@ fn device_limit(tier: &str, max: usize, others: &[String]) -> Refusal {
             others.len(),
             if others.len() == 1 { "is" } else { "are" },
             others.join(", ")
+        ),
+    }
+}
+
+/// The refusal of a tunnel over its user's bound of open tunnels.
+fn tunnel_limit(tier: &str, max_devices: usize, open: usize) -> Refusal {
+    Refusal {
+        limit: Limit::Devices,
+        // An idle replaced tunnel closes within a second; a busy one within REPLACED_GRACE.
+        retry_after: Duration::from_secs(10),
+        message: format!(
+            "too many tunnels: the {tier} tier allows {max_devices} connected device{} and {open} \
+             tunnels of your account are open or opening (a replaced tunnel counts until its \
+             requests have finished). Stop the daemons you do not use, or retry later",
+            if max_devices == 1 { "" } else { "s" },
         ),
     }
 }
@@ -602,6 +817,31 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs()
+    }
+
+    #[test]
+    fn logged_text_cannot_break_lines_steer_terminals_or_grow_without_end() {
+        assert!(matches!(escaped("alice"), Cow::Borrowed("alice")));
+        assert!(matches!(escaped(r#"a "quoted" \ path"#), Cow::Borrowed(_)));
+        let forged = "1.0\n2026-01-01T00:00:00Z  INFO forged: admin logged in\u{1b}[2J\u{202e}";
+        let shown = escaped(forged);
+        assert!(!shown.contains(['\n', '\u{1b}', '\u{202e}']), "{shown}");
+        assert!(
+            shown.contains(r"\n") && shown.contains(r"\u{1b}"),
+            "{shown}"
+        );
+        let huge = "\n".repeat(250_000);
+        let shown = escaped(&huge);
+        assert!(
+            shown.len() <= MAX_LOGGED_BYTES + 32,
+            "{} bytes",
+            shown.len()
+        );
+        assert!(shown.ends_with("more bytes)"), "{shown}");
+        assert!(!shown.contains('\n'));
+        // Cut on a character boundary, whatever the text.
+        let wide = "é".repeat(1000);
+        assert!(escaped(&wide).starts_with("éé"));
     }
 
     #[test]

@@ -209,6 +209,12 @@ fn state_view(state: &TrayState, web_page: Option<&str>) -> View {
                 )
             }
         }
+        Connection::Replaced { .. } => (
+            Look::Error,
+            "Replaced by another connection with the same device id: Connect takes it back"
+                .to_owned(),
+            Some(Action::Connect),
+        ),
         Connection::Connected { .. } => match &status.ollama {
             Ollama::Down { error } => (
                 Look::Error,

@@ -171,6 +171,25 @@ where
         self.closed = true;
     }
 
+    /// Closes the WebSocket like [`Link::close`], then reads until the peer answers the close
+    /// (or the liveness bound passes), dropping what it sent meanwhile. Dropping the socket
+    /// with the peer's bytes unread makes the kernel reset the connection, and a reset can
+    /// reach the peer before the close frame does: a close whose code and reason matter (the
+    /// peer acts on them) is sent this way.
+    pub async fn close_and_wait(&mut self, code: CloseCode, reason: &str) {
+        use futures_util::StreamExt;
+        self.close(code, reason).await;
+        let bound = self.liveness.detection_bound();
+        let _ = tokio::time::timeout(bound, async {
+            while let Some(Ok(message)) = self.ws.next().await {
+                if let Message::Close(_) = message {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
     /// Ends this end's part of an HTTP/2 session whose connection is gone: tells the peer,
     /// then (unless `peer_ended`) waits for the peer to say the same, dropping the ended
     /// session's last bytes. Afterwards the link is idle. A peer that does not answer within
