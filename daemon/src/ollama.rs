@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cloudllm_proto::ipc::Ollama;
-use http_body_util::{BodyExt, Empty, Limited};
+use cloudllm_tunnel::body::read_limited;
+use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -73,11 +74,9 @@ impl OllamaClient {
             if !response.status().is_success() {
                 return Err(format!("Ollama answered {} on {path}", response.status()));
             }
-            let body = Limited::new(response.into_body(), MAX_LISTING_BYTES)
-                .collect()
+            let body = read_limited(response.into_body(), MAX_LISTING_BYTES)
                 .await
-                .map_err(|e| format!("reading {path}: {e}"))?
-                .to_bytes();
+                .map_err(|e| format!("reading {path}: {e}"))?;
             serde_json::from_slice(&body)
                 .map_err(|e| format!("Ollama's {path} is not what Ollama sends: {e}"))
         };

@@ -9,14 +9,17 @@
 //! replaces the whole set: a key the provider withdrew stops verifying after the next fetch. A
 //! failed fetch keeps the last good set.
 //!
-//! Every fetch is bounded: a connect and total timeout, a body size cap, a key count cap, and
-//! TLS through rustls on the `ring` provider with the system's roots.
+//! Every fetch is bounded: a connect and total timeout, a body size cap (read with the shared
+//! bounded reader, so an endless body is cut off at the cap), a key count cap, and TLS through
+//! rustls on the `ring` provider with the system's roots. Redirects are followed, a few and
+//! never from `https://` to `http://` (see [`redirect_allowed`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use cloudllm_tunnel::body::read_limited;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
@@ -44,6 +47,22 @@ const MAX_KEYS: usize = 100;
 
 /// Redirects followed when fetching the set: a CDN may move it once or twice; more is a loop.
 const MAX_REDIRECTS: usize = 3;
+
+/// Whether the key-set fetch follows a redirect to `next`, having requested `previous` (the
+/// configured URL first): at most [`MAX_REDIRECTS`], and never from `https://` to `http://`.
+/// The set decides which tokens verify, so a set configured behind TLS must not be fetched
+/// where anyone on the path could replace it. Following redirects at all is safe otherwise:
+/// the fetch carries no credential, and what it brings back is checked like any key set.
+fn redirect_allowed(previous: &[Url], next: &Url) -> Result<(), &'static str> {
+    // The first URL is the configured one, not a redirect.
+    if previous.len() > MAX_REDIRECTS {
+        return Err("too many redirects");
+    }
+    if next.scheme() != "https" && previous.iter().any(|url| url.scheme() == "https") {
+        return Err("a redirect from https:// to plain http:// is not followed");
+    }
+    Ok(())
+}
 
 /// A verification key from the set.
 pub(crate) struct JwksKey {
@@ -82,7 +101,12 @@ impl Jwks {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(FETCH_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+            .redirect(reqwest::redirect::Policy::custom(
+                |attempt| match redirect_allowed(attempt.previous(), attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(why) => attempt.error(why),
+                },
+            ))
             .user_agent(concat!("cloudllm-relay/", env!("CARGO_PKG_VERSION")))
             .build()
             .context("building the HTTP client for [jwks]")?;
@@ -199,7 +223,7 @@ impl Jwks {
     }
 
     async fn download(&self) -> anyhow::Result<KeyMap> {
-        let mut response = self
+        let response = self
             .http
             .get(self.url.clone())
             .header(http::header::ACCEPT, "application/json")
@@ -211,20 +235,9 @@ impl Jwks {
             "the key set URL answered {}",
             response.status()
         );
-        if response
-            .content_length()
-            .is_some_and(|len| len > MAX_JWKS_BYTES as u64)
-        {
-            anyhow::bail!("the key set is larger than {MAX_JWKS_BYTES} bytes");
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.context("reading the key set")? {
-            anyhow::ensure!(
-                body.len() + chunk.len() <= MAX_JWKS_BYTES,
-                "the key set is larger than {MAX_JWKS_BYTES} bytes"
-            );
-            body.extend_from_slice(&chunk);
-        }
+        let body = read_limited(reqwest::Body::from(response), MAX_JWKS_BYTES)
+            .await
+            .context("reading the key set")?;
         parse_key_set(&body)
     }
 }
@@ -325,5 +338,21 @@ mod tests {
             parse_key_set(body.to_string().as_bytes()).unwrap().len(),
             MAX_KEYS
         );
+    }
+
+    #[test]
+    fn redirects_are_few_and_never_leave_tls() {
+        let allowed = |previous: &[&str], next: &str| {
+            let previous: Vec<Url> = previous.iter().map(|u| Url::parse(u).unwrap()).collect();
+            redirect_allowed(&previous, &Url::parse(next).unwrap()).is_ok()
+        };
+        let (https, http) = ("https://id.example/jwks", "http://127.0.0.1:8080/jwks");
+        assert!(allowed(&[https], "https://cdn.example/jwks"));
+        assert!(allowed(&[http], "http://127.0.0.1:9/jwks"));
+        assert!(allowed(&[http], https));
+        assert!(!allowed(&[https], http));
+        assert!(!allowed(&[http, https], http));
+        assert!(allowed(&[https; MAX_REDIRECTS], https));
+        assert!(!allowed(&[https; MAX_REDIRECTS + 1], https));
     }
 }

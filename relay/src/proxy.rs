@@ -18,6 +18,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cloudllm_proto as proto;
+use cloudllm_tunnel::body::{BodyError, read_limited};
 use cloudllm_tunnel::coalesce::Coalesce;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -98,7 +99,7 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
         .unwrap_or(HeaderValue::from_static("unknown"));
     let method = req.method().to_string();
     let mut record = RequestRecord::new(&state, started);
-    let mut response = route(
+    let response = route(
         &state,
         api,
         &identity.user,
@@ -353,13 +354,11 @@ async fn route(
         // Routing by model needs the body; model requests are small JSON documents.
         let (parts, body) = req.into_parts();
         let read_timeout = state.config.client_read_timeout;
-        let collect = http_body_util::Limited::new(body, limit as usize).collect();
-        let bytes = match tokio::time::timeout(read_timeout, collect).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
-                return too_large(api, limit);
-            }
-            Ok(Err(_)) => {
+        let read = read_limited(body, usize::try_from(limit).unwrap_or(usize::MAX));
+        let bytes = match tokio::time::timeout(read_timeout, read).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(BodyError::TooLarge { .. })) => return too_large(api, limit),
+            Ok(Err(BodyError::Read(_))) => {
                 return api.error(StatusCode::BAD_REQUEST, "the request body ended early");
             }
             Err(_) => return stalled(api, read_timeout),
@@ -428,11 +427,9 @@ async fn merged_listing(
             if !response.status().is_success() {
                 return None;
             }
-            let body = http_body_util::Limited::new(response.into_body(), MAX_LISTING_BYTES)
-                .collect()
+            let body = read_limited(response.into_body(), MAX_LISTING_BYTES)
                 .await
-                .ok()?
-                .to_bytes();
+                .ok()?;
             serde_json::from_slice::<serde_json::Value>(&body).ok()
         };
         tokio::time::timeout(LISTING_TIMEOUT, fetch)
