@@ -2,8 +2,6 @@
 //! a fake Ollama: every command, `--json` parsed back, exit codes, and what a user sees when
 //! the daemon is not there.
 
-use std::time::Duration;
-
 use cloudllm_e2e::STEP;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -288,28 +286,35 @@ async fn logs_show_recent_lines_and_follow_new_ones() {
         stdout(&output)
     );
 
+    // `-n 1`: the daemon subscribes the follower to new lines before it sends the recent one,
+    // so once that line is here, nothing logged later can be missed.
     let mut follower = cli(&f.socket)
-        .args(["logs", "-f", "-n", "0"])
+        .args(["logs", "-f", "-n", "1"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(follower.stdout.take().unwrap()).lines();
-    // Give the follower a moment to subscribe, then make the daemon log something.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    let recent = tokio::time::timeout_at(deadline, lines.next_line())
+        .await
+        .expect("the follower printed no recent line")
+        .unwrap();
+    assert!(recent.is_some(), "the follower ended");
+    // Then make the daemon log something no other test in this binary (they share the
+    // daemon's log buffer) logs: a change of this one setting.
     assert!(
-        run(&f.socket, &["config", "set", "device_name", "followed"])
+        run(&f.socket, &["config", "set", "reconnect_max", "3s"])
             .await
             .status
             .success()
     );
-    let deadline = tokio::time::Instant::now() + STEP;
     loop {
         let line = tokio::time::timeout_at(deadline, lines.next_line())
             .await
+            .expect("the follower never showed the setting change")
             .unwrap()
-            .unwrap()
-            .unwrap();
-        if line.contains("setting changed") {
+            .expect("the follower ended");
+        if line.contains("setting changed") && line.contains("reconnect_max") {
             break;
         }
     }

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use cloudllm_e2e::{
     FakeOllama, STEP, StallProxy, TestDaemon, TestRelay, client, daemon_config, relay_config,
-    take_lines, token,
+    take_lines, token, wait_status,
 };
+use cloudllm_proto::ipc::Connection;
 use cloudllm_relay::Scope;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
@@ -124,11 +125,47 @@ async fn a_daemon_with_a_rejected_token_keeps_retrying_without_connecting() {
     let backend = FakeOllama::start().await;
     let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
     config.token = Some(cloudllm_proto::Secret::new("forged.token.value"));
+    let socket = config.socket_path.clone().expect("a socket path");
     let daemon = TestDaemon::start(config);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Proof that it tried, was refused, and tried again: the relay counted two refused
+    // tunnels, and the daemon tells the user why.
+    let deadline = Instant::now() + STEP;
+    loop {
+        let refused = tunnel_auth_failures(&relay).await;
+        if refused >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay refused {refused} tunnels, expected at least 2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_status(&socket, STEP, |s| {
+        matches!(&s.connection, Connection::LoginRequired { reason } if reason.contains("refused the token"))
+    })
+    .await;
+    // And none of those attempts got through.
     assert!(relay.relay.registry.is_empty());
     assert!(
         !daemon.is_finished(),
         "the daemon keeps running and retrying"
     );
+}
+
+/// How many tunnels the relay refused for a bad token (`cloudllm_auth_failures_total` with
+/// `route="tunnel"`), from its `/metrics`.
+async fn tunnel_auth_failures(relay: &TestRelay) -> u64 {
+    let response = timeout(STEP, client().get(relay.api("/metrics")).send())
+        .await
+        .expect("/metrics timed out")
+        .expect("/metrics");
+    let text = timeout(STEP, response.text())
+        .await
+        .expect("/metrics body timed out")
+        .expect("/metrics body");
+    text.lines()
+        .find_map(|line| line.strip_prefix("cloudllm_auth_failures_total{route=\"tunnel\"} "))
+        .map_or(0, |value| value.trim().parse().expect("a counter value"))
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use cloudllm_e2e::{
     FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config, scratch_dir, take_lines,
-    token,
+    token, wait_status,
 };
+use cloudllm_proto::ipc::Connection;
 use cloudllm_relay::{RelayConfig, Scope, TlsConfig};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::json;
@@ -149,11 +150,18 @@ async fn the_daemon_tunnels_over_the_relays_own_tls_and_untrusting_clients_fail(
     assert!(timeout(STEP, plain).await.unwrap().is_err());
 
     // A daemon without the CA does not connect.
-    let untrusted = TestDaemon::start(daemon_config(&https, "alice", "no-ca", &backend.url()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let config = daemon_config(&https, "alice", "no-ca", &backend.url());
+    let socket = config.socket_path.clone().expect("a socket path");
+    let untrusted = TestDaemon::start(config);
+    // Proof that it dialled and the handshake failed on the certificate, before checking
+    // that it did not get through.
+    let status = wait_status(&socket, STEP, |s| {
+        matches!(&s.connection, Connection::Reconnecting { last_error, .. } if last_error.contains("UnknownIssuer"))
+    })
+    .await;
     assert!(
         relay.relay.registry.is_empty(),
-        "connected despite an untrusted certificate"
+        "connected despite an untrusted certificate: {status:?}"
     );
     drop(untrusted);
 
