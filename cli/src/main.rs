@@ -212,15 +212,43 @@ fn main() -> ExitCode {
     }
 }
 
+/// Standard output that a reader may close early (`cloudllm status | head -1`): `println!`
+/// would panic there, so every line goes through [`output::write`], which ends the program
+/// quietly when nobody reads any more.
+macro_rules! outln {
+    ($($arg:tt)*) => { output::write(format!("{}\n", format_args!($($arg)*)).as_bytes()) };
+}
+
+/// [`outln!`] without the newline.
+macro_rules! out {
+    ($($arg:tt)*) => { output::write(format!($($arg)*).as_bytes()) };
+}
+
+mod output {
+    use std::io::Write;
+
+    /// Writes and flushes `bytes` (every line reaches a `watch` or `logs -f` reader at once).
+    /// A reader that has gone away ends the program with success: it wanted no more. Any other
+    /// failure ends it with an error.
+    pub fn write(bytes: &[u8]) {
+        let mut out = std::io::stdout().lock();
+        match out.write_all(bytes).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            Err(err) => {
+                eprintln!("cloudllm: writing to standard output: {err}");
+                std::process::exit(i32::from(super::EXIT_FAILED));
+            }
+        }
+    }
+}
+
 async fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "cloudllm",
-                &mut std::io::stdout(),
-            );
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "cloudllm", &mut script);
+            output::write(&script);
             return Ok(0);
         }
         Command::Daemon { args } => return run_daemon(&args),
@@ -241,12 +269,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 return Err(fail("unexpected answer to status"));
             };
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&status).unwrap_or_default()
                 );
             } else {
-                print!("{}", describe(&status, style));
+                out!("{}", describe(&status, style));
             }
             Ok(
                 if matches!(status.connection, Connection::Connected { .. }) {
@@ -263,11 +291,10 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     continue;
                 };
                 if json {
-                    println!("{}", serde_json::to_string(&status).unwrap_or_default());
+                    outln!("{}", serde_json::to_string(&status).unwrap_or_default());
                 } else {
-                    println!("{}", one_line(&status, style));
+                    outln!("{}", one_line(&status, style));
                 }
-                let _ = std::io::stdout().flush();
             }
         }
         Command::Connect => simple(&mut client, Request::Connect, "Connecting.").await,
@@ -277,7 +304,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             client.send(&Request::Logs { lines, follow }).await?;
             loop {
                 match check(client.recv().await?)? {
-                    Response::Log { line } => println!("{line}"),
+                    Response::Log { line } => outln!("{line}"),
                     _ => return Ok(0),
                 }
             }
@@ -287,14 +314,14 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 return Err(fail("unexpected answer to models"));
             };
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&models).unwrap_or_default()
                 );
             } else if models.is_empty() {
-                println!("Ollama has no models yet: `ollama pull MODEL` on this machine.");
+                outln!("Ollama has no models yet: `ollama pull MODEL` on this machine.");
             } else {
-                models.iter().for_each(|m| println!("{m}"));
+                models.iter().for_each(|m| outln!("{m}"));
             }
             Ok(0)
         }
@@ -335,12 +362,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                     Response::LoginPrompt(prompt) => {
                         match &prompt.user_code {
                             Some(code) => {
-                                println!(
-                                    "To log in, open {} and enter the code {code}",
-                                    prompt.url
-                                );
+                                outln!("To log in, open {} and enter the code {code}", prompt.url);
                                 if let Some(complete) = &prompt.url_complete {
-                                    println!("(or open {complete})");
+                                    outln!("(or open {complete})");
                                 }
                             }
                             None => {
@@ -348,19 +372,19 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                                     && has_display()
                                     && open::that_detached(&prompt.url).is_ok();
                                 if opened {
-                                    println!(
+                                    outln!(
                                         "Your browser was opened to log in. If it was not, open:\n  {}",
                                         prompt.url
                                     );
                                 } else {
-                                    println!(
+                                    outln!(
                                         "To log in, open this URL in a browser on this machine:\n  {}",
                                         prompt.url
                                     );
                                 }
                             }
                         }
-                        println!("Waiting for you to finish…");
+                        outln!("Waiting for you to finish…");
                         let _ = std::io::stdout().flush();
                     }
                     response @ Response::LoginDone { .. } => {
@@ -377,7 +401,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
 
 async fn simple(client: &mut Client, request: Request, done: &str) -> Result<u8, Failure> {
     check(client.call(&request).await?)?;
-    println!("{done}");
+    outln!("{done}");
     Ok(0)
 }
 
@@ -391,7 +415,7 @@ async fn config(client: &mut Client, command: ConfigCommand) -> Result<u8, Failu
             else {
                 return Err(fail("unexpected answer to config"));
             };
-            println!("{path}");
+            outln!("{path}");
             return Ok(0);
         }
     };
@@ -399,16 +423,16 @@ async fn config(client: &mut Client, command: ConfigCommand) -> Result<u8, Failu
         return Err(fail("unexpected answer to config"));
     };
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&values).unwrap_or_default()
         );
     } else if values.len() == 1 {
-        values.values().for_each(|v| println!("{v}"));
+        values.values().for_each(|v| outln!("{v}"));
     } else {
         let width = values.keys().map(String::len).max().unwrap_or(0);
         for (key, value) in &values {
-            println!("{key:width$}  {value}");
+            outln!("{key:width$}  {value}");
         }
     }
     Ok(0)
@@ -416,8 +440,8 @@ async fn config(client: &mut Client, command: ConfigCommand) -> Result<u8, Failu
 
 fn print_logged_in(response: &Response) {
     match response {
-        Response::LoginDone { user: Some(user) } => println!("Logged in as {user}. Connecting…"),
-        _ => println!("Logged in. Connecting…"),
+        Response::LoginDone { user: Some(user) } => outln!("Logged in as {user}. Connecting…"),
+        _ => outln!("Logged in. Connecting…"),
     }
 }
 
@@ -464,18 +488,31 @@ fn run_daemon(args: &[String]) -> Result<u8, Failure> {
         })
         .filter(|path| path.exists());
     let program = beside.unwrap_or_else(|| PathBuf::from("cloudllmd"));
-    let status = std::process::Command::new(&program)
-        .args(args)
-        .status()
-        .map_err(|e| {
-            fail(format!(
-                "cannot run {}: {e} (is cloudllmd installed?)",
-                program.display()
-            ))
-        })?;
-    Ok(status
-        .code()
-        .map_or(EXIT_FAILED, |c| u8::try_from(c).unwrap_or(EXIT_FAILED)))
+    let cannot = |e: std::io::Error| {
+        fail(format!(
+            "cannot run {}: {e} (is cloudllmd installed?)",
+            program.display()
+        ))
+    };
+    // On Unix `cloudllm daemon` becomes `cloudllmd` (same pid), so `kill $!` and Ctrl-C reach
+    // the daemon itself; a child left behind by a killed wrapper would run on as an orphan.
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        Err(cannot(
+            std::process::Command::new(&program).args(args).exec(),
+        ))
+    }
+    #[cfg(not(unix))]
+    {
+        let status = std::process::Command::new(&program)
+            .args(args)
+            .status()
+            .map_err(cannot)?;
+        Ok(status
+            .code()
+            .map_or(EXIT_FAILED, |c| u8::try_from(c).unwrap_or(EXIT_FAILED)))
+    }
 }
 
 /// Whether to colour output: only on a terminal, and never with `NO_COLOR` set.
@@ -563,9 +600,13 @@ fn replaced_text(at: u64, now: u64) -> String {
 fn ollama_text(ollama: &Ollama, style: Style) -> String {
     match ollama {
         Ollama::Unknown => "checking…".to_owned(),
-        Ollama::Up { version, models } => {
-            style.paint("32", &format!("up, version {version}, {models} models"))
-        }
+        Ollama::Up { version, models } => style.paint(
+            "32",
+            &format!(
+                "up, version {version}, {models} model{}",
+                if *models == 1 { "" } else { "s" }
+            ),
+        ),
         Ollama::Down { error } => style.paint("31", &format!("down: {error}")),
     }
 }
@@ -655,6 +696,17 @@ mod tests {
         };
         let shown = connection_text(&hostile, None, plain);
         assert!(!shown.contains(['\u{1b}', '\n']), "{shown}");
+    }
+
+    #[test]
+    fn one_model_is_not_one_models() {
+        let plain = Style::for_output(false, None);
+        let up = |models| Ollama::Up {
+            version: "0.5.4".into(),
+            models,
+        };
+        assert_eq!(ollama_text(&up(1), plain), "up, version 0.5.4, 1 model");
+        assert_eq!(ollama_text(&up(2), plain), "up, version 0.5.4, 2 models");
     }
 
     #[test]

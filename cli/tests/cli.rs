@@ -380,4 +380,37 @@ async fn daemon_runs_the_cloudllmd_beside_it_with_its_arguments() {
         stdout(&output).trim(),
         "cloudllmd got: --system --config x.toml"
     );
+    // On Unix it becomes cloudllmd (same process), so `cloudllm daemon &` then `kill $!`
+    // stops the daemon itself and leaves no orphan behind.
+    #[cfg(unix)]
+    {
+        std::fs::write(&fake, "#!/bin/sh\necho \"pid $$\"\n").unwrap();
+        let child = Command::new(&cli_copy)
+            .arg("daemon")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let output = tokio::time::timeout(STEP, child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stdout(&output).trim(), format!("pid {pid}"));
+    }
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `cloudllm completions bash | head -1`: the reader is gone before the first write.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = std::process::Command::new(BIN)
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.status.success(), "{:?} {stderr}", output.status);
 }
