@@ -40,12 +40,6 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(120);
 /// Delay between refresh attempts after a failure.
 const REFRESH_RETRY: Duration = Duration::from_secs(10);
 
-/// Largest `/.well-known/cloudllm` document read, in bytes.
-const MAX_RELAY_INFO_BYTES: usize = 64 * 1024;
-
-/// Time to fetch the relay's login details.
-const RELAY_INFO_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// What should be running.
 #[derive(Clone, Default)]
 struct Desired {
@@ -258,7 +252,7 @@ impl Supervisor {
     /// The configured relay's public description (`/.well-known/cloudllm`), fetched now.
     pub async fn relay_info(&self) -> Result<RelayInfo, ControlError> {
         let relay = self.relay_for_login(None)?;
-        fetch_relay_info(&relay)
+        login::fetch_relay_info(&relay)
             .await
             .map_err(ControlError::Internal)
     }
@@ -297,7 +291,7 @@ impl Supervisor {
         prompts: mpsc::Sender<LoginPrompt>,
     ) -> Result<Option<String>, ControlError> {
         let relay = self.relay_for_login(relay_url)?;
-        let info = fetch_relay_info(&relay)
+        let info = login::fetch_relay_info(&relay)
             .await
             .map_err(|e| ControlError::LoginFailed(format!("{e:#}")))?;
         let (issuer, client_id, scopes) = match info.auth {
@@ -624,34 +618,6 @@ fn unverified_claims(token: &str) -> Option<ShownClaims> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     serde_json::from_slice(&bytes).ok()
-}
-
-async fn fetch_relay_info(relay: &Url) -> anyhow::Result<RelayInfo> {
-    let url = relay.join(cloudllm_proto::WELL_KNOWN_PATH)?;
-    let client = reqwest::Client::builder()
-        .timeout(RELAY_INFO_TIMEOUT)
-        .build()
-        .context("HTTP client")?;
-    let response = client
-        .get(url.clone())
-        .send()
-        .await
-        .with_context(|| format!("asking {url} how to log in"))?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "{url} answered {}: is this a cloudllm relay?",
-        response.status()
-    );
-    let body = response
-        .bytes()
-        .await
-        .with_context(|| format!("reading {url}"))?;
-    anyhow::ensure!(
-        body.len() <= MAX_RELAY_INFO_BYTES,
-        "{url} sent an oversized answer"
-    );
-    serde_json::from_slice(&body)
-        .with_context(|| format!("{url} is not a cloudllm relay's login document"))
 }
 
 fn unix_now() -> u64 {
