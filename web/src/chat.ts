@@ -6,9 +6,6 @@ import type { WireMessage } from './api/types';
 import { splitThinking } from './render/think';
 import type { Message } from './store/db';
 
-/** Tokens an answer may have in the page by default: Ollama's own default (no limit). */
-export const DEFAULT_OPTIONS: Record<string, number> = {};
-
 /** The messages sent for the next answer: the system prompt, then the conversation without
  * any thinking, notes or empty answers. */
 export function wireMessages(systemPrompt: string, messages: Message[]): WireMessage[] {

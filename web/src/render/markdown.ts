@@ -56,7 +56,8 @@ DOMPurify.addHook('afterSanitizeAttributes', (node) => {
 });
 
 const PURIFY = {
-  FORBID_TAGS: ['style', 'form', 'input', 'button', 'textarea', 'select', 'iframe', 'object', 'embed'],
+  // No images from the model: they could only load from elsewhere (tracking) or fail.
+  FORBID_TAGS: ['style', 'img', 'form', 'input', 'button', 'textarea', 'select', 'iframe', 'object', 'embed'],
   FORBID_ATTR: ['style'],
   ALLOW_DATA_ATTR: false,
 };

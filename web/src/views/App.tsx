@@ -23,6 +23,21 @@ const DEVICE_POLL_MS = 15_000;
  * near. */
 const EAGER_MESSAGES = 12;
 
+/** Model options (Ollama's `options`, e.g. `{"num_predict": 64}`) kept in this browser, for
+ * people who want them; none by default. */
+const OPTIONS_KEY = 'cloudllm.options';
+
+function storedOptions(): Record<string, number> | null {
+  try {
+    const value = JSON.parse(localStorage.getItem(OPTIONS_KEY) ?? 'null') as unknown;
+    if (!value || typeof value !== 'object') return null;
+    const entries = Object.entries(value).filter((e): e is [string, number] => typeof e[1] === 'number');
+    return entries.length ? Object.fromEntries(entries) : null;
+  } catch {
+    return null;
+  }
+}
+
 interface Banner {
   kind: 'offline' | 'rate' | 'error' | 'info';
   text: string;
@@ -307,10 +322,12 @@ function Chat(props: { session: Session; onSignOut: (why?: string) => void }) {
     };
     let reply: Message;
     try {
+      const options = storedOptions();
       const request = {
         model,
         messages: wireMessages(conversation.systemPrompt, history),
         ...(device ? { device } : {}),
+        ...(options ? { options } : {}),
       };
       reply = await streamAnswer(
         client,

@@ -1,0 +1,329 @@
+// End-to-end tests of the web page in headless Chromium (Debian's, driven by playwright-core),
+// against a real relay, real daemons and the real Ollama that tests/tests/web_browser.rs starts.
+// Usage: node e2e/run.mjs CONFIG.json — the config names the relay, the tokens and what each
+// device serves. Prints one line per check and "N passed, N failed" last; exits 1 on a failure.
+// Screenshots of the main states go to the config's `screenshots` folder.
+
+import { createServer } from 'node:http';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
+const relay = config.relay.replace(/\/$/, '');
+const shots = config.screenshots;
+mkdirSync(shots, { recursive: true });
+/** Every wait for the page is bounded: a real model on a loaded CPU takes a few seconds. */
+const STEP = 60_000;
+
+const browser = await chromium.launch({
+  executablePath: config.chromium ?? '/usr/bin/chromium',
+  headless: true,
+  args: [
+    '--headless',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+  ],
+  // playwright-core gives each launch a fresh, temporary --user-data-dir of its own.
+});
+
+let passed = 0;
+let failed = 0;
+const problems = [];
+
+async function check(name, body) {
+  try {
+    await body();
+    passed += 1;
+    console.log(`ok: ${name}`);
+  } catch (err) {
+    failed += 1;
+    problems.push(name);
+    console.log(`FAILED: ${name}: ${err?.stack ?? err}`);
+  }
+}
+
+function assert(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+async function shot(page, name) {
+  const path = join(shots, `${name}.png`);
+  await page.screenshot({ path });
+  // A screenshot is also a check that something is on screen.
+  const text = await page.evaluate(() => document.body.innerText.trim().length);
+  assert(text > 0, `${name}: the page shows nothing`);
+}
+
+/** A page in a fresh context (its own storage, like another browser). */
+async function freshPage(options = {}) {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 760 }, ...options });
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (err) => errors.push(String(err)));
+  page.errors = errors;
+  return page;
+}
+
+async function signIn(page, token) {
+  await page.goto(`${relay}/`);
+  await page.getByLabel(/client token/i).fill(token);
+  await page.getByRole('button', { name: 'Sign in with this token' }).click();
+  await page.getByTestId('new-chat').waitFor({ timeout: STEP });
+}
+
+async function send(page, text) {
+  await page.getByTestId('input').fill(text);
+  await page.getByTestId('input').press('Enter');
+}
+
+/** Waits until the current answer is finished (Send is back) and returns its text. */
+async function finished(page) {
+  await page.getByTestId('send').waitFor({ timeout: STEP });
+  return page.getByTestId('answer').last().innerText();
+}
+
+async function choose(page, testId, pattern) {
+  const select = page.getByTestId(testId);
+  await select.waitFor({ timeout: STEP });
+  const deadline = Date.now() + STEP;
+  for (;;) {
+    const options = await select.locator('option').evaluateAll((os) => os.map((o) => [o.value, o.textContent]));
+    const hit = options.find(([value, label]) => pattern.test(value) || pattern.test(label));
+    if (hit) {
+      await select.selectOption(hit[0]);
+      return hit;
+    }
+    assert(Date.now() < deadline, `${testId} never offered ${pattern}: ${JSON.stringify(options)}`);
+    await page.waitForTimeout(200);
+  }
+}
+
+const alice = await freshPage();
+
+await check('the sign-in page explains where a token comes from, behind a strict CSP', async () => {
+  const response = await alice.goto(`${relay}/`);
+  const csp = response.headers()['content-security-policy'] ?? '';
+  assert(csp.includes("script-src 'self'") && !csp.includes('unsafe'), `CSP: ${csp}`);
+  assert(csp.includes("frame-ancestors 'none'"), `CSP: ${csp}`);
+  assert(response.headers()['x-content-type-options'] === 'nosniff', 'nosniff');
+  await alice.getByText('Where do I get a client token?').click();
+  await alice.getByText('cloudllm-relay token issue').waitFor();
+  await shot(alice, 'signin');
+});
+
+await check('a pasted agent token is refused with the reason', async () => {
+  await alice.getByLabel(/client token/i).fill(config.alice_agent);
+  await alice.getByRole('button', { name: 'Sign in with this token' }).click();
+  await alice.getByText('This is an agent token').waitFor({ timeout: STEP });
+});
+
+await check('sign in with a pasted client token', async () => {
+  await signIn(alice, config.alice);
+  const stored = await alice.evaluate(() => localStorage.getItem('cloudllm.session'));
+  assert(stored && stored.includes(config.alice), 'the session is kept for reloads');
+  assert(!alice.url().includes(config.alice), 'the token is never in the URL');
+});
+
+await check('the model picker shows each model with its device, and a device picker', async () => {
+  await choose(alice, 'model', new RegExp(`${config.real_model}.*${config.real_device}`));
+  const devices = await alice.getByTestId('device').locator('option').allInnerTexts();
+  assert(devices.includes(config.real_device) && devices.includes(config.fake_device), `devices: ${devices}`);
+  await alice.getByText('2 devices online').waitFor();
+});
+
+await check('tokens of the real Ollama arrive one by one', async () => {
+  await alice.evaluate(() => localStorage.setItem('cloudllm.options', JSON.stringify({ num_predict: 12, temperature: 0 })));
+  await choose(alice, 'device', new RegExp(`^${config.real_device}$`));
+  await choose(alice, 'model', new RegExp(config.real_model));
+  await send(alice, 'Say hello in three words.');
+  // Sample the answer's length as it grows: several distinct lengths before the end means the
+  // page rendered tokens as they came, not the whole answer at once.
+  const lengths = await alice.evaluate(
+    (step) =>
+      new Promise((resolve, reject) => {
+        const seen = [];
+        const started = Date.now();
+        const tick = () => {
+          const answers = document.querySelectorAll('[data-testid="answer"]');
+          const text = answers[answers.length - 1]?.textContent ?? '';
+          if (seen[seen.length - 1] !== text.length) seen.push(text.length);
+          if (document.querySelector('[data-testid="send"]') && seen.length > 1) return resolve(seen);
+          if (Date.now() - started > step) return reject(new Error(`no answer: ${seen}`));
+          requestAnimationFrame(tick);
+        };
+        tick();
+      }),
+    STEP,
+  );
+  assert(lengths.length >= 4, `the answer grew in ${lengths.length} steps: ${lengths}`);
+  const answer = await finished(alice);
+  assert(answer.trim().length > 0, 'an answer');
+  await shot(alice, 'chat');
+});
+
+await check('Stop (Esc) ends the answer and the request', async () => {
+  await choose(alice, 'device', new RegExp(`^${config.fake_device}$`));
+  await choose(alice, 'model', /fake-slow/);
+  await send(alice, 'Count forever.');
+  await alice.waitForFunction(() => {
+    const answers = document.querySelectorAll('[data-testid="answer"]');
+    return (answers[answers.length - 1]?.textContent ?? '').split('tick').length > 3;
+  }, null, { timeout: STEP });
+  await alice.getByTestId('stop').waitFor();
+  await alice.keyboard.press('Escape');
+  await alice.getByText('Stopped.').waitFor({ timeout: STEP });
+  await alice.getByTestId('send').waitFor({ timeout: STEP });
+  // tests/tests/web_browser.rs checks that the backend saw the request cancelled.
+});
+
+await check('Markdown from the model cannot run script; code gets highlighted with a copy button', async () => {
+  await choose(alice, 'model', /fake-md/);
+  await send(alice, 'Show me some markdown.');
+  await finished(alice);
+  const state = await alice.evaluate(() => ({
+    pwned: window.__pwned ?? null,
+    onerror: document.querySelectorAll('[onerror]').length,
+    scripts: document.querySelectorAll('.md script').length,
+    images: document.querySelectorAll('.md img').length,
+    jsLinks: document.querySelectorAll('.md a[href^="javascript"]').length,
+    copy: document.querySelectorAll('.md pre button.copy').length,
+    highlighted: document.querySelectorAll('.md pre code.hljs span').length,
+    bold: document.querySelector('.md strong')?.textContent ?? '',
+  }));
+  assert(state.pwned === null, `script ran: ${state.pwned}`);
+  assert(state.onerror === 0 && state.scripts === 0 && state.images === 0 && state.jsLinks === 0, `dangerous markup kept: ${JSON.stringify(state)}`);
+  assert(state.copy >= 1 && state.highlighted > 0, `code not decorated: ${JSON.stringify(state)}`);
+  assert(state.bold === 'bold', `markdown not rendered: ${JSON.stringify(state)}`);
+  await alice.waitForTimeout(300);
+  const again = await alice.evaluate(() => window.__pwned ?? null);
+  assert(again === null, 'an image error handler ran');
+  await shot(alice, 'markdown');
+});
+
+await check('the conversations are still there after a reload', async () => {
+  const before = await alice.getByTestId('conversation').count();
+  assert(before >= 1, 'conversations listed');
+  await alice.reload();
+  await alice.getByTestId('new-chat').waitFor({ timeout: STEP });
+  await alice.getByTestId('conversation').first().waitFor({ timeout: STEP });
+  assert((await alice.getByTestId('conversation').count()) === before, 'same count after reload');
+  await alice.getByTestId('conversation').first().click();
+  await alice.getByTestId('msg-user').first().waitFor({ timeout: STEP });
+});
+
+await check('dark theme and a phone-sized screen', async () => {
+  await alice.emulateMedia({ colorScheme: 'dark' });
+  await shot(alice, 'chat-dark');
+  const bg = await alice.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  assert(bg !== 'rgb(255, 255, 255)', `dark background: ${bg}`);
+  await alice.emulateMedia({ colorScheme: 'light' });
+  await alice.setViewportSize({ width: 390, height: 800 });
+  try {
+    // The conversation list slides away (a 0.2 s transition) and the chat takes the screen.
+    await alice.waitForFunction(() => {
+      const box = document.querySelector('.sidebar')?.getBoundingClientRect();
+      return !box || box.right <= 1;
+    }, null, { timeout: STEP });
+    const input = await alice.getByTestId('input').boundingBox();
+    assert(input && input.x >= 0 && input.x + input.width <= 390, `the message box does not fit: ${JSON.stringify(input)}`);
+    await shot(alice, 'phone');
+  } finally {
+    await alice.setViewportSize({ width: 1100, height: 760 });
+  }
+});
+
+await check('sign out forgets the token', async () => {
+  await alice.getByTestId('sign-out').click();
+  await alice.getByLabel(/client token/i).waitFor({ timeout: STEP });
+  const stored = await alice.evaluate(() => localStorage.getItem('cloudllm.session'));
+  assert(stored === null, 'the token is gone');
+});
+
+await check('another user on the same browser sees nothing of the first; an offline device is a banner', async () => {
+  await signIn(alice, config.bob);
+  await alice.getByTestId('banner-offline').waitFor({ timeout: STEP });
+  assert((await alice.getByTestId('conversation').count()) === 0, "bob sees alice's conversations");
+  await shot(alice, 'offline');
+  await alice.getByTestId('sign-out').click();
+});
+
+await check('an expired or revoked token sends back to sign-in with the reason', async () => {
+  // A token the relay did not sign (like a revoked one): accepted by the page, refused by the
+  // relay at the first request, and the page returns to sign-in saying so.
+  await alice.getByLabel(/client token/i).fill(config.forged);
+  await alice.getByRole('button', { name: 'Sign in with this token' }).click();
+  await alice.getByTestId('signin-reason').waitFor({ timeout: STEP });
+  const reason = await alice.getByTestId('signin-reason').innerText();
+  assert(/refused your sign-in/.test(reason), reason);
+  await alice.getByLabel(/client token/i).fill(config.expired);
+  await alice.getByRole('button', { name: 'Sign in with this token' }).click();
+  await alice.getByText('This token has expired').waitFor({ timeout: STEP });
+});
+
+await check('cloudllm open signs the browser in from a one-time code', async () => {
+  const minted = await (
+    await fetch(`${relay}/cloudllm/open`, { method: 'POST', headers: { authorization: `Bearer ${config.alice_agent}` } })
+  ).json();
+  const page = await freshPage();
+  await page.goto(relay + minted.path);
+  await page.getByTestId('new-chat').waitFor({ timeout: STEP });
+  assert(!page.url().includes('open='), `the code is left in the address: ${page.url()}`);
+  // Signed in as alice: her two devices answer.
+  await page.getByText('2 devices online').waitFor({ timeout: STEP });
+  // The code worked once: opening the same link again is refused with the reason.
+  const again = await freshPage();
+  await again.goto(relay + minted.path);
+  await again.getByTestId('signin-reason').waitFor({ timeout: STEP });
+  await page.context().close();
+  await again.context().close();
+});
+
+await check('a page on an allowed origin calls the API through CORS; another origin cannot', async () => {
+  const app = `<!doctype html><title>other app</title><p>other app</p>`;
+  const serve = (port) =>
+    new Promise((resolve) => {
+      const server = createServer((_req, res) => {
+        res.setHeader('content-type', 'text/html');
+        res.end(app);
+      });
+      server.listen(port, '127.0.0.1', () => resolve(server));
+    });
+  const allowed = await serve(config.cors_port);
+  const other = await serve(0);
+  const call = async (port) => {
+    const page = await freshPage();
+    await page.goto(`http://127.0.0.1:${port}/`);
+    const result = await page.evaluate(
+      async ({ relay, token }) => {
+        try {
+          const r = await fetch(`${relay}/api/tags`, { headers: { authorization: `Bearer ${token}` } });
+          return { status: r.status, models: (await r.json()).models.length };
+        } catch (err) {
+          return { error: String(err) };
+        }
+      },
+      { relay, token: config.alice },
+    );
+    await page.context().close();
+    return result;
+  };
+  const ok = await call(config.cors_port);
+  assert(ok.status === 200 && ok.models >= 1, `allowed origin: ${JSON.stringify(ok)}`);
+  const refused = await call(other.address().port);
+  assert(refused.error, `another origin read the API: ${JSON.stringify(refused)}`);
+  allowed.close();
+  other.close();
+});
+
+await check('no script error on the page', async () => {
+  assert(alice.errors.length === 0, alice.errors.join('\n'));
+});
+
+await browser.close();
+if (problems.length) console.log(`failed checks: ${problems.join('; ')}`);
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);

@@ -1,0 +1,46 @@
+import { describe, expect, it } from 'vitest';
+import { accumulate, wireMessages } from './chat';
+import { splitThinking } from './render/think';
+import { openCode } from './auth/open';
+
+describe('thinking', () => {
+  it('splits a leading <think> block, also while it streams', () => {
+    expect(splitThinking('<think>hmm</think>Answer')).toEqual({ thinking: 'hmm', answer: 'Answer', open: false });
+    expect(splitThinking('<think>still thinking')).toEqual({ thinking: 'still thinking', answer: '', open: true });
+    expect(splitThinking('<thi')).toEqual({ thinking: '', answer: '', open: true });
+    expect(splitThinking('no thinking <think>here</think>').answer).toBe('no thinking <think>here</think>');
+  });
+
+  it('accumulates chunks with thinking in the text or in its own field', () => {
+    const state = { raw: '', fieldThinking: '', tokens: 0 };
+    accumulate(state, { message: { content: '<think>a' } });
+    accumulate(state, { message: { content: 'b</think>Hi' } });
+    const live = accumulate(state, { message: { content: ' there' } });
+    expect(live).toMatchObject({ content: 'Hi there', thinking: 'ab', thinkingOpen: false, tokens: 3 });
+    const other = { raw: '', fieldThinking: '', tokens: 0 };
+    accumulate(other, { message: { thinking: 'plan' } });
+    expect(accumulate(other, { message: { content: 'Done' } })).toMatchObject({ content: 'Done', thinking: 'plan' });
+  });
+
+  it('never sends thinking back; the system prompt goes first', () => {
+    const wire = wireMessages('Be brief.', [
+      { role: 'user', content: 'Q', images: ['aGk='] },
+      { role: 'assistant', content: 'A', thinking: 'secret reasoning' },
+      { role: 'assistant', content: '' },
+    ]);
+    expect(wire).toEqual([
+      { role: 'system', content: 'Be brief.' },
+      { role: 'user', content: 'Q', images: ['aGk='] },
+      { role: 'assistant', content: 'A' },
+    ]);
+    expect(JSON.stringify(wire)).not.toContain('secret reasoning');
+  });
+});
+
+describe('cloudllm open', () => {
+  it('takes only a well-formed code from the fragment', () => {
+    expect(openCode(`#open=${'ab'.repeat(32)}`)).toBe('ab'.repeat(32));
+    expect(openCode('#open=<script>')).toBeNull();
+    expect(openCode('#other')).toBeNull();
+  });
+});
