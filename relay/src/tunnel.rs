@@ -41,12 +41,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::AppState;
 use crate::audit::Event;
 use crate::auth::{AuthError, Scope};
 use crate::client_addr::client_ip;
 use crate::limits::{Limit, Refusal};
 use crate::registry::Device;
+use crate::{AppState, Denied};
 
 /// Time for the WebSocket upgrade and for the hello: 10 s is generous on any
 /// network and stops half-open tunnels from holding memory.
@@ -84,32 +84,26 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0);
     let addr = client_ip(peer, req.headers(), &state.config.trusted_proxies);
-    if let Some(refusal) = addr.and_then(|ip| state.limits.blocked(ip)) {
-        return limited(&state, None, addr, &refusal);
-    }
-    let refuse = |err: AuthError| {
-        warn!(reason = %escaped(&err.to_string()), "tunnel refused");
-        state.metrics.auth_failed("tunnel");
-        state.audit.record(Event::AuthFailure {
-            reason: err.to_string(),
-            route: "tunnel",
-            addr,
-        });
-        if let Some(refusal) = addr.and_then(|ip| state.limits.auth_failed(ip)) {
-            return limited(&state, None, addr, &refusal);
+    let deny = |denied: Denied| match denied {
+        Denied::Limited(refusal) => limited(&state, None, addr, &refusal),
+        Denied::Auth(err) => {
+            warn!(reason = %escaped(&err.to_string()), "tunnel refused");
+            plain(err.status(), &err.to_string())
         }
-        plain(err.status(), &err.to_string())
     };
-    let identity = match state.keys.authenticate(req.headers(), Scope::Agent).await {
+    let identity = match state
+        .authenticate(req.headers(), addr, Scope::Agent, "tunnel")
+        .await
+    {
         Ok(identity) => identity,
-        Err(err) => return refuse(err),
+        Err(denied) => return deny(denied),
     };
     let (tier_name, tier) = state.config.tier(identity.tier.as_deref());
     let max_devices = tier.devices as usize;
     // A token still inside the verification leeway but past its tunnel grace would open a
     // tunnel only to have it closed at once.
     let Some(lifetime) = token_lifetime(identity.expires_at, state.config.token_grace) else {
-        return refuse(AuthError::Expired);
+        return deny(state.auth_failed(addr, "tunnel", AuthError::Expired));
     };
     let expiry = tokio::time::Instant::now() + lifetime;
     let (device_id, device_name) = match device_headers(req.headers()) {

@@ -142,6 +142,27 @@ async fn a_valid_token_passes_from_an_address_over_its_failure_budget() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
+    // … and so is her daemon opening its tunnel (the same admission path) …
+    let tunnel = |token: String| {
+        nat.get(stack.relay.api("/tunnel"))
+            .bearer_auth(token)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header(
+                "x-cloudllm-protocol",
+                cloudllm_proto::PROTOCOL_VERSION.to_string(),
+            )
+            .header("x-cloudllm-device-id", "alice-desktop")
+            .header("x-cloudllm-device-name", "desktop")
+            .send()
+    };
+    assert_eq!(
+        tunnel(token("alice", Scope::Agent)).await.unwrap().status(),
+        101
+    );
+    assert_eq!(tunnel("forged".to_owned()).await.unwrap().status(), 429);
     // … while every token that does not verify still gets 429, forged or validly signed but
     // breaking a rule, so guessing from there gains nothing.
     let mut bad: Vec<String> = rule_breakers().into_iter().map(|(_, t, _)| t).collect();
