@@ -2,7 +2,7 @@
 //!
 //! By default only inference and listing pass. Model management would let anyone with a client
 //! token fill the owner's disk or delete their models, so it is refused unless the owner sets
-//! `allow_model_management = true`. Anything not named here is refused too: a new Ollama
+//! `allow_model_management = true`. Anything not in the table is refused too: a new Ollama
 //! endpoint is not exposed until it has been looked at.
 //!
 //! Each endpoint is listed with the methods Ollama's router serves it with (Ollama answers
@@ -10,92 +10,13 @@
 //! A path parameter (a model name in `/v1/models/{name}`, a digest in `/api/blobs/{digest}`)
 //! is percent-decoded, checked against the characters Ollama itself allows, and forwarded in
 //! that decoded form, so what Ollama sees is exactly what was checked: `..%2F..%2Fapi%2Fpull`
-//! never reaches it. The table is plain data with no dependencies, so that the relay's model
-//! routing can share it later.
+//! never reaches it. The table itself is [`cloudllm_proto::endpoints`], which the relay's
+//! routing reads too; this module is the daemon's policy over it.
 
 use std::borrow::Cow;
 
 use cloudllm_proto as proto;
-
-/// Who may reach an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// Inference and listing: open to every client of the device's owner.
-    Inference,
-    /// Model management: open only with `allow_model_management`.
-    Management,
-}
-
-/// What an endpoint's last path segment carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Param {
-    /// Nothing: the path is matched exactly.
-    None,
-    /// A model name (see [`model_name`]).
-    ModelName,
-    /// A blob digest, `sha256:` and 64 hex digits (see [`blob_digest`]).
-    BlobDigest,
-}
-
-/// One Ollama endpoint the daemon exposes.
-#[derive(Debug)]
-pub struct Endpoint {
-    /// The path; with a parameter, the prefix before it (ending in `/`).
-    pub path: &'static str,
-    /// The methods Ollama serves it with, as `Allow` lists them.
-    pub methods: &'static [&'static str],
-    /// Who may reach it.
-    pub class: Class,
-    /// What follows `path`, if anything.
-    pub param: Param,
-}
-
-const fn endpoint(path: &'static str, methods: &'static [&'static str], class: Class) -> Endpoint {
-    Endpoint {
-        path,
-        methods,
-        class,
-        param: Param::None,
-    }
-}
-
-const POST: &[&str] = &["POST"];
-const GET: &[&str] = &["GET"];
-/// Ollama's router serves `/api/tags` and `/api/version` to HEAD as well (a liveness check).
-const GET_HEAD: &[&str] = &["GET", "HEAD"];
-
-/// Every endpoint the daemon forwards, with the methods of Ollama's own router (0.5.x).
-pub const ENDPOINTS: &[Endpoint] = &[
-    endpoint("/api/chat", POST, Class::Inference),
-    endpoint("/api/generate", POST, Class::Inference),
-    endpoint("/api/embed", POST, Class::Inference),
-    endpoint("/api/embeddings", POST, Class::Inference),
-    endpoint("/api/show", POST, Class::Inference),
-    endpoint("/api/tags", GET_HEAD, Class::Inference),
-    endpoint("/api/ps", GET, Class::Inference),
-    endpoint("/api/version", GET_HEAD, Class::Inference),
-    endpoint("/v1/chat/completions", POST, Class::Inference),
-    endpoint("/v1/completions", POST, Class::Inference),
-    endpoint("/v1/embeddings", POST, Class::Inference),
-    endpoint("/v1/models", GET, Class::Inference),
-    Endpoint {
-        path: "/v1/models/",
-        methods: GET,
-        class: Class::Inference,
-        param: Param::ModelName,
-    },
-    endpoint("/api/pull", POST, Class::Management),
-    endpoint("/api/push", POST, Class::Management),
-    endpoint("/api/create", POST, Class::Management),
-    endpoint("/api/copy", POST, Class::Management),
-    endpoint("/api/delete", &["DELETE"], Class::Management),
-    Endpoint {
-        path: "/api/blobs/",
-        methods: &["HEAD", "POST"],
-        class: Class::Management,
-        param: Param::BlobDigest,
-    },
-];
+use cloudllm_proto::endpoints::{Class, Param, find};
 
 /// The verdict on one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +60,7 @@ pub fn check<'a>(method: &str, path: &'a str, allow_management: bool) -> Verdict
     if endpoint.class == Class::Management && !allow_management {
         return Verdict::ManagementDisabled;
     }
-    if !endpoint.methods.contains(&method) {
+    if !endpoint.takes(method) {
         return Verdict::MethodNotAllowed(endpoint.methods);
     }
     let checked = match endpoint.param {
@@ -151,17 +72,6 @@ pub fn check<'a>(method: &str, path: &'a str, allow_management: bool) -> Verdict
         Ok(param) => Verdict::Allow(Cow::Owned(format!("{}{param}", endpoint.path))),
         Err(err) => Verdict::BadParam(err),
     }
-}
-
-/// The endpoint `path` names and its raw parameter (empty without one).
-fn find(path: &str) -> Option<(&'static Endpoint, &str)> {
-    ENDPOINTS.iter().find_map(|endpoint| match endpoint.param {
-        Param::None => (path == endpoint.path).then_some((endpoint, "")),
-        Param::ModelName | Param::BlobDigest => path
-            .strip_prefix(endpoint.path)
-            .filter(|rest| !rest.is_empty())
-            .map(|rest| (endpoint, rest)),
-    })
 }
 
 /// Most `/`-separated parts of a model name: Ollama's `host/namespace/model:tag`.
@@ -238,6 +148,7 @@ fn percent_decode(raw: &str) -> Option<(String, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cloudllm_proto::endpoints::ENDPOINTS;
 
     fn allowed(method: &str, path: &str, management: bool) -> Option<String> {
         match check(method, path, management) {

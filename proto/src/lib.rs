@@ -3,11 +3,13 @@
 //! The tunnel is a WebSocket dialled out by the daemon. Its text messages carry [`Control`]
 //! messages (JSON); its binary messages carry HTTP/2 sessions, opened by the relay on demand
 //! (the relay is the HTTP/2 client and the daemon the server). Everything the two ends must
-//! agree on — header names, the control messages and the protocol version — lives here so that
-//! neither side can drift. This crate does no I/O.
+//! agree on — header names, the control messages, the protocol version and the table of Ollama
+//! endpoints a tunnel carries ([`endpoints`]) — lives here so that neither side can drift. This
+//! crate does no I/O.
 
 use serde::{Deserialize, Serialize};
 
+pub mod endpoints;
 pub mod ipc;
 
 /// Version of the tunnel protocol. The daemon sends it when it dials and in its [`Hello`];

@@ -18,6 +18,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cloudllm_proto as proto;
+use cloudllm_proto::endpoints::{self, Routing};
 use cloudllm_tunnel::body::{BodyError, read_limited};
 use cloudllm_tunnel::coalesce::Coalesce;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -292,20 +293,10 @@ impl HttpBody for Tracked {
     }
 }
 
-/// Paths whose request body names a model (a JSON object with `"model"`).
+/// Whether the request's body names a model (a JSON object with `"model"`), by the endpoint
+/// table both ends share.
 fn names_a_model(method: &http::Method, path: &str) -> bool {
-    method == http::Method::POST
-        && matches!(
-            path,
-            "/api/chat"
-                | "/api/generate"
-                | "/api/embed"
-                | "/api/embeddings"
-                | "/api/show"
-                | "/v1/chat/completions"
-                | "/v1/completions"
-                | "/v1/embeddings"
-        )
+    endpoints::routing(method.as_str(), path) == Routing::ByModel
 }
 
 /// The `model` of a JSON request body, if it is one.
@@ -346,7 +337,10 @@ async fn route(
         .map(str::to_owned);
     let several = wanted.is_none() && state.registry.count(user) > 1;
     let path = req.uri().path();
-    if several && req.method() == http::Method::GET && matches!(path, "/api/tags" | "/v1/models") {
+    if several
+        && req.method() == http::Method::GET
+        && endpoints::routing(req.method().as_str(), path) == Routing::ModelList
+    {
         return merged_listing(api, &state.registry.devices_of(user), request_id).await;
     }
     let mut model = None;
