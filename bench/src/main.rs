@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod web;
+
 #[derive(Parser)]
 #[command(
     about = "Measures requests to a fake Ollama backend directly and through cloudllm's relay and daemon",
@@ -93,6 +95,9 @@ enum Command {
         #[arg(long)]
         in_process: bool,
     },
+    /// The web page in headless Chromium: first-load bytes, opening a 500-message conversation,
+    /// main-thread time per streamed token. Needs Chromium and `npm ci --prefix web`.
+    Web,
 }
 
 fn main() -> ExitCode {
@@ -189,6 +194,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             };
             (text, json, code)
+        }
+        Some(Command::Web) => {
+            let (text, json) = web::run()?;
+            (text, json, ExitCode::SUCCESS)
         }
     };
     print!("{text}");

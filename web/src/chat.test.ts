@@ -44,3 +44,14 @@ describe('cloudllm open', () => {
     expect(openCode('#other')).toBeNull();
   });
 });
+
+import { splitBlocks } from './render/blocks';
+
+describe('streaming blocks', () => {
+  it('splits at blank lines but never inside a code fence, and loses nothing', () => {
+    const text = 'Para one\nstill one\n\n```js\na\n\nb\n```\n\n- x\n- y\n\nTail';
+    const blocks = splitBlocks(text);
+    expect(blocks.join('')).toBe(text);
+    expect(blocks).toEqual(['Para one\nstill one\n\n', '```js\na\n\nb\n```\n\n', '- x\n- y\n\n', 'Tail']);
+  });
+});

@@ -3,6 +3,7 @@
 
 import { memo } from 'preact/compat';
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
+import { splitBlocks } from '../render/blocks';
 import { decorateCode, renderMarkdown } from '../render/markdown';
 import type { Message as Stored } from '../store/db';
 
@@ -25,6 +26,13 @@ function watch(element: Element, onSeen: () => void): () => void {
   return () => observer?.unobserve(element);
 }
 
+/** One finished block of a streaming answer: rendered once, kept while later blocks grow. */
+const Block = memo(function Block(props: { text: string }) {
+  const html = useMemo(() => renderMarkdown(props.text), [props.text]);
+  // Sanitized by DOMPurify in renderMarkdown; the CSP forbids inline script besides.
+  return <div class="block" dangerouslySetInnerHTML={{ __html: html }} />;
+});
+
 export interface MessageProps {
   message: Stored;
   index: number;
@@ -45,9 +53,10 @@ export const MessageView = memo(function MessageView(props: MessageProps) {
     return watch(root.current, () => setVisible(true));
   }, [visible]);
   const html = useMemo(
-    () => (visible && message.role === 'assistant' ? renderMarkdown(message.content) : null),
-    [visible, message.content, message.role],
+    () => (!streaming && visible && message.role === 'assistant' ? renderMarkdown(message.content) : null),
+    [visible, message.content, message.role, streaming],
   );
+  const blocks = streaming && message.role === 'assistant' ? splitBlocks(message.content) : null;
   useEffect(() => {
     if (!streaming && html !== null && body.current) decorateCode(body.current);
   }, [html, streaming]);
@@ -66,7 +75,13 @@ export const MessageView = memo(function MessageView(props: MessageProps) {
           ))}
         </div>
       ) : null}
-      {html !== null ? (
+      {blocks ? (
+        <div class="md" data-testid="answer">
+          {blocks.map((text, i) => (
+            <Block key={i} text={text} />
+          ))}
+        </div>
+      ) : html !== null ? (
         // Sanitized by DOMPurify in renderMarkdown; the CSP forbids inline script besides.
         <div ref={body} class="md" data-testid="answer" dangerouslySetInnerHTML={{ __html: html }} />
       ) : (
