@@ -3,6 +3,15 @@
 //! It owns all state on the desktop side: the tunnel to the relay, the forwarding of requests
 //! to the local Ollama within an endpoint allowlist, the credentials, and the IPC socket that
 //! the `cloudllm` CLI and the tray use (the daemon owns state; clients only ask).
+//!
+//! How it is laid out: [`run`] (below) opens the IPC socket and starts the tasks. The
+//! `supervisor` owns what should run — credentials, the wish to be connected, settings — and
+//! starts, switches and stops tunnels to match; `tunnel` keeps one tunnel to the relay open
+//! (`dial` opens the WebSocket, `backoff` spaces the retries) and `forward` passes each request
+//! to Ollama within the `allowlist`. `state` is what `cloudllm status` shows; [`ipc`] serves it
+//! and turns clients' requests into calls on the supervisor. [`login`] runs the OpenID Connect
+//! flows, [`credentials`] keeps their result, [`config`] reads and edits the settings, `ollama`
+//! watches the local Ollama, and [`logs`] keeps recent log lines for `cloudllm logs`.
 
 pub mod allowlist;
 pub mod backoff;
