@@ -437,7 +437,7 @@ impl RelayConfig {
     }
 
     /// The limits for a token's tier claim: its tier when configured, else the default tier.
-    pub fn tier<'a>(&'a self, claimed: Option<&'a str>) -> (&'a str, &'a TierLimits) {
+    pub fn tier(&self, claimed: Option<&str>) -> (&str, &TierLimits) {
         if let Some((name, limits)) = claimed.and_then(|c| self.tiers.get_key_value(c)) {
             return (name, limits);
         }

@@ -5,6 +5,7 @@
 //! streamed to one of that user's own devices. The relay stores nothing: its only state is the
 //! set of live tunnels (and, with `[jwks]`, a cache of the identity provider's public keys).
 
+mod admission;
 pub mod audit;
 pub mod auth;
 mod client_addr;
@@ -32,12 +33,13 @@ use anyhow::Context;
 use axum::Router;
 use axum::response::IntoResponse;
 use axum::routing::{any, get};
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
+pub(crate) use admission::Denied;
 pub use auth::{Keys, Scope, Scopes};
 pub use config::{JwksConfig, LoginConfig, RelayConfig, TlsConfig, WebLoginConfig};
 use jwks::Jwks;
@@ -59,84 +61,6 @@ struct AppState {
     tasks: TaskTracker,
     /// Gives the memory of closed sessions and tunnels back to the system.
     trimmer: Arc<memory::Trimmer>,
-}
-
-/// Why a caller was turned away by [`AppState::authenticate`].
-pub(crate) enum Denied {
-    /// Over the address's failure budget: 429 with `Retry-After`.
-    Limited(limits::Refusal),
-    /// The credentials: 401, or 403 for the wrong scope.
-    Auth(auth::AuthError),
-}
-
-impl AppState {
-    /// Authenticates a request from `addr` on `route` (`api` or `tunnel`) that needs scope
-    /// `need`, with the per-address brute-force protection.
-    ///
-    /// A valid token always passes, even from an address over its failure budget: the budget
-    /// counts failures and must not lock out the users behind a shared address (a NAT, a
-    /// company proxy) because one of them, or anyone else there, sends bad tokens. A request from
-    /// such an address that does not authenticate gets 429 instead of 401, is not counted again,
-    /// and its token is checked against cached keys only, so made-up key ids from it never make
-    /// the relay fetch the identity provider's keys.
-    pub(crate) async fn authenticate(
-        &self,
-        headers: &HeaderMap,
-        addr: Option<std::net::IpAddr>,
-        need: Scope,
-        route: &'static str,
-    ) -> Result<auth::Identity, Denied> {
-        let blocked = addr.and_then(|ip| self.limits.blocked(ip));
-        let fetch = match blocked {
-            Some(_) => auth::KeyFetch::CachedOnly,
-            None => auth::KeyFetch::Allowed,
-        };
-        match (
-            self.keys.authenticate_with(headers, need, fetch).await,
-            blocked,
-        ) {
-            (Ok(identity), _) => Ok(identity),
-            (Err(_), Some(refusal)) => Err(Denied::Limited(refusal)),
-            (Err(err), None) => Err(self.auth_failed(addr, route, err)),
-        }
-    }
-
-    /// Records a failed authentication from `addr` on `route` (metrics, audit log, the
-    /// address's failure budget) and says how to answer it: 429 once the budget is spent.
-    pub(crate) fn auth_failed(
-        &self,
-        addr: Option<std::net::IpAddr>,
-        route: &'static str,
-        err: auth::AuthError,
-    ) -> Denied {
-        self.metrics.auth_failed(route);
-        self.audit.record(audit::Event::AuthFailure {
-            reason: err.to_string(),
-            route,
-            addr,
-        });
-        match addr.and_then(|ip| self.limits.auth_failed(ip)) {
-            Some(refusal) => Denied::Limited(refusal),
-            None => Denied::Auth(err),
-        }
-    }
-
-    /// Counts a refusal by a limit in the metrics and the audit log.
-    fn record_refusal(
-        &self,
-        user: Option<&str>,
-        addr: Option<std::net::IpAddr>,
-        route: &'static str,
-        refusal: &limits::Refusal,
-    ) {
-        self.metrics.limited(refusal.limit);
-        self.audit.record(audit::Event::RateLimited {
-            user: user.map(str::to_owned),
-            limit: refusal.limit.as_str(),
-            route,
-            addr,
-        });
-    }
 }
 
 /// A running relay.

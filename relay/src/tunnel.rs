@@ -41,9 +41,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::admission::Caller;
 use crate::audit::Event;
 use crate::auth::{AuthError, Scope};
-use crate::client_addr::client_ip;
 use crate::limits::{Limit, Refusal};
 use crate::registry::Device;
 use crate::{AppState, Denied};
@@ -79,11 +79,7 @@ const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// `GET /tunnel`: a daemon opens its tunnel.
 pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0);
-    let addr = client_ip(peer, req.headers(), &state.config.trusted_proxies);
+    let addr = state.client_addr(&req);
     let deny = |denied: Denied| match denied {
         Denied::Limited(refusal) => limited(&state, None, addr, &refusal),
         Denied::Auth(err) => {
@@ -91,14 +87,17 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
             plain(err.status(), &err.to_string())
         }
     };
-    let identity = match state
-        .authenticate(req.headers(), addr, Scope::Agent, "tunnel")
+    let Caller {
+        identity,
+        tier_name,
+        tier,
+    } = match state
+        .admit(req.headers(), addr, Scope::Agent, "tunnel")
         .await
     {
-        Ok(identity) => identity,
+        Ok(caller) => caller,
         Err(denied) => return deny(denied),
     };
-    let (tier_name, tier) = state.config.tier(identity.tier.as_deref());
     let max_devices = tier.devices as usize;
     // A token still inside the verification leeway but past its tunnel grace would open a
     // tunnel only to have it closed at once.
@@ -734,10 +733,7 @@ fn limited(
     refusal: &Refusal,
 ) -> Response {
     warn!(limit = refusal.limit.as_str(), "tunnel refused by a limit");
-    state.record_refusal(user, addr, "tunnel", refusal);
-    let mut response = plain(StatusCode::TOO_MANY_REQUESTS, &refusal.message);
-    refusal.set_retry_after(response.headers_mut());
-    response
+    state.too_many(refusal, user, addr, "tunnel", plain)
 }
 
 /// The device id and name from the upgrade request's headers.
