@@ -107,7 +107,7 @@ async fn login_with_token_connects_and_status_shows_the_user() {
     let human = stdout(&run(&f.socket, &["status"]).await);
     assert!(human.contains("connected to http://127.0.0.1:"), "{human}");
     assert!(
-        human.contains("alice") && human.contains("up, version 0.0.0-fake, 1 models"),
+        human.contains("alice") && human.contains("up, version 0.0.0-fake, 1 model\n"),
         "{human}"
     );
     assert!(

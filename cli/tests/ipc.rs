@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cloudllm_cli::Client;
 use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config};
+use cloudllm_ipc_client::Client;
 use cloudllm_proto::ipc::{self, ErrorCode, IPC_VERSION, Request, Response};
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::tokio::Stream as _;

@@ -329,7 +329,7 @@ impl Stack {
 pub async fn daemon_status(socket: &std::path::Path) -> Option<cloudllm_proto::ipc::Status> {
     use cloudllm_proto::ipc::{Request, Response};
     let call = async {
-        let mut daemon = cloudllm_cli::Client::connect(socket).await.ok()?;
+        let mut daemon = cloudllm_ipc_client::Client::connect(socket).await.ok()?;
         match daemon.call(&Request::Status).await.ok()? {
             Response::Status(status) => Some(status),
             _ => None,

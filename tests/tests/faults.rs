@@ -269,7 +269,7 @@ fn watch_states(socket: &Path) -> tokio::sync::mpsc::UnboundedReceiver<Connectio
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let socket = socket.to_owned();
     tokio::spawn(async move {
-        let Ok(mut daemon) = cloudllm_cli::Client::connect(&socket).await else {
+        let Ok(mut daemon) = cloudllm_ipc_client::Client::connect(&socket).await else {
             return;
         };
         if daemon.send(&Request::Watch).await.is_err() {

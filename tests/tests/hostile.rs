@@ -563,7 +563,7 @@ async fn random_bytes_on_the_ipc_socket_leave_the_daemon_serving() {
 
     // The daemon still runs, answers its CLI and serves bob through the relay.
     assert!(!daemon.is_finished());
-    let mut client = timeout(STEP, cloudllm_cli::Client::connect(&socket))
+    let mut client = timeout(STEP, cloudllm_ipc_client::Client::connect(&socket))
         .await
         .unwrap()
         .expect("the CLI connects");
@@ -617,7 +617,7 @@ async fn silent_ipc_connections_cannot_lock_the_cli_out_for_long() {
         "closed before any timeout"
     );
     // The CLI gets in again.
-    let mut client = timeout(STEP, cloudllm_cli::Client::connect(&socket))
+    let mut client = timeout(STEP, cloudllm_ipc_client::Client::connect(&socket))
         .await
         .unwrap()
         .expect("the CLI connects once the silent connections are gone");

@@ -243,7 +243,7 @@ async fn a_device_over_the_limit_is_refused_and_its_daemon_says_why() {
     let _second = TestDaemon::start(second);
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
-        if let Ok(mut daemon) = cloudllm_cli::Client::connect(&socket).await
+        if let Ok(mut daemon) = cloudllm_ipc_client::Client::connect(&socket).await
             && let Ok(Response::Status(status)) = daemon.call(&Request::Status).await
             && let Connection::Reconnecting { last_error, .. } = &status.connection
             && last_error.contains("device limit")

@@ -269,7 +269,7 @@ async fn a_displaced_daemon_says_so_and_stays_off_until_connect() {
     wait_for_tunnels(&relay, "alice", 1).await;
 
     // `cloudllm connect` takes the device back: the impostor is the one replaced now.
-    let mut client = timeout(STEP, cloudllm_cli::Client::connect(&socket))
+    let mut client = timeout(STEP, cloudllm_ipc_client::Client::connect(&socket))
         .await
         .expect("IPC connect timed out")
         .expect("IPC connect");

@@ -18,7 +18,8 @@ use tray_icon::{Icon, TrayIcon, TrayIconBuilder};
 use crate::daemon;
 use crate::host;
 use crate::icon;
-use crate::view::{Action, Entry, Look, TrayState, View, same_layout, view};
+use crate::menu::{Action, Entry, same_layout};
+use crate::view::{Look, TrayState, View, view};
 
 /// What reaches the event loop from other threads.
 #[derive(Debug)]

@@ -10,11 +10,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cloudllm_cli::{Client, ConnectError};
+use cloudllm_ipc_client::{Client, ConnectError};
 use cloudllm_proto::ipc::{Connection, Request, Response};
 use tracing::{info, warn};
 
-use crate::view::{Action, TrayState};
+use crate::menu::Action;
+use crate::view::TrayState;
 
 /// How long the tray waits before dialling a missing daemon again: short enough that a
 /// restarted daemon shows within a few seconds, long enough to cost nothing while it is away.

@@ -14,7 +14,7 @@ use clap::Parser;
 #[command(name = "cloudllm-tray", version)]
 struct Args {
     /// The daemon's socket [default: the user daemon's, else the system daemon's].
-    #[arg(long, env = cloudllm_cli::SOCKET_ENV)]
+    #[arg(long, env = cloudllm_ipc_client::SOCKET_ENV)]
     socket: Option<PathBuf>,
     /// How long to wait for a system tray to appear before giving up (e.g. 10s, 500ms). At
     /// login the tray may start a moment before the panel does.
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(stderr_in_colour())
         .init();
-    let result = cloudllm_cli::socket_path(args.socket)
+    let result = cloudllm_ipc_client::socket_path(args.socket)
         .map_err(anyhow::Error::from)
         .and_then(|socket| run(socket, args.wait_for_tray));
     match result {

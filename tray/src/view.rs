@@ -1,11 +1,12 @@
-//! What the tray shows for a daemon state: the icon's look, the tooltip and the menu.
+//! What the tray shows for a daemon state: the icon's look and the tooltip, and the facts and
+//! headline the menu repeats ([`crate::menu`] lays the menu out).
 //!
 //! [`view`] is a pure function of [`TrayState`], so every state the daemon can report is mapped
-//! (and unit tested) without a display; the GUI only draws what it returns. The menu always
-//! repeats the tooltip's facts as disabled lines, because the Linux AppIndicator protocol has no
-//! tooltips.
+//! (and unit tested) without a display; the GUI only draws what it returns.
 
 use cloudllm_proto::ipc::{Connection, Ollama, Status};
+
+use crate::menu::{Action, Entry, Offers, daemon_menu, no_daemon_menu};
 
 /// What the tray knows about the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,80 +47,6 @@ impl Look {
         Look::Error,
         Look::NoDaemon,
     ];
-}
-
-/// Something a menu item does when clicked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Ask the daemon to open the tunnel.
-    Connect,
-    /// Ask the daemon to close the tunnel.
-    Disconnect,
-    /// Put the relay's API base URL on the clipboard.
-    CopyApiUrl,
-    /// Open the relay's web page in the browser.
-    OpenWebPage,
-    /// Show the daemon's recent log lines in a text viewer.
-    ShowLogs,
-    /// Quit the tray (never the daemon).
-    Quit,
-}
-
-impl Action {
-    /// Every action.
-    pub const ALL: [Action; 6] = [
-        Action::Connect,
-        Action::Disconnect,
-        Action::CopyApiUrl,
-        Action::OpenWebPage,
-        Action::ShowLogs,
-        Action::Quit,
-    ];
-
-    /// The menu item id that carries this action.
-    pub fn id(self) -> &'static str {
-        match self {
-            Action::Connect => "connect",
-            Action::Disconnect => "disconnect",
-            Action::CopyApiUrl => "copy-api-url",
-            Action::OpenWebPage => "open-web-page",
-            Action::ShowLogs => "show-logs",
-            Action::Quit => "quit",
-        }
-    }
-
-    /// The action a menu item id stands for, if any.
-    pub fn from_id(id: &str) -> Option<Action> {
-        Action::ALL.into_iter().find(|action| action.id() == id)
-    }
-}
-
-/// One menu entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
-    /// A line of text that cannot be clicked.
-    Info(String),
-    /// A clickable item.
-    Item {
-        /// Its label.
-        label: String,
-        /// What it does.
-        action: Action,
-    },
-    /// A separator line.
-    Separator,
-}
-
-/// Whether two menus have the same items in the same places, differing at most in their texts:
-/// then the shown menu can be relabelled in place instead of replaced, which would close it
-/// under the user's pointer (a reconnecting daemon changes the status line every attempt).
-pub fn same_layout(a: &[Entry], b: &[Entry]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|pair| match pair {
-            (Entry::Info(_), Entry::Info(_)) | (Entry::Separator, Entry::Separator) => true,
-            (Entry::Item { action: x, .. }, Entry::Item { action: y, .. }) => x == y,
-            _ => false,
-        })
 }
 
 /// Everything the tray shows.
@@ -250,25 +177,14 @@ fn state_view(state: &TrayState, web_page: Option<&str>) -> View {
         .collect::<Vec<_>>()
         .join("\n");
 
-    let mut menu = vec![Entry::Info(headline)];
-    menu.extend(facts.into_iter().map(Entry::Info));
-    menu.push(Entry::Separator);
-    match toggle {
-        Some(Action::Connect) => menu.push(item("Connect", Action::Connect)),
-        Some(_) => menu.push(item("Disconnect", Action::Disconnect)),
-        None => {}
-    }
     let api_url = status.relay_url.as_deref().map(api_url);
-    if api_url.is_some() {
-        menu.push(item("Copy API URL", Action::CopyApiUrl));
-    }
     let web_page = web_page.filter(|_| api_url.is_some()).map(str::to_owned);
-    if web_page.is_some() {
-        menu.push(item("Open web page", Action::OpenWebPage));
-    }
-    menu.push(item("Show logs", Action::ShowLogs));
-    menu.push(Entry::Separator);
-    menu.push(item("Quit", Action::Quit));
+    let offers = Offers {
+        toggle,
+        api_url: api_url.is_some(),
+        web_page: web_page.is_some(),
+    };
+    let menu = daemon_menu(headline, facts, offers);
     View {
         look,
         tooltip,
@@ -278,33 +194,23 @@ fn state_view(state: &TrayState, web_page: Option<&str>) -> View {
     }
 }
 
-fn item(label: &str, action: Action) -> Entry {
-    Entry::Item {
-        label: label.to_owned(),
-        action,
-    }
-}
-
 fn no_daemon_view(headline: String) -> View {
     View {
         look: Look::NoDaemon,
         tooltip: format!("cloudllm: {headline}"),
-        menu: vec![
-            Entry::Info(headline),
-            Entry::Info("Start it with `cloudllm daemon` or `cloudllm service install`".to_owned()),
-            Entry::Separator,
-            item("Quit", Action::Quit),
-        ],
+        menu: no_daemon_menu(headline),
         api_url: None,
         web_page: None,
     }
 }
 
+/// States, views and menu readings shared by the unit tests of this module and of
+/// [`crate::menu`].
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn status(connection: Connection, ollama: Ollama) -> TrayState {
+    pub(crate) fn status(connection: Connection, ollama: Ollama) -> TrayState {
         TrayState::Daemon(Box::new(Status {
             daemon_version: "0.1.0".into(),
             connection,
@@ -319,18 +225,18 @@ mod tests {
         }))
     }
 
-    fn show(state: &TrayState) -> View {
+    pub(crate) fn show(state: &TrayState) -> View {
         view(state, None, None)
     }
 
-    fn up(models: usize) -> Ollama {
+    pub(crate) fn up(models: usize) -> Ollama {
         Ollama::Up {
             version: "0.5.1".into(),
             models,
         }
     }
 
-    fn actions(view: &View) -> Vec<Action> {
+    pub(crate) fn actions(view: &View) -> Vec<Action> {
         view.menu
             .iter()
             .filter_map(|entry| match entry {
@@ -340,12 +246,19 @@ mod tests {
             .collect()
     }
 
-    fn headline(view: &View) -> &str {
+    pub(crate) fn headline(view: &View) -> &str {
         match view.menu.first() {
             Some(Entry::Info(line)) => line,
             other => panic!("the menu starts with {other:?}"),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+    use crate::menu::item;
 
     #[test]
     fn connected_shows_facts_and_offers_disconnect() {
@@ -408,22 +321,6 @@ mod tests {
             actions(&reconnecting),
             vec![
                 Action::Disconnect,
-                Action::CopyApiUrl,
-                Action::ShowLogs,
-                Action::Quit
-            ]
-        );
-    }
-
-    #[test]
-    fn disconnected_offers_connect_only() {
-        let view = show(&status(Connection::Disconnected, up(2)));
-        assert_eq!(view.look, Look::Disconnected);
-        assert_eq!(headline(&view), "Disconnected");
-        assert_eq!(
-            actions(&view),
-            vec![
-                Action::Connect,
                 Action::CopyApiUrl,
                 Action::ShowLogs,
                 Action::Quit
@@ -533,64 +430,6 @@ mod tests {
             Entry::Info("Last action failed: permission denied".into())
         );
         assert_eq!(view.look, show(&state).look);
-    }
-
-    #[test]
-    fn the_web_page_is_offered_only_when_the_relay_has_one() {
-        let state = status(
-            Connection::Connected {
-                since: 1,
-                rtt_ms: None,
-            },
-            up(1),
-        );
-        let page = "https://relay.example.com/account";
-        let with_page = view(&state, Some(page), None);
-        assert_eq!(with_page.web_page.as_deref(), Some(page));
-        assert_eq!(
-            actions(&with_page),
-            vec![
-                Action::Disconnect,
-                Action::CopyApiUrl,
-                Action::OpenWebPage,
-                Action::ShowLogs,
-                Action::Quit
-            ]
-        );
-        assert!(!actions(&show(&state)).contains(&Action::OpenWebPage));
-        let gone = TrayState::NoDaemon {
-            reason: "the daemon stopped".into(),
-        };
-        assert_eq!(view(&gone, Some(page), None).web_page, None);
-    }
-
-    #[test]
-    fn a_reconnecting_menu_keeps_its_layout_but_a_disconnected_one_does_not() {
-        let reconnecting = |attempt| {
-            show(&status(
-                Connection::Reconnecting {
-                    attempt,
-                    next_try: 9,
-                    last_error: "refused".into(),
-                },
-                up(1),
-            ))
-        };
-        let (first, second) = (reconnecting(1), reconnecting(2));
-        assert_ne!(first.menu, second.menu);
-        assert!(same_layout(&first.menu, &second.menu));
-        let disconnected = show(&status(Connection::Disconnected, up(1)));
-        assert!(!same_layout(&first.menu, &disconnected.menu));
-        let gone = show(&TrayState::Starting);
-        assert!(!same_layout(&first.menu, &gone.menu));
-    }
-
-    #[test]
-    fn action_ids_round_trip() {
-        for action in Action::ALL {
-            assert_eq!(Action::from_id(action.id()), Some(action));
-        }
-        assert_eq!(Action::from_id("format-disk"), None);
     }
 
     #[test]

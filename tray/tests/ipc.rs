@@ -8,7 +8,8 @@ use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay
 use cloudllm_proto::ipc::Connection;
 use cloudllm_relay::RelayConfig;
 use cloudllm_tray::daemon::{Event, REDIAL, perform, save_logs, spawn, watch, web_page};
-use cloudllm_tray::view::{Action, TrayState};
+use cloudllm_tray::menu::Action;
+use cloudllm_tray::view::TrayState;
 use tracing_subscriber::Layer as _;
 
 /// Sends the daemon's log lines (from this process) to the buffer its `logs` call reads.

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cloudllm_cli::Client;
 use cloudllm_e2e::{FakeOllama, TestDaemon, TestRelay, daemon_config, relay_config};
+use cloudllm_ipc_client::Client;
 use cloudllm_proto::ipc::{Connection, Request, Response, Status};
 use cloudllm_relay::RelayConfig;
 use cloudllm_tray::icon::colour;

@@ -11,9 +11,8 @@
 //!
 //! Installing twice is harmless: a file whose content is already right is left alone, enabling
 //! an enabled service changes nothing, and the service is restarted only when a file changed.
-
 //!
-//! [`linux`], [`macos`] and [`windows`] plan for their platform; [`exec`] carries a plan out.
+//! `linux`, `macos` and `windows` plan for their platform; `exec` carries a plan out.
 
 mod exec;
 mod linux;
@@ -22,6 +21,8 @@ mod windows;
 
 use std::fmt;
 use std::path::PathBuf;
+
+use crate::exit::{EXIT_FAILED, EXIT_PERMISSION, Failure, fail};
 
 pub use exec::{ExecError, Outcome, check_privileges, execute, is_admin};
 pub use linux::{
@@ -385,34 +386,25 @@ pub struct Options {
     pub os: Option<Platform>,
 }
 
-/// Why `cloudllm service` failed, with the exit code that says so.
-#[derive(Debug)]
-pub struct Failure {
-    /// 1: failed; 5: not privileged.
-    pub code: u8,
-    /// What to tell the user.
-    pub message: String,
-}
-
-/// Runs `cloudllm service …`, printing to standard output; returns the exit code.
+/// Runs `cloudllm service …`, printing to standard output; returns the exit code (a failure
+/// exits 1, or 5 without the privileges a system service needs).
 pub fn run(command: ServiceCommand) -> Result<u8, Failure> {
     let (operation, options) = match command {
         ServiceCommand::Install(o) => (Operation::Install, o),
         ServiceCommand::Uninstall(o) => (Operation::Uninstall, o),
         ServiceCommand::Status(o) => (Operation::Status, o),
     };
-    let failed = |message: String| Failure { code: 1, message };
     let platform = options
         .os
         .or_else(Platform::current)
-        .ok_or_else(|| failed("no service manager known on this platform".to_owned()))?;
+        .ok_or_else(|| fail("no service manager known on this platform"))?;
     let scope = if options.system {
         Scope::System
     } else {
         Scope::User
     };
     let target = Target::here(platform, scope);
-    let plan = plan(operation, &target).map_err(|e| failed(e.to_string()))?;
+    let plan = plan(operation, &target).map_err(|e| fail(e.to_string()))?;
     if options.dry_run {
         let verb = match operation {
             Operation::Install => "install",
@@ -433,7 +425,7 @@ pub fn run(command: ServiceCommand) -> Result<u8, Failure> {
         return Ok(0);
     }
     check_privileges(&plan, &target, is_admin()).map_err(|e| Failure {
-        code: 5,
+        code: EXIT_PERMISSION,
         message: e.to_string(),
     })?;
     let outcome = if operation == Operation::Status {
@@ -441,9 +433,9 @@ pub fn run(command: ServiceCommand) -> Result<u8, Failure> {
     } else {
         execute(&plan, &mut std::io::stdout())
     }
-    .map_err(|e| failed(e.to_string()))?;
+    .map_err(|e| fail(e.to_string()))?;
     Ok(match operation {
-        Operation::Status if outcome.last_exit != Some(0) => 1,
+        Operation::Status if outcome.last_exit != Some(0) => EXIT_FAILED,
         Operation::Install => {
             println!("Installed {}.", describe(&target));
             0
