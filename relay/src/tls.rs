@@ -12,183 +12,30 @@
 //! current certificate, so a renewal script that writes a half-finished file cannot take the
 //! relay offline.
 //!
-//! [`Tls::listener`] is what the HTTP server takes connections from: a background task accepts
-//! TCP connections, admits each through the caps on unauthenticated connections
-//! ([`crate::connections`]) before any TLS work (a refused one is closed at once), and runs each
-//! handshake in a task of its own under a timeout, so a slow or silent client never holds up
-//! anyone else's, and passes finished connections on through a bounded channel.
+//! Reading and checking the files is [`cert`]; [`Tls::listener`] ([`listener`]) is what the
+//! HTTP server takes connections from, handshakes done.
 
-use std::io;
-use std::path::{Path, PathBuf};
+mod cert;
+mod listener;
+
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{InconsistentKeys, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tracing::{Instrument, debug, debug_span, info, info_span, warn};
+use tracing::{info, warn};
 
 pub use crate::config::TlsConfig;
-use crate::connections::{Accept, Gate, Incoming};
-
-/// Longest a client may take to complete its TLS handshake: 10 s. A real client needs one or
-/// two round trips (well under a second even across continents); the bound is what a
-/// connection that never speaks may cost: one socket and one small task for this long.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Handshakes in progress at once, at most: 1024. Beyond that, new connections wait (within
-/// their handshake timeout) for one to finish; accepting never waits, so the caps on
-/// unauthenticated connections always see new connections and can close idle ones to make
-/// room. A reconnect storm of thousands of daemons still passes quickly (each handshake takes
-/// milliseconds), while a flood of clients that never finish theirs holds bounded memory.
-const MAX_HANDSHAKES: usize = 1024;
-
-/// Finished handshakes waiting for the HTTP server to take them: 64. The server takes them in
-/// a tight loop; this only smooths bursts.
-const READY_QUEUE: usize = 64;
+use cert::provider;
+pub use cert::{CertError, load};
+pub use listener::HANDSHAKE_TIMEOUT;
+pub(crate) use listener::accept_failed;
 
 /// The one application protocol offered. The relay serves HTTP/1.1 only, which the WebSocket
 /// upgrade of `/tunnel` needs; HTTP/2 runs inside the tunnel, not on this listener.
 const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
-
-/// Why a certificate or key file cannot be used. Each names the file and says what is wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum CertError {
-    /// The file is missing or unreadable.
-    #[error("cannot read {}: {error}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// What the operating system said.
-        error: io::Error,
-    },
-    /// The file is not well-formed PEM.
-    #[error("{} is not valid PEM: {detail}", path.display())]
-    Pem {
-        /// The file.
-        path: PathBuf,
-        /// What the PEM parser said.
-        detail: String,
-    },
-    /// The certificate file has no certificate in it.
-    #[error(
-        "{} holds no certificate: expected PEM `-----BEGIN CERTIFICATE-----` blocks, the relay's own certificate first, then its chain (e.g. Let's Encrypt's fullchain.pem)",
-        path.display()
-    )]
-    NoCertificate {
-        /// The file.
-        path: PathBuf,
-    },
-    /// The key file has no private key in it.
-    #[error(
-        "{} holds no private key: expected a PEM `BEGIN PRIVATE KEY` (PKCS#8), `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block (an encrypted key must be decrypted first)",
-        path.display()
-    )]
-    NoKey {
-        /// The file.
-        path: PathBuf,
-    },
-    /// The private key is of a kind the relay cannot sign with.
-    #[error("the private key in {} cannot be used: {detail}", path.display())]
-    BadKey {
-        /// The file.
-        path: PathBuf,
-        /// What rustls said.
-        detail: String,
-    },
-    /// The first certificate does not parse.
-    #[error("the first certificate in {} is not a valid X.509 certificate: {detail}", path.display())]
-    BadCertificate {
-        /// The file.
-        path: PathBuf,
-        /// What the parser said.
-        detail: String,
-    },
-    /// The key is not the certificate's.
-    #[error(
-        "the private key in {} does not match the certificate in {} (is it the key of another certificate?)",
-        key.display(),
-        cert.display()
-    )]
-    KeyMismatch {
-        /// The certificate file.
-        cert: PathBuf,
-        /// The key file.
-        key: PathBuf,
-    },
-}
-
-/// The crypto provider the relay's TLS uses: ring, as everywhere in the workspace.
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Reads and checks the certificate chain and key that `config` names.
-pub fn load(config: &TlsConfig) -> Result<Arc<CertifiedKey>, CertError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|error| CertError::Read {
-            path: path.to_owned(),
-            error,
-        })
-    };
-    let pem_error = |path: &Path, err: pem::Error| CertError::Pem {
-        path: path.to_owned(),
-        detail: err.to_string(),
-    };
-
-    let cert_pem = read(&config.cert)?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| pem_error(&config.cert, err))?;
-    if chain.is_empty() {
-        return Err(CertError::NoCertificate {
-            path: config.cert.clone(),
-        });
-    }
-
-    let key_pem = read(&config.key)?;
-    let key = match PrivateKeyDer::from_pem_slice(&key_pem) {
-        Ok(key) => key,
-        Err(pem::Error::NoItemsFound) => {
-            return Err(CertError::NoKey {
-                path: config.key.clone(),
-            });
-        }
-        Err(err) => return Err(pem_error(&config.key, err)),
-    };
-    let signing_key = provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|err| CertError::BadKey {
-            path: config.key.clone(),
-            detail: err.to_string(),
-        })?;
-
-    let certified = CertifiedKey::new(chain, signing_key);
-    match certified.keys_match() {
-        // Unknown: the key cannot tell its public half; rustls serves such keys too.
-        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {
-            Ok(Arc::new(certified))
-        }
-        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
-            Err(CertError::KeyMismatch {
-                cert: config.cert.clone(),
-                key: config.key.clone(),
-            })
-        }
-        Err(err) => Err(CertError::BadCertificate {
-            path: config.cert.clone(),
-            detail: err.to_string(),
-        }),
-    }
-}
 
 /// Hands every handshake the certificate loaded last.
 #[derive(Debug)]
@@ -267,119 +114,14 @@ impl Tls {
     pub fn certificate_chain(&self) -> Vec<CertificateDer<'static>> {
         self.current.get().cert.clone()
     }
-
-    /// Serves TLS on `tcp`, admitting connections through `gate`: the returned listener yields
-    /// connections whose handshake has completed. Accepting stops once the listener is dropped.
-    pub(crate) fn listener(
-        &self,
-        tcp: TcpListener,
-        keepalive: socket2::TcpKeepalive,
-        gate: Arc<Gate>,
-    ) -> TlsListener {
-        let (ready_tx, ready) = mpsc::channel(READY_QUEUE);
-        tokio::spawn(
-            accept_loop(tcp, keepalive, self.acceptor.clone(), gate, ready_tx)
-                .instrument(info_span!("tls_accept")),
-        );
-        TlsListener { ready }
-    }
-}
-
-/// Accepts TCP connections and runs their handshakes, until the [`TlsListener`] is dropped.
-async fn accept_loop(
-    tcp: TcpListener,
-    keepalive: socket2::TcpKeepalive,
-    acceptor: TlsAcceptor,
-    gate: Arc<Gate>,
-    ready: mpsc::Sender<Incoming<TlsStream<TcpStream>>>,
-) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    loop {
-        let (stream, addr) = tokio::select! {
-            _ = ready.closed() => break,
-            accepted = tcp.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    accept_failed(err).await;
-                    continue;
-                }
-            },
-        };
-        let Some(slot) = gate.admit(addr.ip()) else {
-            debug!(%addr, "connection refused: too many unauthenticated connections");
-            continue; // dropping `stream` closes it, before any TLS work
-        };
-        crate::tune_socket(&stream, &keepalive);
-        let acceptor = acceptor.clone();
-        let handshakes = handshakes.clone();
-        let ready = ready.clone();
-        tokio::spawn(
-            async move {
-                let handshake = async {
-                    // Never closed, so always a permit; held for the handshake only.
-                    let permit = handshakes.acquire_owned().await;
-                    let tls = acceptor.accept(stream).await;
-                    drop(permit);
-                    tls
-                };
-                let evicted = slot.clone();
-                tokio::select! {
-                    () = evicted.evicted() => {
-                        debug!("closed during its TLS handshake to make room for newer connections");
-                    }
-                    handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match handshake {
-                        Ok(Ok(tls)) => {
-                            let incoming = Incoming { io: tls, peer: addr, slot };
-                            // Fails only when the server has stopped accepting: the connection
-                            // closes.
-                            let _ = ready.send(incoming).await;
-                        }
-                        Ok(Err(err)) => debug!(error = %err, "TLS handshake failed"),
-                        Err(_) => debug!(timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out"),
-                    },
-                }
-            }
-            .instrument(debug_span!("tls_handshake", %addr)),
-        );
-    }
-    debug!("stopped accepting TLS connections");
-}
-
-/// After a failed `accept`: a connection that died before it was accepted is nobody's concern;
-/// anything else (out of file descriptors, most likely) is logged, and accepting pauses for a
-/// second rather than spinning.
-pub(crate) async fn accept_failed(err: io::Error) {
-    use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
-    if matches!(
-        err.kind(),
-        ConnectionAborted | ConnectionRefused | ConnectionReset
-    ) {
-        return;
-    }
-    warn!(error = %err, "accepting a connection failed; retrying in 1 s");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-}
-
-/// Connections whose TLS handshake has completed, admitted by the gate.
-pub(crate) struct TlsListener {
-    ready: mpsc::Receiver<Incoming<TlsStream<TcpStream>>>,
-}
-
-impl Accept for TlsListener {
-    type Io = TlsStream<TcpStream>;
-
-    async fn accept(&mut self) -> Incoming<Self::Io> {
-        match self.ready.recv().await {
-            Some(connection) => connection,
-            // The accept loop ends only when this listener is dropped, so this is unreachable
-            // in practice; waiting forever is what a listener with no more clients does.
-            None => std::future::pending().await,
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
+    use rustls::pki_types::pem::PemObject;
+
     use super::*;
 
     /// A self-signed certificate for `localhost` and its PKCS#8 key, both PEM.
