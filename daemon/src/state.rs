@@ -3,9 +3,16 @@
 //! One [`State`] per daemon. Components update their part of the [`Status`] through it; IPC
 //! clients read snapshots or subscribe to changes. Request counters change on every request, so
 //! they live in atomics and are folded into snapshots instead of waking every watcher.
+//!
+//! The connection state belongs to the current tunnel alone. While the daemon switches tunnels
+//! (a new login, a renewed token), the old one keeps serving and may keep redialling a relay
+//! that is gone; were it to write, `status` and the tray would show its "reconnecting" over the
+//! new tunnel's "connected" for good. So a tunnel writes through a [`TunnelReport`], which
+//! [`State::begin_tunnel`] hands out and which stops writing once a newer tunnel has begun or
+//! the supervisor has ended them all ([`State::end_tunnels`]).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cloudllm_proto::ipc::{Connection, Ollama, Status};
 use tokio::sync::watch;
@@ -16,8 +23,8 @@ pub struct State {
     status: watch::Sender<Status>,
     in_flight: AtomicU64,
     total: AtomicU64,
-    /// Round trip to the relay in microseconds, 0 until measured; shared with the tunnel.
-    rtt_micros: Arc<AtomicU64>,
+    /// The tunnel allowed to write the connection state, and its round trip.
+    tunnel: Mutex<CurrentTunnel>,
     /// The names of Ollama's models (empty while it is down), which the relay routes by.
     models: watch::Sender<Vec<String>>,
 }
@@ -41,7 +48,7 @@ impl State {
             status,
             in_flight: AtomicU64::new(0),
             total: AtomicU64::new(0),
-            rtt_micros: Arc::new(AtomicU64::new(0)),
+            tunnel: Mutex::new(CurrentTunnel::default()),
             models: watch::channel(Vec::new()).0,
         })
     }
@@ -74,7 +81,7 @@ impl State {
         status.requests_in_flight = self.in_flight.load(Ordering::Relaxed);
         status.requests_total = self.total.load(Ordering::Relaxed);
         if let Connection::Connected { rtt_ms, .. } = &mut status.connection {
-            let micros = self.rtt_micros.load(Ordering::Relaxed);
+            let micros = self.current_tunnel().rtt_micros.load(Ordering::Relaxed);
             *rtt_ms = (micros > 0).then(|| micros.div_ceil(1000));
         }
     }
@@ -93,14 +100,38 @@ impl State {
         });
     }
 
-    /// Sets the tunnel's state.
-    pub fn set_connection(&self, connection: Connection) {
+    /// Makes a new tunnel the current one: from now on only the returned report writes the
+    /// connection state and its round trip; the reports of earlier tunnels write nothing.
+    pub fn begin_tunnel(self: &Arc<Self>) -> TunnelReport {
+        let mut current = self.current_tunnel();
+        *current = CurrentTunnel {
+            generation: current.generation + 1,
+            rtt_micros: Arc::new(AtomicU64::new(0)),
+        };
+        TunnelReport {
+            state: self.clone(),
+            generation: current.generation,
+            rtt_micros: current.rtt_micros.clone(),
+        }
+    }
+
+    /// Ends every tunnel's say (none is wanted now: logged out, disconnected …) and sets the
+    /// connection state to `connection`.
+    pub fn end_tunnels(&self, connection: Connection) {
+        let mut current = self.current_tunnel();
+        *current = CurrentTunnel {
+            generation: current.generation + 1,
+            rtt_micros: Arc::new(AtomicU64::new(0)),
+        };
+        self.set_connection(connection);
+    }
+
+    fn set_connection(&self, connection: Connection) {
         self.update(|status| status.connection = connection);
     }
 
-    /// The cell the tunnel writes its measured round trip into.
-    pub fn rtt_cell(&self) -> Arc<AtomicU64> {
-        self.rtt_micros.clone()
+    fn current_tunnel(&self) -> std::sync::MutexGuard<'_, CurrentTunnel> {
+        self.tunnel.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts a request in flight until the guard drops.
@@ -108,6 +139,47 @@ impl State {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.total.fetch_add(1, Ordering::Relaxed);
         RequestGuard(self.clone())
+    }
+}
+
+/// Which tunnel may write the connection state.
+#[derive(Debug, Default)]
+struct CurrentTunnel {
+    /// Counts the tunnels begun (and the times all were ended); a report whose number is not
+    /// this one is stale.
+    generation: u64,
+    /// The current tunnel's round trip in microseconds, 0 until measured.
+    rtt_micros: Arc<AtomicU64>,
+}
+
+/// One tunnel's say in the [`State`]: it writes the connection state and the round trip only
+/// while its tunnel is the current one. See the module docs.
+#[derive(Debug, Clone)]
+pub struct TunnelReport {
+    state: Arc<State>,
+    generation: u64,
+    rtt_micros: Arc<AtomicU64>,
+}
+
+impl TunnelReport {
+    /// Sets the connection state, if this tunnel is still the current one.
+    pub fn set_connection(&self, connection: Connection) {
+        // Checked and written under the lock, so a newer tunnel cannot begin in between.
+        let current = self.state.current_tunnel();
+        if current.generation == self.generation {
+            self.state.set_connection(connection);
+        }
+    }
+
+    /// The cell the tunnel writes its measured round trip into (its own: a stale tunnel's
+    /// measurements are never shown).
+    pub fn rtt_cell(&self) -> Arc<AtomicU64> {
+        self.rtt_micros.clone()
+    }
+
+    /// The daemon's state, for what every tunnel shares (models, request counters).
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
     }
 }
 
@@ -128,12 +200,13 @@ mod tests {
     #[tokio::test]
     async fn watchers_wake_on_real_changes_and_counters_fold_into_snapshots() {
         let state = State::new("box".into(), "file".into());
+        let tunnel = state.begin_tunnel();
         let mut watcher = state.subscribe();
         watcher.borrow_and_update();
-        state.set_connection(Connection::Connecting);
+        tunnel.set_connection(Connection::Connecting);
         assert!(watcher.has_changed().unwrap());
         watcher.borrow_and_update();
-        state.set_connection(Connection::Connecting);
+        tunnel.set_connection(Connection::Connecting);
         assert!(!watcher.has_changed().unwrap(), "no change, no wake-up");
 
         let guard = state.begin_request();
@@ -149,11 +222,11 @@ mod tests {
             "counters do not wake watchers"
         );
 
-        state.set_connection(Connection::Connected {
+        tunnel.set_connection(Connection::Connected {
             since: 1,
             rtt_ms: None,
         });
-        state.rtt_cell().store(1500, Ordering::Relaxed);
+        tunnel.rtt_cell().store(1500, Ordering::Relaxed);
         assert_eq!(
             state.snapshot().connection,
             Connection::Connected {
@@ -161,5 +234,40 @@ mod tests {
                 rtt_ms: Some(2)
             }
         );
+    }
+
+    #[test]
+    fn only_the_current_tunnel_writes_the_connection_state() {
+        let state = State::new("box".into(), "file".into());
+        let old = state.begin_tunnel();
+        old.set_connection(Connection::Connected {
+            since: 1,
+            rtt_ms: None,
+        });
+        old.rtt_cell().store(9000, Ordering::Relaxed);
+        let new = state.begin_tunnel();
+        new.set_connection(Connection::Connected {
+            since: 2,
+            rtt_ms: None,
+        });
+        // The old tunnel, being switched out, fails to redial its relay: nobody hears of it.
+        old.set_connection(Connection::Reconnecting {
+            attempt: 1,
+            next_try: 3,
+            last_error: "connection refused".into(),
+        });
+        old.rtt_cell().store(7000, Ordering::Relaxed);
+        assert_eq!(
+            state.snapshot().connection,
+            Connection::Connected {
+                since: 2,
+                rtt_ms: None
+            },
+            "neither the old tunnel's state nor its round trip shows"
+        );
+        // Once the supervisor has ended them all, no tunnel writes.
+        state.end_tunnels(Connection::Disconnected);
+        new.set_connection(Connection::Connecting);
+        assert_eq!(state.snapshot().connection, Connection::Disconnected);
     }
 }

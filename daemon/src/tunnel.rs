@@ -36,7 +36,7 @@ use crate::backoff::Backoff;
 use crate::config::DaemonConfig;
 use crate::dial::{self, DialError};
 use crate::forward::Forwarder;
-use crate::state::State;
+use crate::state::TunnelReport;
 
 /// A tunnel that stayed up this long counts as good: the next failure backs off from the
 /// start again. Shorter-lived tunnels (accepted, then dropped at once) keep backing off, so a
@@ -102,13 +102,15 @@ enum Ended {
 /// Keeps a tunnel to the relay open until `stop` says otherwise (then lets in-flight requests
 /// finish, see [`Stop`]) or another connection replaces it; then returns why. `up` is
 /// cancelled once the relay has registered this device on a connection, i.e. once requests
-/// can arrive.
+/// can arrive. Each step is reported through `report`, which the daemon's state heeds only
+/// while this is its current tunnel.
 pub async fn run(
     session: Session,
-    state: Arc<State>,
+    report: TunnelReport,
     stop: Stop,
     up: CancellationToken,
 ) -> anyhow::Result<Finished> {
+    let state = report.state();
     let config = &session.config;
     let tls = dial::tls_config(config)?;
     let forwarder = Arc::new(Forwarder::new(
@@ -119,9 +121,12 @@ pub async fn run(
     )?);
     let mut backoff = Backoff::new(config.reconnect_max);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
+    // The relay refused the token at the latest upgrade it answered: "login required" stays
+    // shown through network failures until the relay accepts a token again.
+    let mut refused = false;
     loop {
         if backoff.attempt() == 0 {
-            state.set_connection(Connection::Connecting);
+            report.set_connection(Connection::Connecting);
         }
         let dialled = tokio::select! {
             dialled = dial::dial(config, &tls, &session.device_id, &session.token) => dialled,
@@ -130,8 +135,9 @@ pub async fn run(
         };
         let (delay, error) = match dialled {
             Ok(ws) => {
+                refused = false;
                 let started = Instant::now();
-                match serve(ws, &session, &forwarder, &state, &stop, &up).await {
+                match serve(ws, &session, &forwarder, &report, &stop, &up).await {
                     Ended::Stopped => return Ok(Finished::Stopped),
                     Ended::Replaced if stop.superseded.is_cancelled() => {
                         info!("this device's newer tunnel took over from this one");
@@ -144,7 +150,7 @@ pub async fn run(
                             "another connection with this device id replaced this tunnel on the \
                              relay: not reconnecting until `cloudllm connect`"
                         );
-                        state.set_connection(Connection::Replaced { at });
+                        report.set_connection(Connection::Replaced { at });
                         return Ok(Finished::Replaced { at });
                     }
                     Ended::Drained => {
@@ -171,7 +177,8 @@ pub async fn run(
                 } = &err
                 {
                     warn!(error = %err, retry_in = ?delay, "the relay does not accept this agent token");
-                    state.set_connection(Connection::LoginRequired {
+                    refused = true;
+                    report.set_connection(Connection::LoginRequired {
                         reason: format!(
                             "the relay refused the token ({reason}): run `cloudllm login`"
                         ),
@@ -182,12 +189,8 @@ pub async fn run(
                 (delay, err.to_string())
             }
         };
-        let refused = matches!(
-            state.snapshot().connection,
-            Connection::LoginRequired { .. }
-        );
         if !delay.is_zero() && !refused {
-            state.set_connection(Connection::Reconnecting {
+            report.set_connection(Connection::Reconnecting {
                 attempt: backoff.attempt(),
                 next_try: unix_now() + delay.as_secs(),
                 last_error: error,
@@ -207,7 +210,7 @@ async fn serve(
     mut ws: tokio_tungstenite::WebSocketStream<Box<dyn dial::Stream>>,
     session: &Session,
     forwarder: &Arc<Forwarder>,
-    state: &Arc<State>,
+    report: &TunnelReport,
     stop: &Stop,
     up: &CancellationToken,
 ) -> Ended {
@@ -217,7 +220,7 @@ async fn serve(
         .as_ref()
         .map(|u| u.as_str())
         .unwrap_or_default();
-    let mut models = state.models();
+    let mut models = report.state().models();
     let hello = Control::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -231,7 +234,7 @@ async fn serve(
         Err(_) => return Ended::Closed(Some(format!("the relay took no hello for {bound:?}"))),
     }
     let signals = RelaySignals::default();
-    let link = Link::new(ws, config.liveness(), signals.handler()).with_rtt(state.rtt_cell());
+    let link = Link::new(ws, config.liveness(), signals.handler()).with_rtt(report.rtt_cell());
     let outbox = link.outbox();
     let service = {
         let forwarder = forwarder.clone();
@@ -259,7 +262,7 @@ async fn serve(
             () = signals.ready.cancelled(), if !registered => {
                 registered = true;
                 info!(%relay, device = %config.device_name, "tunnel up");
-                state.set_connection(Connection::Connected { since: unix_now(), rtt_ms: None });
+                report.set_connection(Connection::Connected { since: unix_now(), rtt_ms: None });
                 up.cancel();
             }
             changed = models.changed(), if registered => {

@@ -140,14 +140,20 @@ impl Supervisor {
         }
     }
 
+    /// Stores a login's result: the relay in the config file, the credentials in the store,
+    /// the wish to be connected; then acts on all three at once. Acting on each as it is
+    /// written would start a tunnel to the new relay with the old token (refused there), and
+    /// the old tunnel would wait for that one to come up before it gives way.
     async fn finish_login(&self, relay: Url, credentials: Credentials) -> Result<(), ControlError> {
         if self.config().relay_url.as_ref() != Some(&relay) {
-            self.set_config("relay_url", relay.as_str()).await?;
+            self.change_setting("relay_url", relay.as_str())?;
         }
         self.save_credentials(credentials).await?;
-        self.desired.send_modify(|d| d.login_required = None);
-        self.set_connect(true)?;
-        self.publish();
+        self.save_connect(true)?;
+        self.publish_with(|d| {
+            d.login_required = None;
+            d.set_connect(true);
+        });
         info!(relay = %relay, "logged in");
         Ok(())
     }

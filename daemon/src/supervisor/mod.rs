@@ -51,6 +51,15 @@ struct Desired {
     replaced: Option<u64>,
 }
 
+impl Desired {
+    /// The user's wish to be connected (or not). Connecting (or disconnecting) is the user's
+    /// answer to a replacement: the tunnel starts again even if nothing else changed.
+    fn set_connect(&mut self, connect: bool) {
+        self.connect = connect;
+        self.replaced = None;
+    }
+}
+
 /// Why an IPC request was refused, in the user's terms.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -184,6 +193,13 @@ impl Supervisor {
 
     /// Recomputes what should run from settings and credentials, and updates the status.
     fn publish(&self) {
+        self.publish_with(|_| {});
+    }
+
+    /// [`Supervisor::publish`], with `change` made to the [`Desired`] state in the same step,
+    /// so the tunnel manager never sees a mix of old and new (and never starts a tunnel for
+    /// it).
+    fn publish_with(&self, change: impl FnOnce(&mut Desired)) {
         let config = self.config();
         let credentials = self
             .credentials
@@ -206,6 +222,7 @@ impl Supervisor {
         });
         self.desired.send_modify(|desired| {
             desired.session = session.filter(|s| s.config.relay_url.is_some());
+            change(desired);
         });
     }
 
@@ -228,15 +245,15 @@ impl Supervisor {
     }
 
     fn set_connect(&self, connect: bool) -> Result<(), ControlError> {
-        let dir = self.config().state_dir();
-        write_prefs(&dir, &Prefs { connect }).map_err(ControlError::Internal)?;
-        // Connecting (or disconnecting) is the user's answer to a replacement: the tunnel
-        // starts again even if nothing else changed.
-        self.desired.send_modify(|d| {
-            d.connect = connect;
-            d.replaced = None;
-        });
+        self.save_connect(connect)?;
+        self.desired.send_modify(|d| d.set_connect(connect));
         Ok(())
+    }
+
+    /// Keeps the wish to be connected (or not) for the next start.
+    fn save_connect(&self, connect: bool) -> Result<(), ControlError> {
+        let dir = self.config().state_dir();
+        write_prefs(&dir, &Prefs { connect }).map_err(ControlError::Internal)
     }
 
     /// Changes a setting in the config file and applies it (reconnecting if it matters).
@@ -244,6 +261,14 @@ impl Supervisor {
     /// the one being changed. `socket_path`, `state_dir` and `credential_store` take effect
     /// at the next start.
     pub async fn set_config(&self, key: &str, value: &str) -> Result<(), ControlError> {
+        self.change_setting(key, value)?;
+        self.publish();
+        Ok(())
+    }
+
+    /// Changes a setting in the config file and in the settings in use, without yet acting on
+    /// it (see [`Supervisor::set_config`]).
+    fn change_setting(&self, key: &str, value: &str) -> Result<(), ControlError> {
         let from_file = config::set_in_file(&self.config_path, key, value)
             .map_err(ControlError::InvalidConfig)?;
         let mut config = (*self.config()).clone();
@@ -252,7 +277,6 @@ impl Supervisor {
         }
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
         info!(key, "setting changed");
-        self.publish();
         Ok(())
     }
 }

@@ -28,6 +28,9 @@ impl Supervisor {
         struct Running {
             stop: Stop,
             task: JoinHandle<()>,
+            /// Cancelled once this tunnel, or one that replaced it, is up: the tunnels it
+            /// replaced wait for it to give way.
+            up: CancellationToken,
         }
         let mut desired = self.desired.subscribe();
         let mut current: Option<Running> = None;
@@ -65,9 +68,10 @@ impl Supervisor {
                             superseded: CancellationToken::new(),
                         };
                         let relay = session.config.relay_url.clone();
-                        let run =
-                            tunnel::run(session, self.state.clone(), stop.clone(), up.clone());
-                        let state = self.state.clone();
+                        // From here on only this tunnel writes the connection state: the old
+                        // one may keep failing to redial a relay that is gone while it waits.
+                        let report = self.state.begin_tunnel();
+                        let run = tunnel::run(session, report.clone(), stop.clone(), up.clone());
                         let supervisor = self.clone();
                         let task = tokio::spawn(async move {
                             let finished = run.await;
@@ -79,7 +83,7 @@ impl Supervisor {
                                 }
                                 Err(err) => {
                                     warn!(error = format!("{err:#}"), "tunnel cannot start");
-                                    state.set_connection(Connection::Reconnecting {
+                                    report.set_connection(Connection::Reconnecting {
                                         attempt: 0,
                                         next_try: 0,
                                         last_error: format!(
@@ -91,24 +95,30 @@ impl Supervisor {
                         });
                         if let Some(old) = old {
                             // Make before break: the old tunnel serves until the new one is up.
+                            let new_up = up.clone();
                             tokio::spawn(async move {
                                 tokio::select! {
-                                    () = up.cancelled() => {}
+                                    () = new_up.cancelled() => {}
                                     () = tokio::time::sleep(SWITCH_TIMEOUT) => {}
                                 }
+                                // Tunnels still waiting for the old one (it replaced them before
+                                // it came up) give way now too, not after their own time limit.
+                                old.up.cancel();
                                 old.stop.retire.cancel();
                                 let _ = old.task.await;
                             });
                         }
-                        current = Some(Running { stop, task });
+                        current = Some(Running { stop, task, up });
                     }
                     None => {
                         if let Some(old) = old {
                             old.stop.now.cancel();
+                            // The tunnels it replaced stop waiting for it.
+                            old.up.cancel();
                             tokio::spawn(old.task);
                         }
                         self.state
-                            .set_connection(match (&want.login_required, &want.session) {
+                            .end_tunnels(match (&want.login_required, &want.session) {
                                 (Some(reason), _) => Connection::LoginRequired {
                                     reason: reason.clone(),
                                 },
