@@ -1,7 +1,7 @@
 //! Who is calling: verification of the JWT bearer tokens every request and tunnel carries.
 //!
-//! What a token says (user, scopes, tier claim) is [`claims`]; minting the relay's own tokens is
-//! [`issue`]. This module checks that a token is genuine and current.
+//! What a token says (user, scopes, tier claim) is `claims`; minting the relay's own tokens is
+//! `issue`. This module checks that a token is genuine and current.
 //!
 //! Two kinds of key verify tokens, chosen by the token's header `alg` among algorithms pinned
 //! by the config, never by the token alone:

@@ -23,17 +23,14 @@
 //! new clients out, each refusal costing the relay an accept and a close.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
-use tracing::debug;
+use tracing::warn;
 
 use crate::metrics::Metrics;
 
@@ -264,67 +261,43 @@ pub(crate) fn admitted(extensions: &http::Extensions) {
     }
 }
 
-/// A connection the gate admitted.
-pub(crate) struct Incoming<Io> {
-    /// The connection (after the TLS handshake, with `[tls]`).
-    pub io: Io,
-    /// The peer's address.
-    pub peer: SocketAddr,
-    /// Its place under the caps.
-    pub slot: Arc<Slot>,
-}
-
-/// Where the HTTP server takes its connections from: plain TCP or TLS, both through the gate.
-pub(crate) trait Accept: Send + 'static {
-    /// The connection type.
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-
-    /// The next admitted connection.
-    fn accept(&mut self) -> impl Future<Output = Incoming<Self::Io>> + Send;
-}
-
-/// Plain TCP connections, through the gate.
-pub(crate) struct PlainListener {
-    tcp: TcpListener,
-    keepalive: socket2::TcpKeepalive,
-    gate: Arc<Gate>,
-}
-
-impl PlainListener {
-    /// Accepts on `tcp`, admitting through `gate`.
-    pub(crate) fn new(
-        tcp: TcpListener,
-        keepalive: socket2::TcpKeepalive,
-        gate: Arc<Gate>,
-    ) -> PlainListener {
-        PlainListener {
-            tcp,
-            keepalive,
-            gate,
-        }
+/// The cap on unauthenticated connections in all: `configured`, lowered to half the process's
+/// open-file limit if that is smaller (with a warning saying how to raise the limit), so that
+/// connections that never authenticate can never take every descriptor.
+pub(crate) fn unauthenticated_cap(configured: u32) -> u32 {
+    let Some(open_files) = open_files_limit() else {
+        return configured;
+    };
+    let ceiling = u32::try_from(open_files / 2).unwrap_or(u32::MAX).max(1);
+    if configured <= ceiling {
+        return configured;
     }
+    warn!(
+        max_unauthenticated_connections = configured,
+        open_files,
+        lowered_to = ceiling,
+        "max_unauthenticated_connections is above half the open-file limit: lowered; raise the limit \
+         (LimitNOFILE= in the systemd unit, `ulimit -n`, or the container's nofile) to keep it"
+    );
+    ceiling
 }
 
-impl Accept for PlainListener {
-    type Io = TcpStream;
+/// The process's soft limit on open files, where it can be read (Linux: `/proc/self/limits`).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    parse_open_files(&limits)
+}
 
-    async fn accept(&mut self) -> Incoming<TcpStream> {
-        loop {
-            let (io, peer) = match self.tcp.accept().await {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    crate::tls::accept_failed(err).await;
-                    continue;
-                }
-            };
-            let Some(slot) = self.gate.admit(peer.ip()) else {
-                debug!(%peer, "connection refused: too many unauthenticated connections");
-                continue; // dropping `io` closes it
-            };
-            crate::tune_socket(&io, &self.keepalive);
-            return Incoming { io, peer, slot };
-        }
-    }
+/// The soft "Max open files" value of a `/proc/PID/limits` text; `None` when unlimited.
+fn parse_open_files(limits: &str) -> Option<u64> {
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -399,5 +372,23 @@ mod tests {
         assert_eq!(gate.unauthenticated(), 3);
         drop(proxy);
         assert_eq!(gate.unauthenticated(), 2);
+    }
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(parse_open_files(text), Some(1024));
+        assert_eq!(
+            parse_open_files(
+                "Max open files            unlimited            unlimited            files"
+            ),
+            None
+        );
+        assert_eq!(parse_open_files(""), None);
+        if cfg!(target_os = "linux") {
+            assert!(open_files_limit().is_some_and(|n| n > 0));
+        }
     }
 }

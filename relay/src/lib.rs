@@ -4,6 +4,21 @@
 //! (`/api/*`) and the OpenAI-compatible API (`/v1/*`) with a bearer token, and each request is
 //! streamed to one of that user's own devices. The relay stores nothing: its only state is the
 //! set of live tunnels (and, with `[jwks]`, a cache of the identity provider's public keys).
+//!
+//! The modules, in the order a request meets them:
+//! - `server` accepts connections ([`tls`] terminates TLS) under the caps on unauthenticated
+//!   connections ([`connections`]) and serves HTTP/1.1 on them; `client_addr` finds the
+//!   client's address behind trusted proxies, `request_id` tags every request.
+//! - `admission` lets a caller in, the same way on every route: the address's failure budget
+//!   ([`limits`]), the token ([`auth`], with an identity provider's keys from [`jwks`]), the
+//!   tier ([`config`]).
+//! - `tunnel` serves `/tunnel`: daemons' tunnels, kept in the [`registry`] of devices.
+//! - `proxy` serves `/api/*` and `/v1/*`: each request routed to one of the caller's devices.
+//! - [`web`] serves the web page at `/` ([`cors`] opens the API to other origins), and
+//!   `well_known` tells clients how to log in.
+//! - Beside them: the [`audit`] log, [`metrics`], and [`memory`], which gives freed memory back.
+//!
+//! This file wires them together: [`serve`] starts a relay and the router maps routes to them.
 
 mod admission;
 pub mod audit;
@@ -19,6 +34,7 @@ pub mod metrics;
 mod proxy;
 pub mod registry;
 mod request_id;
+mod server;
 pub mod tls;
 mod tunnel;
 pub mod web;
@@ -100,7 +116,8 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    let max_unauthenticated = unauthenticated_cap(config.max_unauthenticated_connections);
+    let max_unauthenticated =
+        connections::unauthenticated_cap(config.max_unauthenticated_connections);
     let addr = listener.local_addr()?;
     let metrics_listener = match config.metrics_listen {
         Some(metrics_addr) => Some(
@@ -174,14 +191,14 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
     let app = router(state.clone(), metrics_addr.is_none())?;
     let read_timeout = state.config.client_read_timeout;
     let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
-        Some(tls) => Box::pin(serve_http(
+        Some(tls) => Box::pin(server::serve_http(
             tls.listener(listener, keepalive, gate),
             app,
             read_timeout,
             shutdown.clone(),
         )),
-        None => Box::pin(serve_http(
-            connections::PlainListener::new(listener, keepalive, gate),
+        None => Box::pin(server::serve_http(
+            server::PlainListener::new(listener, keepalive, gate),
             app,
             read_timeout,
             shutdown.clone(),
@@ -213,111 +230,6 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         done,
         tls,
     })
-}
-
-/// Serves HTTP/1.1 (with upgrades, for `/tunnel`) on `listener` until `stop`, then lets open
-/// connections finish their requests, as `axum::serve`'s graceful shutdown does. Unlike
-/// `axum::serve`, it bounds slow clients: a connection that has not sent a whole request head
-/// within `read_timeout` (a slowloris, an idle keep-alive connection, or one that never sends a
-/// byte) is closed. Connections come admitted by the caps on unauthenticated connections; one
-/// that the caps close to make room is dropped at once.
-async fn serve_http<L: connections::Accept>(
-    mut listener: L,
-    app: Router,
-    read_timeout: std::time::Duration,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let connections = TaskTracker::new();
-    loop {
-        let connections::Incoming { io, peer, slot } = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.cancelled() => break,
-        };
-        // The handlers read the peer address as `ConnectInfo`, as with axum's own server, and
-        // mark the connection authenticated through its slot.
-        let service = hyper_util::service::TowerToHyperService::new(
-            app.clone()
-                .layer(axum::Extension(axum::extract::ConnectInfo(peer)))
-                .layer(axum::Extension(slot.clone())),
-        );
-        let stop = stop.clone();
-        connections.spawn(async move {
-            // HTTP/1.1 only (TLS offers no other protocol either): hyper-util's automatic
-            // version detection would wait for the first bytes without any timeout.
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(read_timeout)
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            let served = tokio::select! {
-                served = connection.as_mut() => served,
-                () = slot.evicted() => {
-                    tracing::debug!(%peer, "unauthenticated connection closed to make room");
-                    return;
-                }
-                () = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(err) = served {
-                tracing::debug!(error = %err, %peer, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    connections.close();
-    connections.wait().await;
-    Ok(())
-}
-
-/// Socket options for every accepted connection, plain or TLS.
-fn tune_socket(tcp: &tokio::net::TcpStream, keepalive: &socket2::TcpKeepalive) {
-    // Without it, the last small write of each stream waits ~40 ms for Nagle.
-    let _ = tcp.set_nodelay(true);
-    // Probes keep NAT and firewall state alive while a request waits for its first token.
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(keepalive);
-}
-
-/// The cap on unauthenticated connections in all: `configured`, lowered to half the process's
-/// open-file limit if that is smaller (with a warning saying how to raise the limit), so that
-/// connections that never authenticate can never take every descriptor.
-fn unauthenticated_cap(configured: u32) -> u32 {
-    let Some(open_files) = open_files_limit() else {
-        return configured;
-    };
-    let ceiling = u32::try_from(open_files / 2).unwrap_or(u32::MAX).max(1);
-    if configured <= ceiling {
-        return configured;
-    }
-    warn!(
-        max_unauthenticated_connections = configured,
-        open_files,
-        lowered_to = ceiling,
-        "max_unauthenticated_connections is above half the open-file limit: lowered; raise the limit \
-         (LimitNOFILE= in the systemd unit, `ulimit -n`, or the container's nofile) to keep it"
-    );
-    ceiling
-}
-
-/// The process's soft limit on open files, where it can be read (Linux: `/proc/self/limits`).
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    parse_open_files(&limits)
-}
-
-/// The soft "Max open files" value of a `/proc/PID/limits` text; `None` when unlimited.
-fn parse_open_files(limits: &str) -> Option<u64> {
-    let line = limits
-        .lines()
-        .find(|line| line.starts_with("Max open files"))?;
-    line.trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Prunes idle limiter state every [`limits::PRUNE_INTERVAL`] until shutdown.
@@ -400,27 +312,4 @@ fn is_loopback(host: &str) -> bool {
             .trim_end_matches(']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_open_file_limit_is_read_from_proc() {
-        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                    Max cpu time              unlimited            unlimited            seconds   \n\
-                    Max open files            1024                 524288               files     \n";
-        assert_eq!(parse_open_files(text), Some(1024));
-        assert_eq!(
-            parse_open_files(
-                "Max open files            unlimited            unlimited            files"
-            ),
-            None
-        );
-        assert_eq!(parse_open_files(""), None);
-        if cfg!(target_os = "linux") {
-            assert!(open_files_limit().is_some_and(|n| n > 0));
-        }
-    }
 }

@@ -12,7 +12,7 @@
 //! current certificate, so a renewal script that writes a half-finished file cannot take the
 //! relay offline.
 //!
-//! Reading and checking the files is [`cert`]; [`Tls::listener`] ([`listener`]) is what the
+//! Reading and checking the files is `cert`; `Tls::listener` (`listener`) is what the
 //! HTTP server takes connections from, handshakes done.
 
 mod cert;
@@ -31,7 +31,6 @@ pub use crate::config::TlsConfig;
 use cert::provider;
 pub use cert::{CertError, load};
 pub use listener::HANDSHAKE_TIMEOUT;
-pub(crate) use listener::accept_failed;
 
 /// The one application protocol offered. The relay serves HTTP/1.1 only, which the WebSocket
 /// upgrade of `/tunnel` needs; HTTP/2 runs inside the tunnel, not on this listener.

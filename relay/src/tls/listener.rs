@@ -6,7 +6,6 @@
 //! silent client never holds up anyone else's; finished connections pass on through a bounded
 //! channel.
 
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tracing::{Instrument, debug, debug_span, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info_span};
 
 use super::Tls;
-use crate::connections::{Accept, Gate, Incoming};
+use crate::connections::Gate;
+use crate::server::{Accept, Incoming, accept_failed, tune_socket};
 
 /// Longest a client may take to complete its TLS handshake: 10 s. A real client needs one or
 /// two round trips (well under a second even across continents); the bound is what a
@@ -77,7 +77,7 @@ async fn accept_loop(
             debug!(%addr, "connection refused: too many unauthenticated connections");
             continue; // dropping `stream` closes it, before any TLS work
         };
-        crate::tune_socket(&stream, &keepalive);
+        tune_socket(&stream, &keepalive);
         let acceptor = acceptor.clone();
         let handshakes = handshakes.clone();
         let ready = ready.clone();
@@ -111,21 +111,6 @@ async fn accept_loop(
         );
     }
     debug!("stopped accepting TLS connections");
-}
-
-/// After a failed `accept`: a connection that died before it was accepted is nobody's concern;
-/// anything else (out of file descriptors, most likely) is logged, and accepting pauses for a
-/// second rather than spinning.
-pub(crate) async fn accept_failed(err: io::Error) {
-    use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
-    if matches!(
-        err.kind(),
-        ConnectionAborted | ConnectionRefused | ConnectionReset
-    ) {
-        return;
-    }
-    warn!(error = %err, "accepting a connection failed; retrying in 1 s");
-    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// Connections whose TLS handshake has completed, admitted by the gate.

@@ -1,0 +1,165 @@
+//! Accepting connections and serving HTTP/1.1 on them.
+//!
+//! A listener ([`PlainListener`], or TLS's, which finishes handshakes first) yields connections
+//! already admitted by the caps on unauthenticated connections ([`crate::connections`]);
+//! [`serve_http`] runs hyper's HTTP/1.1 server on each, with WebSocket upgrades for `/tunnel`,
+//! a bound on slow request heads, and a graceful end on shutdown.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::connections::{Gate, Slot};
+
+/// A connection the gate admitted.
+pub(crate) struct Incoming<Io> {
+    /// The connection (after the TLS handshake, with `[tls]`).
+    pub io: Io,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// Its place under the caps.
+    pub slot: Arc<Slot>,
+}
+
+/// Where the HTTP server takes its connections from: plain TCP or TLS, both through the gate.
+pub(crate) trait Accept: Send + 'static {
+    /// The connection type.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// The next admitted connection.
+    fn accept(&mut self) -> impl Future<Output = Incoming<Self::Io>> + Send;
+}
+
+/// Plain TCP connections, through the gate.
+pub(crate) struct PlainListener {
+    tcp: TcpListener,
+    keepalive: socket2::TcpKeepalive,
+    gate: Arc<Gate>,
+}
+
+impl PlainListener {
+    /// Accepts on `tcp`, admitting through `gate`.
+    pub(crate) fn new(
+        tcp: TcpListener,
+        keepalive: socket2::TcpKeepalive,
+        gate: Arc<Gate>,
+    ) -> PlainListener {
+        PlainListener {
+            tcp,
+            keepalive,
+            gate,
+        }
+    }
+}
+
+impl Accept for PlainListener {
+    type Io = TcpStream;
+
+    async fn accept(&mut self) -> Incoming<TcpStream> {
+        loop {
+            let (io, peer) = match self.tcp.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    accept_failed(err).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.gate.admit(peer.ip()) else {
+                debug!(%peer, "connection refused: too many unauthenticated connections");
+                continue; // dropping `io` closes it
+            };
+            tune_socket(&io, &self.keepalive);
+            return Incoming { io, peer, slot };
+        }
+    }
+}
+
+/// After a failed `accept`: a connection that died before it was accepted is nobody's concern;
+/// anything else (out of file descriptors, most likely) is logged, and accepting pauses for a
+/// second rather than spinning.
+pub(crate) async fn accept_failed(err: io::Error) {
+    use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        err.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    warn!(error = %err, "accepting a connection failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// Serves HTTP/1.1 (with upgrades, for `/tunnel`) on `listener` until `stop`, then lets open
+/// connections finish their requests, as `axum::serve`'s graceful shutdown does. Unlike
+/// `axum::serve`, it bounds slow clients: a connection that has not sent a whole request head
+/// within `read_timeout` (a slowloris, an idle keep-alive connection, or one that never sends a
+/// byte) is closed. Connections come admitted by the caps on unauthenticated connections; one
+/// that the caps close to make room is dropped at once.
+pub(crate) async fn serve_http<L: Accept>(
+    mut listener: L,
+    app: Router,
+    read_timeout: std::time::Duration,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let connections = TaskTracker::new();
+    loop {
+        let Incoming { io, peer, slot } = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        // The handlers read the peer address as `ConnectInfo`, as with axum's own server, and
+        // mark the connection authenticated through its slot.
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer)))
+                .layer(axum::Extension(slot.clone())),
+        );
+        let stop = stop.clone();
+        connections.spawn(async move {
+            // HTTP/1.1 only (TLS offers no other protocol either): hyper-util's automatic
+            // version detection would wait for the first bytes without any timeout.
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(read_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = slot.evicted() => {
+                    tracing::debug!(%peer, "unauthenticated connection closed to make room");
+                    return;
+                }
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = served {
+                tracing::debug!(error = %err, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+/// Socket options for every accepted connection, plain or TLS.
+pub(crate) fn tune_socket(tcp: &tokio::net::TcpStream, keepalive: &socket2::TcpKeepalive) {
+    // Without it, the last small write of each stream waits ~40 ms for Nagle.
+    let _ = tcp.set_nodelay(true);
+    // Probes keep NAT and firewall state alive while a request waits for its first token.
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(keepalive);
+}
