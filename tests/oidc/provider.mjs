@@ -13,11 +13,20 @@
 //   CLIENT_ID    the one public client's id (default `cloudllmd`)
 //   AUDIENCE     `aud` of the access tokens (default `cloudllm`)
 //   TIER         value of the `tier` claim in access tokens (default `free`)
+//   WEB_CLIENT_ID when set, a second client with this id for the relay's web page (below)
 //
 // The client is a native public client (`application_type: 'native'`,
 // `token_endpoint_auth_method: 'none'`). Its redirect URI is registered as
 // `http://127.0.0.1/callback`; oidc-provider lets native clients use any port on a loopback
 // redirect URI (RFC 8252 section 7.3), so the daemon may bind port 0.
+//
+// The web page's client (with WEB_CLIENT_ID) is a browser-based public client
+// (`application_type: 'web'`, no secret, authorization code + PKCE and refresh tokens) whose one
+// redirect URI is the relay's root URL. The relay starts after the provider (its config names
+// the issuer), so that URL is known only then: the provider reads it as the first line on
+// stdin, and answers requests once it has it (requests that come earlier wait). Its token
+// endpoint lets the relay's origin (the redirect URI's) call it from the page: CORS per
+// client, `clientBasedCORS` below.
 //
 // Access tokens are JWTs (RS256, key in `{issuer}/jwks`, regenerated at each start) for the
 // resource server `urn:cloudllm:relay`, which every grant gets by default (resource indicators,
@@ -26,6 +35,7 @@
 
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
 import { createServer } from 'node:http';
+import { createInterface } from 'node:readline';
 
 import Provider from 'oidc-provider';
 
@@ -35,6 +45,7 @@ const deviceTtl = Number(process.env.DEVICE_TTL ?? 600);
 const clientId = process.env.CLIENT_ID ?? 'cloudllmd';
 const audience = process.env.AUDIENCE ?? 'cloudllm';
 const tier = process.env.TIER ?? 'free';
+const webClientId = process.env.WEB_CLIENT_ID;
 
 /** The resource server (the relay) every access token is issued for. */
 const RESOURCE = 'urn:cloudllm:relay';
@@ -61,11 +72,54 @@ const signingKey = {
   alg: 'RS256',
 };
 
-const server = createServer();
-server.listen(port, '127.0.0.1', () => {
+// stdin: the web client's redirect URI (first line, with WEB_CLIENT_ID); its end stops us.
+const stdin = createInterface({ input: process.stdin });
+stdin.on('close', () => process.exit(0));
+const firstLine = new Promise((resolve) => stdin.once('line', resolve));
+
+/** The relay's root URL, read from stdin: an absolute http(s) URL. */
+async function webRedirectUri() {
+  const line = (await firstLine).trim();
+  const url = URL.parse(line);
+  if (!url || !['http:', 'https:'].includes(url.protocol)) {
+    console.error(`the web client's redirect URI must be an http(s) URL, got ${JSON.stringify(line)}`);
+    process.exit(2);
+  }
+  return url.href;
+}
+
+/** Lets a browser page call the token endpoint only from its own client's redirect origin. */
+function clientBasedCORS(_ctx, origin, client) {
+  return client.clientAuthMethod === 'none'
+    && client.redirectUris.some((uri) => URL.parse(uri)?.origin === origin);
+}
+
+let handle = null;
+const waiting = [];
+const server = createServer((req, res) => {
+  if (handle) handle(req, res);
+  else waiting.push([req, res]);
+});
+server.listen(port, '127.0.0.1', async () => {
   const issuer = `http://127.0.0.1:${server.address().port}`;
+  // The tests read this line: nothing may be printed on stdout before it.
+  console.log(issuer);
+  const webClients = webClientId
+    ? [
+        {
+          client_id: webClientId,
+          application_type: 'web',
+          token_endpoint_auth_method: 'none',
+          grant_types: ['authorization_code', 'refresh_token'],
+          response_types: ['code'],
+          redirect_uris: [await webRedirectUri()],
+        },
+      ]
+    : [];
   const provider = new Provider(issuer, {
+    clientBasedCORS,
     clients: [
+      ...webClients,
       {
         client_id: clientId,
         application_type: 'native',
@@ -121,12 +175,9 @@ server.listen(port, '127.0.0.1', () => {
     },
   });
   provider.on('server_error', (_ctx, err) => console.error('server_error', err));
-  server.on('request', provider.callback());
-  // The tests read this line: nothing may be printed on stdout before it.
-  console.log(issuer);
+  handle = provider.callback();
+  for (const [req, res] of waiting.splice(0)) handle(req, res);
 });
 
-process.stdin.on('end', () => process.exit(0));
-process.stdin.resume();
 process.on('SIGTERM', () => process.exit(0));
 process.on('SIGINT', () => process.exit(0));

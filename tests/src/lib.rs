@@ -4,12 +4,14 @@
 //! tunnel with a chosen close code.
 //!
 //! `oidc` runs a real OpenID Provider (Node.js `oidc-provider`) and plays its user in a browser,
-//! for the login and JWKS tests.
+//! for the login and JWKS tests. `browser` runs the web page's checks in headless Chromium
+//! (`web/e2e`) and serves a fake chat backend for them.
 //!
 //! The fake backend is a fake: it speaks enough of Ollama's API shape to exercise streaming,
 //! cancellation and failures deterministically. Conformance with the real Ollama is tested
 //! against the genuine server (`real_ollama`).
 
+pub mod browser;
 pub mod close_proxy;
 pub mod fake_ollama;
 pub mod oidc;

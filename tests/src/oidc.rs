@@ -28,6 +28,10 @@ pub const CLIENT_ID: &str = "cloudllmd";
 /// The `aud` of the provider's access tokens (see provider.mjs).
 pub const AUDIENCE: &str = "cloudllm";
 
+/// The id of the web page's client, registered when the provider is started with
+/// `("WEB_CLIENT_ID", WEB_CLIENT_ID)` in its environment (see [`OidcProvider::set_web_redirect`]).
+pub const WEB_CLIENT_ID: &str = "cloudllm-web";
+
 /// `npm ci` on a cold cache downloads about 40 small packages: a minute is plenty; 5 leaves
 /// room for a slow registry.
 const NPM_TIMEOUT: Duration = Duration::from_secs(300);
@@ -121,7 +125,8 @@ pub struct OidcProvider {
     pub issuer: Url,
     child: Child,
     /// Held open: the provider exits when its stdin closes, even if this process is killed.
-    _stdin: ChildStdin,
+    /// Its first line is the web client's redirect URI (with `WEB_CLIENT_ID`).
+    stdin: ChildStdin,
 }
 
 impl OidcProvider {
@@ -174,8 +179,30 @@ impl OidcProvider {
         Some(OidcProvider {
             issuer,
             child,
-            _stdin: stdin,
+            stdin,
         })
+    }
+
+    /// Registers the web page's client with `redirect_uri` (the relay's root URL) and waits
+    /// until the provider answers with it. Only for a provider started with `WEB_CLIENT_ID` in
+    /// its environment: such a provider holds every request until it has this.
+    pub async fn set_web_redirect(&mut self, redirect_uri: &Url) {
+        use tokio::io::AsyncWriteExt;
+        let line = format!("{redirect_uri}\n");
+        timeout(STEP, self.stdin.write_all(line.as_bytes()))
+            .await
+            .expect("writing to the provider timed out")
+            .expect("writing the web client's redirect URI to the provider");
+        let discovery = self
+            .issuer
+            .join(".well-known/openid-configuration")
+            .expect("discovery URL");
+        timeout(STEP, crate::client().get(discovery).send())
+            .await
+            .expect("the provider did not answer after its web client was registered")
+            .expect("discovery")
+            .error_for_status()
+            .expect("discovery");
     }
 
     /// The provider as the daemon discovers it, with [`CLIENT_ID`] and [`scopes`].

@@ -2,71 +2,16 @@
 // against a real relay, real daemons and the real Ollama that tests/tests/web_browser.rs starts.
 // Usage: node e2e/run.mjs CONFIG.json — the config names the relay, the tokens and what each
 // device serves. Prints one line per check and "N passed, N failed" last; exits 1 on a failure.
-// Screenshots of the main states go to the config's `screenshots` folder.
+// Screenshots of the main states go to the config's `screenshots` folder. What every run
+// shares (Chromium, checks, screenshots) is in harness.mjs.
 
 import { createServer } from 'node:http';
-import { mkdirSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { readFileSync } from 'node:fs';
+import { STEP, assert, check, finish, freshPage, launch, shot } from './harness.mjs';
 
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const relay = config.relay.replace(/\/$/, '');
-const shots = config.screenshots;
-mkdirSync(shots, { recursive: true });
-/** Every wait for the page is bounded: a real model on a loaded CPU takes a few seconds. */
-const STEP = 60_000;
-
-const browser = await chromium.launch({
-  executablePath: config.chromium ?? '/usr/bin/chromium',
-  headless: true,
-  args: [
-    '--headless',
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-  ],
-  // playwright-core gives each launch a fresh, temporary --user-data-dir of its own.
-});
-
-let passed = 0;
-let failed = 0;
-const problems = [];
-
-async function check(name, body) {
-  try {
-    await body();
-    passed += 1;
-    console.log(`ok: ${name}`);
-  } catch (err) {
-    failed += 1;
-    problems.push(name);
-    console.log(`FAILED: ${name}: ${err?.stack ?? err}`);
-  }
-}
-
-function assert(condition, message) {
-  if (!condition) throw new Error(message);
-}
-
-async function shot(page, name) {
-  const path = join(shots, `${name}.png`);
-  await page.screenshot({ path });
-  // A screenshot is also a check that something is on screen.
-  const text = await page.evaluate(() => document.body.innerText.trim().length);
-  assert(text > 0, `${name}: the page shows nothing`);
-}
-
-/** A page in a fresh context (its own storage, like another browser). */
-async function freshPage(options = {}) {
-  const context = await browser.newContext({ viewport: { width: 1100, height: 760 }, ...options });
-  const page = await context.newPage();
-  const errors = [];
-  page.on('pageerror', (err) => errors.push(String(err)));
-  page.errors = errors;
-  return page;
-}
+await launch(config);
 
 async function signIn(page, token) {
   await page.goto(`${relay}/`);
@@ -323,7 +268,4 @@ await check('no script error on the page', async () => {
   assert(alice.errors.length === 0, alice.errors.join('\n'));
 });
 
-await browser.close();
-if (problems.length) console.log(`failed checks: ${problems.join('; ')}`);
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+await finish();

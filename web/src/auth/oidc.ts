@@ -6,7 +6,9 @@ import type { Session } from './token';
 import { sessionFor } from './token';
 
 const PENDING_KEY = 'cloudllm.oidc';
-/** Refresh this long before the token expires: covers a slow provider and a clock skew. */
+/** Refresh this long before the token expires: covers a slow provider and a clock skew. For
+ * tokens that live less than twice this, half their lifetime instead: a margin longer than the
+ * lifetime would refresh again the moment each new token arrives, in a loop. */
 export const REFRESH_MARGIN_MS = 60_000;
 
 export interface OidcConfig {
@@ -21,6 +23,7 @@ interface Discovery {
 }
 
 interface Pending {
+  issuer: string;
   verifier: string;
   state: string;
   tokenEndpoint: string;
@@ -62,6 +65,7 @@ export function redirectUri(): string {
 export async function startSignIn(config: OidcConfig): Promise<void> {
   const discovery = await discover(config.issuer);
   const pending: Pending = {
+    issuer: config.issuer,
     verifier: random(48),
     state: random(16),
     tokenEndpoint: discovery.token_endpoint,
@@ -124,6 +128,10 @@ export async function completeSignIn(): Promise<Session | null> {
   if (!raw) throw new Error('this sign-in was not started here: sign in again');
   const pending = JSON.parse(raw) as Pending;
   if (state !== pending.state) throw new Error('the sign-in answer does not match: sign in again');
+  // RFC 9207: a provider that names itself must be the one the sign-in went to (mix-up defence).
+  const iss = params.get('iss');
+  if (iss !== null && !sameIssuer(iss, pending.issuer))
+    throw new Error('the sign-in answer came from another identity provider: sign in again');
   const answer = await tokenRequest(pending.tokenEndpoint, {
     grant_type: 'authorization_code',
     code: code ?? '',
@@ -147,8 +155,16 @@ export async function refreshSession(session: Session): Promise<Session> {
   return next;
 }
 
-/** Milliseconds until `session` should be refreshed (0: now), or null when it cannot be. */
+/** Whether two issuer URLs name the same provider (a trailing `/` aside). */
+export function sameIssuer(a: string, b: string): boolean {
+  return a.replace(/\/+$/, '') === b.replace(/\/+$/, '');
+}
+
+/** Milliseconds until `session` should be refreshed (0: now), or null when it cannot be:
+ * [`REFRESH_MARGIN_MS`] before it expires, or half its lifetime before for a short-lived one. */
 export function refreshDelay(session: Session, now = Date.now()): number | null {
   if (!session.refresh || !session.expiresAt) return null;
-  return Math.max(0, session.expiresAt - REFRESH_MARGIN_MS - now);
+  const lifetime = session.expiresAt - (session.issuedAt ?? now);
+  const margin = Math.min(REFRESH_MARGIN_MS, Math.max(0, lifetime / 2));
+  return Math.max(0, session.expiresAt - margin - now);
 }

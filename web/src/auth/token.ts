@@ -16,6 +16,9 @@ export interface Session {
   label: string;
   /** Expiry in ms since the epoch, 0 when the token does not say. */
   expiresAt: number;
+  /** When the token was issued (its `iat`, else when the page got it), ms since the epoch:
+   * with `expiresAt`, its lifetime, which bounds how early a refresh may come. */
+  issuedAt?: number;
   source: Source;
   /** With OIDC: what refreshing the token needs. */
   refresh?: { token: string; tokenEndpoint: string; clientId: string };
@@ -25,6 +28,7 @@ export interface Claims {
   sub?: unknown;
   iss?: unknown;
   exp?: unknown;
+  iat?: unknown;
   scope?: unknown;
   email?: unknown;
   name?: unknown;
@@ -76,7 +80,8 @@ export function sessionFor(
     (typeof claims.email === 'string' && claims.email) ||
     (typeof claims.name === 'string' && claims.name) ||
     claims.sub;
-  return { session: { token, user: `${iss}|${claims.sub}`, label, expiresAt, source } };
+  const issuedAt = typeof claims.iat === 'number' && claims.iat * 1000 <= now ? claims.iat * 1000 : now;
+  return { session: { token, user: `${iss}|${claims.sub}`, label, expiresAt, issuedAt, source } };
 }
 
 export function loadSession(storage: Storage = localStorage): Session | null {

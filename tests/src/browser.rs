@@ -1,0 +1,255 @@
+//! The web page's browser runs, for the tests that drive it: checks that Chromium and the
+//! page's packages are there ([`tools_ready`]), runs one of `web/e2e/*.mjs` with a config
+//! ([`run_script`]), and a fake chat backend ([`FakeChat`], a fake, named so) whose answers the
+//! page renders: a fixed Markdown text with `<script>` and `<img onerror>` for models named
+//! `fake-md…`, and for any other model a never-ending stream that records when the client goes
+//! away, for the Stop check.
+//!
+//! Needs `chromium` (Debian: `apt-get install chromium`; `CLOUDLLM_CHROMIUM` names another) and
+//! Node.js; `npm ci` runs in `web/` when its packages are missing. `CLOUDLLM_SKIP_WEB_TEST=1`
+//! skips knowingly; otherwise a missing tool fails the test with what to install.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::Notify;
+use tokio::time::timeout;
+use url::Url;
+
+use crate::STEP;
+
+/// `npm ci` of the page's packages on a cold cache.
+const NPM_CI: Duration = Duration::from_secs(300);
+
+/// What the fake model answers: Markdown with a code block, and markup that must never run.
+pub const HOSTILE_MARKDOWN: &str = "Here is **bold** text.\n\n<img src=x onerror=\"window.__pwned='img'\">\n\n<script>window.__pwned='script'</script>\n\n<a href=\"javascript:window.__pwned='link'\">click</a>\n\n```js\nconst answer = 42;\nconsole.log(answer);\n```\n";
+
+/// The workspace's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The Chromium the runs drive: `CLOUDLLM_CHROMIUM`, else Debian's.
+pub fn chromium() -> String {
+    std::env::var("CLOUDLLM_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned())
+}
+
+/// Where the runs save their screenshots.
+pub fn screenshots() -> PathBuf {
+    repo().join("target/web-screenshots")
+}
+
+/// Checks the browser and the page's packages (installing the packages when missing); `false`
+/// means skip.
+pub async fn tools_ready() -> bool {
+    if std::env::var("CLOUDLLM_SKIP_WEB_TEST").as_deref() == Ok("1") {
+        eprintln!("skipping the browser test: CLOUDLLM_SKIP_WEB_TEST=1");
+        return false;
+    }
+    assert!(
+        std::path::Path::new(&chromium()).exists(),
+        "the browser test needs Chromium at {} (Debian: apt-get install chromium), or set CLOUDLLM_SKIP_WEB_TEST=1",
+        chromium()
+    );
+    let web = repo().join("web");
+    if !web
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        eprintln!(
+            "installing the page's packages: npm ci in {}",
+            web.display()
+        );
+        let npm = tokio::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&web)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = timeout(NPM_CI, npm)
+            .await
+            .expect("npm ci timed out")
+            .expect("running npm (Debian: apt-get install nodejs npm)");
+        assert!(
+            out.status.success(),
+            "npm ci in web/ failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    true
+}
+
+/// Runs `web/e2e/{script}` with `config` (written to a file; `chromium` and `screenshots` are
+/// added) within `within`, prints its report and panics when a check failed. Returns its
+/// standard output: one line per check.
+pub async fn run_script(script: &str, config: serde_json::Value, within: Duration) -> String {
+    let mut config = config;
+    if let Some(fields) = config.as_object_mut() {
+        fields.insert("chromium".into(), chromium().into());
+        fields.insert(
+            "screenshots".into(),
+            screenshots().display().to_string().into(),
+        );
+    }
+    let path = crate::scratch_dir().join("web-e2e.json");
+    std::fs::write(&path, config.to_string()).expect("write the run's config");
+    let run = tokio::process::Command::new("node")
+        .arg(repo().join("web/e2e").join(script))
+        .arg(&path)
+        .current_dir(repo().join("web"))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = timeout(within, run)
+        .await
+        .unwrap_or_else(|_| panic!("the browser run {script} timed out"))
+        .unwrap_or_else(|e| panic!("running node web/e2e/{script}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "the browser run {script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The fake chat backend's record: streams open now, and streams whose client went away.
+#[derive(Default)]
+pub struct FakeChat {
+    /// Chat streams open now.
+    pub open: AtomicUsize,
+    /// Chat streams whose client went away before their end.
+    pub cancelled: AtomicUsize,
+    /// Chat requests received.
+    pub chats: AtomicUsize,
+    /// Told at every change of the counts above.
+    pub changed: Notify,
+}
+
+impl FakeChat {
+    /// Starts the fake on `127.0.0.1:0`: its URL, its record, and its task. It lists the models
+    /// `fake-md:latest` and `fake-slow:latest`.
+    pub async fn start() -> (Url, Arc<FakeChat>, tokio::task::JoinHandle<()>) {
+        let fake = Arc::new(FakeChat::default());
+        let app = Router::new()
+            .route(
+                "/api/version",
+                get(|| async { axum::Json(serde_json::json!({"version": "0.0.0-fake"})) }),
+            )
+            .route(
+                "/api/tags",
+                get(|| async {
+                    axum::Json(serde_json::json!({"models": [
+                        {"name": "fake-md:latest", "model": "fake-md:latest", "size": 1},
+                        {"name": "fake-slow:latest", "model": "fake-slow:latest", "size": 1},
+                    ]}))
+                }),
+            )
+            .route(
+                "/api/show",
+                post(|| async {
+                    axum::Json(serde_json::json!({"capabilities": ["completion"], "details": {"families": ["llama"]}}))
+                }),
+            )
+            .route("/api/chat", post(chat))
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake");
+        let addr = listener.local_addr().expect("the fake's address");
+        let url = Url::parse(&format!("http://{addr}")).expect("the fake's URL");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (url, fake, task)
+    }
+
+    /// Waits until a stream was cancelled by its client and none is open.
+    pub async fn wait_cancelled(&self) {
+        timeout(STEP, async {
+            loop {
+                let changed = self.changed.notified();
+                if self.cancelled.load(Ordering::SeqCst) >= 1
+                    && self.open.load(Ordering::SeqCst) == 0
+                {
+                    return;
+                }
+                changed.await;
+            }
+        })
+        .await
+        .expect("the backend never saw the stopped request cancelled");
+    }
+}
+
+/// Counts a stream as cancelled when it is dropped before its end.
+struct Guard {
+    fake: Arc<FakeChat>,
+    finished: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.fake.open.fetch_sub(1, Ordering::SeqCst);
+        if !self.finished {
+            self.fake.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+        self.fake.changed.notify_waiters();
+    }
+}
+
+fn ndjson(line: &serde_json::Value) -> Result<Bytes, std::io::Error> {
+    Ok(Bytes::from(format!("{line}\n")))
+}
+
+async fn chat(State(fake): State<Arc<FakeChat>>, body: Bytes) -> Response {
+    let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let model = request["model"].as_str().unwrap_or_default().to_owned();
+    fake.chats.fetch_add(1, Ordering::SeqCst);
+    fake.open.fetch_add(1, Ordering::SeqCst);
+    fake.changed.notify_waiters();
+    let guard = Guard {
+        fake: fake.clone(),
+        finished: false,
+    };
+    let stream = futures_util::stream::unfold(Some((guard, 0usize)), move |state| {
+        let model = model.clone();
+        async move {
+            let (mut guard, n) = state?;
+            if model.starts_with("fake-md") {
+                // The hostile text in pieces, a few characters each, then the end.
+                let chars: Vec<char> = HOSTILE_MARKDOWN.chars().collect();
+                let start = n * 7;
+                if start >= chars.len() {
+                    guard.finished = true;
+                    let done = serde_json::json!({"model": model, "message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "stop"});
+                    // The guard goes with the last line: the stream ends after it.
+                    drop(guard);
+                    return Some((ndjson(&done), None));
+                }
+                let piece: String = chars[start..(start + 7).min(chars.len())].iter().collect();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let line = serde_json::json!({"model": model, "message": {"role": "assistant", "content": piece}, "done": false});
+                Some((ndjson(&line), Some((guard, n + 1))))
+            } else {
+                // Never ends: only the client going away stops it.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let line = serde_json::json!({"model": model, "message": {"role": "assistant", "content": format!("tick {n} ")}, "done": false});
+                Some((ndjson(&line), Some((guard, n + 1))))
+            }
+        }
+    });
+    (
+        [(http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
