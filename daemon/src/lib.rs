@@ -12,6 +12,7 @@
 //! and turns clients' requests into calls on the supervisor. [`login`] runs the OpenID Connect
 //! flows, [`credentials`] keeps their result, [`config`] reads and edits the settings, `ollama`
 //! watches the local Ollama, and [`logs`] keeps recent log lines for `cloudllm logs`.
+//! [`web_open`] asks the relay for the one-time link of `cloudllm open`.
 
 pub mod allowlist;
 pub mod backoff;
@@ -26,6 +27,7 @@ mod ollama;
 mod state;
 mod supervisor;
 mod tunnel;
+pub mod web_open;
 #[cfg(windows)]
 pub mod windows_service;
 

@@ -165,6 +165,25 @@ pub struct RelayInfo {
     pub web_url: Option<String>,
 }
 
+/// Path on the relay where a daemon asks, with its agent token (`POST`), for a one-time code
+/// that signs a browser in on the relay's web page as the same user (`cloudllm open`): an
+/// [`OpenWebCode`]. The page trades the code, once and within [`OpenWebCode::expires_in`], for a
+/// short-lived client token.
+pub const OPEN_WEB_PATH: &str = "/cloudllm/open";
+
+/// The relay's answer at [`OPEN_WEB_PATH`]. The code signs someone in: it is a [`Secret`], so it
+/// never shows in `Debug` output or logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenWebCode {
+    /// The one-time code (hex).
+    pub code: Secret,
+    /// Seconds it stays valid.
+    pub expires_in: u64,
+    /// The page's path with the code in its fragment (`/#open=CODE`), for clients that know
+    /// the relay only by its root.
+    pub path: Secret,
+}
+
 /// How users get an agent token for a relay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]

@@ -41,7 +41,7 @@ pub const DEVICES_PATH: &str = "/cloudllm/devices";
 /// The path of the page's sign-in settings.
 pub const WEB_CONFIG_PATH: &str = "/cloudllm/web";
 /// The path where a daemon mints a one-time sign-in code for `cloudllm open`.
-pub const OPEN_PATH: &str = "/cloudllm/open";
+pub const OPEN_PATH: &str = proto::OPEN_WEB_PATH;
 /// The path where the page trades a one-time code for a client token.
 pub const EXCHANGE_PATH: &str = "/cloudllm/open/exchange";
 
@@ -480,16 +480,8 @@ impl OpenCodes {
     }
 }
 
-/// The answer of `POST /cloudllm/open`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Minted {
-    /// The one-time code.
-    pub code: String,
-    /// Seconds it stays valid.
-    pub expires_in: u64,
-    /// The page's path with the code in its fragment, to append to the relay's base URL.
-    pub path: String,
-}
+/// The answer of `POST /cloudllm/open` (the daemon reads the same type).
+pub type Minted = proto::OpenWebCode;
 
 /// `POST /cloudllm/open` with an agent token (the daemon's): a one-time sign-in code for the
 /// page, for `cloudllm open`.
@@ -515,8 +507,8 @@ async fn mint(
     }
     match codes.mint(&identity.user, identity.tier.as_deref(), Instant::now()) {
         Ok(code) => json(&Minted {
-            path: format!("/#open={code}"),
-            code,
+            path: proto::Secret::new(format!("/#open={code}")),
+            code: proto::Secret::new(code),
             expires_in: OPEN_CODE_TTL.as_secs(),
         }),
         Err(err) => {
