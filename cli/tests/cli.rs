@@ -129,15 +129,33 @@ async fn login_with_token_connects_and_status_shows_the_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_is_reported_as_login_required() {
     let f = Fixture::start().await;
-    let output = run_with_stdin(
-        &f.socket,
-        &["login", "--relay", f.relay.url().as_str(), "--with-token"],
-        "not.a.valid-token",
+    let relay = f.relay.url();
+    let login = ["login", "--relay", relay.as_str(), "--with-token"];
+    // What the daemon can check is refused at once, saying why, and nothing is stored.
+    let output = run_with_stdin(&f.socket, &login, "not.a.valid-token").await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("not a cloudllm token"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!f.state_dir.join("credentials.json").exists());
+    // The signature it cannot check (only the relay holds the key): a token signed by another
+    // relay is taken on trust, and the relay decides.
+    let foreign = cloudllm_relay::Keys::new(&cloudllm_proto::Secret::new(
+        "another-relays-secret-another-relays-secret",
+    ))
+    .issue(
+        "alice",
+        cloudllm_relay::Scope::Agent,
+        None,
+        std::time::Duration::from_secs(3600),
     )
-    .await;
+    .unwrap();
+    let output = run_with_stdin(&f.socket, &login, &foreign).await;
     assert!(
         output.status.success(),
-        "the daemon accepts it; the relay decides"
+        "the daemon takes the signature on trust; the relay decides"
     );
     let status = wait_status(&f.socket, "login required", |s| {
         s["connection"]["state"] == "login_required"

@@ -72,16 +72,25 @@ pub fn tls_config(config: &DaemonConfig) -> anyhow::Result<Arc<rustls::ClientCon
 
 /// The WebSocket URL of the relay's tunnel endpoint for a relay base URL.
 pub fn tunnel_url(relay: &Url) -> Url {
-    let mut url = relay.clone();
+    let mut url = relay_endpoint(relay, proto::TUNNEL_PATH);
     let scheme = match relay.scheme() {
         "https" | "wss" => "wss",
         _ => "ws",
     };
     // Both schemes are special with the same defaults, so this cannot fail.
     let _ = url.set_scheme(scheme);
+    url
+}
+
+/// The URL of `path` (absolute, as the relay serves it) on the relay at base URL `relay`:
+/// under the base URL's path, so that a relay a reverse proxy serves under a prefix
+/// (`https://example.com/cloudllm/`) is reached there.
+pub fn relay_endpoint(relay: &Url, path: &str) -> Url {
+    let mut url = relay.clone();
     let base = url.path().trim_end_matches('/').to_owned();
-    url.set_path(&format!("{base}{}", proto::TUNNEL_PATH));
+    url.set_path(&format!("{base}{path}"));
     url.set_query(None);
+    url.set_fragment(None);
     url
 }
 

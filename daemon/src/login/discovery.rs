@@ -37,9 +37,8 @@ const RELAY_INFO_TIMEOUT: Duration = Duration::from_secs(10);
 /// user signs in, or downgrade to plain http. The error says where the redirect points, so a
 /// user whose relay moved can name the new address.
 pub async fn fetch_relay_info(relay: &Url) -> anyhow::Result<RelayInfo> {
-    let url = relay
-        .join(cloudllm_proto::WELL_KNOWN_PATH)
-        .with_context(|| format!("{relay} cannot be a relay URL"))?;
+    // Under the base URL's path, where the tunnel is dialled too.
+    let url = crate::dial::relay_endpoint(relay, cloudllm_proto::WELL_KNOWN_PATH);
     let client = reqwest::Client::builder()
         .timeout(RELAY_INFO_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())

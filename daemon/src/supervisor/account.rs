@@ -1,9 +1,10 @@
 //! Logging in and out: checking what the user asked for, storing the credentials, and the
 //! relay's public description (`/.well-known/cloudllm`) that says how its users log in.
 //!
-//! A login changes three things that must agree — the relay URL in the config file, the
-//! credentials in the store, and the wish to be connected — so every flow ends in one place,
-//! `finish_login`.
+//! A token pasted with `--with-token` is checked first (`preflight`): nothing is stored for a
+//! token or a relay URL that cannot work. A login changes three things that must agree — the
+//! relay URL in the config file, the credentials in the store, and the wish to be connected —
+//! so every flow ends in one place, `finish_login`.
 
 use cloudllm_proto::ipc::{LoginFlow, LoginPrompt};
 use cloudllm_proto::{RelayAuth, RelayInfo, Secret};
@@ -12,7 +13,7 @@ use tracing::info;
 use url::Url;
 
 use super::claims::unverified_claims;
-use super::{ControlError, Supervisor};
+use super::{ControlError, Supervisor, preflight, unix_now};
 use crate::credentials::Credentials;
 use crate::login;
 
@@ -20,35 +21,36 @@ impl Supervisor {
     /// The configured relay's public description (`/.well-known/cloudllm`), fetched now.
     pub async fn relay_info(&self) -> Result<RelayInfo, ControlError> {
         let relay = self.relay_for_login(None)?;
-        login::fetch_relay_info(&relay)
+        login::fetch_relay_info(&preflight::fetchable(&relay))
             .await
             .map_err(ControlError::Internal)
     }
 
-    /// Logs in with an agent token: stores it and connects. Returns the token's user.
+    /// Logs in with an agent token: checks it and the relay as far as the daemon can (see
+    /// `preflight`: everything but the signature, which only the relay can verify), then stores
+    /// it and connects. Returns the token's user. Nothing is stored when a check fails.
     pub async fn login_with_token(
         &self,
         relay_url: Option<String>,
         token: Secret,
     ) -> Result<Option<String>, ControlError> {
         let token = Secret::new(token.expose().trim());
-        if token.expose().is_empty() || token.expose().contains(char::is_whitespace) {
-            return Err(ControlError::LoginFailed(
-                "that is not a token: it is empty or has spaces in it".into(),
-            ));
-        }
+        let claims =
+            preflight::check_token(&token, unix_now()).map_err(ControlError::LoginFailed)?;
         let relay = self.relay_for_login(relay_url)?;
-        let claims = unverified_claims(token.expose());
+        preflight::check_relay(&relay, &self.config().ollama_url)
+            .await
+            .map_err(ControlError::LoginFailed)?;
         let credentials = Credentials {
             relay_url: relay.to_string(),
             access_token: token,
             refresh_token: None,
-            expires_at: claims.as_ref().and_then(|c| c.exp),
+            expires_at: claims.exp,
             token_endpoint: None,
             client_id: None,
         };
         self.finish_login(relay, credentials).await?;
-        Ok(claims.and_then(|c| c.sub))
+        Ok(claims.sub)
     }
 
     /// Logs in through the relay's identity provider, sending the user's steps to `prompts`.
@@ -59,7 +61,7 @@ impl Supervisor {
         prompts: mpsc::Sender<LoginPrompt>,
     ) -> Result<Option<String>, ControlError> {
         let relay = self.relay_for_login(relay_url)?;
-        let info = login::fetch_relay_info(&relay)
+        let info = login::fetch_relay_info(&preflight::fetchable(&relay))
             .await
             .map_err(|e| ControlError::LoginFailed(format!("{e:#}")))?;
         let (issuer, client_id, scopes) = match info.auth {
@@ -127,11 +129,21 @@ impl Supervisor {
 
     fn relay_for_login(&self, relay_url: Option<String>) -> Result<Url, ControlError> {
         match relay_url {
-            Some(url) => Url::parse(&url).map_err(|e| {
-                ControlError::InvalidConfig(anyhow::anyhow!(
+            Some(url) => match Url::parse(&url) {
+                Ok(relay)
+                    if matches!(relay.scheme(), "http" | "https" | "ws" | "wss")
+                        && relay.host().is_some() =>
+                {
+                    Ok(relay)
+                }
+                Ok(_) => Err(ControlError::InvalidConfig(anyhow::anyhow!(
+                    "--relay {url:?} must be an http:// or https:// URL with a host, e.g. \
+                     https://relay.example.com"
+                ))),
+                Err(e) => Err(ControlError::InvalidConfig(anyhow::anyhow!(
                     "--relay {url:?} is not a URL ({e}); e.g. https://relay.example.com"
-                ))
-            }),
+                ))),
+            },
             None => self.config().relay_url.clone().ok_or_else(|| {
                 ControlError::InvalidConfig(anyhow::anyhow!(
                     "no relay configured: pass --relay URL"

@@ -10,12 +10,14 @@
 //!
 //! This file holds the [`Supervisor`] itself, what should run, and the settings; each other
 //! concern has its module: `account` (logging in and out, the stored credentials, the relay's
-//! public description), `claims` (what the daemon reads from a token it cannot verify),
+//! public description), `preflight` (what a pasted token and relay URL are checked for before
+//! they are stored), `claims` (what the daemon reads from a token it cannot verify),
 //! `tunnels` (starting, switching and stopping tunnels), `refresh` (renewing OAuth tokens) and
 //! `state_files` (the device id and preferences kept in the state directory).
 
 mod account;
 mod claims;
+mod preflight;
 mod refresh;
 mod state_files;
 mod tunnels;
@@ -279,6 +281,13 @@ impl Supervisor {
         info!(key, "setting changed");
         Ok(())
     }
+}
+
+/// The time now, Unix seconds, as token claims count it.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The OS user name, naming the keyring entry.

@@ -2,12 +2,12 @@
 //! token: they last until they expire, and then the relay asks for a new login.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tracing::{info, warn};
 use url::Url;
 
-use super::Supervisor;
+use super::{Supervisor, unix_now};
 use crate::login;
 
 /// Refresh at most this long before expiry (less for short-lived tokens: half their rest).
@@ -86,10 +86,4 @@ impl Supervisor {
             }
         }
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
