@@ -106,6 +106,17 @@ impl Machine {
         let own = self.own.checked_sub(earlier.own)?;
         (total > 0).then(|| busy.saturating_sub(own) as f64 / total as f64)
     }
+
+    /// Like [`others_since`](Self::others_since), not counting `also_ours` either: the CPU
+    /// time of processes the benchmark started itself.
+    pub fn others_since_excluding(&self, earlier: &Machine, also_ours: Duration) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        let own = self.own.checked_sub(earlier.own)?;
+        // /proc/stat counts in USER_HZ (100 Hz) ticks.
+        let ours = (also_ours.as_secs_f64() * 100.0).round() as u64;
+        (total > 0).then(|| busy.saturating_sub(own + ours) as f64 / total as f64)
+    }
 }
 
 /// CPU time used while `work` runs, by component, if the platform says.

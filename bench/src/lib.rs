@@ -9,13 +9,16 @@
 //! It is a benchmark, not a test: it prints figures and whether each target was met, and
 //! missing a target is not an error.
 //!
-//! Two more runs have their own entry points: [`run_scale`] (thousands of idle tunnels, a
-//! reconnect storm, a thousand concurrent streams, time to first byte and cancellation, and
-//! optionally a real Ollama) and [`soak::run`] (mixed traffic with disconnects and daemon
-//! restarts, every response checked).
+//! More runs have their own entry points: [`compare::run`] (cloudllm's relay and daemon as
+//! processes, side by side with two hyper proxies, two nginx and rathole, the cost of a request
+//! located by process), [`run_scale`] (thousands of idle tunnels, a reconnect storm, a thousand
+//! concurrent streams, time to first byte and cancellation, and optionally a real Ollama) and
+//! [`soak::run`] (mixed traffic with disconnects and daemon restarts, every response checked).
 
 pub mod backend;
 pub mod client;
+pub mod compare;
+pub mod counters;
 pub mod cpu;
 pub mod daemons;
 pub mod figures;
@@ -23,6 +26,8 @@ pub mod fleet;
 pub mod latency;
 pub mod load;
 pub mod ollama;
+pub mod paths;
+pub mod perf;
 pub mod relay_host;
 pub mod report;
 pub mod scale;

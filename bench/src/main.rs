@@ -98,6 +98,26 @@ enum Command {
     /// The web page in headless Chromium: first-load bytes, opening a 500-message conversation,
     /// main-thread time per streamed token. Needs Chromium and `npm ci --prefix web`.
     Web,
+    /// cloudllm's relay and daemon (as processes) beside two hyper proxies, two nginx and
+    /// rathole, one run: p50, requests/s, one long stream, and each process's CPU, system calls
+    /// and context switches per request. Needs the release `cloudllm-relay`, `cloudllmd` and
+    /// `cloudllm-bench-proxy` next to this binary.
+    Compare {
+        /// The nginx binary [default: found on PATH or in /usr/sbin; the row is skipped if none].
+        #[arg(long, value_name = "PATH")]
+        nginx: Option<PathBuf>,
+        /// The rathole binary [default: found on PATH or in ~/.cargo/bin; skipped if none].
+        #[arg(long, value_name = "PATH")]
+        rathole: Option<PathBuf>,
+        /// Do not count system calls with perf (while it counts, every system call is a little
+        /// slower; it counts in a pass of its own).
+        #[arg(long)]
+        no_perf: bool,
+        /// Also write a CPU profile of every process under load (`perf record -e cpu-clock`)
+        /// into DIR.
+        #[arg(long, value_name = "DIR")]
+        perf_record: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -198,6 +218,25 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Web) => {
             let (text, json) = web::run()?;
             (text, json, ExitCode::SUCCESS)
+        }
+        Some(Command::Compare {
+            nginx,
+            rathole,
+            no_perf,
+            perf_record,
+        }) => {
+            let comparison = cloudllm_bench::compare::run(&cloudllm_bench::compare::Options {
+                quick: cli.quick,
+                nginx: nginx.clone(),
+                rathole: rathole.clone(),
+                no_perf: *no_perf,
+                perf_record: perf_record.clone(),
+            })?;
+            (
+                comparison.to_string(),
+                comparison.to_json(),
+                ExitCode::SUCCESS,
+            )
         }
     };
     print!("{text}");

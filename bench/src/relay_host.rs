@@ -97,7 +97,7 @@ fn tier() -> TierLimits {
 const CONNECTION_CAP: u32 = 1_000_000;
 
 /// The relay's config file for `addr`.
-fn config_toml(addr: SocketAddr, session_idle: Duration) -> String {
+pub(crate) fn config_toml(addr: SocketAddr, session_idle: Duration) -> String {
     let tier = tier();
     format!(
         "listen = \"{addr}\"\n\

@@ -279,7 +279,7 @@ impl Report {
 }
 
 /// A Markdown-style table: `text_columns` are left-aligned, the others (figures) right-aligned.
-fn table(
+pub(crate) fn table(
     f: &mut fmt::Formatter<'_>,
     header: &[String],
     body: &[Vec<String>],

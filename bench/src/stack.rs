@@ -89,7 +89,7 @@ impl Runtimes {
     }
 }
 
-fn runtime(name: &str) -> anyhow::Result<Runtime> {
+pub(crate) fn runtime(name: &str) -> anyhow::Result<Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKERS)
         .thread_name(name)
