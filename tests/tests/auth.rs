@@ -312,7 +312,11 @@ async fn responses_the_relay_makes_itself_carry_a_request_id() {
     assert_eq!(echoed.status(), 401);
     assert_eq!(id_of(&echoed).as_deref(), Some("my-trace-7"));
 
-    let not_found = http.get(stack.relay.api("/no-such-page")).send().await.unwrap();
+    let not_found = http
+        .get(stack.relay.api("/no-such-page"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(not_found.status(), 404);
     assert!(is_uuid(id_of(&not_found)), "{:?}", not_found.headers());
 
