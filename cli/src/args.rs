@@ -69,6 +69,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open the relay's web page in your browser, already signed in (a one-time link).
+    Open {
+        /// Print the link instead of opening it (it works once, within a minute).
+        #[arg(long)]
+        print: bool,
+    },
     /// Run the daemon in the foreground (`cloudllmd`).
     Daemon {
         /// Arguments for cloudllmd (e.g. --config FILE).

@@ -3,9 +3,9 @@
 //!
 //! Layout: `main.rs` parses the command line ([`args`]) and dispatches to one module per
 //! command — [`status`] (with its words and colours in [`render`]), [`login`], [`session`]
-//! (connect, disconnect, logout), [`logs`], [`config`], [`models`], [`daemon`],
-//! [`completions`] and [`service`] (install the daemon as a service; its own submodules per
-//! platform). Every command returns `Result<u8, `[`exit::Failure`]`>`, the exit code or what
+//! (connect, disconnect, logout), [`logs`], [`config`], [`models`], [`open`] (the web page,
+//! signed in), [`daemon`], [`completions`] and [`service`] (install the daemon as a service;
+//! its own submodules per platform). Every command returns `Result<u8, `[`exit::Failure`]`>`, the exit code or what
 //! went wrong with its code; [`output`] writes standard output so that a reader that closes
 //! the pipe early ends the program quietly.
 //!
@@ -22,6 +22,7 @@ pub mod exit;
 pub mod login;
 pub mod logs;
 pub mod models;
+pub mod open;
 pub mod render;
 pub mod service;
 pub mod session;

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use cloudllm_cli::args::{Cli, Command};
 use cloudllm_cli::exit::{EXIT_FAILED, Failure};
-use cloudllm_cli::{completions, config, daemon, login, logs, models, service, session, status};
+use cloudllm_cli::{
+    completions, config, daemon, login, logs, models, open, service, session, status,
+};
 use cloudllm_ipc_client::{Client, socket_path};
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Config { command } => config::run(&mut connect(socket).await?, command).await,
         Command::Models { json } => models::run(&mut connect(socket).await?, json).await,
+        Command::Open { print } => open::run(&mut connect(socket).await?, print).await,
     }
 }
 

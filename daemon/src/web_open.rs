@@ -19,8 +19,11 @@ use cloudllm_tunnel::body::{BodyError, read_limited};
 use http::StatusCode;
 use url::Url;
 
+use tracing::info;
+
 use crate::config::DaemonConfig;
 use crate::dial::tls_config;
+use crate::supervisor::{ControlError, Supervisor};
 
 /// Time for the whole request, answer included: the relay answers from memory, so 15 s means
 /// it is unreachable or overloaded, and the user waiting at a prompt hears so soon.
@@ -84,6 +87,21 @@ pub enum OpenWebError {
         /// Its explanation, cleaned.
         message: String,
     },
+}
+
+/// [`sign_in_link`] for the supervisor's relay and login: the answer to `Request::OpenWeb`.
+pub(crate) async fn open_for(supervisor: &Supervisor) -> Result<Secret, ControlError> {
+    let token = supervisor.agent_token();
+    let link = sign_in_link(&supervisor.config(), token.as_ref()).await;
+    // Never the link itself: it signs someone in.
+    match &link {
+        Ok(_) => info!("made a one-time link to the web page"),
+        Err(err) => info!(error = %err, "no link to the web page"),
+    }
+    link.map_err(|err| match err {
+        OpenWebError::NotLoggedIn => ControlError::NotLoggedIn,
+        other => ControlError::Internal(other.into()),
+    })
 }
 
 /// A link that signs a browser in on the web page of `config`'s relay as the user of `token`,

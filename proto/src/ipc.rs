@@ -79,6 +79,11 @@ pub enum Request {
     /// daemon. Added after IPC version 1 shipped: older daemons answer it with
     /// [`ErrorCode::BadRequest`], which clients take as "unknown".
     RelayInfo,
+    /// A link that opens the relay's web page already signed in as the logged-in user
+    /// (`cloudllm open`, the tray's "Open web page"): the daemon asks the relay for a one-time
+    /// code with its agent token. Added after IPC version 1 shipped: older daemons answer it
+    /// with [`ErrorCode::BadRequest`].
+    OpenWeb,
 }
 
 /// Which interactive login flow to run.
@@ -134,6 +139,12 @@ pub enum Response {
     },
     /// Answer to [`Request::RelayInfo`].
     RelayInfo(crate::RelayInfo),
+    /// Answer to [`Request::OpenWeb`].
+    WebUrl {
+        /// The page's address with a one-time sign-in code in its fragment. It signs a browser
+        /// in once, within a minute: a [`Secret`], so it never shows in `Debug` output or logs.
+        url: Secret,
+    },
     /// The request failed.
     Error {
         /// What kind of failure.
@@ -411,6 +422,21 @@ mod tests {
         let text = String::from_utf8(to_line(&answer)).unwrap();
         assert!(text.contains(r#""type":"relay_info""#), "{text}");
         assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), answer);
+    }
+
+    #[test]
+    fn open_web_is_asked_and_answered_without_showing_the_link() {
+        assert_eq!(to_line(&Request::OpenWeb), b"{\"method\":\"open_web\"}\n");
+        let answer = Response::WebUrl {
+            url: Secret::new("https://relay.example.com/#open=c0de"),
+        };
+        let text = String::from_utf8(to_line(&answer)).unwrap();
+        assert_eq!(
+            text,
+            "{\"type\":\"web_url\",\"url\":\"https://relay.example.com/#open=c0de\"}\n"
+        );
+        assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), answer);
+        assert!(!format!("{answer:?}").contains("c0de"), "{answer:?}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::daemon;
 use crate::host;
 use crate::icon;
 use crate::menu::{Action, Entry, same_layout};
-use crate::view::{Look, TrayState, View, view};
+use crate::view::{Look, TrayState, View, WebPage, view};
 
 /// What reaches the event loop from other threads.
 #[derive(Debug)]
@@ -103,9 +103,19 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
                         }
                     }
                     Action::OpenWebPage => {
-                        if let Some(tray) = &mut tray {
-                            failure = tray.open_web_page().err();
-                            tray.show(view(&state, web_page.as_deref(), failure.as_deref()));
+                        let Some(tray) = &mut tray else { return };
+                        match tray.shown.web_page.clone() {
+                            // The relay's own page: the daemon asks for a one-time link.
+                            Some(WebPage::SignedIn) if !actions.try_send(action) => {
+                                warn!(?action, "the daemon is busy; click ignored");
+                            }
+                            Some(WebPage::Published(url)) => {
+                                failure = open::that_detached(&url)
+                                    .map_err(|err| format!("cannot open {url}: {err}"))
+                                    .err();
+                                tray.show(view(&state, web_page.as_deref(), failure.as_deref()));
+                            }
+                            Some(WebPage::SignedIn) | None => {}
                         }
                     }
                     Action::Connect | Action::Disconnect | Action::ShowLogs => {
@@ -180,16 +190,6 @@ impl Tray {
             }
         }
         self.shown = next;
-    }
-
-    /// Opens the shown web page in the browser.
-    fn open_web_page(&self) -> Result<(), String> {
-        match &self.shown.web_page {
-            Some(url) => {
-                open::that_detached(url).map_err(|err| format!("cannot open {url}: {err}"))
-            }
-            None => Ok(()),
-        }
     }
 
     /// Puts the shown API URL on the clipboard.

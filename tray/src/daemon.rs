@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cloudllm_ipc_client::{Client, ConnectError};
-use cloudllm_proto::ipc::{Connection, Request, Response};
+use cloudllm_proto::Secret;
+use cloudllm_proto::ipc::{Connection, ErrorCode, Request, Response};
 use tracing::{info, warn};
 
 use crate::menu::Action;
@@ -24,6 +25,10 @@ pub const REDIAL: Duration = Duration::from_secs(2);
 /// Bound on connecting to the daemon and on each call: the daemon answers local calls in
 /// milliseconds, so one that takes this long is stuck.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound on asking the daemon for a signed-in link to the web page: the daemon asks the relay
+/// within 15 s, and this leaves it room to say why it could not.
+pub const OPEN_WEB_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How many recent log lines "Show logs" fetches: the daemon keeps about this many.
 pub const LOG_LINES: usize = 1000;
@@ -65,8 +70,9 @@ impl Actions {
 }
 
 /// Starts the IPC thread for the daemon at `socket`. `publish` receives every [`Event`]; the
-/// returned [`Actions`] take the menu's [`Action::Connect`], [`Action::Disconnect`] and
-/// [`Action::ShowLogs`] (others are the GUI's own).
+/// returned [`Actions`] take the menu's [`Action::Connect`], [`Action::Disconnect`],
+/// [`Action::ShowLogs`] and [`Action::OpenWebPage`] for the relay's own page (others are the
+/// GUI's own).
 pub fn spawn(
     socket: PathBuf,
     publish: impl Fn(Event) + Send + Sync + 'static,
@@ -209,7 +215,13 @@ pub async fn perform(socket: &Path, action: Action) -> Result<(), String> {
             return open::that_detached(&path)
                 .map_err(|err| format!("cannot open {}: {err}", path.display()));
         }
-        Action::CopyApiUrl | Action::OpenWebPage | Action::Quit => return Ok(()),
+        Action::OpenWebPage => {
+            let link = sign_in_link(socket).await?;
+            // Never the link in the error: errors are logged, and the link signs someone in.
+            return open::that_detached(link.expose())
+                .map_err(|err| format!("cannot start a browser: {err}"));
+        }
+        Action::CopyApiUrl | Action::Quit => return Ok(()),
     };
     let answer = tokio::time::timeout(CALL_TIMEOUT, async {
         let mut client = Client::connect(socket)
@@ -223,6 +235,31 @@ pub async fn perform(socket: &Path, action: Action) -> Result<(), String> {
         Response::Ok => Ok(()),
         Response::Error { message, .. } => Err(message),
         other => Err(format!("unexpected answer from the daemon: {other:?}")),
+    }
+}
+
+/// A one-time link that opens the relay's web page signed in as the daemon's user (what
+/// `cloudllm open` opens), asked of the daemon, which asks the relay. Or why not, in words.
+pub async fn sign_in_link(socket: &Path) -> Result<Secret, String> {
+    let answer = tokio::time::timeout(OPEN_WEB_TIMEOUT, async {
+        let mut client = Client::connect(socket)
+            .await
+            .map_err(|err| err.to_string())?;
+        client
+            .call(&Request::OpenWeb)
+            .await
+            .map_err(|err| err.to_string())
+    })
+    .await
+    .map_err(|_| "the daemon did not answer".to_owned())??;
+    match answer {
+        Response::WebUrl { url } => Ok(url),
+        Response::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        } => Err("this cloudllmd is too old to sign the web page in: update it".to_owned()),
+        Response::Error { message, .. } => Err(message),
+        _ => Err("unexpected answer from the daemon".to_owned()),
     }
 }
 

@@ -84,7 +84,8 @@ pub(crate) struct Offers {
     pub toggle: Option<Action>,
     /// "Copy API URL": the relay is known.
     pub api_url: bool,
-    /// "Open web page": the relay has one.
+    /// "Open web page": the relay publishes one, or the daemon can sign a browser in on the
+    /// relay's own.
     pub web_page: bool,
 }
 
@@ -137,7 +138,7 @@ pub(crate) fn item(label: &str, action: Action) -> Entry {
 mod tests {
     use super::*;
     use crate::view::fixtures::*;
-    use crate::view::{Look, TrayState, view};
+    use crate::view::{Look, TrayState, WebPage, view};
     use cloudllm_proto::ipc::Connection;
 
     #[test]
@@ -150,6 +151,7 @@ mod tests {
             vec![
                 Action::Connect,
                 Action::CopyApiUrl,
+                Action::OpenWebPage,
                 Action::ShowLogs,
                 Action::Quit
             ]
@@ -157,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn the_web_page_is_offered_only_when_the_relay_has_one() {
+    fn the_web_page_is_the_relays_published_one_else_its_own_signed_in() {
         let state = status(
             Connection::Connected {
                 since: 1,
@@ -167,7 +169,7 @@ mod tests {
         );
         let page = "https://relay.example.com/account";
         let with_page = view(&state, Some(page), None);
-        assert_eq!(with_page.web_page.as_deref(), Some(page));
+        assert_eq!(with_page.web_page, Some(WebPage::Published(page.into())));
         assert_eq!(
             actions(&with_page),
             vec![
@@ -178,11 +180,16 @@ mod tests {
                 Action::Quit
             ]
         );
-        assert!(!actions(&show(&state)).contains(&Action::OpenWebPage));
+        // Without one, the relay's own page, signed in by the daemon (`cloudllm open`).
+        let own = show(&state);
+        assert_eq!(own.web_page, Some(WebPage::SignedIn));
+        assert_eq!(actions(&own), actions(&with_page));
         let gone = TrayState::NoDaemon {
             reason: "the daemon stopped".into(),
         };
         assert_eq!(view(&gone, Some(page), None).web_page, None);
+        let logged_out = status(Connection::LoggedOut, up(1));
+        assert!(!actions(&show(&logged_out)).contains(&Action::OpenWebPage));
     }
 
     #[test]

@@ -60,8 +60,19 @@ pub struct View {
     pub menu: Vec<Entry>,
     /// What "Copy API URL" copies, when the relay is known.
     pub api_url: Option<String>,
-    /// What "Open web page" opens, when the relay has one.
-    pub web_page: Option<String>,
+    /// What "Open web page" opens, when there is a page to open.
+    pub web_page: Option<WebPage>,
+}
+
+/// The page "Open web page" opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebPage {
+    /// The page the relay publishes for its users (`web_url`: an account or dashboard page),
+    /// opened as it is.
+    Published(String),
+    /// The relay's own chat page, signed in as the logged-in user through a one-time link the
+    /// daemon asks the relay for (what `cloudllm open` does).
+    SignedIn,
 }
 
 /// The base URL API clients use: the relay's OpenAI-compatible endpoint (`RELAY/v1`), which
@@ -77,8 +88,9 @@ fn device_limit(last_error: &str) -> bool {
     error.contains("device limit") || error.contains("too many devices") || error.contains("429")
 }
 
-/// The view for `state`; `web_page` is the relay's web page if it has one, `failure` why the
-/// last menu action failed, if it did. Pure: the same inputs always give the same view.
+/// The view for `state`; `web_page` is the page the relay publishes if it has one (else a
+/// logged-in daemon offers the relay's own page, signed in), `failure` why the last menu action
+/// failed, if it did. Pure: the same inputs always give the same view.
 pub fn view(state: &TrayState, web_page: Option<&str>, failure: Option<&str>) -> View {
     let mut view = state_view(state, web_page);
     if let Some(failure) = failure {
@@ -178,7 +190,18 @@ fn state_view(state: &TrayState, web_page: Option<&str>) -> View {
         .join("\n");
 
     let api_url = status.relay_url.as_deref().map(api_url);
-    let web_page = web_page.filter(|_| api_url.is_some()).map(str::to_owned);
+    // The relay signs a browser in only for working credentials.
+    let logged_in = status.user.is_some()
+        && !matches!(
+            status.connection,
+            Connection::LoggedOut | Connection::LoginRequired { .. }
+        );
+    let web_page = match web_page {
+        _ if api_url.is_none() => None,
+        Some(page) => Some(WebPage::Published(page.to_owned())),
+        None if logged_in => Some(WebPage::SignedIn),
+        None => None,
+    };
     let offers = Offers {
         toggle,
         api_url: api_url.is_some(),
@@ -285,6 +308,7 @@ mod tests {
                 Entry::Separator,
                 item("Disconnect", Action::Disconnect),
                 item("Copy API URL", Action::CopyApiUrl),
+                item("Open web page", Action::OpenWebPage),
                 item("Show logs", Action::ShowLogs),
                 Entry::Separator,
                 item("Quit", Action::Quit),
@@ -294,6 +318,7 @@ mod tests {
             view.api_url.as_deref(),
             Some("https://relay.example.com/v1")
         );
+        assert_eq!(view.web_page, Some(WebPage::SignedIn));
     }
 
     #[test]
@@ -322,6 +347,7 @@ mod tests {
             vec![
                 Action::Disconnect,
                 Action::CopyApiUrl,
+                Action::OpenWebPage,
                 Action::ShowLogs,
                 Action::Quit
             ]
@@ -343,10 +369,13 @@ mod tests {
         );
         assert!(!actions(&login).contains(&Action::Connect));
         assert!(!actions(&login).contains(&Action::Disconnect));
+        // The relay would refuse credentials that no longer work.
+        assert!(!actions(&login).contains(&Action::OpenWebPage));
 
         let logged_out = show(&status(Connection::LoggedOut, Ollama::Unknown));
         assert_eq!(logged_out.look, Look::Error);
         assert!(headline(&logged_out).contains("cloudllm login"));
+        assert_eq!(logged_out.web_page, None);
         assert!(logged_out.tooltip.contains("Models: not checked yet"));
 
         let limit = show(&status(

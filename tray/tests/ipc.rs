@@ -7,7 +7,9 @@ use std::time::Duration;
 use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config};
 use cloudllm_proto::ipc::Connection;
 use cloudllm_relay::RelayConfig;
-use cloudllm_tray::daemon::{Event, REDIAL, perform, save_logs, spawn, watch, web_page};
+use cloudllm_tray::daemon::{
+    Event, REDIAL, perform, save_logs, sign_in_link, spawn, watch, web_page,
+};
 use cloudllm_tray::menu::Action;
 use cloudllm_tray::view::TrayState;
 use tracing_subscriber::Layer as _;
@@ -140,6 +142,59 @@ async fn the_relays_web_page_is_looked_up_once_connected() {
     let daemon = TestDaemon::start(config);
     relay.wait_for_devices("alice", 1).await;
     assert_eq!(web_page(&socket).await, None);
+    daemon.stop().await.expect("daemon stop");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_web_page_gets_a_one_time_link_to_the_relays_own_page() {
+    let relay = TestRelay::start(relay_config()).await;
+    let backend = FakeOllama::start().await;
+    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    let socket = config.socket_path.clone().expect("socket");
+    let daemon = TestDaemon::start(config);
+    relay.wait_for_devices("alice", 1).await;
+
+    let link = sign_in_link(&socket).await.expect("a link");
+    let (page, code) = link.expose().split_once("#open=").expect("a code");
+    assert_eq!(page, relay.url().as_str());
+    // It signs a browser in, once: what the page does with it.
+    let exchange = || async {
+        tokio::time::timeout(
+            STEP,
+            cloudllm_e2e::client()
+                .post(relay.api("/cloudllm/open/exchange"))
+                .header("content-type", "application/json")
+                .body(format!(r#"{{"code":"{code}"}}"#))
+                .send(),
+        )
+        .await
+        .expect("exchange timed out")
+        .expect("exchange")
+        .status()
+    };
+    assert_eq!(exchange().await, 200);
+    assert_eq!(exchange().await, 401, "a link works once");
+
+    // Logged out, the daemon says so instead.
+    perform(&socket, Action::Disconnect)
+        .await
+        .expect("disconnect");
+    daemon.stop().await.expect("daemon stop");
+    let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    config.token = None;
+    let socket = config.socket_path.clone().expect("socket");
+    let daemon = TestDaemon::start(config);
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !socket.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "no daemon socket");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = sign_in_link(&socket).await;
+    assert_eq!(
+        refused.err().as_deref(),
+        Some("not logged in: run `cloudllm login --relay URL` first")
+    );
     daemon.stop().await.expect("daemon stop");
     relay.stop().await;
 }

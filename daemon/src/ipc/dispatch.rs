@@ -59,6 +59,9 @@ pub(super) async fn dispatch(
             .relay_info()
             .await
             .map_or_else(control_error, Response::RelayInfo),
+        Request::OpenWeb => crate::web_open::open_for(supervisor)
+            .await
+            .map_or_else(control_error, |url| Response::WebUrl { url }),
     };
     send(writer, &reply).await.is_ok()
 }

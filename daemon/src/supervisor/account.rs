@@ -26,6 +26,12 @@ impl Supervisor {
             .map_err(ControlError::Internal)
     }
 
+    /// The logged-in user's agent token, for `cloudllm open` (`crate::web_open`).
+    pub fn agent_token(&self) -> Option<Secret> {
+        let credentials = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        credentials.as_ref().map(|c| c.access_token.clone())
+    }
+
     /// Logs in with an agent token: checks it and the relay as far as the daemon can (see
     /// `preflight`: everything but the signature, which only the relay can verify), then stores
     /// it and connects. Returns the token's user. Nothing is stored when a check fails.
