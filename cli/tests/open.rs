@@ -14,8 +14,9 @@ use cloudllm_proto::Secret;
 use cloudllm_relay::RelayConfig;
 use common::*;
 
-/// The browser run: one sign-in and one refusal.
-const BROWSER_RUN: Duration = Duration::from_secs(120);
+/// The browser run: one sign-in and one refusal, each waiting at most a minute for the page,
+/// with room for Chromium to start, so that a failing run still prints its report.
+const BROWSER_RUN: Duration = Duration::from_secs(180);
 
 /// Runs `cloudllm open --print`: its exit code, standard output and standard error.
 async fn open_print(socket: &std::path::Path) -> (Option<i32>, String, String) {
