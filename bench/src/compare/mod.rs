@@ -518,13 +518,7 @@ async fn count_syscalls(
             Source::Threads(_) => Attach::Threads(counters::thread_ids(source)),
         })
         .collect();
-    let slug = |label: &str| -> String {
-        label
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .collect()
-    };
-    let path_slug = slug(m.path.kind.name());
+    let path_slug = m.path.kind.slug();
 
     for phase in [Phase::Sequential, Phase::Load] {
         let mut sessions = Vec::new();
@@ -536,7 +530,7 @@ async fn count_syscalls(
                 std::fs::create_dir_all(record)
                     .with_context(|| format!("creating {}", record.display()))?;
                 let label = &m.components[i].0;
-                let out = record.join(format!("{path_slug}--{}.data", slug(label)));
+                let out = record.join(format!("{path_slug}-{}.data", slug(label)));
                 recordings.push(Session::record(attach, &out)?);
             }
         }
@@ -565,11 +559,35 @@ async fn count_syscalls(
     Ok(())
 }
 
+/// `label` for a file name: ASCII letters and digits, words joined by single dashes
+/// (`hyper proxy 1 (front)` → `hyper-proxy-1-front`).
+fn slug(label: &str) -> String {
+    label
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
         0 => f64::NAN,
         n if n % 2 == 1 => values[n / 2],
         n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_names_are_plain() {
+        assert_eq!(slug("hyper proxy 1 (front)"), "hyper-proxy-1-front");
+        assert_eq!(slug("relay"), "relay");
+        assert_eq!(slug("../x"), "x");
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }

@@ -71,6 +71,17 @@ impl Kind {
             Kind::Cloudllm => "cloudllm (relay + daemon)",
         }
     }
+
+    /// A short name for file names (`cloudllm`).
+    pub fn slug(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Hyper => "hyper",
+            Kind::Nginx => "nginx",
+            Kind::Rathole => "rathole",
+            Kind::Cloudllm => "cloudllm",
+        }
+    }
 }
 
 /// A path that is up, with the processes that make it.
