@@ -14,22 +14,24 @@
 //! codes behind `cloudllm open` (`POST /cloudllm/open` with an agent token mints a code, `POST
 //! /cloudllm/open/exchange` trades it once for a short-lived client token; see [`OpenCodes`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::Extension;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use cloudllm_proto as proto;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
+use serde::Serialize;
 
-use crate::auth::Scope;
 use crate::client_addr::client_ip;
 use crate::config::RelayConfig;
 use crate::{AppState, Denied};
+
+mod devices;
+mod open;
+
+pub use devices::{DeviceInfo, Devices, WebConfig, WebOidc, web_config_of};
+pub use open::{Exchanged, MintError, Minted, OPEN_CODE_TTL, OPEN_TOKEN_TTL, OpenCodes};
 
 mod embedded {
     use super::Asset;
@@ -51,22 +53,6 @@ const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 /// `index.html` (and the unhashed icon) names the current assets: always revalidated, so a
 /// relay upgrade reaches every browser at its next load.
 const REVALIDATE: &str = "no-cache";
-
-/// How long a one-time code from `cloudllm open` stays valid: the browser opens within a
-/// second or two on the same machine; 60 s covers a slow first start of the browser.
-pub const OPEN_CODE_TTL: Duration = Duration::from_secs(60);
-/// Lifetime of the client token a one-time code buys: a working day. It cannot be refreshed;
-/// `cloudllm open` again gives a new one. Short, so a token left in a browser dies soon.
-pub const OPEN_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Live codes one user may hold: a person opens the page a few times a minute at most; more
-/// would only fill the relay's memory.
-const MAX_CODES_PER_USER: usize = 8;
-/// Live codes in all, over every user: bounds the table's memory (≈100 bytes each).
-const MAX_CODES: usize = 10_000;
-/// Length of a one-time code, in random bytes: 256 bits cannot be guessed within its TTL.
-const CODE_BYTES: usize = 32;
-/// Largest exchange request body: `{"code": "<64 hex>"}` and some room.
-const MAX_EXCHANGE_BODY: usize = 1024;
 
 /// One embedded file of the bundle.
 #[derive(Debug)]
@@ -150,10 +136,10 @@ pub(crate) fn routes(site: Site) -> axum::Router<Arc<AppState>> {
         .route("/index.html", get(page))
         .route("/assets/{*file}", get(page))
         .route("/favicon.svg", get(page))
-        .route(DEVICES_PATH, get(devices))
-        .route(WEB_CONFIG_PATH, get(web_config))
-        .route(OPEN_PATH, post(mint))
-        .route(EXCHANGE_PATH, post(exchange))
+        .route(DEVICES_PATH, get(devices::devices))
+        .route(WEB_CONFIG_PATH, get(devices::web_config))
+        .route(OPEN_PATH, post(open::mint))
+        .route(EXCHANGE_PATH, post(open::exchange))
         .layer(Extension(Arc::new(site)))
 }
 
@@ -324,42 +310,6 @@ fn denied(state: &AppState, addr: Option<std::net::IpAddr>, denied: Denied) -> R
     }
 }
 
-/// The page's sign-in settings, `GET /cloudllm/web` (public, like `/.well-known/cloudllm`).
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct WebConfig {
-    /// OpenID Connect in the page, with `[login]` and `[web_login]`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub oidc: Option<WebOidc>,
-}
-
-/// The provider and client the page signs in with.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct WebOidc {
-    /// The provider's issuer URL.
-    pub issuer: String,
-    /// The page's client id.
-    pub client_id: String,
-    /// The scopes it asks for.
-    pub scopes: Vec<String>,
-}
-
-/// The [`WebConfig`] of `config`.
-pub fn web_config_of(config: &RelayConfig) -> WebConfig {
-    let oidc = match (&config.login, &config.web_login) {
-        (Some(login), Some(web)) => Some(WebOidc {
-            issuer: login.issuer.clone(),
-            client_id: web.client_id.clone(),
-            scopes: web.scopes.clone(),
-        }),
-        _ => None,
-    };
-    WebConfig { oidc }
-}
-
-async fn web_config(State(state): State<Arc<AppState>>) -> Response {
-    json(&web_config_of(&state.config))
-}
-
 /// The caller's address, as the proxy computes it (trusted proxies may name it).
 fn caller(state: &AppState, req: &Request) -> Option<std::net::IpAddr> {
     let peer = req
@@ -367,223 +317,6 @@ fn caller(state: &AppState, req: &Request) -> Option<std::net::IpAddr> {
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0);
     client_ip(peer, req.headers(), &state.config.trusted_proxies)
-}
-
-/// One connected device, as `GET /cloudllm/devices` lists it.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct DeviceInfo {
-    /// The device's name (what `x-cloudllm-device` takes).
-    pub name: String,
-    /// Its stable id (also accepted by `x-cloudllm-device`).
-    pub id: String,
-    /// The models its Ollama has, as the daemon last reported them.
-    pub models: Vec<String>,
-    /// Requests it is serving now.
-    pub busy: usize,
-}
-
-/// The body of `GET /cloudllm/devices`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Devices {
-    /// The caller's connected devices, by name.
-    pub devices: Vec<DeviceInfo>,
-}
-
-/// `GET /cloudllm/devices` with a client token: the caller's connected devices and their models.
-async fn devices(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let addr = caller(&state, &req);
-    let identity = match state
-        .authenticate(req.headers(), addr, Scope::Client, "api")
-        .await
-    {
-        Ok(identity) => identity,
-        Err(refused) => return denied(&state, addr, refused),
-    };
-    crate::connections::admitted(req.extensions());
-    let mut list: Vec<DeviceInfo> = state
-        .registry
-        .devices_of(&identity.user)
-        .iter()
-        .map(|device| DeviceInfo {
-            name: device.name.clone(),
-            id: device.id.clone(),
-            models: device.models(),
-            busy: device.in_flight(),
-        })
-        .collect();
-    list.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-    json(&Devices { devices: list })
-}
-
-/// The one-time codes of `cloudllm open`, in memory only (they live a minute).
-///
-/// Why this is safe: the daemon mints a code with its agent token (a credential that already
-/// names the user) and opens `RELAY/#open=CODE`. The code is in the URL's fragment, which the
-/// browser never sends to any server, so it reaches no access log and no `Referer`; the page
-/// removes it from the address bar and history at once. It is 256 random bits, valid for
-/// [`OPEN_CODE_TTL`], good for one exchange, and it buys only a client token (no tunnel)
-/// that expires after [`OPEN_TOKEN_TTL`]. Wrong codes count against the address's failure
-/// budget like bad tokens. No long-lived secret ever travels in a URL.
-#[derive(Debug, Default)]
-pub struct OpenCodes {
-    codes: Mutex<HashMap<String, Pending>>,
-}
-
-#[derive(Debug)]
-struct Pending {
-    user: String,
-    tier: Option<String>,
-    expires: Instant,
-}
-
-/// Why a code was not minted.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum MintError {
-    /// The user holds [`MAX_CODES_PER_USER`] live codes.
-    #[error("too many sign-in codes at once: wait a minute and try again")]
-    PerUser,
-    /// The table holds [`MAX_CODES`].
-    #[error("the relay is handing out too many sign-in codes right now: try again in a minute")]
-    Full,
-}
-
-impl OpenCodes {
-    /// A new code for `user` (with their `tier`), valid for [`OPEN_CODE_TTL`] from `now`.
-    pub fn mint(&self, user: &str, tier: Option<&str>, now: Instant) -> Result<String, MintError> {
-        let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
-        codes.retain(|_, pending| pending.expires > now);
-        if codes.len() >= MAX_CODES {
-            return Err(MintError::Full);
-        }
-        if codes.values().filter(|p| p.user == user).count() >= MAX_CODES_PER_USER {
-            return Err(MintError::PerUser);
-        }
-        let mut bytes = [0u8; CODE_BYTES];
-        getrandom::fill(&mut bytes).map_err(|_| MintError::Full)?;
-        let code: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        codes.insert(
-            code.clone(),
-            Pending {
-                user: user.to_owned(),
-                tier: tier.map(str::to_owned),
-                expires: now + OPEN_CODE_TTL,
-            },
-        );
-        Ok(code)
-    }
-
-    /// Takes `code` if it is live: the user and tier it was minted for. A code works once.
-    pub fn take(&self, code: &str, now: Instant) -> Option<(String, Option<String>)> {
-        let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
-        let pending = codes.remove(code)?;
-        (pending.expires > now).then_some((pending.user, pending.tier))
-    }
-}
-
-/// The answer of `POST /cloudllm/open` (the daemon reads the same type).
-pub type Minted = proto::OpenWebCode;
-
-/// `POST /cloudllm/open` with an agent token (the daemon's): a one-time sign-in code for the
-/// page, for `cloudllm open`.
-async fn mint(
-    State(state): State<Arc<AppState>>,
-    Extension(codes): Extension<Arc<OpenCodes>>,
-    req: Request,
-) -> Response {
-    let addr = caller(&state, &req);
-    let identity = match state
-        .authenticate(req.headers(), addr, Scope::Agent, "api")
-        .await
-    {
-        Ok(identity) => identity,
-        Err(refused) => return denied(&state, addr, refused),
-    };
-    crate::connections::admitted(req.extensions());
-    if state.config.secret.is_none() {
-        return error(
-            StatusCode::NOT_IMPLEMENTED,
-            "this relay has no signing secret (only [jwks]), so it cannot sign you in from a code: sign in on the page with your identity provider",
-        );
-    }
-    match codes.mint(&identity.user, identity.tier.as_deref(), Instant::now()) {
-        Ok(code) => json(&Minted {
-            path: proto::Secret::new(format!("/#open={code}")),
-            code: proto::Secret::new(code),
-            expires_in: OPEN_CODE_TTL.as_secs(),
-        }),
-        Err(err) => {
-            let mut response = error(StatusCode::TOO_MANY_REQUESTS, &err.to_string());
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
-            response
-        }
-    }
-}
-
-/// The body of `POST /cloudllm/open/exchange`.
-#[derive(Debug, Deserialize)]
-struct ExchangeRequest {
-    code: String,
-}
-
-/// The answer of `POST /cloudllm/open/exchange`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Exchanged {
-    /// A client token for the code's user.
-    pub token: String,
-    /// Seconds until it expires.
-    pub expires_in: u64,
-}
-
-/// `POST /cloudllm/open/exchange` `{"code": "..."}`: trades a live one-time code, once, for a
-/// short-lived client token. A wrong code counts as a failed sign-in of the caller's address.
-async fn exchange(
-    State(state): State<Arc<AppState>>,
-    Extension(codes): Extension<Arc<OpenCodes>>,
-    req: Request,
-) -> Response {
-    let addr = caller(&state, &req);
-    if let Some(refusal) = addr.and_then(|ip| state.limits.blocked(ip)) {
-        return denied(&state, addr, Denied::Limited(refusal));
-    }
-    let body = match axum::body::to_bytes(req.into_body(), MAX_EXCHANGE_BODY).await {
-        Ok(body) => body,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "the request body is too large",
-            );
-        }
-    };
-    let Ok(ExchangeRequest { code }) = serde_json::from_slice(&body) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "send {\"code\": \"...\"}: the code from the page's address",
-        );
-    };
-    let Some((user, tier)) = codes.take(&code, Instant::now()) else {
-        return match state.auth_failed(addr, "api", crate::auth::AuthError::Invalid) {
-            Denied::Limited(refusal) => denied(&state, addr, Denied::Limited(refusal)),
-            Denied::Auth(_) => error(
-                StatusCode::UNAUTHORIZED,
-                "this sign-in link has expired or was already used: run `cloudllm open` again",
-            ),
-        };
-    };
-    match state
-        .keys
-        .issue(&user, Scope::Client, tier.as_deref(), OPEN_TOKEN_TTL)
-    {
-        Ok(token) => json(&Exchanged {
-            token,
-            expires_in: OPEN_TOKEN_TTL.as_secs(),
-        }),
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the relay could not sign a token",
-        ),
-    }
 }
 
 #[cfg(test)]
@@ -652,35 +385,6 @@ mod tests {
             with_login.contains("connect-src 'self' https://idp.example.com;"),
             "{with_login}"
         );
-    }
-
-    #[test]
-    fn codes_work_once_and_expire() {
-        let codes = OpenCodes::default();
-        let now = Instant::now();
-        let code = codes.mint("alice", Some("free"), now).unwrap();
-        assert_eq!(code.len(), CODE_BYTES * 2);
-        assert_eq!(
-            codes.take(&code, now),
-            Some(("alice".to_owned(), Some("free".to_owned())))
-        );
-        assert_eq!(codes.take(&code, now), None, "a code works once");
-        let late = codes.mint("alice", None, now).unwrap();
-        assert_eq!(codes.take(&late, now + OPEN_CODE_TTL), None, "expired");
-        assert_eq!(codes.take("", now), None);
-    }
-
-    #[test]
-    fn one_user_cannot_fill_the_table() {
-        let codes = OpenCodes::default();
-        let now = Instant::now();
-        for _ in 0..MAX_CODES_PER_USER {
-            codes.mint("alice", None, now).unwrap();
-        }
-        assert_eq!(codes.mint("alice", None, now), Err(MintError::PerUser));
-        assert!(codes.mint("bob", None, now).is_ok());
-        // Expired codes make room again.
-        assert!(codes.mint("alice", None, now + OPEN_CODE_TTL).is_ok());
     }
 
     #[test]
