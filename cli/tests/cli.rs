@@ -21,6 +21,7 @@ async fn every_command_says_in_one_line_when_the_daemon_is_not_running() {
         &["config", "get"],
         &["models"],
         &["logout"],
+        &["open", "--print"],
     ] {
         let output = run(&socket, args).await;
         assert_eq!(output.status.code(), Some(3), "{args:?}");

@@ -511,6 +511,56 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     daemon.stop().await.expect("daemon stop");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_web_page_signs_the_browser_in_on_a_relay_without_a_page_of_its_own() {
+    if !should_run() {
+        return;
+    }
+    capture_logs();
+    let (_xvfb, display) = start_xvfb().await;
+    let _trayer = start_trayer(&display);
+    let relay = TestRelay::start(relay_config()).await;
+    let backend = FakeOllama::start().await;
+    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    let socket = config.socket_path.clone().expect("a socket path");
+    let daemon = TestDaemon::start(config);
+    relay.wait_for_devices("alice", 1).await;
+
+    let log = scratch_file("tray.log");
+    let opened = scratch_file("opened.txt");
+    let _tray = start_tray(&display, &socket, &log, &opened);
+    let (shot, _) = wait_for_look(&display, Look::Connected, None).await;
+    let icon = shot
+        .bounds(colour(Look::Connected))
+        .expect("the icon's pixels");
+
+    // "Open web page" (the third item: the relay publishes no page, so it is the relay's own)
+    // hands the opener a one-time link that signs a browser in.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    open_menu(&display, icon).await;
+    xdotool(&display, &["key", "Down", "Down", "Down", "Return"]).await;
+    let link = wait_for_opened(&opened, 1).await[0].clone();
+    let code = link
+        .strip_prefix(&format!("{}#open=", relay.url()))
+        .unwrap_or_else(|| panic!("not a sign-in link of the relay: {link}"))
+        .to_owned();
+    let exchange = tokio::time::timeout(
+        STEP,
+        cloudllm_e2e::client()
+            .post(relay.api("/cloudllm/open/exchange"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"code":"{code}"}}"#))
+            .send(),
+    )
+    .await
+    .expect("exchange timed out")
+    .expect("exchange");
+    assert_eq!(exchange.status(), 200, "the link did not sign in");
+    let tray_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!tray_log.contains(&code), "the link is in the tray's log");
+    daemon.stop().await.expect("daemon stop");
+}
+
 /// A loopback URL where nothing listens (a port the system gave out and took back).
 fn closed_port_url() -> url::Url {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
