@@ -22,7 +22,8 @@ use url::Url;
 use tracing::info;
 
 use crate::config::DaemonConfig;
-use crate::dial::tls_config;
+use crate::dial::{relay_endpoint, tls_config};
+use crate::login::chain;
 use crate::supervisor::{ControlError, Supervisor};
 
 /// Time for the whole request, answer included: the relay answers from memory, so 15 s means
@@ -130,7 +131,7 @@ pub async fn sign_in_link(
         .map_err(|err| offline(chain(&err)))?;
     let exchange = async {
         let response = client
-            .post(endpoint(relay, OPEN_WEB_PATH))
+            .post(relay_endpoint(relay, OPEN_WEB_PATH))
             .bearer_auth(token.expose())
             .send()
             .await
@@ -192,21 +193,9 @@ fn answer(relay: &Url, status: StatusCode, body: &[u8]) -> Result<Secret, OpenWe
     }
 }
 
-/// The URL of `path` (absolute, as the relay serves it) under the relay's base URL, where the
-/// tunnel is dialled too: a relay behind a prefix (`https://example.com/cloudllm/`) is reached
-/// there.
-fn endpoint(relay: &Url, path: &str) -> Url {
-    let mut url = relay.clone();
-    let base = url.path().trim_end_matches('/').to_owned();
-    url.set_path(&format!("{base}{path}"));
-    url.set_query(None);
-    url.set_fragment(None);
-    url
-}
-
 /// The web page of the relay at `relay`: its base URL, as a directory.
 fn page(relay: &Url) -> Url {
-    endpoint(relay, "/")
+    relay_endpoint(relay, "/")
 }
 
 /// `RELAY/#open=CODE`, built here from the relay's base URL rather than taken from the
@@ -249,18 +238,6 @@ fn relay_message(body: &[u8]) -> String {
     out
 }
 
-/// An error and its causes on one line (reqwest's own message hides the cause).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,11 +267,11 @@ mod tests {
     #[test]
     fn the_code_is_asked_for_under_the_relays_base_path() {
         assert_eq!(
-            endpoint(&relay("https://example.com/cloudllm/?x#y"), OPEN_WEB_PATH).as_str(),
+            relay_endpoint(&relay("https://example.com/cloudllm/?x#y"), OPEN_WEB_PATH).as_str(),
             "https://example.com/cloudllm/cloudllm/open"
         );
         assert_eq!(
-            endpoint(&relay("http://127.0.0.1:8080"), OPEN_WEB_PATH).as_str(),
+            relay_endpoint(&relay("http://127.0.0.1:8080"), OPEN_WEB_PATH).as_str(),
             "http://127.0.0.1:8080/cloudllm/open"
         );
     }

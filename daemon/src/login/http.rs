@@ -186,7 +186,7 @@ fn transport_error(error: reqwest::Error) -> HttpError {
 }
 
 /// An error and its causes on one line (reqwest's own message hides the cause).
-fn chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -23,6 +23,7 @@ mod discovery;
 mod http;
 mod refresh;
 
+pub(crate) use http::chain;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cloudllm_proto::Secret;
