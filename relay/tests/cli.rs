@@ -190,7 +190,7 @@ fn dev_mode_with_nobody_reading_its_output_keeps_serving_and_stops_on_sigterm() 
     let mut child = relay()
         .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
+        .env_remove("NO_COLOR")
         .stdout(writer)
         .stderr(Stdio::piped())
         .spawn()
@@ -236,6 +236,11 @@ fn dev_mode_with_nobody_reading_its_output_keeps_serving_and_stops_on_sigterm() 
     let rest: Vec<String> = lines_rx.try_iter().collect();
     assert!(
         !seen.iter().chain(&rest).any(|l| l.contains("panicked")),
+        "{seen:#?} {rest:#?}"
+    );
+    // Standard error is a pipe here, as under journald or in a file: no colour codes.
+    assert!(
+        !seen.iter().chain(&rest).any(|l| l.contains('\x1b')),
         "{seen:#?} {rest:#?}"
     );
     assert!(status.success(), "exit status {status}");
