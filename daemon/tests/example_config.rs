@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use cloudllm_daemon::DaemonConfig;
-use cloudllm_daemon::config::StoreChoice;
+use cloudllm_daemon::config::{SETTINGS, StoreChoice};
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cloudllmd.example.toml")
@@ -86,22 +86,8 @@ fn every_setting_is_named_and_loads() {
     assert_eq!(reconnect_max, defaults.reconnect_max);
     assert_eq!(shutdown_grace, defaults.shutdown_grace);
     assert_eq!(credential_store, StoreChoice::Auto);
-    for key in [
-        "relay_url",
-        "ollama_url",
-        "device_name",
-        "device_id",
-        "ca_file",
-        "allow_model_management",
-        "ping_interval",
-        "ping_timeout",
-        "reconnect_max",
-        "shutdown_grace",
-        "socket_path",
-        "state_dir",
-        "operator_group",
-        "credential_store",
-    ] {
+    // Every setting `cloudllm config` knows is shown (commented) in the example.
+    for key in SETTINGS {
         assert!(
             text.contains(&format!("# {key} = ")),
             "the example does not show {key}"
