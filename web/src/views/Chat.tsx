@@ -1,0 +1,516 @@
+// The chat of a signed-in user: the conversation list, the model and device pickers, the
+// messages and the composer. State lives here; requests go through the API client and the chat
+// logic, storage through the store.
+
+import { useCallback, useEffect, useMemo, useRef, useState } from 'preact/hooks';
+import { Client } from '../api/client';
+import { ApiError, type DeviceInfo, type ModelTag } from '../api/types';
+import { expiredReason, type Session } from '../auth/token';
+import { type Live, streamAnswer, wireMessages } from '../chat';
+import { onCopyClick } from '../render/markdown';
+import { type Conversation, type Message, newId, Store, titleFrom } from '../store/db';
+import { exportJson, parseImport } from '../store/transfer';
+import { Composer } from './Composer';
+import { MessageView } from './Message';
+import { Sidebar } from './Sidebar';
+
+import { SystemPrompt } from './SystemPrompt';
+const LAST_MODEL_KEY = 'cloudllm.model';
+/** How often the device list is asked again while the page is open: a device that comes
+ * online shows up within this. */
+const DEVICE_POLL_MS = 15_000;
+/** Messages rendered as Markdown at once when a conversation opens; older ones when scrolled
+ * near. */
+const EAGER_MESSAGES = 12;
+/** Least time between two renders of a streaming answer: 50 ms (20 a second) reads as smooth
+ * and leaves the main thread free for typing. */
+const STREAM_PAINT_MS = 50;
+
+/** Model options (Ollama's `options`, e.g. `{"num_predict": 64}`) kept in this browser, for
+ * people who want them; none by default. */
+const OPTIONS_KEY = 'cloudllm.options';
+
+function storedOptions(): Record<string, number> | null {
+  try {
+    const value = JSON.parse(localStorage.getItem(OPTIONS_KEY) ?? 'null') as unknown;
+    if (!value || typeof value !== 'object') return null;
+    const entries = Object.entries(value).filter((e): e is [string, number] => typeof e[1] === 'number');
+    return entries.length ? Object.fromEntries(entries) : null;
+  } catch {
+    return null;
+  }
+}
+
+interface Banner {
+  kind: 'offline' | 'rate' | 'error' | 'info';
+  text: string;
+  until?: number;
+}
+
+export function Chat(props: { session: Session; onSignOut: (why?: string) => void }) {
+  const { session, onSignOut } = props;
+  const client = useMemo(() => new Client(session.token), [session.token]);
+  const [store, setStore] = useState<Store | null>(null);
+  const [conversations, setConversations] = useState<Conversation[]>([]);
+  const [query, setQuery] = useState('');
+  const [hits, setHits] = useState<Set<string> | null>(null);
+  const [current, setCurrent] = useState<Conversation | null>(null);
+  const [messages, setMessages] = useState<Message[]>([]);
+  const [live, setLive] = useState<Live | null>(null);
+  const [models, setModels] = useState<ModelTag[]>([]);
+  const [devices, setDevices] = useState<DeviceInfo[]>([]);
+  const [model, setModel] = useState(localStorage.getItem(LAST_MODEL_KEY) ?? '');
+  const [device, setDevice] = useState('');
+  const [vision, setVision] = useState<boolean | null>(null);
+  const [banner, setBanner] = useState<Banner | null>(null);
+  const [busy, setBusy] = useState<AbortController | null>(null);
+  const [editing, setEditing] = useState<number | null>(null);
+  const [showSystem, setShowSystem] = useState(false);
+  const [menuOpen, setMenuOpen] = useState(false);
+  const [now, setNow] = useState(Date.now());
+  const scroller = useRef<HTMLDivElement>(null);
+  const user = session.user;
+
+  const fail = useCallback(
+    (err: unknown) => {
+      if (!(err instanceof ApiError)) {
+        setBanner({ kind: 'error', text: (err as Error).message });
+        return;
+      }
+      switch (err.kind) {
+        case 'unauthorized':
+          onSignOut(expiredReason(session, err.message));
+          return;
+        case 'offline':
+          setBanner({ kind: 'offline', text: `Your device is offline. ${err.message}` });
+          return;
+        case 'rate-limited':
+          setBanner({ kind: 'rate', text: err.message, until: Date.now() + (err.retryAfter ?? 1) * 1000 });
+          return;
+        case 'aborted':
+          return;
+        default:
+          setBanner({ kind: 'error', text: err.message });
+      }
+    },
+    [onSignOut, session],
+  );
+
+  // The store and the conversation list.
+  useEffect(() => {
+    let opened: Store | null = null;
+    Store.open()
+      .then(async (s) => {
+        opened = s;
+        setStore(s);
+        setConversations(await s.list(user));
+      })
+      .catch((err: Error) => setBanner({ kind: 'error', text: `This browser cannot keep conversations: ${err.message}` }));
+    return () => opened?.close();
+  }, [user]);
+
+  // Models and devices, asked again every DEVICE_POLL_MS and when the page comes back.
+  const refreshDevices = useCallback(async () => {
+    try {
+      const [tags, list] = await Promise.all([client.tags(), client.devices()]);
+      setModels(tags.models);
+      setDevices(list.devices);
+      setBanner((b) => (b?.kind === 'offline' ? null : b));
+    } catch (err) {
+      if (err instanceof ApiError && err.kind === 'offline') {
+        setModels([]);
+        setDevices([]);
+      }
+      fail(err);
+    }
+  }, [client, fail]);
+  useEffect(() => {
+    void refreshDevices();
+    const timer = setInterval(() => void refreshDevices(), DEVICE_POLL_MS);
+    const onFocus = () => void refreshDevices();
+    window.addEventListener('focus', onFocus);
+    return () => {
+      clearInterval(timer);
+      window.removeEventListener('focus', onFocus);
+    };
+  }, [refreshDevices]);
+
+  // The models the chosen device has (or every device's).
+  const choices = useMemo(() => {
+    const byModel = new Map<string, string[]>();
+    for (const d of devices) for (const m of d.models) byModel.set(m, [...(byModel.get(m) ?? []), d.name]);
+    const names = device
+      ? (devices.find((d) => d.name === device)?.models ?? [])
+      : models.map((m) => m.name).filter((n, i, all) => all.indexOf(n) === i);
+    return names.map((name) => ({ name, devices: byModel.get(name) ?? [] }));
+  }, [models, devices, device]);
+
+  useEffect(() => {
+    if (choices.length && !choices.some((c) => c.name === model)) setModel(choices[0]?.name ?? '');
+  }, [choices, model]);
+  useEffect(() => {
+    if (device && devices.length && !devices.some((d) => d.name === device)) setDevice('');
+  }, [devices, device]);
+
+  // Whether the model takes images.
+  useEffect(() => {
+    setVision(null);
+    if (!model) return;
+    let stale = false;
+    client
+      .show(model, device || undefined)
+      .then((show) => {
+        const families = show.details?.families ?? [];
+        const can = show.capabilities?.includes('vision') || families.includes('clip') || families.includes('mllama');
+        if (!stale) setVision(!!can);
+      })
+      .catch(() => !stale && setVision(false));
+    return () => {
+      stale = true;
+    };
+  }, [client, model, device]);
+
+  // The rate-limit countdown.
+  useEffect(() => {
+    if (!banner?.until) return;
+    const timer = setInterval(() => {
+      setNow(Date.now());
+      if (banner.until && Date.now() >= banner.until) setBanner(null);
+    }, 500);
+    return () => clearInterval(timer);
+  }, [banner]);
+
+  // Esc stops, anywhere on the page.
+  useEffect(() => {
+    const onKey = (event: KeyboardEvent) => {
+      if (event.key === 'Escape' && busy) {
+        event.preventDefault();
+        busy.abort();
+      }
+    };
+    window.addEventListener('keydown', onKey);
+    return () => window.removeEventListener('keydown', onKey);
+  }, [busy]);
+
+  // Search over titles and texts.
+  useEffect(() => {
+    if (!store || !query.trim()) {
+      setHits(null);
+      return;
+    }
+    let stale = false;
+    void store.search(user, query).then((found) => !stale && setHits(found));
+    return () => {
+      stale = true;
+    };
+  }, [store, user, query, conversations]);
+
+  const scrollDown = () => {
+    const el = scroller.current;
+    if (el) el.scrollTop = el.scrollHeight;
+  };
+
+  const open = async (conversation: Conversation) => {
+    if (!store || busy) return;
+    setCurrent(conversation);
+    setEditing(null);
+    setLive(null);
+    setMessages(await store.messages(user, conversation.id));
+    if (conversation.model) setModel(conversation.model);
+    setDevice(conversation.device);
+    setMenuOpen(false);
+    requestAnimationFrame(scrollDown);
+  };
+
+  const newChat = () => {
+    if (busy) return;
+    setCurrent(null);
+    setMessages([]);
+    setEditing(null);
+    setLive(null);
+    setMenuOpen(false);
+  };
+
+  const persist = async (conversation: Conversation, list: Message[]) => {
+    if (!store) return;
+    await store.save(conversation, list);
+    setConversations(await store.list(user));
+  };
+
+  /** Asks for an answer to `history` (which ends with the person's message). */
+  const answer = async (conversation: Conversation, history: Message[]) => {
+    const controller = new AbortController();
+    setBusy(controller);
+    setBanner((b) => (b?.kind === 'rate' ? b : null));
+    setMessages(history);
+    setLive({ content: '', thinking: '', thinkingOpen: false, tokens: 0 });
+    let latest: Live = { content: '', thinking: '', thinkingOpen: false, tokens: 0 };
+    let frame = 0;
+    let ended = false;
+    const paint = () => {
+      frame = 0;
+      if (ended) return;
+      setLive(latest);
+      const el = scroller.current;
+      if (el && el.scrollHeight - el.scrollTop - el.clientHeight < 120) el.scrollTop = el.scrollHeight;
+    };
+    let reply: Message;
+    try {
+      const options = storedOptions();
+      const request = {
+        model,
+        messages: wireMessages(conversation.systemPrompt, history),
+        ...(device ? { device } : {}),
+        ...(options ? { options } : {}),
+      };
+      reply = await streamAnswer(
+        client,
+        request,
+        (next) => {
+          latest = next;
+          // At most one render per STREAM_PAINT_MS: smooth to the eye, cheap for the page.
+          frame ||= window.setTimeout(() => requestAnimationFrame(paint), STREAM_PAINT_MS);
+        },
+        controller.signal,
+      );
+    } catch (err) {
+      reply = { role: 'assistant', content: latest.content, model };
+      if (latest.thinking) reply.thinking = latest.thinking;
+      reply.note = err instanceof ApiError && err.kind === 'aborted' ? 'Stopped.' : `Failed: ${(err as Error).message}`;
+      fail(err);
+    }
+    ended = true;
+    if (frame) clearTimeout(frame);
+    const list = [...history, reply];
+    setLive(null);
+    setMessages(list);
+    setBusy(null);
+    const saved = { ...conversation, model, device, updatedAt: Date.now() };
+    setCurrent(saved);
+    await persist(saved, list);
+  };
+
+  const send = async (text: string, images: string[]) => {
+    if (!model) {
+      setBanner({ kind: 'error', text: 'No model to talk to: is Ollama running on your computer, with a model pulled?' });
+      return false;
+    }
+    if (images.length && vision === false) {
+      setBanner({ kind: 'error', text: `${model} cannot see images: choose a vision model (one that lists "vision").` });
+      return false;
+    }
+    localStorage.setItem(LAST_MODEL_KEY, model);
+    const message: Message = { role: 'user', content: text };
+    if (images.length) message.images = images;
+    const nowMs = Date.now();
+    const conversation: Conversation = current ?? {
+      id: newId(),
+      user,
+      title: titleFrom(text),
+      systemPrompt: '',
+      model,
+      device,
+      createdAt: nowMs,
+      updatedAt: nowMs,
+      messageCount: 0,
+    };
+    let history: Message[];
+    if (editing !== null) {
+      history = [...messages.slice(0, editing), message];
+      setEditing(null);
+    } else {
+      history = [...messages, message];
+    }
+    setCurrent(conversation);
+    requestAnimationFrame(scrollDown);
+    void answer(conversation, history);
+    return true;
+  };
+
+  const regenerate = () => {
+    if (!current || busy) return;
+    let end = messages.length;
+    while (end > 0 && messages[end - 1]?.role === 'assistant') end -= 1;
+    if (end > 0) void answer(current, messages.slice(0, end));
+  };
+
+  const setSystemPrompt = async (text: string) => {
+    const conversation: Conversation = current ?? {
+      id: newId(),
+      user,
+      title: 'New chat',
+      systemPrompt: '',
+      model,
+      device,
+      createdAt: Date.now(),
+      updatedAt: Date.now(),
+      messageCount: 0,
+    };
+    const next = { ...conversation, systemPrompt: text };
+    setCurrent(next);
+    await persist(next, messages);
+  };
+
+  const rename = async (conversation: Conversation) => {
+    const title = prompt('New name for this conversation', conversation.title);
+    if (title === null || !store) return;
+    await store.rename(user, conversation.id, title);
+    setConversations(await store.list(user));
+    if (current?.id === conversation.id) setCurrent({ ...conversation, title: title.trim() || conversation.title });
+  };
+
+  const remove = async (conversation: Conversation) => {
+    if (!store || !confirm(`Delete "${conversation.title}"? This cannot be undone.`)) return;
+    await store.remove(user, conversation.id);
+    setConversations(await store.list(user));
+    if (current?.id === conversation.id) newChat();
+  };
+
+  const exportAll = async () => {
+    if (!store) return;
+    const items = await Promise.all(
+      conversations.map(async (conversation) => ({ conversation, messages: await store.messages(user, conversation.id) })),
+    );
+    const blob = new Blob([exportJson(items)], { type: 'application/json' });
+    const link = document.createElement('a');
+    link.href = URL.createObjectURL(blob);
+    link.download = `cloudllm-conversations-${new Date().toISOString().slice(0, 10)}.json`;
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+  };
+
+  const importFile = async (file: File) => {
+    if (!store) return;
+    const parsed = parseImport(await file.text(), user);
+    if ('error' in parsed) {
+      setBanner({ kind: 'error', text: parsed.error });
+      return;
+    }
+    for (const item of parsed.items) await store.save(item.conversation, item.messages);
+    setConversations(await store.list(user));
+    setBanner({ kind: 'info', text: `Imported ${parsed.items.length} conversation(s).` });
+  };
+
+  const signOut = async (wipe: boolean) => {
+    busy?.abort();
+    if (wipe && store) await store.removeAll(user);
+    onSignOut(wipe ? 'Signed out; this browser no longer has your conversations.' : '');
+  };
+
+  const shown = hits ? conversations.filter((c) => hits.has(c.id)) : conversations;
+  const streamingMessage: Message | null = live
+    ? { role: 'assistant', content: live.content, thinking: live.thinking, model }
+    : null;
+  const waitSeconds = banner?.until ? Math.max(0, Math.ceil((banner.until - now) / 1000)) : 0;
+
+  return (
+    <div class={`layout ${menuOpen ? 'menu-open' : ''}`}>
+      <Sidebar
+        query={query}
+        onQuery={setQuery}
+        shown={shown}
+        currentId={current?.id}
+        who={session.label}
+        onNew={newChat}
+        onOpen={(c) => void open(c)}
+        onRename={(c) => void rename(c)}
+        onRemove={(c) => void remove(c)}
+        onExport={() => void exportAll()}
+        onImport={(file) => void importFile(file)}
+        onSignOut={(deleteHere) => void signOut(deleteHere)}
+      />
+      <main class="chat">
+        <header class="bar">
+          <button type="button" class="icon menu" aria-label="Conversations" onClick={() => setMenuOpen(!menuOpen)}>
+            ☰
+          </button>
+          <label class="picker">
+            <span class="sr">Model</span>
+            <select
+              value={model}
+              onChange={(e) => setModel((e.target as HTMLSelectElement).value)}
+              data-testid="model"
+              disabled={!!busy}
+            >
+              {!choices.length && <option value="">no models</option>}
+              {choices.map((c) => (
+                <option key={c.name} value={c.name}>
+                  {c.devices.length && !device ? `${c.name} — ${c.devices.join(', ')}` : c.name}
+                </option>
+              ))}
+            </select>
+          </label>
+          {devices.length > 1 && (
+            <label class="picker">
+              <span class="sr">Device</span>
+              <select
+                value={device}
+                onChange={(e) => setDevice((e.target as HTMLSelectElement).value)}
+                data-testid="device"
+                disabled={!!busy}
+              >
+                <option value="">any device</option>
+                {devices.map((d) => (
+                  <option key={d.id} value={d.name}>
+                    {d.name}
+                  </option>
+                ))}
+              </select>
+            </label>
+          )}
+          <span class={`status ${devices.length ? 'online' : 'offline'}`} data-testid="device-status">
+            {devices.length ? (devices.length === 1 ? `${devices[0]?.name} online` : `${devices.length} devices online`) : 'offline'}
+          </span>
+          <button type="button" class="subtle" onClick={() => setShowSystem(!showSystem)} aria-expanded={showSystem}>
+            System prompt
+          </button>
+        </header>
+        {showSystem && (
+          <SystemPrompt key={current?.id ?? 'new'} value={current?.systemPrompt ?? ''} onSave={(t) => void setSystemPrompt(t)} />
+        )}
+        {banner && (
+          <div class={`banner ${banner.kind}`} role="alert" data-testid={`banner-${banner.kind}`}>
+            <span>
+              {banner.text}
+              {banner.kind === 'rate' && ` Try again in ${waitSeconds} s.`}
+            </span>
+            <button type="button" class="icon" aria-label="Dismiss" onClick={() => setBanner(null)}>
+              ✕
+            </button>
+          </div>
+        )}
+        <div class="messages" ref={scroller} onClick={(e) => void onCopyClick(e)} data-testid="messages">
+          {!messages.length && !live && (
+            <div class="welcome">
+              <h2>What can I help with?</h2>
+              <p>Your messages go to the models on your own computer. Conversations stay in this browser.</p>
+            </div>
+          )}
+          {messages.map((m, i) => (
+            <MessageView
+              key={`${current?.id}-${i}`}
+              message={m}
+              index={i}
+              eager={i >= messages.length - EAGER_MESSAGES}
+              {...(busy ? {} : { onEdit: setEditing })}
+              {...(!busy && i === messages.length - 1 && m.role === 'assistant' ? { onRegenerate: regenerate } : {})}
+            />
+          ))}
+          {streamingMessage && live && (
+            <MessageView message={streamingMessage} index={messages.length} streaming thinkingOpen={live.thinkingOpen} />
+          )}
+        </div>
+        <Composer
+          busy={!!busy}
+          editing={editing !== null ? (messages[editing]?.content ?? '') : null}
+          vision={vision}
+          model={model}
+          onSend={send}
+          onStop={() => busy?.abort()}
+          onCancelEdit={() => setEditing(null)}
+          onRefuse={(text) => setBanner({ kind: 'error', text })}
+        />
+      </main>
+    </div>
+  );
+}
