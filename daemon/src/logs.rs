@@ -6,7 +6,7 @@
 //! plain text: no terminal colour codes, whatever the daemon's standard error does.
 
 use std::collections::VecDeque;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::broadcast;
@@ -98,12 +98,6 @@ impl LogBuffer {
             pending: Vec::new(),
         }
     }
-}
-
-/// Whether standard error should carry terminal colours: only on a terminal, and never with
-/// `NO_COLOR` set (<https://no-color.org>). A file, a pipe or journald gets plain text.
-pub fn stderr_in_colour() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Span fields formatted without colour, as a type of its own. tracing-subscriber formats a

@@ -39,7 +39,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
-                .with_ansi(cloudllm_daemon::logs::stderr_in_colour())
+                .with_ansi(cloudllm_lifecycle::stderr_in_colour())
                 .with_writer(std::io::stderr)
                 .with_filter(filter()),
         )

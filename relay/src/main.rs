@@ -80,13 +80,6 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
     Ok(config)
 }
 
-/// Colours only on a terminal and never with `NO_COLOR` set: journald, a file or a pipe gets
-/// plain text.
-fn stderr_in_colour() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -94,7 +87,7 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(stderr_in_colour())
+        .with_ansi(cloudllm_lifecycle::stderr_in_colour())
         .init();
     let result =
         match cli.command {
