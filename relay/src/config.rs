@@ -10,6 +10,7 @@
 //! the tier tables and the choice of a token's tier, `identity` the identity provider's tables
 //! (`[jwks]`, `[login]`, the `[supabase]` preset).
 
+mod cluster;
 mod identity;
 mod tiers;
 
@@ -26,6 +27,7 @@ use cloudllm_tunnel::Liveness;
 use serde::Deserialize;
 use url::Url;
 
+pub use cluster::{ClusterConfig, normalize_redis_url};
 pub use identity::{JwksConfig, LoginConfig, SupabaseConfig};
 pub use tiers::TierLimits;
 
@@ -154,6 +156,9 @@ pub struct RelayConfig {
     /// own root URL, e.g. `https://relay.example.com/`). Without it the page offers only
     /// pasting a client token and `cloudllm open`.
     pub web_login: Option<WebLoginConfig>,
+    /// `[cluster]`: run as one node of a cluster that shares Redis or Valkey (see
+    /// [`ClusterConfig`]). Without it the relay runs alone and needs nothing else.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[web_login]`: the web page's own client at the `[login]` provider.
@@ -219,6 +224,7 @@ impl Default for RelayConfig {
             web_url: None,
             allowed_origins: Vec::new(),
             web_login: None,
+            cluster: None,
         }
     }
 }
@@ -351,6 +357,9 @@ impl RelayConfig {
                 !web.client_id.trim().is_empty(),
                 "[web_login] client_id must not be empty"
             );
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         Ok(())
     }

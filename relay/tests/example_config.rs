@@ -69,8 +69,11 @@ fn every_setting_is_named_and_loads() {
     let mut config = load(&uncommented(&example(), false));
     // Everything validates but the certificate files, which exist only on the operator's machine.
     let tls_files = config.tls.take();
+    // And the cluster's secret file, likewise.
+    let cluster_table = config.cluster.take();
     config.validate().unwrap_or_else(|err| panic!("{err:#}"));
     config.tls = tls_files;
+    config.cluster = cluster_table;
     let defaults = RelayConfig::default();
     // Exhaustive on purpose: a new field is a compile error here until it is documented.
     let RelayConfig {
@@ -100,6 +103,7 @@ fn every_setting_is_named_and_loads() {
         web_url,
         allowed_origins,
         web_login,
+        cluster,
     } = config;
     for (name, set) in [
         ("secret", secret.is_some()),
@@ -113,6 +117,7 @@ fn every_setting_is_named_and_loads() {
         ("web_url", web_url.is_some()),
         ("allowed_origins", !allowed_origins.is_empty()),
         ("[web_login]", web_login.is_some()),
+        ("[cluster]", cluster.is_some()),
     ] {
         assert!(set, "the example does not set {name}");
     }
@@ -139,6 +144,12 @@ fn every_setting_is_named_and_loads() {
     assert_eq!(shutdown_grace, defaults.shutdown_grace);
     assert_eq!(client_read_timeout, defaults.client_read_timeout);
     assert_eq!(token_grace, defaults.token_grace);
+    let cluster = cluster.unwrap();
+    assert_eq!(
+        cluster.redis_url().unwrap(),
+        "rediss://:password@redis.internal:6380/0"
+    );
+    assert_eq!(cluster.presence_ttl, Duration::from_secs(30));
     let jwks = jwks.unwrap();
     assert_eq!(jwks.refresh, Duration::from_secs(600));
     assert_eq!(jwks.refetch_min, Duration::from_secs(30));
