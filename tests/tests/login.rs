@@ -10,12 +10,14 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cloudllm_daemon::login::{self, LoginError};
+use cloudllm_daemon::login::{self, LoginError, Provider, Tokens};
 use cloudllm_e2e::STEP;
 use cloudllm_e2e::oidc::{
     AUDIENCE, Browser, CLIENT_ID, DEVICE_LOGIN_TIMEOUT, OidcProvider, User, device_login, scopes,
 };
+use cloudllm_proto::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use url::Url;
 
@@ -46,6 +48,87 @@ fn payload(jwt: &str) -> serde_json::Value {
     serde_json::from_slice(&bytes).expect("JWT payload is JSON")
 }
 
+/// Starts a provider with `env` (see [`OidcProvider::start`]) and discovers it as the daemon
+/// does; `None` when the test is to be skipped. The provider runs as long as the returned
+/// [`OidcProvider`] lives.
+async fn start_provider(env: &[(&str, &str)]) -> Option<(OidcProvider, Provider)> {
+    cloudllm_e2e::init_logs();
+    let idp = OidcProvider::start(env).await?;
+    let provider = idp.discover().await;
+    Some((idp, provider))
+}
+
+/// A browser login the daemon has begun: the provider's page the user is sent to, the daemon's
+/// loopback redirect, and the daemon's task that waits for that redirect.
+struct PendingBrowserLogin {
+    authorize_url: Url,
+    redirect: Url,
+    finishing: JoinHandle<Result<Tokens, LoginError>>,
+}
+
+/// Begins a browser login with `provider` as `cloudllm login` does, and waits for its redirect
+/// in the background.
+async fn begin_browser_login(provider: &Provider) -> PendingBrowserLogin {
+    let browser_login = timeout(STEP, login::browser_start(provider))
+        .await
+        .expect("browser_start timed out")
+        .expect("browser_start");
+    let authorize_url = browser_login.authorize_url.clone();
+    let redirect = browser_login.redirect_uri().clone();
+    let provider = provider.clone();
+    let finishing =
+        tokio::spawn(async move { login::browser_finish(&provider, browser_login).await });
+    PendingBrowserLogin {
+        authorize_url,
+        redirect,
+        finishing,
+    }
+}
+
+impl PendingBrowserLogin {
+    /// The user approves in the browser: the provider redirects to the daemon, which answers
+    /// with its "close this tab" page.
+    async fn approve(&self) {
+        let page = browser().log_in(&self.authorize_url, User::Approves).await;
+        assert!(
+            page.url.as_str().starts_with(self.redirect.as_str()),
+            "the browser ended at {} instead of the daemon",
+            page.url
+        );
+        assert_eq!(page.status, 200, "{}", page.body);
+        assert!(page.body.contains("close this tab"), "{}", page.body);
+    }
+
+    /// How the daemon's side of the login ended.
+    async fn outcome(self) -> Result<Tokens, LoginError> {
+        timeout(STEP, self.finishing)
+            .await
+            .expect("browser_finish timed out")
+            .expect("browser_finish task")
+    }
+}
+
+/// Refreshes with `refresh_token` as the daemon does before its access token expires.
+async fn refresh(provider: &Provider, refresh_token: &Secret) -> Result<Tokens, LoginError> {
+    timeout(
+        STEP,
+        login::refresh(&provider.token_endpoint, CLIENT_ID, refresh_token),
+    )
+    .await
+    .expect("refresh timed out")
+}
+
+/// Refreshes `tokens`, which must succeed with an access token other than the old one.
+async fn refresh_to_new_token(provider: &Provider, tokens: &Tokens) -> Tokens {
+    let refresh_token = tokens.refresh_token.as_ref().expect("a refresh token");
+    let refreshed = refresh(provider, refresh_token).await.expect("refresh");
+    assert_ne!(
+        refreshed.access_token.expose(),
+        tokens.access_token.expose()
+    );
+    refreshed
+}
+
 /// Verifies an access token as the relay will: signature against the provider's JWKS, issuer,
 /// audience, expiry.
 async fn verify(issuer: &Url, token: &str) -> serde_json::Value {
@@ -74,11 +157,9 @@ async fn verify(issuer: &Url, token: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn device_login_then_refresh() {
-    cloudllm_e2e::init_logs();
-    let Some(idp) = OidcProvider::start(&[("ACCESS_TTL", "120")]).await else {
+    let Some((idp, provider)) = start_provider(&[("ACCESS_TTL", "120")]).await else {
         return;
     };
-    let provider = idp.discover().await;
     assert!(provider.device_authorization_endpoint.is_some());
 
     let (result, page, device) = device_login(&provider, &browser(), User::Approves).await;
@@ -119,17 +200,7 @@ async fn device_login_then_refresh() {
     assert!(!shown.contains(tokens.access_token.expose()), "{shown}");
 
     let old_refresh = tokens.refresh_token.clone().expect("a refresh token");
-    let refreshed = timeout(
-        STEP,
-        login::refresh(&provider.token_endpoint, CLIENT_ID, &old_refresh),
-    )
-    .await
-    .expect("refresh timed out")
-    .expect("refresh");
-    assert_ne!(
-        refreshed.access_token.expose(),
-        tokens.access_token.expose()
-    );
+    let refreshed = refresh_to_new_token(&provider, &tokens).await;
     let claims = payload(refreshed.access_token.expose());
     assert_eq!(claims["sub"], "alice");
     let new_refresh = refreshed.refresh_token.clone().expect("a refresh token");
@@ -138,12 +209,7 @@ async fn device_login_then_refresh() {
 
     // Replaying the spent refresh token: the provider revokes the grant, and the daemon is told
     // to log in again rather than to retry.
-    let replayed = timeout(
-        STEP,
-        login::refresh(&provider.token_endpoint, CLIENT_ID, &old_refresh),
-    )
-    .await
-    .expect("refresh timed out");
+    let replayed = refresh(&provider, &old_refresh).await;
     assert!(matches!(replayed, Err(LoginError::Revoked)), "{replayed:?}");
     let message = replayed.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(message.contains("cloudllm login"), "{message}");
@@ -152,17 +218,11 @@ async fn device_login_then_refresh() {
 
 #[tokio::test]
 async fn browser_login_with_pkce_then_refresh() {
-    cloudllm_e2e::init_logs();
-    let Some(idp) = OidcProvider::start(&[]).await else {
+    let Some((idp, provider)) = start_provider(&[]).await else {
         return;
     };
-    let provider = idp.discover().await;
-    let browser_login = timeout(STEP, login::browser_start(&provider))
-        .await
-        .expect("browser_start timed out")
-        .expect("browser_start");
-    let authorize_url = browser_login.authorize_url.clone();
-    let query: Vec<(String, String)> = authorize_url.query_pairs().into_owned().collect();
+    let pending = begin_browser_login(&provider).await;
+    let query: Vec<(String, String)> = pending.authorize_url.query_pairs().into_owned().collect();
     let param = |name: &str| {
         query
             .iter()
@@ -173,43 +233,14 @@ async fn browser_login_with_pkce_then_refresh() {
     assert_eq!(param("response_type"), Some("code"));
     let redirect = param("redirect_uri").expect("redirect_uri");
     assert!(redirect.starts_with("http://127.0.0.1:") && redirect.ends_with("/callback"));
-    assert_eq!(redirect, browser_login.redirect_uri().as_str());
+    assert_eq!(redirect, pending.redirect.as_str());
 
-    let finishing = {
-        let provider = provider.clone();
-        tokio::spawn(async move { login::browser_finish(&provider, browser_login).await })
-    };
-    let page = browser().log_in(&authorize_url, User::Approves).await;
-    assert!(
-        page.url.as_str().starts_with(redirect),
-        "the browser ended at {} instead of the daemon",
-        page.url
-    );
-    assert_eq!(page.status, 200);
-    assert!(page.body.contains("close this tab"), "{}", page.body);
-    let tokens = timeout(STEP, finishing)
-        .await
-        .expect("browser_finish timed out")
-        .expect("browser_finish task")
-        .expect("browser login");
+    pending.approve().await;
+    let tokens = pending.outcome().await.expect("browser login");
     let claims = verify(&idp.issuer, tokens.access_token.expose()).await;
     assert_eq!(claims["sub"], "alice");
 
-    let refreshed = timeout(
-        STEP,
-        login::refresh(
-            &provider.token_endpoint,
-            CLIENT_ID,
-            tokens.refresh_token.as_ref().expect("a refresh token"),
-        ),
-    )
-    .await
-    .expect("refresh timed out")
-    .expect("refresh");
-    assert_ne!(
-        refreshed.access_token.expose(),
-        tokens.access_token.expose()
-    );
+    refresh_to_new_token(&provider, &tokens).await;
 }
 
 /// Any local process (or a page in the browser that guesses the port) can reach the loopback
@@ -217,21 +248,11 @@ async fn browser_login_with_pkce_then_refresh() {
 /// it carries an error, and the real redirect still completes the login.
 #[tokio::test]
 async fn browser_login_ignores_forged_redirects_and_completes() {
-    cloudllm_e2e::init_logs();
-    let Some(idp) = OidcProvider::start(&[]).await else {
+    let Some((idp, provider)) = start_provider(&[]).await else {
         return;
     };
-    let provider = idp.discover().await;
-    let browser_login = timeout(STEP, login::browser_start(&provider))
-        .await
-        .expect("browser_start timed out")
-        .expect("browser_start");
-    let authorize_url = browser_login.authorize_url.clone();
-    let redirect = browser_login.redirect_uri().clone();
-    let finishing = {
-        let provider = provider.clone();
-        tokio::spawn(async move { login::browser_finish(&provider, browser_login).await })
-    };
+    let pending = begin_browser_login(&provider).await;
+    let redirect = pending.redirect.clone();
     for query in [
         "code=stolen-code&state=not-the-state",
         "error=access_denied&state=not-the-state",
@@ -242,16 +263,13 @@ async fn browser_login_ignores_forged_redirects_and_completes() {
         let page = browser().get(&forged).await;
         assert_eq!(page.status, 400, "{query}: {}", page.body);
         assert!(page.body.contains("state mismatch"), "{}", page.body);
-        assert!(!finishing.is_finished(), "{query} ended the login");
+        assert!(!pending.finishing.is_finished(), "{query} ended the login");
     }
 
-    let page = browser().log_in(&authorize_url, User::Approves).await;
-    assert_eq!(page.status, 200, "{}", page.body);
-    assert!(page.body.contains("close this tab"), "{}", page.body);
-    let tokens = timeout(STEP, finishing)
+    pending.approve().await;
+    let tokens = pending
+        .outcome()
         .await
-        .expect("browser_finish timed out")
-        .expect("browser_finish task")
         .expect("the real redirect completes the login");
     let claims = verify(&idp.issuer, tokens.access_token.expose()).await;
     assert_eq!(claims["sub"], "alice");
@@ -266,22 +284,14 @@ async fn browser_login_ignores_forged_redirects_and_completes() {
 /// endless request head, does not keep the browser's redirect out.
 #[tokio::test]
 async fn browser_login_survives_a_flood_of_idle_connections() {
-    cloudllm_e2e::init_logs();
-    let Some(idp) = OidcProvider::start(&[]).await else {
+    let Some((_idp, provider)) = start_provider(&[]).await else {
         return;
     };
-    let provider = idp.discover().await;
-    let browser_login = timeout(STEP, login::browser_start(&provider))
-        .await
-        .expect("browser_start timed out")
-        .expect("browser_start");
-    let authorize_url = browser_login.authorize_url.clone();
-    let redirect = browser_login.redirect_uri().clone();
-    let port = redirect.port().expect("the redirect names its port");
-    let finishing = {
-        let provider = provider.clone();
-        tokio::spawn(async move { login::browser_finish(&provider, browser_login).await })
-    };
+    let pending = begin_browser_login(&provider).await;
+    let port = pending
+        .redirect
+        .port()
+        .expect("the redirect names its port");
 
     // An oversized request head: refused (431) or cut off, never read without end.
     let mut huge = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -311,49 +321,33 @@ async fn browser_login_survives_a_flood_of_idle_connections() {
                 .expect("connect"),
         );
     }
-    let page = browser().log_in(&authorize_url, User::Approves).await;
-    assert_eq!(page.status, 200, "{}", page.body);
-    assert!(page.body.contains("close this tab"), "{}", page.body);
-    timeout(STEP, finishing)
+    pending.approve().await;
+    pending
+        .outcome()
         .await
-        .expect("browser_finish timed out")
-        .expect("browser_finish task")
         .expect("the login completes despite the idle connections");
     drop(idle);
 }
 
 #[tokio::test]
 async fn browser_login_cancelled_by_the_user_is_denied() {
-    cloudllm_e2e::init_logs();
-    let Some(idp) = OidcProvider::start(&[]).await else {
+    let Some((_idp, provider)) = start_provider(&[]).await else {
         return;
     };
-    let provider = idp.discover().await;
-    let browser_login = timeout(STEP, login::browser_start(&provider))
-        .await
-        .expect("browser_start timed out")
-        .expect("browser_start");
-    let authorize_url = browser_login.authorize_url.clone();
-    let finishing = {
-        let provider = provider.clone();
-        tokio::spawn(async move { login::browser_finish(&provider, browser_login).await })
-    };
-    let page = browser().log_in(&authorize_url, User::CancelsConsent).await;
+    let pending = begin_browser_login(&provider).await;
+    let page = browser()
+        .log_in(&pending.authorize_url, User::CancelsConsent)
+        .await;
     assert!(page.body.contains("declined"), "{}", page.body);
-    let result = timeout(STEP, finishing)
-        .await
-        .expect("browser_finish timed out")
-        .expect("browser_finish task");
+    let result = pending.outcome().await;
     assert!(matches!(result, Err(LoginError::Denied)), "{result:?}");
 }
 
 #[tokio::test]
 async fn device_login_aborted_by_the_user_is_denied() {
-    cloudllm_e2e::init_logs();
-    let Some(idp) = OidcProvider::start(&[]).await else {
+    let Some((_idp, provider)) = start_provider(&[]).await else {
         return;
     };
-    let provider = idp.discover().await;
     let (result, page, _) = device_login(&provider, &browser(), User::AbortsDevice).await;
     assert!(
         page.body.contains("interrupted"),
@@ -367,11 +361,9 @@ async fn device_login_aborted_by_the_user_is_denied() {
 
 #[tokio::test]
 async fn device_login_not_approved_in_time_expires() {
-    cloudllm_e2e::init_logs();
-    let Some(idp) = OidcProvider::start(&[("DEVICE_TTL", "2")]).await else {
+    let Some((_idp, provider)) = start_provider(&[("DEVICE_TTL", "2")]).await else {
         return;
     };
-    let provider = idp.discover().await;
     let device = timeout(STEP, login::device_start(&provider))
         .await
         .expect("device_start timed out")
