@@ -22,7 +22,7 @@ use cloudllm_tunnel::body::{BodyError, read_limited};
 use cloudllm_tunnel::coalesce::Coalesce;
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::BodyExt as _;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::Api;
 use super::accounting::{Model, ServedBy};
@@ -255,7 +255,7 @@ async fn forward_to(
     };
     let mut response = match sent {
         Ok(response) => {
-            info!(user = %device.user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
+            debug!(user = %device.user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
             let (mut parts, body) = response.into_parts();
             cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
             // Chunks already waiting go out as one; the request counts as in flight until its
