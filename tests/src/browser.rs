@@ -2,16 +2,18 @@
 //! page's packages are there ([`tools_ready`]), runs one of `web/e2e/*.mjs` with a config
 //! ([`run_script`]), and a fake chat backend ([`FakeChat`], a fake, named so) whose answers the
 //! page renders: a fixed Markdown text with `<script>` and `<img onerror>` for models named
-//! `fake-md…`, and for any other model a never-ending stream that records when the client goes
-//! away, for the Stop check.
+//! `fake-md…`; for `fake-echo…` and `fake-vision…` an answer that names the request's number and
+//! the question it answers (for regenerate and edit); for any other model a never-ending stream
+//! that records when the client goes away, for the Stop check. `fake-vision…` is the one model
+//! whose `/api/show` lists the `vision` capability, and the fake keeps the images it receives.
 //!
 //! Needs `chromium` (Debian: `apt-get install chromium`; `CLOUDLLM_CHROMIUM` names another) and
 //! Node.js; `npm ci` runs in `web/` when its packages are missing. `CLOUDLLM_SKIP_WEB_TEST=1`
 //! skips knowingly; otherwise a missing tool fails the test with what to install.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -130,13 +132,23 @@ pub struct FakeChat {
     pub cancelled: AtomicUsize,
     /// Chat requests received.
     pub chats: AtomicUsize,
+    /// The base64 images of every message of every chat request received, in order.
+    pub images: Mutex<Vec<String>>,
     /// Told at every change of the counts above.
     pub changed: Notify,
 }
 
 impl FakeChat {
-    /// Starts the fake on `127.0.0.1:0`: its URL, its record, and its task. It lists the models
-    /// `fake-md:latest` and `fake-slow:latest`.
+    /// The models the fake lists, sorted (as the relay reports a device's models).
+    pub const MODELS: [&str; 4] = [
+        "fake-echo:latest",
+        "fake-md:latest",
+        "fake-slow:latest",
+        "fake-vision:latest",
+    ];
+
+    /// Starts the fake on `127.0.0.1:0`: its URL, its record, and its task. It lists
+    /// [`FakeChat::MODELS`].
     pub async fn start() -> (Url, Arc<FakeChat>, tokio::task::JoinHandle<()>) {
         let fake = Arc::new(FakeChat::default());
         let app = Router::new()
@@ -147,18 +159,14 @@ impl FakeChat {
             .route(
                 "/api/tags",
                 get(|| async {
-                    axum::Json(serde_json::json!({"models": [
-                        {"name": "fake-md:latest", "model": "fake-md:latest", "size": 1},
-                        {"name": "fake-slow:latest", "model": "fake-slow:latest", "size": 1},
-                    ]}))
+                    let models: Vec<_> = FakeChat::MODELS
+                        .iter()
+                        .map(|name| serde_json::json!({"name": name, "model": name, "size": 1}))
+                        .collect();
+                    axum::Json(serde_json::json!({ "models": models }))
                 }),
             )
-            .route(
-                "/api/show",
-                post(|| async {
-                    axum::Json(serde_json::json!({"capabilities": ["completion"], "details": {"families": ["llama"]}}))
-                }),
-            )
+            .route("/api/show", post(show))
             .route("/api/chat", post(chat))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -206,6 +214,35 @@ impl Drop for Guard {
     }
 }
 
+/// `/api/show`: only `fake-vision…` lists the `vision` capability.
+async fn show(body: Bytes) -> Response {
+    let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let model = request["model"].as_str().unwrap_or_default();
+    let capabilities = if model.starts_with("fake-vision") {
+        serde_json::json!(["completion", "vision"])
+    } else {
+        serde_json::json!(["completion"])
+    };
+    axum::Json(
+        serde_json::json!({"capabilities": capabilities, "details": {"families": ["llama"]}}),
+    )
+    .into_response()
+}
+
+/// What `fake-echo…` and `fake-vision…` answer to the chat request numbered `number`: which
+/// request it was, the last question, and how many images came with the request.
+fn echo(number: usize, request: &serde_json::Value, images: usize) -> String {
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    let question = messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    format!("Answer {number} to: {question} (saw {images} images)\n")
+}
+
 fn ndjson(line: &serde_json::Value) -> Result<Bytes, std::io::Error> {
     Ok(Bytes::from(format!("{line}\n")))
 }
@@ -213,7 +250,27 @@ fn ndjson(line: &serde_json::Value) -> Result<Bytes, std::io::Error> {
 async fn chat(State(fake): State<Arc<FakeChat>>, body: Bytes) -> Response {
     let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let model = request["model"].as_str().unwrap_or_default().to_owned();
-    fake.chats.fetch_add(1, Ordering::SeqCst);
+    let number = fake.chats.fetch_add(1, Ordering::SeqCst) + 1;
+    let images: Vec<String> = request["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m["images"].as_array().cloned().unwrap_or_default())
+        .filter_map(|i| i.as_str().map(str::to_owned))
+        .collect();
+    let seen = images.len();
+    fake.images
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(images);
+    // `None`: the never-ending stream.
+    let text = if model.starts_with("fake-echo") || model.starts_with("fake-vision") {
+        Some(echo(number, &request, seen))
+    } else if model.starts_with("fake-md") {
+        Some(HOSTILE_MARKDOWN.to_owned())
+    } else {
+        None
+    };
     fake.open.fetch_add(1, Ordering::SeqCst);
     fake.changed.notify_waiters();
     let guard = Guard {
@@ -222,11 +279,12 @@ async fn chat(State(fake): State<Arc<FakeChat>>, body: Bytes) -> Response {
     };
     let stream = futures_util::stream::unfold(Some((guard, 0usize)), move |state| {
         let model = model.clone();
+        let text = text.clone();
         async move {
             let (mut guard, n) = state?;
-            if model.starts_with("fake-md") {
-                // The hostile text in pieces, a few characters each, then the end.
-                let chars: Vec<char> = HOSTILE_MARKDOWN.chars().collect();
+            if let Some(text) = text {
+                // The text in pieces, a few characters each, then the end.
+                let chars: Vec<char> = text.chars().collect();
                 let start = n * 7;
                 if start >= chars.len() {
                     guard.finished = true;

@@ -2,8 +2,15 @@
 //! `web/e2e/run.mjs`) against a real relay and two real daemons started here: device
 //! `desktop` in front of the genuine Ollama (`scripts/real-ollama`, model `smollm2:135m`) and
 //! device `laptop` in front of a fake chat backend (`cloudllm_e2e::browser::FakeChat`, a fake,
-//! named so: it answers a fixed Markdown text with `<script>` and `<img onerror>`, and a
+//! named so: it answers a fixed Markdown text with `<script>` and `<img onerror>`, an echo of
+//! the question numbered per request, a vision model that keeps the images it receives, and a
 //! never-ending stream that records when the client goes away, for the Stop check).
+//!
+//! `web/e2e/run.mjs` covers sign-in, streaming, Stop (against the fake and against the real
+//! Ollama, whose log must show the request ended long before its `num_predict` could be
+//! reached), Markdown, reload, themes, sign-out, users, CORS and the one-time code;
+//! `web/e2e/features.mjs` covers images for vision models, a 413 and a 429 (on a tier with tiny
+//! limits), regenerate, edit and resend, and export then import.
 //!
 //! Needs `chromium` (Debian: `apt-get install chromium`) and the page's packages
 //! (`npm ci --prefix web`, run here when `web/node_modules` is missing). Set
@@ -13,8 +20,10 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use cloudllm_e2e::browser::{FakeChat, repo, run_script, screenshots, tools_ready};
 use cloudllm_e2e::{TestDaemon, TestRelay, daemon_config, relay_config, token};
+use cloudllm_relay::config::TierLimits;
 use cloudllm_relay::{Keys, Scope};
 use tokio::time::timeout;
 use url::Url;
@@ -25,6 +34,33 @@ const REAL_MODEL: &str = "smollm2:135m";
 const OLLAMA_START: Duration = Duration::from_secs(600);
 /// The whole browser run: a dozen checks, two of them waiting for a real model on a CPU.
 const BROWSER_RUN: Duration = Duration::from_secs(480);
+/// The run of `features.mjs`: fake models only, but one wait for a rate limit to lift.
+const FEATURES_RUN: Duration = Duration::from_secs(300);
+
+/// A tier whose limits the page meets at once: a 4 KiB body (a long message is a 413) and
+/// 4 requests a minute (a few messages are a 429 with a wait of about 15 s).
+const TIGHT_TIER: &str = "tight";
+/// [`TIGHT_TIER`]'s body limit.
+const TIGHT_BODY_BYTES: u64 = 4096;
+/// [`TIGHT_TIER`]'s requests per minute: the page's first load takes two (models, then the
+/// model's capabilities), which leaves a few messages before the 429.
+const TIGHT_PER_MINUTE: u32 = 4;
+
+/// The image the page attaches for the vision model: a 24×24 PNG, as the page sends it
+/// (base64, no `data:` prefix).
+const TEST_PNG_BASE64: &str = "iVBORw0KGgoAAAANSUhEUgAAABgAAAAYCAIAAABvFaqvAAAALklEQVR42mN4FqCBhjQqnqEhYtQwjBpER4PI04apZtQgeho0mrJH89qoQXQxCABjx0CuiySNGQAAAABJRU5ErkJggg==";
+
+/// The real Ollama's log, when `scripts/real-ollama` started the server (its GIN lines show
+/// when each request ended): `None` for a server started elsewhere.
+fn real_ollama_log(ollama: &Url) -> Option<std::path::PathBuf> {
+    let output = std::process::Command::new(repo().join("scripts/real-ollama"))
+        .arg("path")
+        .output()
+        .ok()?;
+    let cache = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let log = std::path::Path::new(&cache).join(format!("serve-{}.log", ollama.port()?));
+    log.exists().then_some(log)
+}
 
 async fn real_ollama() -> Option<Url> {
     if let Ok(url) = std::env::var("CLOUDLLM_REAL_OLLAMA_URL") {
@@ -74,13 +110,21 @@ async fn the_web_page_in_chromium() {
     };
     let mut config = relay_config();
     config.allowed_origins = vec![format!("http://127.0.0.1:{cors_port}")];
+    config.tiers.insert(
+        TIGHT_TIER.to_owned(),
+        TierLimits {
+            requests_per_minute: TIGHT_PER_MINUTE,
+            max_body_bytes: TIGHT_BODY_BYTES,
+            ..TierLimits::premium()
+        },
+    );
     let relay = TestRelay::start(config).await;
     let (fake_url, fake, _fake_task) = FakeChat::start().await;
     let _desktop = TestDaemon::start(daemon_config(&relay.url(), "alice", "desktop", &ollama));
     let _laptop = TestDaemon::start(daemon_config(&relay.url(), "alice", "laptop", &fake_url));
     relay.wait_for_devices("alice", 2).await;
     relay
-        .wait_for_models("alice", "laptop", &["fake-md:latest", "fake-slow:latest"])
+        .wait_for_models("alice", "laptop", &FakeChat::MODELS)
         .await;
 
     let other_keys = Keys::new(&cloudllm_proto::Secret::new(
@@ -92,7 +136,14 @@ async fn the_web_page_in_chromium() {
     let expired = cloudllm_e2e::keys()
         .issue("alice", Scope::Client, None, Duration::ZERO)
         .expect("an expired token");
+    let ollama_log = real_ollama_log(&ollama);
+    if ollama_log.is_none() {
+        eprintln!(
+            "the real Ollama was started elsewhere: Stop is checked against its log only when scripts/real-ollama started it"
+        );
+    }
     let run_config = serde_json::json!({
+        "real_ollama_log": ollama_log.map(|p| p.display().to_string()),
         "relay": relay.url().as_str(),
         "alice": token("alice", Scope::Client),
         "alice_agent": token("alice", Scope::Agent),
@@ -107,6 +158,39 @@ async fn the_web_page_in_chromium() {
     run_script("run.mjs", run_config, BROWSER_RUN).await;
     // Stop reached the backend: the endless stream's client went away.
     fake.wait_cancelled().await;
+
+    let image = cloudllm_e2e::scratch_dir().join("attach.png");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(TEST_PNG_BASE64)
+        .expect("the test image decodes");
+    std::fs::write(&image, png).expect("write the test image");
+    let alice_tight = cloudllm_e2e::keys()
+        .issue(
+            "alice",
+            Scope::Client,
+            Some(TIGHT_TIER),
+            Duration::from_secs(3600),
+        )
+        .expect("a token of the tight tier");
+    let images_before = fake.images.lock().map(|i| i.len()).unwrap_or(0);
+    assert_eq!(images_before, 0, "no image reached the backend before");
+    let features_config = serde_json::json!({
+        "relay": relay.url().as_str(),
+        "alice": token("alice", Scope::Client),
+        "alice_tight": alice_tight,
+        "tight_body_bytes": TIGHT_BODY_BYTES,
+        "fake_device": "laptop",
+        "image": image.display().to_string(),
+    });
+    run_script("features.mjs", features_config, FEATURES_RUN).await;
+    // The image reached the backend as Ollama takes it: base64 in the message's `images`.
+    let images = fake.images.lock().map(|i| i.clone()).unwrap_or_default();
+    assert!(
+        !images.is_empty() && images.iter().all(|i| i == TEST_PNG_BASE64),
+        "the vision model received {} images, not the attached one",
+        images.len()
+    );
+
     let screenshots = screenshots();
     for name in [
         "signin",
@@ -115,6 +199,12 @@ async fn the_web_page_in_chromium() {
         "chat-dark",
         "phone",
         "offline",
+        "stopped",
+        "vision",
+        "too-large",
+        "rate-limited",
+        "edited",
+        "imported",
     ] {
         let shot = screenshots.join(format!("{name}.png"));
         let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);

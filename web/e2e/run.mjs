@@ -3,49 +3,18 @@
 // Usage: node e2e/run.mjs CONFIG.json — the config names the relay, the tokens and what each
 // device serves. Prints one line per check and "N passed, N failed" last; exits 1 on a failure.
 // Screenshots of the main states go to the config's `screenshots` folder. What every run
-// shares (Chromium, checks, screenshots) is in harness.mjs.
+// shares (Chromium, checks, screenshots) is in harness.mjs, what a person does in the chat in
+// chat.mjs; the chat's other features have their own run, features.mjs.
 
 import { createServer } from 'node:http';
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { STEP, assert, check, finish, freshPage, launch, shot } from './harness.mjs';
+import { choose, finished, send, signIn as signInAt } from './chat.mjs';
 
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const relay = config.relay.replace(/\/$/, '');
 await launch(config);
-
-async function signIn(page, token) {
-  await page.goto(`${relay}/`);
-  await page.getByLabel(/client token/i).fill(token);
-  await page.getByRole('button', { name: 'Sign in with this token' }).click();
-  await page.getByTestId('new-chat').waitFor({ timeout: STEP });
-}
-
-async function send(page, text) {
-  await page.getByTestId('input').fill(text);
-  await page.getByTestId('input').press('Enter');
-}
-
-/** Waits until the current answer is finished (Send is back) and returns its text. */
-async function finished(page) {
-  await page.getByTestId('send').waitFor({ timeout: STEP });
-  return page.getByTestId('answer').last().innerText();
-}
-
-async function choose(page, testId, pattern) {
-  const select = page.getByTestId(testId);
-  await select.waitFor({ timeout: STEP });
-  const deadline = Date.now() + STEP;
-  for (;;) {
-    const options = await select.locator('option').evaluateAll((os) => os.map((o) => [o.value, o.textContent]));
-    const hit = options.find(([value, label]) => pattern.test(value) || pattern.test(label));
-    if (hit) {
-      await select.selectOption(hit[0]);
-      return hit;
-    }
-    assert(Date.now() < deadline, `${testId} never offered ${pattern}: ${JSON.stringify(options)}`);
-    await page.waitForTimeout(200);
-  }
-}
+const signIn = (page, token) => signInAt(page, relay, token);
 
 const alice = await freshPage();
 
@@ -111,6 +80,72 @@ await check('tokens of the real Ollama arrive one by one', async () => {
   const answer = await finished(alice);
   assert(answer.trim().length > 0, 'an answer');
   await shot(alice, 'chat');
+});
+
+/** Go's duration as GIN prints it ("93.629µs", "1.000906192s", "1m2.5s") in seconds. */
+function goSeconds(text) {
+  const units = { h: 3600, m: 60, s: 1, ms: 1e-3, 'µs': 1e-6, us: 1e-6, ns: 1e-9 };
+  let total = 0;
+  for (const [, value, unit] of text.matchAll(/([\d.]+)(h|ms|m|s|µs|us|ns)/g)) total += Number(value) * units[unit];
+  return total;
+}
+
+/** The real Ollama's `/api/chat` requests that ended after byte `from` of its log, with how
+ * long each took (GIN writes one line when a handler returns). */
+function ollamaChatsEnded(log, from) {
+  const text = readFileSync(log).subarray(from).toString('utf8');
+  return [...text.matchAll(/^\[GIN\][^|]*\|\s*(\d+)\s*\|\s*(\S+)\s*\|[^|]*\|\s*POST\s+"\/api\/chat"/gm)].map((m) => ({
+    status: Number(m[1]),
+    seconds: goSeconds(m[2]),
+  }));
+}
+
+/** How soon after Stop Ollama must end the request: cancellation takes well under a second;
+ * the rest is room for a loaded machine. The uncancelled generation runs for minutes. */
+const CANCEL_SECONDS = 5;
+
+await check('Stop on the real Ollama: Ollama ends the generation at once', async () => {
+  // A generation that runs for minutes on this CPU unless Stop cancels it at Ollama: a large
+  // num_predict, and a repeat penalty, because Ollama itself ends a stream that repeats one
+  // token 30 times (which this small model soon does).
+  await alice.evaluate(() => localStorage.setItem('cloudllm.options', JSON.stringify({ num_predict: 100000, repeat_penalty: 1.8 })));
+  await choose(alice, 'device', new RegExp(`^${config.real_device}$`));
+  await choose(alice, 'model', new RegExp(config.real_model));
+  const log = config.real_ollama_log;
+  const from = log ? statSync(log).size : 0;
+  const sent = Date.now();
+  await send(alice, 'Tell me a very long story.');
+  await alice.waitForFunction(() => {
+    const answers = document.querySelectorAll('[data-testid="answer"]');
+    return (answers[answers.length - 1]?.textContent ?? '').length > 0;
+  }, null, { timeout: STEP });
+  const firstToken = Date.now();
+  // Let it stream a while, so that the request Ollama ends is told apart from short ones.
+  await alice.waitForTimeout(3000);
+  await alice.getByTestId('stop').click();
+  const stopped = Date.now();
+  await alice.getByText('Stopped.').waitFor({ timeout: STEP });
+  await alice.getByTestId('send').waitFor({ timeout: STEP });
+  await shot(alice, 'stopped');
+  if (!log) {
+    console.log('note: the real Ollama was started elsewhere (no log): its side of Stop is not checked');
+  } else {
+    // GIN logs each request when its handler returns: the stopped one must have run at least
+    // from the first token to Stop, and ended within CANCEL_SECONDS of Stop.
+    const lower = (stopped - firstToken) / 1000;
+    const upper = (stopped - sent) / 1000 + CANCEL_SECONDS;
+    const ours = () => ollamaChatsEnded(log, from).filter((r) => r.seconds >= lower && r.seconds <= upper);
+    const deadline = stopped + CANCEL_SECONDS * 1000;
+    while (!ours().length && Date.now() < deadline) await alice.waitForTimeout(100);
+    const ended = ours();
+    assert(
+      ended.length === 1,
+      `Ollama did not end the stopped request within ${CANCEL_SECONDS} s (between ${lower} and ${upper} s long): ${JSON.stringify(ollamaChatsEnded(log, from))}`,
+    );
+    console.log(`  Ollama ended the request after ${ended[0].seconds.toFixed(2)} s, Stop came ${(stopped - sent) / 1000} s after sending`);
+  }
+  await alice.evaluate(() => localStorage.setItem('cloudllm.options', JSON.stringify({ num_predict: 24, temperature: 0 })));
+  await alice.getByTestId('new-chat').click();
 });
 
 await check('Stop (Esc) ends the answer and the request', async () => {

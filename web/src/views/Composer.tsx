@@ -95,7 +95,11 @@ export function Composer(props: {
         </div>
       )}
       <div class="row">
-        <label class="button attach" title="Attach images">
+        <label
+          class="button attach"
+          title={props.vision === false ? `${props.model || 'This model'} cannot see images` : 'Attach images'}
+          data-vision={String(props.vision)}
+        >
           <svg aria-hidden="true" width="18" height="18" viewBox="0 0 24 24" fill="none" stroke="currentColor" stroke-width="2">
             <path d="M21 11.5l-8.5 8.5a5 5 0 0 1-7-7L14 4.5a3.5 3.5 0 0 1 5 5l-8.5 8.5a2 2 0 0 1-3-3L15 7.5" />
           </svg>
