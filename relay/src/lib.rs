@@ -17,6 +17,9 @@
 //! - [`web`] serves the web page at `/` ([`cors`] opens the API to other origins), and
 //!   `well_known` tells clients how to log in.
 //! - Beside them: the [`audit`] log, [`metrics`], and [`memory`], which gives freed memory back.
+//! - With `[cluster]`, [`cluster`] makes the relay one node of several sharing Redis/Valkey:
+//!   presence of the devices each node holds, node-to-node forwarding (`cluster::peer`),
+//!   cluster-wide limits and a PUB/SUB control channel. Without it nothing of it runs.
 //!
 //! This file wires them together: [`serve`] starts a relay and the router maps routes to them.
 
@@ -24,6 +27,7 @@ mod admission;
 pub mod audit;
 pub mod auth;
 mod client_addr;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod cors;
@@ -77,6 +81,8 @@ struct AppState {
     tasks: TaskTracker,
     /// Gives the memory of closed sessions and tunnels back to the system.
     trimmer: Arc<memory::Trimmer>,
+    /// This node's part in a cluster, with `[cluster]`.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// A running relay.
@@ -91,6 +97,8 @@ pub struct Relay {
     pub done: JoinHandle<anyhow::Result<()>>,
     /// The certificate it serves, with `[tls]`: [`tls::Tls::reload`] reads the files again.
     pub tls: Option<tls::Tls>,
+    /// With `[cluster]`: this node's part in the cluster, and where its peer listener is.
+    pub cluster: Option<(Arc<cluster::Cluster>, SocketAddr)>,
 }
 
 /// Starts the relay on `config.listen` and runs it until `shutdown` is cancelled. Then it stops
@@ -140,13 +148,38 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         None => (audit::Audit::disabled(), None),
     };
     let limits = Arc::new(limits::Limits::new(&config));
-    let counters = Arc::new(metrics::Metrics::default());
+    let mut counters = metrics::Metrics::default();
+    if config.cluster.is_some() {
+        counters.register_cluster();
+    }
+    let counters = Arc::new(counters);
     let gate = connections::Gate::new(
         config.max_unauthenticated_connections_per_address,
         max_unauthenticated,
         config.trusted_proxies.clone(),
         counters.clone(),
     );
+    let tasks = TaskTracker::new();
+    let cluster = match &config.cluster {
+        Some(cluster_config) => {
+            let listener = cluster::peer::bind(cluster_config.peer_listen).await?;
+            let peer_addr = listener.local_addr()?;
+            let advertise = cluster_config.advertised(peer_addr)?;
+            let cluster = cluster::Cluster::start(
+                cluster_config,
+                advertise,
+                registry.clone(),
+                counters.clone(),
+                (&tasks, &shutdown),
+            )?;
+            Some((cluster, listener, peer_addr))
+        }
+        None => None,
+    };
+    let (cluster, peer) = match cluster {
+        Some((cluster, listener, addr)) => (Some(cluster), Some((listener, addr))),
+        None => (None, None),
+    };
     let state = Arc::new(AppState {
         config,
         audit,
@@ -156,9 +189,22 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         metrics: counters,
         registry: registry.clone(),
         shutdown: shutdown.clone(),
-        tasks: TaskTracker::new(),
+        tasks,
         trimmer: Arc::default(),
+        cluster: cluster.clone(),
     });
+    let peer_addr = match peer {
+        Some((listener, addr)) => {
+            state.tasks.spawn(cluster::peer::serve(
+                state.clone(),
+                listener,
+                shutdown.clone(),
+            ));
+            info!(%addr, "peer listener for the other nodes");
+            Some(addr)
+        }
+        None => None,
+    };
     state
         .tasks
         .spawn(state.trimmer.clone().run(shutdown.clone()));
@@ -229,6 +275,7 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         registry,
         done,
         tls,
+        cluster: cluster.zip(peer_addr),
     })
 }
 
@@ -265,6 +312,13 @@ async fn readyz(
     };
     match not_ready {
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        // Degraded still takes traffic: its own tunnels serve, and taking every node out of
+        // the balancer because Redis is down would turn a partial outage into a whole one.
+        None if state.cluster.as_ref().is_some_and(|c| c.is_degraded()) => (
+            StatusCode::OK,
+            "ready, cluster degraded: Redis/Valkey unreachable, serving this node's own tunnels only\n",
+        )
+            .into_response(),
         None => (StatusCode::OK, "ready\n").into_response(),
     }
 }

@@ -153,6 +153,7 @@ impl Limits {
         Ok(Admitted {
             limits: self.clone(),
             user: user.to_owned(),
+            cluster: None,
         })
     }
 
@@ -218,6 +219,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Admitted {
     limits: Arc<Limits>,
     user: String,
+    /// In a cluster, the request's place in its user's cluster-wide count.
+    cluster: Option<crate::cluster::ClusterSlot>,
+}
+
+impl Admitted {
+    /// Holds the request's place in the cluster-wide count as long as this one.
+    pub(crate) fn attach(&mut self, slot: crate::cluster::ClusterSlot) {
+        self.cluster = Some(slot);
+    }
 }
 
 impl Drop for Admitted {

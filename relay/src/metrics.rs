@@ -78,6 +78,20 @@ pub struct Metrics {
     pub connections_refused: Family<CapLabel, Counter>,
     /// Unauthenticated connections closed to make room for a newer one under a full cap.
     pub connections_evicted: Family<CapLabel, Counter>,
+    /// Cluster: requests this node forwarded to the node holding the device.
+    pub forwarded_out: Counter,
+    /// Cluster: requests other nodes forwarded to this one.
+    pub forwarded_in: Counter,
+    /// Cluster: node-to-node requests refused (forged, stale or unsigned).
+    pub forwarded_refused: Counter,
+    /// Cluster: seconds from sending a request to another node to its response's headers.
+    pub hop_latency: Histogram,
+    /// Cluster: presence records written, refreshed or removed in Redis.
+    pub presence_ops: Counter,
+    /// Cluster: Redis/Valkey commands that failed.
+    pub redis_errors: Counter,
+    /// Cluster: 1 while Redis/Valkey cannot be reached (the node serves its own tunnels only).
+    pub cluster_degraded: Gauge,
 }
 
 impl Default for Metrics {
@@ -100,6 +114,14 @@ impl Default for Metrics {
             unauthenticated: Gauge::default(),
             connections_refused: Family::default(),
             connections_evicted: Family::default(),
+            forwarded_out: Counter::default(),
+            forwarded_in: Counter::default(),
+            forwarded_refused: Counter::default(),
+            // 0.1 ms to ~10 s in factors of 2.5: a hop on one network is well under a millisecond.
+            hop_latency: Histogram::new(exponential_buckets(0.0001, 2.5, 13)),
+            presence_ops: Counter::default(),
+            redis_errors: Counter::default(),
+            cluster_degraded: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("cloudllm");
         registry.register(
@@ -180,6 +202,47 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Adds the cluster's series (with `[cluster]` only: a single relay's metrics stay as
+    /// they are).
+    pub fn register_cluster(&mut self) {
+        let registry = &mut self.registry;
+        registry.register(
+            "cluster_forwarded_out",
+            "Requests forwarded to the node that holds the device",
+            self.forwarded_out.clone(),
+        );
+        registry.register(
+            "cluster_forwarded_in",
+            "Requests other nodes forwarded to this one",
+            self.forwarded_in.clone(),
+        );
+        registry.register(
+            "cluster_forwarded_refused",
+            "Node-to-node requests refused: forged, stale or unsigned",
+            self.forwarded_refused.clone(),
+        );
+        registry.register(
+            "cluster_hop_latency_seconds",
+            "Time from forwarding a request to another node to its response headers",
+            self.hop_latency.clone(),
+        );
+        registry.register(
+            "cluster_presence_operations",
+            "Presence records written, refreshed or removed in Redis",
+            self.presence_ops.clone(),
+        );
+        registry.register(
+            "cluster_redis_errors",
+            "Redis/Valkey commands that failed",
+            self.redis_errors.clone(),
+        );
+        registry.register(
+            "cluster_degraded",
+            "1 while Redis/Valkey cannot be reached: only this node's own tunnels serve",
+            self.cluster_degraded.clone(),
+        );
+    }
+
     /// The metrics in the text exposition format.
     pub fn encode(&self, devices: usize) -> String {
         self.devices.set(i64::try_from(devices).unwrap_or(i64::MAX));

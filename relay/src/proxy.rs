@@ -4,6 +4,7 @@
 //! A request passes [admission](crate::admission) (the address's failure budget, the client
 //! token, the tier) and its tier's request limits here; then
 //! - [`route`] picks the device and forwards the request (or merges every device's model list),
+//! - [`hop`] sends a request whose device another cluster node holds to that node,
 //! - [`body`] bounds the request body on its way, in bytes and in time,
 //! - [`accounting`] follows the response back: metrics, the audit line, the tier's
 //!   `max_stream`, and the request's place in its tier's concurrency limit.
@@ -15,7 +16,11 @@
 
 mod accounting;
 mod body;
+mod hop;
 mod route;
+
+use hop::forward_remote;
+pub(crate) use route::serve_forwarded;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -34,10 +39,10 @@ use accounting::{AuditFields, Model, RequestRecord, ServedBy, Tracked};
 
 /// The API a request came in on, so errors come in the shape its clients parse.
 #[derive(Clone, Copy)]
-struct Api<'a>(&'a str);
+pub(crate) struct Api<'a>(pub(crate) &'a str);
 
 impl Api<'_> {
-    fn error(self, status: StatusCode, message: &str) -> Response {
+    pub(crate) fn error(self, status: StatusCode, message: &str) -> Response {
         let body = proto::api_error_body(self.0, status.is_server_error(), message);
         let mut response = (
             status,
@@ -73,10 +78,17 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
         Err(Denied::Limited(refusal)) => return limited(&state, api, None, addr, &refusal),
         Err(Denied::Auth(err)) => return api.error(err.status(), &err.to_string()),
     };
-    let admitted = match state.limits.admit(&identity.user, tier_name, tier) {
+    let mut admitted = match state.limits.admit(&identity.user, tier_name, tier) {
         Ok(admitted) => admitted,
         Err(refusal) => return limited(&state, api, Some(&identity.user), addr, &refusal),
     };
+    if let Some(cluster) = &state.cluster {
+        match cluster.admit(&identity.user, tier_name, tier).await {
+            Ok(Some(slot)) => admitted.attach(slot),
+            Ok(None) => {}
+            Err(refusal) => return limited(&state, api, Some(&identity.user), addr, &refusal),
+        }
+    }
     // The connection no longer counts against the caps on unauthenticated connections.
     crate::connections::admitted(req.extensions());
     // Set by the router's outermost layer ([`crate::request_id`]), which also puts it on the

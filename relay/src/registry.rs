@@ -17,7 +17,10 @@ mod device;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+pub(crate) use device::canonical_model;
 pub use device::{Device, InFlight, Offline};
+
+use crate::cluster::Change;
 
 /// Why no device could take a request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,6 +53,9 @@ pub struct Registry {
     by_user: Mutex<HashMap<String, Vec<Arc<Device>>>>,
     /// Open tunnels per user, whatever their state; see [`TunnelSlot`].
     tunnels: Mutex<HashMap<String, usize>>,
+    /// In a cluster, hears when a registered tunnel ends or its models change (see
+    /// [`Registry::observe`]).
+    observer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Change>>,
 }
 
 impl Registry {
@@ -84,9 +90,56 @@ impl Registry {
         if let Some(old) = &replaced {
             // Under the lock: no request picks the old tunnel after this.
             old.mark_replaced();
+            self.notify(Change::Down(old.tunnel_id));
+        }
+        if let Some(observer) = self.observer.get() {
+            device.observe(observer.clone());
         }
         devices.push(device);
         Ok(replaced)
+    }
+
+    /// Tells `observer` when a registered tunnel ends and when a registered device's models
+    /// change (the cluster's presence task). Set once, before any tunnel registers.
+    pub fn observe(&self, observer: tokio::sync::mpsc::UnboundedSender<Change>) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn notify(&self, change: Change) {
+        if let Some(observer) = self.observer.get() {
+            let _ = observer.send(change);
+        }
+    }
+
+    /// Whether this exact tunnel is registered.
+    pub fn holds(&self, device: &Device) -> bool {
+        self.lock()
+            .get(&device.user)
+            .is_some_and(|devices| devices.iter().any(|d| d.tunnel_id == device.tunnel_id))
+    }
+
+    /// Removes this exact tunnel and marks it replaced: its task closes it as it closes a
+    /// tunnel replaced by a newer one of the same device (here: one on another node), and its
+    /// daemon does not dial again by itself.
+    pub fn replace(&self, device: &Device) {
+        let mut by_user = self.lock();
+        if let Some(devices) = by_user.get_mut(&device.user) {
+            devices.retain(|d| d.tunnel_id != device.tunnel_id);
+            if devices.is_empty() {
+                by_user.remove(&device.user);
+            }
+        }
+        device.mark_replaced();
+    }
+
+    /// Closes every tunnel of `user` (see [`Registry::replace`]); returns how many.
+    pub fn drop_user(&self, user: &str) -> usize {
+        let devices = self.lock().remove(user).unwrap_or_default();
+        for device in &devices {
+            device.mark_replaced();
+            self.notify(Change::Down(device.tunnel_id));
+        }
+        devices.len()
     }
 
     /// Counts one more open tunnel for `user` until the returned slot drops, unless `user`
@@ -141,7 +194,11 @@ impl Registry {
     pub fn remove(&self, device: &Device) {
         let mut by_user = self.lock();
         if let Some(devices) = by_user.get_mut(&device.user) {
+            let before = devices.len();
             devices.retain(|d| d.tunnel_id != device.tunnel_id);
+            if devices.len() < before {
+                self.notify(Change::Down(device.tunnel_id));
+            }
             if devices.is_empty() {
                 by_user.remove(&device.user);
             }

@@ -81,7 +81,7 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
         Ok(device) => device,
         Err(message) => return plain(StatusCode::BAD_REQUEST, &message),
     };
-    let others = state.registry.others(&identity.user, &device_id);
+    let others = state.device_others(&identity.user, &device_id).await;
     if others.len() >= max_devices {
         let refusal = device_limit(tier_name, max_devices, &others);
         return limited(&state, Some(&identity.user), addr, &refusal);

@@ -28,12 +28,13 @@ use super::Api;
 use super::accounting::{Model, ServedBy};
 use super::body::{CappedBody, declared_length, discard, model_of, stalled, too_large};
 use crate::AppState;
+use crate::cluster::RemoteDevice;
 use crate::config::TierLimits;
 use crate::registry::{Device, RouteError};
 
 /// Request headers that stay at the relay besides the hop-by-hop ones: the caller's
 /// credentials, and `Host` (HTTP/2 carries the authority itself).
-const CALLER_ONLY_HEADERS: &[header::HeaderName] =
+pub(super) const CALLER_ONLY_HEADERS: &[header::HeaderName] =
     &[header::AUTHORIZATION, header::COOKIE, header::HOST];
 
 /// Longest the relay waits for one device's model list when merging them.
@@ -69,13 +70,18 @@ pub(super) async fn route(
         .get(proto::HEADER_DEVICE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let several = wanted.is_none() && state.registry.count(user) > 1;
+    // In a cluster, the user's devices on the other nodes too (one Redis round trip).
+    let remote = match &state.cluster {
+        Some(cluster) => cluster.remote_devices(user).await,
+        None => Vec::new(),
+    };
+    let several = wanted.is_none() && state.registry.count(user) + remote.len() > 1;
     let path = req.uri().path();
     if several
         && req.method() == http::Method::GET
         && endpoints::routing(req.method().as_str(), path) == Routing::ModelList
     {
-        return merged_listing(api, &state.registry.devices_of(user), request_id).await;
+        return merged_listing(api, &state.registry.devices_of(user), &remote, request_id).await;
     }
     let mut model = None;
     let req = if several && names_a_model(req.method(), path) {
@@ -97,10 +103,35 @@ pub(super) async fn route(
     } else {
         req
     };
-    let device = match state
+    let picked = state
         .registry
-        .pick(user, wanted.as_deref(), model.as_deref())
-    {
+        .pick(user, wanted.as_deref(), model.as_deref());
+    // A device on this node is served here; else one held by another node, through it.
+    let picked = match picked {
+        Err(err) if !remote.is_empty() => {
+            match pick_remote(&remote, wanted.as_deref(), model.as_deref()) {
+                Some(device) => {
+                    let limits = (limit, state.config.client_read_timeout);
+                    let sniff = model.is_none() && state.audit.is_enabled();
+                    let hop = (user, device, sniff);
+                    let mut response =
+                        super::forward_remote(state, api, hop, limits, request_id, received, req)
+                            .await;
+                    if let Some(model) = model {
+                        response.extensions_mut().insert(Model(model));
+                    }
+                    return response;
+                }
+                None => Err(with_remote_names(
+                    err,
+                    &state.registry.devices_of(user),
+                    &remote,
+                )),
+            }
+        }
+        picked => picked,
+    };
+    let device = match picked {
         Ok(device) => device,
         Err(err @ RouteError::NoModel(..)) => {
             let mut response = api.error(StatusCode::NOT_FOUND, &err.to_string());
@@ -134,6 +165,7 @@ pub(super) async fn route(
 async fn merged_listing(
     api: Api<'_>,
     devices: &[Arc<Device>],
+    remote: &[RemoteDevice],
     request_id: &HeaderValue,
 ) -> Response {
     let openai = api.0.starts_with("/v1/");
@@ -186,6 +218,20 @@ async fn merged_listing(
             }
         }
     }
+    // Devices on other nodes, from their presence records: names only, which is what
+    // clients choose by.
+    for device in remote {
+        answered += 1;
+        for name in &device.models {
+            if seen.insert(name.clone()) {
+                merged.push(if openai {
+                    serde_json::json!({ "id": name, "object": "model", "created": 0, "owned_by": device.name })
+                } else {
+                    serde_json::json!({ "name": name, "model": name })
+                });
+            }
+        }
+    }
     if answered == 0 {
         return api.error(
             StatusCode::BAD_GATEWAY,
@@ -197,7 +243,11 @@ async fn merged_listing(
     } else {
         serde_json::json!({ "models": merged })
     };
-    let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
+    let names: Vec<&str> = devices
+        .iter()
+        .map(|d| d.name.as_str())
+        .chain(remote.iter().map(|d| d.name.as_str()))
+        .collect();
     let mut response = (
         StatusCode::OK,
         [(
@@ -214,7 +264,7 @@ async fn merged_listing(
 /// Sends one request to `device` with its body streamed (capped at `limit`, and given up when
 /// the caller sends nothing for `read_timeout`), and streams the response back. With
 /// `sniff_model`, the model named in the body's first chunk is noted for the audit log.
-async fn forward_to(
+pub(super) async fn forward_to(
     api: Api<'_>,
     device: &Arc<Device>,
     (limit, read_timeout): (u64, Duration),
@@ -284,4 +334,93 @@ async fn forward_to(
         response.extensions_mut().insert(Model(model.clone()));
     }
     response
+}
+
+/// The device on another node that should serve a request: the one named `wanted` (name or
+/// id); else the least loaded of those with `model`; else the least loaded.
+fn pick_remote<'a>(
+    remote: &'a [RemoteDevice],
+    wanted: Option<&str>,
+    model: Option<&str>,
+) -> Option<&'a RemoteDevice> {
+    match (wanted, model) {
+        (Some(wanted), _) => remote.iter().find(|d| d.name == wanted || d.id == wanted),
+        (None, Some(model)) => remote
+            .iter()
+            .filter(|d| d.has_model(model))
+            .min_by_key(|d| d.load),
+        (None, None) => remote.iter().min_by_key(|d| d.load),
+    }
+}
+
+/// `err` with the names of the user's devices on every node.
+fn with_remote_names(
+    err: RouteError,
+    local: &[Arc<Device>],
+    remote: &[RemoteDevice],
+) -> RouteError {
+    let names = local
+        .iter()
+        .map(|d| d.name.as_str())
+        .chain(remote.iter().map(|d| d.name.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match err {
+        RouteError::UnknownDevice(wanted, _) => RouteError::UnknownDevice(wanted, names),
+        RouteError::NoModel(model, _) => RouteError::NoModel(model, names),
+        RouteError::NoDevice => RouteError::NoDevice,
+    }
+}
+
+/// Serves a request another node forwarded (already verified, see [`crate::cluster::peer`])
+/// from the tunnel of the device it names. The sending node applied the user's limits and
+/// caps the body at the user's tier; here the largest tier's cap bounds it.
+pub(crate) async fn serve_forwarded(
+    state: &AppState,
+    user: &str,
+    from: &str,
+    mut req: Request,
+) -> Response {
+    let path = req.uri().path().to_owned();
+    let api = Api(&path);
+    let headers = req.headers_mut();
+    let request_id = headers
+        .get(proto::HEADER_REQUEST_ID)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("unknown"));
+    let id = headers
+        .get(proto::HEADER_DEVICE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    for name in [
+        crate::cluster::peer::HEADER_PEER_NODE,
+        crate::cluster::peer::HEADER_PEER_USER,
+        crate::cluster::peer::HEADER_PEER_TIME,
+        crate::cluster::peer::HEADER_PEER_SIGNATURE,
+    ] {
+        headers.remove(name);
+    }
+    let Some(device) = state
+        .registry
+        .devices_of(user)
+        .into_iter()
+        .find(|d| d.id == id)
+    else {
+        debug!(%from, "forwarded request for a device no longer here");
+        return api.error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "your device just moved to another relay node or went offline; try again",
+        );
+    };
+    let limit = state
+        .config
+        .tiers
+        .values()
+        .map(|t| t.max_body_bytes)
+        .max()
+        .unwrap_or(u64::MAX);
+    let received = Arc::new(AtomicU64::new(0));
+    let limits = (limit, state.config.client_read_timeout);
+    forward_to(api, &device, limits, &request_id, &received, false, req).await
 }

@@ -53,6 +53,8 @@ pub struct Device {
     born: Instant,
     /// The names of the models the device's Ollama has, as the daemon last reported them.
     models: Mutex<Vec<String>>,
+    /// In a cluster, told when the models change (set when the device registers).
+    observer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::cluster::Change>>,
 }
 
 impl Device {
@@ -74,12 +76,24 @@ impl Device {
             last_active: AtomicU64::new(0),
             born: Instant::now(),
             models: Mutex::default(),
+            observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tells `observer` whenever the models change from now on (for the registry).
+    pub(super) fn observe(
+        &self,
+        observer: tokio::sync::mpsc::UnboundedSender<crate::cluster::Change>,
+    ) {
+        let _ = self.observer.set(observer);
     }
 
     /// Replaces the device's model list.
     pub fn set_models(&self, models: Vec<String>) {
         *lock(&self.models) = models;
+        if let Some(observer) = self.observer.get() {
+            let _ = observer.send(crate::cluster::Change::Models(self.tunnel_id));
+        }
     }
 
     /// The device's model names.
@@ -254,7 +268,7 @@ impl Drop for Waiting<'_> {
 pub struct Offline;
 
 /// A model name as Ollama compares it: without a tag it means `:latest`.
-fn canonical_model(name: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn canonical_model(name: &str) -> std::borrow::Cow<'_, str> {
     if name.contains(':') {
         name.into()
     } else {

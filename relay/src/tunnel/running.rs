@@ -79,7 +79,7 @@ pub(super) async fn run(
     // idle tunnel's task keeps only what it waits on.
     let (device, mut link, daemon_version) = Box::pin(open(&state, io, (user, id, name))).await?;
     // Checked again here: another tunnel of the same user may have come up meanwhile.
-    match state.registry.insert(device.clone(), max_devices) {
+    match state.register(device.clone(), max_devices).await {
         Err(others) => {
             state.metrics.limited(Limit::Devices);
             let message = format!(
