@@ -66,6 +66,7 @@ const SKIPPABLE: &[(&[&str], &[&str])] = &[
         &["xvfb", "trayer", "xdotool", "imagemagick", "xclip"],
     ),
     (&["CLOUDLLM_SKIP_NGINX_TEST"], &["nginx"]),
+    (&["CLOUDLLM_SKIP_CLUSTER_TEST"], &["redis-server"]),
 ];
 
 fn repo() -> PathBuf {
