@@ -4,9 +4,12 @@
 
 #![cfg(unix)]
 
-use std::path::Path;
+mod common;
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cloudllm_daemon::DaemonConfig;
 use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config};
 use cloudllm_ipc_client::Client;
 use cloudllm_proto::ipc::{self, ErrorCode, IPC_VERSION, Request, Response};
@@ -15,48 +18,84 @@ use interprocess::local_socket::traits::tokio::Stream as _;
 use interprocess::local_socket::{GenericFilePath, ToFsName};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cloudllm");
+use common::{cli, cli_as, output_with_stdin, run, run_as, stderr};
 
-async fn start_daemon(system: bool) -> (TestRelay, FakeOllama, TestDaemon, std::path::PathBuf) {
-    start_daemon_with_group(system, None).await
-}
-
-async fn start_daemon_with_group(
-    system: bool,
-    operator_group: Option<&str>,
-) -> (TestRelay, FakeOllama, TestDaemon, std::path::PathBuf) {
+/// A relay, a fake Ollama and alice's daemon connected to both, its config changed by `adjust`
+/// first; gives the daemon's IPC socket.
+async fn start_daemon_with(
+    adjust: impl FnOnce(&mut DaemonConfig),
+) -> (TestRelay, FakeOllama, TestDaemon, PathBuf) {
     let relay = TestRelay::start(relay_config()).await;
     let backend = FakeOllama::start().await;
     let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    config.system = system;
-    config.operator_group = operator_group.map(str::to_owned);
+    adjust(&mut config);
     let socket = config.socket_path.clone().unwrap();
     let daemon = TestDaemon::start(config);
     relay.wait_for_devices("alice", 1).await;
     (relay, backend, daemon, socket)
 }
 
-/// A raw connection: lines in, lines out.
-async fn raw(
-    socket: &Path,
-) -> (
-    BufReader<tokio::io::ReadHalf<Stream>>,
-    tokio::io::WriteHalf<Stream>,
-) {
-    let stream = Stream::connect(socket.to_fs_name::<GenericFilePath>().unwrap())
-        .await
-        .unwrap();
-    let (reader, writer) = tokio::io::split(stream);
-    (BufReader::new(reader), writer)
+/// [`start_daemon_with`] a user daemon, or a system daemon (open to every user) if `system`.
+async fn start_daemon(system: bool) -> (TestRelay, FakeOllama, TestDaemon, PathBuf) {
+    start_daemon_with(|config| config.system = system).await
 }
 
-async fn read_response(reader: &mut BufReader<tokio::io::ReadHalf<Stream>>) -> Option<Response> {
-    let mut line = String::new();
-    let read = tokio::time::timeout(STEP, reader.read_line(&mut line))
+/// A raw connection to the daemon's socket, with no client library in between: lines in,
+/// lines out.
+struct Raw {
+    reader: BufReader<tokio::io::ReadHalf<Stream>>,
+    writer: tokio::io::WriteHalf<Stream>,
+}
+
+impl Raw {
+    async fn connect(socket: &Path) -> Raw {
+        let stream = Stream::connect(socket.to_fs_name::<GenericFilePath>().unwrap())
+            .await
+            .unwrap();
+        let (reader, writer) = tokio::io::split(stream);
+        Raw {
+            reader: BufReader::new(reader),
+            writer,
+        }
+    }
+
+    /// Sends `bytes` as they are.
+    async fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.unwrap();
+    }
+
+    /// Sends `request` and reads the reply.
+    async fn ask(&mut self, request: &Request) -> Option<Response> {
+        self.send(&ipc::to_line(request)).await;
+        self.read().await
+    }
+
+    /// The next response line, or `None` once the daemon has closed the connection.
+    async fn read(&mut self) -> Option<Response> {
+        let mut line = String::new();
+        let read = tokio::time::timeout(STEP, self.reader.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        (read > 0).then(|| serde_json::from_str(&line).expect("a response line"))
+    }
+}
+
+/// The hello of a client that speaks this IPC version.
+const HELLO: Request = Request::Hello {
+    version: IPC_VERSION,
+};
+
+/// Asks the daemon at `socket` for its status through the IPC client, which must answer.
+async fn assert_answers(socket: &Path) {
+    let mut client = tokio::time::timeout(STEP, Client::connect(socket))
         .await
         .unwrap()
         .unwrap();
-    (read > 0).then(|| serde_json::from_str(&line).expect("a response line"))
+    assert!(matches!(
+        client.call(&Request::Status).await.unwrap(),
+        Response::Status(_)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,9 +103,9 @@ async fn garbage_oversized_lines_and_wrong_versions_get_error_replies_and_the_da
     let (_relay, _backend, _daemon, socket) = start_daemon(false).await;
 
     // Garbage before hello: an error reply, and the connection stays usable.
-    let (mut reader, mut writer) = raw(&socket).await;
-    writer.write_all(b"this is not json\n").await.unwrap();
-    let reply = read_response(&mut reader).await.unwrap();
+    let mut raw = Raw::connect(&socket).await;
+    raw.send(b"this is not json\n").await;
+    let reply = raw.read().await.unwrap();
     assert!(
         matches!(
             reply,
@@ -77,61 +116,37 @@ async fn garbage_oversized_lines_and_wrong_versions_get_error_replies_and_the_da
         ),
         "{reply:?}"
     );
-    writer
-        .write_all(b"{\"method\":\"format_disk\"}\n")
-        .await
-        .unwrap();
+    raw.send(b"{\"method\":\"format_disk\"}\n").await;
     assert!(matches!(
-        read_response(&mut reader).await.unwrap(),
+        raw.read().await.unwrap(),
         Response::Error {
             code: ErrorCode::BadRequest,
             ..
         }
     ));
-    writer
-        .write_all(&ipc::to_line(&Request::Hello {
-            version: IPC_VERSION,
-        }))
-        .await
-        .unwrap();
     assert!(matches!(
-        read_response(&mut reader).await.unwrap(),
+        raw.ask(&HELLO).await.unwrap(),
         Response::Hello { .. }
     ));
-    writer
-        .write_all(&ipc::to_line(&Request::Status))
-        .await
-        .unwrap();
     assert!(matches!(
-        read_response(&mut reader).await.unwrap(),
+        raw.ask(&Request::Status).await.unwrap(),
         Response::Status(_)
     ));
 
     // A request before hello is refused and the connection closed.
-    let (mut reader, mut writer) = raw(&socket).await;
-    writer
-        .write_all(&ipc::to_line(&Request::Disconnect))
-        .await
-        .unwrap();
+    let mut raw = Raw::connect(&socket).await;
     assert!(matches!(
-        read_response(&mut reader).await.unwrap(),
+        raw.ask(&Request::Disconnect).await.unwrap(),
         Response::Error {
             code: ErrorCode::BadRequest,
             ..
         }
     ));
-    assert!(
-        read_response(&mut reader).await.is_none(),
-        "closed after a missing hello"
-    );
+    assert!(raw.read().await.is_none(), "closed after a missing hello");
 
     // Another IPC version: told so, then closed.
-    let (mut reader, mut writer) = raw(&socket).await;
-    writer
-        .write_all(&ipc::to_line(&Request::Hello { version: 999 }))
-        .await
-        .unwrap();
-    let reply = read_response(&mut reader).await.unwrap();
+    let mut raw = Raw::connect(&socket).await;
+    let reply = raw.ask(&Request::Hello { version: 999 }).await.unwrap();
     assert!(
         matches!(
             reply,
@@ -144,17 +159,17 @@ async fn garbage_oversized_lines_and_wrong_versions_get_error_replies_and_the_da
     );
 
     // An oversized line: an error reply, the connection closed, nothing buffered without end.
-    let (mut reader, mut writer) = raw(&socket).await;
+    let mut raw = Raw::connect(&socket).await;
     let huge = vec![b'x'; ipc::MAX_LINE_BYTES * 4];
-    let _ = writer.write_all(&huge).await;
-    let reply = read_response(&mut reader).await.unwrap();
+    let _ = raw.writer.write_all(&huge).await;
+    let reply = raw.read().await.unwrap();
     assert!(
         matches!(reply, Response::Error { code: ErrorCode::BadRequest, ref message } if message.contains("longer than")),
         "{reply:?}"
     );
 
     // Random bytes, then hang up mid-line.
-    let (_reader, mut writer) = raw(&socket).await;
+    let Raw { mut writer, .. } = Raw::connect(&socket).await;
     let noise: Vec<u8> = (0..10_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -162,42 +177,18 @@ async fn garbage_oversized_lines_and_wrong_versions_get_error_replies_and_the_da
     drop(writer);
 
     // The daemon still answers properly.
-    let mut client = tokio::time::timeout(STEP, Client::connect(&socket))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = client.call(&Request::Status).await.unwrap();
-    assert!(matches!(status, Response::Status(_)));
+    assert_answers(&socket).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_user_may_read_but_not_change_a_system_daemon() {
     let (relay, _backend, _daemon, socket) = start_daemon(true).await;
-    let as_nobody = |args: &[&str]| {
-        let mut command = tokio::process::Command::new("setpriv");
-        command
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                BIN,
-                "--socket",
-            ])
-            .arg(&socket)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .kill_on_drop(true);
-        command
-    };
-    let status = tokio::time::timeout(STEP, as_nobody(&["status", "--json"]).output())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = run_as(65534, &socket, &["status", "--json"]).await;
     assert_eq!(
         status.status.code(),
         Some(0),
         "reading works: {}",
-        String::from_utf8_lossy(&status.stderr)
+        stderr(&status)
     );
     let parsed: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(parsed["connection"]["state"], "connected");
@@ -207,12 +198,9 @@ async fn another_user_may_read_but_not_change_a_system_daemon() {
         &["logout"],
         &["config", "set", "device_name", "x"],
     ] {
-        let output = tokio::time::timeout(STEP, as_nobody(change).output())
-            .await
-            .unwrap()
-            .unwrap();
+        let output = run_as(65534, &socket, change).await;
         assert_eq!(output.status.code(), Some(5), "{change:?}");
-        let err = String::from_utf8_lossy(&output.stderr);
+        let err = stderr(&output);
         assert!(err.contains("permission denied"), "{err}");
     }
     // Nothing changed.
@@ -228,25 +216,9 @@ async fn another_user_cannot_open_a_user_daemons_socket() {
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "user daemon socket is private");
     }
-    let output = tokio::time::timeout(
-        STEP,
-        tokio::process::Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                BIN,
-                "--socket",
-            ])
-            .arg(&socket)
-            .arg("status")
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let output = run_as(65534, &socket, &["status"]).await;
     assert_eq!(output.status.code(), Some(5));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("permission denied opening"));
+    assert!(stderr(&output).contains("permission denied opening"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,14 +232,7 @@ async fn a_stale_socket_is_replaced_and_a_live_one_is_not_taken() {
     assert!(socket.exists());
     let _daemon = TestDaemon::start(config.clone());
     relay.wait_for_devices("alice", 1).await;
-    let mut client = tokio::time::timeout(STEP, Client::connect(&socket))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(matches!(
-        client.call(&Request::Status).await.unwrap(),
-        Response::Status(_)
-    ));
+    assert_answers(&socket).await;
 
     // A second daemon on the live socket refuses to start, and the first keeps serving.
     let mut second = config.clone();
@@ -279,37 +244,16 @@ async fn a_stale_socket_is_replaced_and_a_live_one_is_not_taken() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("already running"), "{err:#}");
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut client = tokio::time::timeout(STEP, Client::connect(&socket))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(matches!(
-        client.call(&Request::Status).await.unwrap(),
-        Response::Status(_)
-    ));
-}
-
-/// Runs the CLI as user and group `id` (65534 is nobody/nogroup on Debian).
-async fn as_user(id: u32, socket: &Path, args: &[&str]) -> std::process::Output {
-    tokio::time::timeout(
-        STEP,
-        tokio::process::Command::new("setpriv")
-            .arg(format!("--reuid={id}"))
-            .arg(format!("--regid={id}"))
-            .args(["--clear-groups", BIN, "--socket"])
-            .arg(socket)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap()
+    assert_answers(&socket).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_group_member_may_change_a_system_daemon_and_others_cannot_open_it() {
-    let (relay, _backend, _daemon, socket) = start_daemon_with_group(true, Some("nogroup")).await;
+    let (relay, _backend, _daemon, socket) = start_daemon_with(|config| {
+        config.system = true;
+        config.operator_group = Some("nogroup".to_owned());
+    })
+    .await;
     {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let meta = std::fs::metadata(&socket).unwrap();
@@ -317,15 +261,11 @@ async fn an_operator_group_member_may_change_a_system_daemon_and_others_cannot_o
         assert_eq!(meta.gid(), 65534, "owned by the operator group");
     }
     // A stranger (another uid and gid) cannot even connect.
-    let stranger = as_user(65533, &socket, &["status"]).await;
+    let stranger = run_as(65533, &socket, &["status"]).await;
     assert_eq!(stranger.status.code(), Some(5));
     // A member of the operator group may change the daemon.
-    let operator = as_user(65534, &socket, &["disconnect"]).await;
-    assert!(
-        operator.status.success(),
-        "{}",
-        String::from_utf8_lossy(&operator.stderr)
-    );
+    let operator = run_as(65534, &socket, &["disconnect"]).await;
+    assert!(operator.status.success(), "{}", stderr(&operator));
     relay.wait_for_devices("alice", 0).await;
 }
 
@@ -469,34 +409,19 @@ async fn a_flood_from_another_user_leaves_room_for_root_and_other_users() {
     );
 
     // While nobody holds its connections: root (here also the daemon's own user) is served …
-    let output = tokio::time::timeout(
-        STEP,
-        tokio::process::Command::new(BIN)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["status", "--json"])
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let output = run(&socket, &["status", "--json"]).await;
     assert_eq!(
         output.status.code(),
         Some(0),
         "root is locked out: {}",
-        String::from_utf8_lossy(&output.stderr)
+        stderr(&output)
     );
     // … and so is another user.
-    let other = as_user(65533, &socket, &["status", "--json"]).await;
-    assert_eq!(
-        other.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&other.stderr)
-    );
+    let other = run_as(65533, &socket, &["status", "--json"]).await;
+    assert_eq!(other.status.code(), Some(0), "{}", stderr(&other));
     // The flooding user hears why it gets no more.
-    let refused = as_user(65534, &socket, &["status"]).await;
-    let err = String::from_utf8_lossy(&refused.stderr);
+    let refused = run_as(65534, &socket, &["status"]).await;
+    let err = stderr(&refused);
     assert_eq!(refused.status.code(), Some(1), "{err}");
     assert!(err.contains("connections to cloudllmd already"), "{err}");
 
@@ -508,7 +433,7 @@ async fn a_flood_from_another_user_leaves_room_for_root_and_other_users() {
         .unwrap();
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
-        let again = as_user(65534, &socket, &["status", "--json"]).await;
+        let again = run_as(65534, &socket, &["status", "--json"]).await;
         if again.status.code() == Some(0) {
             break;
         }
@@ -519,70 +444,41 @@ async fn a_flood_from_another_user_leaves_room_for_root_and_other_users() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_and_a_watching_one_is_not() {
-    let relay = TestRelay::start(relay_config()).await;
-    let backend = FakeOllama::start().await;
-    let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
     let idle_timeout = Duration::from_millis(500);
-    config.ipc_idle_timeout = Some(idle_timeout);
-    let socket = config.socket_path.clone().unwrap();
-    let _daemon = TestDaemon::start(config);
-    relay.wait_for_devices("alice", 1).await;
+    let (_relay, _backend, _daemon, socket) =
+        start_daemon_with(|config| config.ipc_idle_timeout = Some(idle_timeout)).await;
 
-    let hello = ipc::to_line(&Request::Hello {
-        version: IPC_VERSION,
-    });
-    let (mut watching, mut watch_writer) = raw(&socket).await;
-    watch_writer.write_all(&hello).await.unwrap();
+    let mut watching = Raw::connect(&socket).await;
     assert!(matches!(
-        read_response(&mut watching).await,
+        watching.ask(&HELLO).await,
         Some(Response::Hello { .. })
     ));
-    watch_writer
-        .write_all(&ipc::to_line(&Request::Watch))
-        .await
-        .unwrap();
     assert!(matches!(
-        read_response(&mut watching).await,
+        watching.ask(&Request::Watch).await,
         Some(Response::Status(_))
     ));
 
-    let (mut idle, mut idle_writer) = raw(&socket).await;
-    idle_writer.write_all(&hello).await.unwrap();
+    let mut idle = Raw::connect(&socket).await;
     assert!(matches!(
-        read_response(&mut idle).await,
+        idle.ask(&HELLO).await,
         Some(Response::Hello { .. })
     ));
     let since = tokio::time::Instant::now();
     // A request resets the clock; then nothing more is asked.
-    idle_writer
-        .write_all(&ipc::to_line(&Request::Status))
-        .await
-        .unwrap();
     assert!(matches!(
-        read_response(&mut idle).await,
+        idle.ask(&Request::Status).await,
         Some(Response::Status(_))
     ));
     assert!(
-        read_response(&mut idle).await.is_none(),
+        idle.read().await.is_none(),
         "the daemon closes the idle connection"
     );
     assert!(since.elapsed() >= idle_timeout, "closed too early");
 
     // The watcher, idle just as long, still gets the next change.
-    let output = tokio::time::timeout(
-        STEP,
-        tokio::process::Command::new(BIN)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("disconnect")
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(output.status.success());
+    assert!(run(&socket, &["disconnect"]).await.status.success());
     loop {
-        match read_response(&mut watching).await {
+        match watching.read().await {
             Some(Response::Status(status))
                 if status.connection == ipc::Connection::Disconnected =>
             {
@@ -605,40 +501,18 @@ async fn the_cli_sends_a_token_only_to_a_socket_of_its_own_user_root_or_the_syst
     assert_eq!(helper_says(&mut said).await, "ready");
 
     // root's CLI refuses to hand it a token or to run a login through it.
-    let login = |args: &[&str], token: &str| {
-        let mut command = tokio::process::Command::new(BIN);
-        command
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let token = token.to_owned();
-        async move {
-            let mut child = command.spawn().unwrap();
-            let mut stdin = child.stdin.take().unwrap();
-            stdin.write_all(token.as_bytes()).await.unwrap();
-            drop(stdin);
-            tokio::time::timeout(STEP, child.wait_with_output())
-                .await
-                .unwrap()
-                .unwrap()
-        }
-    };
     let relay = ["--relay", "http://127.0.0.1:9"];
     for flags in [
         &["--with-token"][..],
         &["--device"],
         &["--browser", "--no-browser"],
     ] {
-        let mut args = vec!["login"];
-        args.extend_from_slice(&relay);
-        args.extend_from_slice(flags);
-        let output = login(&args, "eyJroot-secret").await;
-        let err = String::from_utf8_lossy(&output.stderr);
+        let output = output_with_stdin(
+            cli(&socket).arg("login").args(relay).args(flags),
+            "eyJroot-secret",
+        )
+        .await;
+        let err = stderr(&output);
         assert_eq!(output.status.code(), Some(5), "{flags:?}: {err}");
         assert!(
             err.contains("refusing to log in through") && err.contains("uid 65534"),
@@ -646,48 +520,18 @@ async fn the_cli_sends_a_token_only_to_a_socket_of_its_own_user_root_or_the_syst
         );
     }
     // A request that hands over nothing still goes through.
-    let output = tokio::time::timeout(
-        STEP,
-        tokio::process::Command::new(BIN)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("logout")
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = run(&socket, &["logout"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
 
     // The socket's own user may log in through it (the check is about who, not where).
-    let mut as_nobody = tokio::process::Command::new("setpriv");
-    as_nobody
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
-        .arg("--socket")
-        .arg(&socket)
-        .args(["login", "--with-token"])
-        .args(relay)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = as_nobody.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"nobodys-own-token").await.unwrap();
-    drop(stdin);
-    let output = tokio::time::timeout(STEP, child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = output_with_stdin(
+        cli_as(65534, &socket)
+            .args(["login", "--with-token"])
+            .args(relay),
+        "nobodys-own-token",
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
 
     // What the impostor got: hellos, the logout, nobody's own token, and never root's.
     let mut lines = Vec::new();
@@ -715,7 +559,7 @@ async fn without_home_or_runtime_dir_the_cli_names_what_to_set_instead_of_using_
         tokio::process::Command::new("setpriv")
             .arg(format!("--reuid={HOMELESS_UID}"))
             .arg(format!("--regid={HOMELESS_UID}"))
-            .args(["--clear-groups", BIN, "login", "--with-token"])
+            .args(["--clear-groups", common::BIN, "login", "--with-token"])
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .stdin(std::process::Stdio::null())

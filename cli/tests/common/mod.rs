@@ -28,6 +28,7 @@ pub fn capture_logs() {
         .try_init();
 }
 
+/// `cloudllm --socket socket`, run by this test's own user.
 pub fn cli(socket: &Path) -> Command {
     let mut command = Command::new(BIN);
     command
@@ -38,28 +39,61 @@ pub fn cli(socket: &Path) -> Command {
     command
 }
 
-pub async fn run(socket: &Path, args: &[&str]) -> Output {
-    tokio::time::timeout(STEP, cli(socket).args(args).output())
+/// `cloudllm --socket socket`, run by user and group `id` (65534 is nobody/nogroup on Debian)
+/// with no supplementary groups, through `setpriv`.
+pub fn cli_as(id: u32, socket: &Path) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .arg(format!("--reuid={id}"))
+        .arg(format!("--regid={id}"))
+        .args(["--clear-groups", BIN, "--socket"])
+        .arg(socket)
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs `command` to its end, bounded by [`STEP`].
+pub async fn output(command: &mut Command) -> Output {
+    tokio::time::timeout(STEP, command.output())
         .await
         .expect("cloudllm timed out")
         .expect("running cloudllm")
 }
 
-pub async fn run_with_stdin(socket: &Path, args: &[&str], input: &str) -> Output {
-    let mut child = cli(socket)
-        .args(args)
+/// Runs `command` to its end with `input` on its standard input, bounded by [`STEP`].
+pub async fn output_with_stdin(command: &mut Command, input: &str) -> Output {
+    let mut child = command
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.as_bytes()).await.unwrap();
+        .expect("running cloudllm");
+    let mut stdin = child.stdin.take().expect("a piped stdin");
+    stdin
+        .write_all(input.as_bytes())
+        .await
+        .expect("writing cloudllm's stdin");
     drop(stdin);
     tokio::time::timeout(STEP, child.wait_with_output())
         .await
-        .unwrap()
-        .unwrap()
+        .expect("cloudllm timed out")
+        .expect("running cloudllm")
+}
+
+/// `cloudllm args` run by this test's own user.
+pub async fn run(socket: &Path, args: &[&str]) -> Output {
+    output(cli(socket).args(args)).await
+}
+
+/// `cloudllm args` run by user and group `id` (see [`cli_as`]).
+pub async fn run_as(id: u32, socket: &Path, args: &[&str]) -> Output {
+    output(cli_as(id, socket).args(args)).await
+}
+
+/// `cloudllm args` with `input` on its standard input.
+pub async fn run_with_stdin(socket: &Path, args: &[&str], input: &str) -> Output {
+    output_with_stdin(cli(socket).args(args), input).await
 }
 
 pub fn stdout(output: &Output) -> String {
