@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { accumulate, wireMessages } from './chat';
+import { accumulate, FAILED, wireMessages } from './chat';
 import { splitThinking } from './render/think';
 import { openCode } from './auth/open';
 
@@ -34,6 +34,17 @@ describe('thinking', () => {
       { role: 'assistant', content: 'A' },
     ]);
     expect(JSON.stringify(wire)).not.toContain('secret reasoning');
+  });
+
+  it('leaves out a question that failed with no answer, but Regenerate sends it again', () => {
+    const big = { role: 'user' as const, content: 'x'.repeat(100) };
+    const refused = { role: 'assistant' as const, content: '', note: `${FAILED}the message is too large` };
+    const stopped = { role: 'assistant' as const, content: '', note: 'Stopped.' };
+    expect(wireMessages('', [big, refused, { role: 'user', content: 'short' }])).toEqual([{ role: 'user', content: 'short' }]);
+    // Regenerate: the history ends with the failed question.
+    expect(wireMessages('', [big])).toEqual([big]);
+    // Stopped before any word: the question stays (the person chose to stop, not the relay).
+    expect(wireMessages('', [big, stopped, { role: 'user', content: 'more' }])).toHaveLength(2);
   });
 });
 

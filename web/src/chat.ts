@@ -1,24 +1,37 @@
 // The chat's logic, apart from the views: which messages go to the model (thinking never does),
-// and one streamed answer accumulated from its chunks. No DOM here.
+// one streamed answer accumulated from its chunks, and the model options kept in this browser.
+// No DOM here.
 
 import type { Client } from './api/client';
 import type { WireMessage } from './api/types';
 import { splitThinking } from './render/think';
 import type { Message } from './store/db';
 
+/** Whether `reply` is a failure with nothing of an answer (the relay refused the request:
+ * too large, rate-limited, offline). */
+function failedEmpty(reply: Message | undefined): boolean {
+  return reply?.role === 'assistant' && !reply.content && !!reply.note?.startsWith(FAILED);
+}
+
 /** The messages sent for the next answer: the system prompt, then the conversation without
- * any thinking, notes or empty answers. */
+ * any thinking, notes or empty answers. A question that failed with no answer is left out
+ * too: a message refused as too large would otherwise make every later one too large;
+ * Regenerate (whose history ends with that question) still sends it again. */
 export function wireMessages(systemPrompt: string, messages: Message[]): WireMessage[] {
   const wire: WireMessage[] = [];
   if (systemPrompt.trim()) wire.push({ role: 'system', content: systemPrompt });
-  for (const m of messages) {
+  for (const [i, m] of messages.entries()) {
     if (m.role === 'assistant' && !m.content) continue;
+    if (m.role === 'user' && failedEmpty(messages[i + 1])) continue;
     const out: WireMessage = { role: m.role, content: m.content };
     if (m.images?.length) out.images = m.images;
     wire.push(out);
   }
   return wire;
 }
+
+/** How the note of a failed answer starts. */
+export const FAILED = 'Failed: ';
 
 /** An answer as it streams in. */
 export interface Live {
@@ -72,4 +85,19 @@ export async function streamAnswer(
   const message: Message = { role: 'assistant', content: live.content, model: request.model };
   if (live.thinking) message.thinking = live.thinking;
   return message;
+}
+
+/** Model options (Ollama's `options`, e.g. `{"num_predict": 64}`) kept in this browser, for
+ * people who want them; none by default. */
+const OPTIONS_KEY = 'cloudllm.options';
+
+export function storedOptions(): Record<string, number> | null {
+  try {
+    const value = JSON.parse(localStorage.getItem(OPTIONS_KEY) ?? 'null') as unknown;
+    if (!value || typeof value !== 'object') return null;
+    const entries = Object.entries(value).filter((e): e is [string, number] => typeof e[1] === 'number');
+    return entries.length ? Object.fromEntries(entries) : null;
+  } catch {
+    return null;
+  }
 }

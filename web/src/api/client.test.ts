@@ -19,6 +19,10 @@ describe('errors', () => {
     const limited = await err(429, '{"error":"too many requests"}', { 'retry-after': '7' });
     expect(limited.kind).toBe('rate-limited');
     expect(limited.retryAfter).toBe(7);
+    const relayText = '{"error":"rate limit: the free tier allows 60 requests per minute; try again in 15 s"}';
+    expect((await err(429, relayText, { 'retry-after': '15' })).message).toBe(
+      'rate limit: the free tier allows 60 requests per minute',
+    );
     expect((await err(413, '{"error":"body over 1 MiB"}')).message).toMatch(/too large.*body over 1 MiB/);
     const offline = await err(503, '{"error":"your device is offline: start cloudllmd"}');
     expect(offline.kind).toBe('offline');

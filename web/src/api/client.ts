@@ -136,7 +136,14 @@ export async function errorOf(response: Response): Promise<ApiError> {
         status,
       );
     case 429:
-      return new ApiError('rate-limited', message || 'too many requests', status, retryAfter(response));
+      // The page counts the wait down itself: a fixed "try again in N s" in the text would
+      // soon be wrong.
+      return new ApiError(
+        'rate-limited',
+        message.replace(/[;,.]?\s*try again in \d+(\.\d+)? ?s\.?$/i, '') || 'too many requests',
+        status,
+        retryAfter(response),
+      );
     case 503:
       return new ApiError('offline', message || 'your device is offline', status);
     default:

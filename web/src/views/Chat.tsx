@@ -6,15 +6,15 @@ import { useCallback, useEffect, useMemo, useRef, useState } from 'preact/hooks'
 import { Client } from '../api/client';
 import { ApiError, type DeviceInfo, type ModelTag } from '../api/types';
 import { expiredReason, type Session } from '../auth/token';
-import { type Live, streamAnswer, wireMessages } from '../chat';
+import { FAILED, type Live, storedOptions, streamAnswer, wireMessages } from '../chat';
 import { onCopyClick } from '../render/markdown';
 import { type Conversation, type Message, newId, Store, titleFrom } from '../store/db';
 import { exportJson, parseImport } from '../store/transfer';
 import { Composer } from './Composer';
 import { MessageView } from './Message';
 import { Sidebar } from './Sidebar';
-
 import { SystemPrompt } from './SystemPrompt';
+
 const LAST_MODEL_KEY = 'cloudllm.model';
 /** How often the device list is asked again while the page is open: a device that comes
  * online shows up within this. */
@@ -25,21 +25,6 @@ const EAGER_MESSAGES = 12;
 /** Least time between two renders of a streaming answer: 50 ms (20 a second) reads as smooth
  * and leaves the main thread free for typing. */
 const STREAM_PAINT_MS = 50;
-
-/** Model options (Ollama's `options`, e.g. `{"num_predict": 64}`) kept in this browser, for
- * people who want them; none by default. */
-const OPTIONS_KEY = 'cloudllm.options';
-
-function storedOptions(): Record<string, number> | null {
-  try {
-    const value = JSON.parse(localStorage.getItem(OPTIONS_KEY) ?? 'null') as unknown;
-    if (!value || typeof value !== 'object') return null;
-    const entries = Object.entries(value).filter((e): e is [string, number] => typeof e[1] === 'number');
-    return entries.length ? Object.fromEntries(entries) : null;
-  } catch {
-    return null;
-  }
-}
 
 interface Banner {
   kind: 'offline' | 'rate' | 'error' | 'info';
@@ -276,7 +261,7 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
     } catch (err) {
       reply = { role: 'assistant', content: latest.content, model };
       if (latest.thinking) reply.thinking = latest.thinking;
-      reply.note = err instanceof ApiError && err.kind === 'aborted' ? 'Stopped.' : `Failed: ${(err as Error).message}`;
+      reply.note = err instanceof ApiError && err.kind === 'aborted' ? 'Stopped.' : `${FAILED}${(err as Error).message}`;
       fail(err);
     }
     ended = true;
@@ -472,7 +457,7 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
           <div class={`banner ${banner.kind}`} role="alert" data-testid={`banner-${banner.kind}`}>
             <span>
               {banner.text}
-              {banner.kind === 'rate' && ` Try again in ${waitSeconds} s.`}
+              {banner.kind === 'rate' && ` — try again in ${waitSeconds} s.`}
             </span>
             <button type="button" class="icon" aria-label="Dismiss" onClick={() => setBanner(null)}>
               ✕
