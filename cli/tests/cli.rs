@@ -47,10 +47,7 @@ async fn login_with_token_connects_and_status_shows_the_user() {
     );
 
     let agent = f.login().await;
-    let status = wait_status(&f.socket, "connected", |s| {
-        s["connection"]["state"] == "connected"
-    })
-    .await;
+    let status = wait_connection(&f.socket, "connected").await;
     assert_eq!(status["user"], "alice");
     assert_eq!(status["device_name"], "laptop");
     assert!(
@@ -134,12 +131,7 @@ async fn a_bad_token_is_reported_as_login_required() {
     let login = ["login", "--relay", relay.as_str(), "--with-token"];
     // What the daemon can check is refused at once, saying why, and nothing is stored.
     let output = run_with_stdin(&f.socket, &login, "not.a.valid-token").await;
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("not a cloudllm token"),
-        "{}",
-        stderr(&output)
-    );
+    assert_fails_saying(&output, "not a cloudllm token");
     assert!(!f.state_dir.join("credentials.json").exists());
     // The signature it cannot check (only the relay holds the key): a token signed by another
     // relay is taken on trust, and the relay decides.
@@ -158,10 +150,7 @@ async fn a_bad_token_is_reported_as_login_required() {
         output.status.success(),
         "the daemon takes the signature on trust; the relay decides"
     );
-    let status = wait_status(&f.socket, "login required", |s| {
-        s["connection"]["state"] == "login_required"
-    })
-    .await;
+    let status = wait_connection(&f.socket, "login_required").await;
     assert!(
         status["connection"]["reason"]
             .as_str()
@@ -170,12 +159,7 @@ async fn a_bad_token_is_reported_as_login_required() {
         "{status}"
     );
     let empty = run_with_stdin(&f.socket, &["login", "--with-token"], "").await;
-    assert_eq!(empty.status.code(), Some(1));
-    assert!(
-        stderr(&empty).contains("no token on standard input"),
-        "{}",
-        stderr(&empty)
-    );
+    assert_fails_saying(&empty, "no token on standard input");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,10 +177,7 @@ async fn disconnect_and_connect_close_and_reopen_the_tunnel() {
     );
     assert!(run(&f.socket, &["connect"]).await.status.success());
     f.relay.wait_for_devices("alice", 1).await;
-    wait_status(&f.socket, "connected", |s| {
-        s["connection"]["state"] == "connected"
-    })
-    .await;
+    wait_connection(&f.socket, "connected").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,15 +205,9 @@ async fn config_get_set_and_path() {
     assert_eq!(status["device_name"], "workstation");
 
     let bad = run(&f.socket, &["config", "set", "colour", "red"]).await;
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        stderr(&bad).contains("unknown setting \"colour\""),
-        "{}",
-        stderr(&bad)
-    );
+    assert_fails_saying(&bad, "unknown setting \"colour\"");
     let bad = run(&f.socket, &["config", "set", "ollama_url", "not a url"]).await;
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(stderr(&bad).contains("ollama_url"), "{}", stderr(&bad));
+    assert_fails_saying(&bad, "ollama_url");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,22 +222,14 @@ async fn models_lists_what_the_relay_will_see() {
     assert_eq!(models, ["fake:latest"]);
     drop(f.backend);
     let output = run(&f.socket, &["models"]).await;
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("cannot reach Ollama"),
-        "{}",
-        stderr(&output)
-    );
+    assert_fails_saying(&output, "cannot reach Ollama");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_watch_streams_every_change() {
     let f = Fixture::start().await;
     f.login().await;
-    wait_status(&f.socket, "connected", |s| {
-        s["connection"]["state"] == "connected"
-    })
-    .await;
+    wait_connection(&f.socket, "connected").await;
     let mut watcher = cli(&f.socket)
         .args(["status", "--watch", "--json"])
         .stdout(std::process::Stdio::piped())
@@ -371,12 +338,7 @@ async fn daemon_runs_the_cloudllmd_beside_it_with_its_arguments() {
     .await
     .unwrap()
     .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("is cloudllmd installed?"),
-        "{}",
-        stderr(&output)
-    );
+    assert_fails_saying(&output, "is cloudllmd installed?");
     // With a cloudllmd beside it, that one runs, with the arguments and its exit code.
     let fake = dir.join("cloudllmd");
     std::fs::write(&fake, "#!/bin/sh\necho \"cloudllmd got: $*\"\nexit 7\n").unwrap();

@@ -117,6 +117,16 @@ async fn cli_login_after<F: std::future::Future<Output = ()>>(
     printed
 }
 
+/// A provider started with `env`, a fixture whose relay trusts it, and alice logged in through
+/// `cloudllm login --device` with her tunnel up; `None` when the OIDC tests are skipped.
+async fn logged_in_with_device_code(env: &[(&str, &str)]) -> Option<(OidcProvider, Fixture)> {
+    let provider = OidcProvider::start(env).await?;
+    let f = Fixture::with_relay(relay_for(&provider)).await;
+    cli_login(&f, &["--device"]).await;
+    f.relay.wait_for_devices("alice", 1).await;
+    Some((provider, f))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_login_through_the_cli_connects_the_tunnel() {
     let Some(provider) = OidcProvider::start(&[]).await else {
@@ -127,10 +137,7 @@ async fn device_login_through_the_cli_connects_the_tunnel() {
     assert!(printed.contains("and enter the code"), "{printed}");
     assert!(printed.contains("Logged in as alice"), "{printed}");
     f.relay.wait_for_devices("alice", 1).await;
-    let status = wait_status(&f.socket, "connected", |s| {
-        s["connection"]["state"] == "connected"
-    })
-    .await;
+    let status = wait_connection(&f.socket, "connected").await;
     assert_eq!(status["user"], "alice");
     let response = f.relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 200);
@@ -176,31 +183,20 @@ async fn a_forged_redirect_does_not_end_a_browser_login() {
 async fn a_token_relay_says_to_use_with_token() {
     let f = Fixture::start().await;
     let output = run(&f.socket, &["login", "--relay", f.relay.url().as_str()]).await;
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("--with-token"),
-        "{}",
-        stderr(&output)
-    );
+    assert_fails_saying(&output, "--with-token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_lived_tokens_are_refreshed_and_streams_survive() {
     // Access tokens live 8 s: the daemon refreshes every few seconds.
-    let Some(provider) = OidcProvider::start(&[("ACCESS_TTL", "8")]).await else {
+    let Some((_provider, f)) = logged_in_with_device_code(&[("ACCESS_TTL", "8")]).await else {
         return;
     };
-    let f = Fixture::with_relay(relay_for(&provider)).await;
-    cli_login(&f, &["--device"]).await;
-    f.relay.wait_for_devices("alice", 1).await;
     // A short shutdown grace: the stream below outlives it, so it survives the token switches
     // only because a replaced tunnel drains for longer (tunnel::RETIRE_DRAIN).
     let output = run(&f.socket, &["config", "set", "shutdown_grace", "2s"]).await;
     assert!(output.status.success(), "{}", stderr(&output));
-    wait_status(&f.socket, "connected", |s| {
-        s["connection"]["state"] == "connected"
-    })
-    .await;
+    wait_connection(&f.socket, "connected").await;
     let stored = f.state_dir.join("credentials.json");
     let first_token = std::fs::read_to_string(&stored).unwrap();
 
@@ -237,10 +233,7 @@ async fn short_lived_tokens_are_refreshed_and_streams_survive() {
         first_token,
         "refreshed"
     );
-    let status = wait_status(&f.socket, "connected", |s| {
-        s["connection"]["state"] == "connected"
-    })
-    .await;
+    let status = wait_connection(&f.socket, "connected").await;
     assert_eq!(status["user"], "alice");
     let response = f.relay.get_as("alice", "/api/tags").await;
     assert_eq!(response.status(), 200);
@@ -249,12 +242,9 @@ async fn short_lived_tokens_are_refreshed_and_streams_survive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_that_keeps_failing_ends_in_login_required() {
-    let Some(provider) = OidcProvider::start(&[("ACCESS_TTL", "4")]).await else {
+    let Some((provider, f)) = logged_in_with_device_code(&[("ACCESS_TTL", "4")]).await else {
         return;
     };
-    let f = Fixture::with_relay(relay_for(&provider)).await;
-    cli_login(&f, &["--device"]).await;
-    f.relay.wait_for_devices("alice", 1).await;
     // The provider goes away: refreshes fail until the token has expired.
     drop(provider);
     let deadline = Instant::now() + Duration::from_secs(40);

@@ -35,10 +35,7 @@ fn code_of(link: &str) -> &str {
 async fn open_prints_a_link_that_signs_the_browser_in_once() {
     let f = Fixture::start().await;
     f.login().await;
-    wait_status(&f.socket, "connected", |s| {
-        s["connection"]["state"] == "connected"
-    })
-    .await;
+    wait_connection(&f.socket, "connected").await;
 
     let (code, out, err) = open_print(&f.socket).await;
     assert_eq!(code, Some(0), "{err}");

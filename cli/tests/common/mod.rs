@@ -133,6 +133,19 @@ pub async fn wait_status(
     }
 }
 
+/// Polls `status --json` until the connection is in `state` (`connected`, `login_required` …).
+pub async fn wait_connection(socket: &Path, state: &str) -> serde_json::Value {
+    wait_status(socket, state, |s| s["connection"]["state"] == state).await
+}
+
+/// Asserts that the command failed with exit code 1 (an error the user can fix) and that its
+/// standard error says `needle`.
+pub fn assert_fails_saying(output: &Output, needle: &str) {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains(needle), "{err}");
+}
+
 /// A relay, a fake Ollama and a daemon that is not logged in.
 pub struct Fixture {
     pub relay: TestRelay,
