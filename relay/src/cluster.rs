@@ -22,7 +22,7 @@
 
 mod control;
 mod limits;
-pub(crate) mod peer;
+pub mod peer;
 mod presence;
 
 use std::collections::HashMap;

@@ -13,8 +13,10 @@
 
 pub mod browser;
 pub mod close_proxy;
+pub mod cluster;
 pub mod fake_ollama;
 pub mod oidc;
+pub mod redis;
 pub mod stall_proxy;
 
 use std::net::SocketAddr;

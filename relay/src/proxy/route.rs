@@ -108,7 +108,7 @@ pub(super) async fn route(
         .pick(user, wanted.as_deref(), model.as_deref());
     // A device on this node is served here; else one held by another node, through it.
     let picked = match picked {
-        Err(err) if !remote.is_empty() => {
+        Err(_) if !remote.is_empty() => {
             match pick_remote(&remote, wanted.as_deref(), model.as_deref()) {
                 Some(device) => {
                     let limits = (limit, state.config.client_read_timeout);
@@ -122,8 +122,8 @@ pub(super) async fn route(
                     }
                     return response;
                 }
-                None => Err(with_remote_names(
-                    err,
+                None => Err(no_device_anywhere(
+                    (wanted.as_deref(), model.as_deref()),
                     &state.registry.devices_of(user),
                     &remote,
                 )),
@@ -353,9 +353,10 @@ fn pick_remote<'a>(
     }
 }
 
-/// `err` with the names of the user's devices on every node.
-fn with_remote_names(
-    err: RouteError,
+/// Why no device on any node could take a request for `wanted` or `model`, naming the
+/// user's devices on every node.
+fn no_device_anywhere(
+    (wanted, model): (Option<&str>, Option<&str>),
     local: &[Arc<Device>],
     remote: &[RemoteDevice],
 ) -> RouteError {
@@ -365,10 +366,10 @@ fn with_remote_names(
         .chain(remote.iter().map(|d| d.name.as_str()))
         .collect::<Vec<_>>()
         .join(", ");
-    match err {
-        RouteError::UnknownDevice(wanted, _) => RouteError::UnknownDevice(wanted, names),
-        RouteError::NoModel(model, _) => RouteError::NoModel(model, names),
-        RouteError::NoDevice => RouteError::NoDevice,
+    match (wanted, model) {
+        (Some(wanted), _) => RouteError::UnknownDevice(wanted.to_owned(), names),
+        (None, Some(model)) => RouteError::NoModel(model.to_owned(), names),
+        (None, None) => RouteError::NoDevice,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The page's two small read endpoints: `GET /cloudllm/web` (how the page may sign in, public
 //! like `/.well-known/cloudllm`) and `GET /cloudllm/devices` (the caller's connected devices and
-//! the models each has, which the merged `/api/tags` cannot say).
+//! the models each has, which the merged `/api/tags` cannot say; in a cluster, on every node).
 
 use std::sync::Arc;
 
@@ -91,6 +91,21 @@ pub(super) async fn devices(State(state): State<Arc<AppState>>, req: Request) ->
             busy: device.in_flight(),
         })
         .collect();
+    // In a cluster, the devices held by the other nodes too, as their presence records say.
+    if let Some(cluster) = &state.cluster {
+        list.extend(
+            cluster
+                .remote_devices(&identity.user)
+                .await
+                .into_iter()
+                .map(|device| DeviceInfo {
+                    name: device.name,
+                    id: device.id,
+                    models: device.models,
+                    busy: device.load,
+                }),
+        );
+    }
     list.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
     json(&Devices { devices: list })
 }

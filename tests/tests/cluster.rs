@@ -1,0 +1,336 @@
+//! A relay cluster on a real Redis: three nodes, daemons spread over them, and requests that
+//! enter at any node. Every device is reachable from every node, model lists merge across
+//! nodes, a stream crosses the hop line by line, a caller hanging up stops the generation on
+//! the far side, and a node-to-node request that is not signed with the shared secret (or is
+//! replayed late) is refused.
+
+use std::time::Duration;
+
+use cloudllm_e2e::cluster::{CLUSTER_SECRET, Node, cluster_config};
+use cloudllm_e2e::fake_ollama::StreamEnd;
+use cloudllm_e2e::redis::RedisServer;
+use cloudllm_e2e::{
+    FakeOllama, STEP, TestDaemon, client, daemon_config, init_logs, relay_config, token,
+};
+use cloudllm_relay::Scope;
+use cloudllm_relay::cluster::peer::Peers;
+use serde_json::{Value, json};
+
+/// Three nodes on one Redis (one of them through the `valkey://` alias).
+async fn three_nodes(redis: &RedisServer) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for (name, scheme) in [("n1", "redis"), ("n2", "valkey"), ("n3", "redis")] {
+        let mut config = relay_config();
+        config.cluster = Some(cluster_config(&redis.url(scheme), name));
+        nodes.push(Node::start(config).await);
+    }
+    nodes
+}
+
+/// A fake Ollama listing `models`, and a daemon of `user`'s `device` on `node`.
+async fn device(
+    node: &Node,
+    user: &str,
+    device: &str,
+    models: &[&str],
+) -> (FakeOllama, TestDaemon) {
+    let backend = FakeOllama::start().await;
+    backend.set_models(models);
+    let daemon = TestDaemon::start(daemon_config(&node.url(), user, device, &backend.url()));
+    (backend, daemon)
+}
+
+async fn names(response: reqwest::Response, field: &str, key: &str) -> Vec<String> {
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let mut names: Vec<String> = body[field]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[key].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Requests to `/api/show` that reached `backend` through a tunnel.
+fn shows(backend: &FakeOllama) -> usize {
+    let hits = backend.records.hits.lock().unwrap();
+    hits.iter()
+        .filter(|path| path.as_str() == "/api/show")
+        .count()
+}
+
+fn generate(node: &Node, user: &str, body: Value) -> reqwest::RequestBuilder {
+    client()
+        .post(node.api("/api/generate"))
+        .bearer_auth(token(user, Scope::Client))
+        .json(&body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_entering_at_any_node_reaches_every_device() {
+    if !RedisServer::available() {
+        return;
+    }
+    init_logs();
+    let redis = RedisServer::start().await;
+    let nodes = three_nodes(&redis).await;
+    let (laptop, _d1) = device(&nodes[0], "alice", "laptop", &["alpha:latest"]).await;
+    let (desktop, _d2) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
+    let (_server, _d3) = device(&nodes[2], "bob", "server", &["gamma:latest"]).await;
+    nodes[0].wait_for_devices("alice", 1).await;
+    nodes[1].wait_for_devices("alice", 1).await;
+    nodes[2].wait_for_devices("bob", 1).await;
+    nodes[2]
+        .wait_for_remote("alice", &["desktop", "laptop"])
+        .await;
+    for node in &nodes {
+        // alice's model lists merge across the nodes, whichever node answers.
+        let get = |path: &str| {
+            client()
+                .get(node.api(path))
+                .bearer_auth(token("alice", Scope::Client))
+                .send()
+        };
+        let tags = names(get("/api/tags").await.unwrap(), "models", "name").await;
+        assert_eq!(tags, ["alpha:latest", "beta:latest"], "on {}", node.name);
+        let models = names(get("/v1/models").await.unwrap(), "data", "id").await;
+        assert_eq!(models, ["alpha:latest", "beta:latest"], "on {}", node.name);
+        // And the web page's device list names both, with their models.
+        let devices: Value = get("/cloudllm/devices")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let listed: Vec<(&str, &str)> = devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["name"].as_str().unwrap(),
+                    d["models"][0].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [("desktop", "beta:latest"), ("laptop", "alpha:latest")]
+        );
+        // By device name, and by model, from every node.
+        for (target, backend) in [("laptop", &laptop), ("desktop", &desktop)] {
+            let before = backend.records.hit_count();
+            let response = generate(
+                node,
+                "alice",
+                json!({"model": "x", "prompt": format!("{}-{target}", node.name)}),
+            )
+            .header("x-cloudllm-device", target)
+            .send()
+            .await
+            .unwrap();
+            assert_eq!(response.status(), 200, "{target} via {}", node.name);
+            response.bytes().await.unwrap();
+            assert_eq!(
+                backend.records.hit_count(),
+                before + 1,
+                "{target} via {}",
+                node.name
+            );
+        }
+        for (model, backend) in [("alpha", &laptop), ("beta", &desktop)] {
+            let before = backend.records.hit_count();
+            let response = generate(node, "alice", json!({"model": model, "prompt": "by-model"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{model} via {}", node.name);
+            response.bytes().await.unwrap();
+            assert_eq!(
+                backend.records.hit_count(),
+                before + 1,
+                "{model} via {}",
+                node.name
+            );
+        }
+        // A model no device has is named as such, with every device.
+        let response = generate(node, "alice", json!({"model": "nope", "prompt": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+        let text = response.text().await.unwrap();
+        assert!(
+            text.contains("laptop") && text.contains("desktop"),
+            "{text}"
+        );
+        // bob never reaches alice's devices, from any node.
+        let response = generate(node, "bob", json!({"model": "x", "prompt": "x"}))
+            .header("x-cloudllm-device", "laptop")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            503,
+            "bob reached alice's laptop via {}",
+            node.name
+        );
+    }
+    // The request id travels across the hop to the device, and back.
+    let response = client()
+        .post(nodes[2].api("/api/show"))
+        .bearer_auth(token("alice", Scope::Client))
+        .header("x-cloudllm-device", "laptop")
+        .header("x-request-id", "hop-request-1")
+        .json(&json!({"model": "alpha"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "hop-request-1");
+    let echoed = laptop.records.echoed();
+    assert_eq!(echoed["x-request-id"], "hop-request-1");
+    assert!(
+        !echoed
+            .keys()
+            .any(|k| k.as_str().starts_with("x-cloudllm-peer")),
+        "node-to-node headers reached the device: {echoed:?}"
+    );
+    assert!(!echoed.contains_key("authorization"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_crosses_the_hop_line_by_line_and_hanging_up_stops_it() {
+    if !RedisServer::available() {
+        return;
+    }
+    init_logs();
+    let redis = RedisServer::start().await;
+    let nodes = three_nodes(&redis).await;
+    let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
+    nodes[0].wait_for_remote("alice", &["desktop"]).await;
+    // 10 lines 150 ms apart: the first reaches the caller long before the last is produced.
+    let mut response = generate(
+        &nodes[0],
+        "alice",
+        json!({"model": "beta", "prompt": "paced", "options": {"num_predict": 10}, "fake_interval_ms": 150}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let first = tokio::time::timeout(STEP, response.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let first_at = tokio::time::Instant::now();
+    assert!(String::from_utf8_lossy(&first).contains("\"done\":false"));
+    let (ended_at, end) = backend.records.wait_end("paced").await;
+    assert_eq!(end, StreamEnd::Completed);
+    assert!(
+        ended_at > first_at + Duration::from_millis(500),
+        "the hop buffered the stream"
+    );
+    while tokio::time::timeout(STEP, response.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .is_some()
+    {}
+
+    // A caller that hangs up mid-stream stops the generation on the node that holds the device.
+    let mut response = generate(
+        &nodes[2],
+        "alice",
+        json!({"model": "beta", "prompt": "cancelled", "options": {"num_predict": 1000}, "fake_interval_ms": 50}),
+    )
+    .send()
+    .await
+    .unwrap();
+    tokio::time::timeout(STEP, response.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let hung_up = tokio::time::Instant::now();
+    drop(response);
+    let (ended_at, end) = backend.records.wait_end("cancelled").await;
+    assert_eq!(end, StreamEnd::Cancelled);
+    assert!(
+        ended_at - hung_up < Duration::from_secs(5),
+        "{:?}",
+        ended_at - hung_up
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_or_late_node_to_node_request_is_refused() {
+    if !RedisServer::available() {
+        return;
+    }
+    init_logs();
+    let redis = RedisServer::start().await;
+    let nodes = three_nodes(&redis).await;
+    let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
+    nodes[1].wait_for_devices("alice", 1).await;
+    let peer = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let url = format!("http://{}/api/show", nodes[1].peer_addr);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let send = |secret: &str, at: u128| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-request-id", http::HeaderValue::from_static("peer-test"));
+        Peers::new(secret.as_bytes(), "n1".into()).sign(
+            &mut headers,
+            ("POST", "/api/show"),
+            "alice",
+            "alice-desktop",
+            at,
+        );
+        peer.post(&url).headers(headers).body("{}").send()
+    };
+    // Unsigned: refused, and nothing reaches the device.
+    let unsigned = peer
+        .post(&url)
+        .header("x-cloudllm-peer-node", "n1")
+        .header("x-cloudllm-peer-user", "616c696365")
+        .header("x-cloudllm-device", "alice-desktop")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    // Signed with another secret.
+    let forged = send("not-the-cluster-secret-not-the-cluster-secret", now)
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    // Signed properly, but a minute ago: a replay.
+    let late = send(CLUSTER_SECRET, now - 60_000).await.unwrap();
+    assert_eq!(late.status(), 401);
+    assert_eq!(shows(&backend), 0);
+    // Signed properly and fresh: served.
+    let fresh = send(CLUSTER_SECRET, now).await.unwrap();
+    assert_eq!(fresh.status(), 200);
+    assert_eq!(shows(&backend), 1);
+    let metrics = client()
+        .get(nodes[1].api("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cloudllm_cluster_forwarded_refused_total 3"),
+        "{metrics}"
+    );
+}
