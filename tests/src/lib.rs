@@ -375,6 +375,22 @@ pub fn client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// Sends `request`, bounded by [`STEP`]; panics if it gets no response.
+pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
+    tokio::time::timeout(STEP, request.send())
+        .await
+        .expect("request timed out")
+        .expect("request")
+}
+
+/// Sends `request` and reads its answer as JSON.
+pub async fn send_for_json(request: reqwest::RequestBuilder) -> serde_json::Value {
+    tokio::time::timeout(STEP, send(request).await.json())
+        .await
+        .expect("response body timed out")
+        .expect("a JSON answer")
+}
+
 /// Reads a response until it ends; gives the bytes and whether it ended cleanly (a stream cut
 /// by a fault must end with an error, never look complete). Panics if it neither ends nor
 /// fails within [`STEP`].
