@@ -5,17 +5,12 @@
 
 use std::net::SocketAddr;
 
-use cloudllm_e2e::{STEP, Stack, TestRelay, client, relay_config, token};
+use cloudllm_e2e::{Stack, TestRelay, client, relay_config, send, send_for_json, token};
 use cloudllm_relay::{LoginConfig, Scope, WebLoginConfig};
 use reqwest::header;
-use tokio::time::timeout;
 
-async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
-    timeout(STEP, request.send())
-        .await
-        .expect("request timed out")
-        .expect("request")
-}
+/// The origin the tests' relays allow, where one does.
+const CHAT_ORIGIN: &str = "https://chat.example.com";
 
 /// The path of the page's script, read from its index.html.
 fn script_of(html: &str) -> String {
@@ -136,11 +131,7 @@ async fn the_csp_lets_the_page_reach_the_identity_provider_when_login_is_configu
         csp.contains("connect-src 'self' https://idp.example.com;"),
         "{csp}"
     );
-    let web: serde_json::Value = send(client().get(relay.api("/cloudllm/web")))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let web = send_for_json(client().get(relay.api("/cloudllm/web"))).await;
     assert_eq!(web["oidc"]["issuer"], "https://idp.example.com/realms/home");
     assert_eq!(web["oidc"]["client_id"], "cloudllm-web");
     assert_eq!(
@@ -150,68 +141,57 @@ async fn the_csp_lets_the_page_reach_the_identity_provider_when_login_is_configu
     relay.stop().await;
 }
 
-fn preflight(http: &reqwest::Client, url: String, origin: &str) -> reqwest::RequestBuilder {
-    http.request(reqwest::Method::OPTIONS, url)
-        .header(header::ORIGIN, origin)
-        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
-        .header(
-            header::ACCESS_CONTROL_REQUEST_HEADERS,
-            "authorization, content-type",
-        )
+/// The CORS preflight a page at `origin` sends before POSTing JSON with a token to `path`.
+async fn preflight(relay: &TestRelay, path: &str, origin: &str) -> reqwest::Response {
+    send(
+        client()
+            .request(reqwest::Method::OPTIONS, relay.api(path))
+            .header(header::ORIGIN, origin)
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .header(
+                header::ACCESS_CONTROL_REQUEST_HEADERS,
+                "authorization, content-type",
+            ),
+    )
+    .await
+}
+
+/// Alice's `GET /api/tags` from a page at [`CHAT_ORIGIN`].
+async fn tags_from_chat_origin(stack: &Stack) -> reqwest::Response {
+    send(stack.get("/api/tags").header(header::ORIGIN, CHAT_ORIGIN)).await
+}
+
+/// Whether a page at another origin may read `response`.
+fn readable_cross_origin(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
 }
 
 #[tokio::test]
 async fn cors_is_closed_by_default() {
     let stack = Stack::start().await;
-    let http = client();
-    let answer = send(preflight(
-        &http,
-        stack.relay.api("/api/chat"),
-        "https://chat.example.com",
-    ))
-    .await;
+    let answer = preflight(&stack.relay, "/api/chat", CHAT_ORIGIN).await;
     assert_eq!(answer.status(), 403);
-    assert!(
-        !answer
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-    );
-    let tags = send(
-        stack
-            .get("/api/tags")
-            .header(header::ORIGIN, "https://chat.example.com"),
-    )
-    .await;
+    assert!(!readable_cross_origin(&answer));
+    let tags = tags_from_chat_origin(&stack).await;
     assert_eq!(tags.status(), 200);
-    assert!(
-        !tags
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-    );
+    assert!(!readable_cross_origin(&tags));
 }
 
 #[tokio::test]
 async fn allowed_origins_open_the_api_and_only_the_api() {
     let mut config = relay_config();
-    config.allowed_origins = vec!["https://chat.example.com".into()];
+    config.allowed_origins = vec![CHAT_ORIGIN.into()];
     // A preflight is never a failed sign-in, however many come.
     config.auth_failures_per_minute = 1;
     let stack = Stack::with_relay_config(config).await;
-    let http = client();
     for path in ["/api/chat", "/v1/chat/completions", "/api/tags"] {
         for _ in 0..3 {
-            let answer = send(preflight(
-                &http,
-                stack.relay.api(path),
-                "https://chat.example.com",
-            ))
-            .await;
+            let answer = preflight(&stack.relay, path, CHAT_ORIGIN).await;
             assert_eq!(answer.status(), 204, "{path}");
             let h = answer.headers();
-            assert_eq!(
-                h[header::ACCESS_CONTROL_ALLOW_ORIGIN],
-                "https://chat.example.com"
-            );
+            assert_eq!(h[header::ACCESS_CONTROL_ALLOW_ORIGIN], CHAT_ORIGIN);
             let allowed = h[header::ACCESS_CONTROL_ALLOW_HEADERS].to_str().unwrap();
             assert!(allowed.contains("authorization") && allowed.contains("x-cloudllm-device"));
             assert!(
@@ -224,40 +204,23 @@ async fn allowed_origins_open_the_api_and_only_the_api() {
         }
     }
     // Another origin: refused, and told why.
-    let other = send(preflight(
-        &http,
-        stack.relay.api("/api/chat"),
-        "https://evil.test",
-    ))
-    .await;
+    let other = preflight(&stack.relay, "/api/chat", "https://evil.test").await;
     assert_eq!(other.status(), 403);
     assert!(other.text().await.unwrap().contains("allowed_origins"));
     // Not the relay's other routes.
     for path in ["/", "/healthz", "/cloudllm/devices", "/tunnel"] {
-        let answer = send(preflight(
-            &http,
-            stack.relay.api(path),
-            "https://chat.example.com",
-        ))
-        .await;
+        let answer = preflight(&stack.relay, path, CHAT_ORIGIN).await;
         assert!(
-            !answer
-                .headers()
-                .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+            !readable_cross_origin(&answer),
             "{path} answered a preflight"
         );
     }
     // The request itself, with the token: readable by that origin, with the useful headers.
-    let tags = send(
-        stack
-            .get("/api/tags")
-            .header(header::ORIGIN, "https://chat.example.com"),
-    )
-    .await;
+    let tags = tags_from_chat_origin(&stack).await;
     assert_eq!(tags.status(), 200);
     assert_eq!(
         tags.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
-        "https://chat.example.com"
+        CHAT_ORIGIN
     );
     assert!(
         tags.headers()[header::ACCESS_CONTROL_EXPOSE_HEADERS]
@@ -267,16 +230,13 @@ async fn allowed_origins_open_the_api_and_only_the_api() {
     );
     // A refusal is readable too, so the app can show it.
     let refused = send(
-        http.get(stack.relay.api("/api/tags"))
-            .header(header::ORIGIN, "https://chat.example.com"),
+        client()
+            .get(stack.relay.api("/api/tags"))
+            .header(header::ORIGIN, CHAT_ORIGIN),
     )
     .await;
     assert_eq!(refused.status(), 401);
-    assert!(
-        refused
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-    );
+    assert!(readable_cross_origin(&refused));
 }
 
 #[tokio::test]
@@ -284,12 +244,7 @@ async fn a_star_allows_any_origin_without_credentials() {
     let mut config = relay_config();
     config.allowed_origins = vec!["*".into()];
     let stack = Stack::with_relay_config(config).await;
-    let answer = send(preflight(
-        &client(),
-        stack.relay.api("/v1/models"),
-        "https://any.test",
-    ))
-    .await;
+    let answer = preflight(&stack.relay, "/v1/models", "https://any.test").await;
     assert_eq!(answer.status(), 204);
     assert_eq!(answer.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
 }
@@ -316,25 +271,18 @@ async fn devices_lists_the_callers_own_devices_and_their_models() {
         .relay
         .wait_for_models("alice", "laptop", &["fake:latest"])
         .await;
-    let list: serde_json::Value = send(stack.get("/cloudllm/devices"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list = send_for_json(stack.get("/cloudllm/devices")).await;
     assert_eq!(list["devices"][0]["name"], "laptop");
     assert_eq!(
         list["devices"][0]["models"],
         serde_json::json!(["fake:latest"])
     );
-    let bob: serde_json::Value = send(
+    let bob = send_for_json(
         client()
             .get(stack.relay.api("/cloudllm/devices"))
             .bearer_auth(token("bob", Scope::Client)),
     )
-    .await
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         bob["devices"],
         serde_json::json!([]),
@@ -344,6 +292,14 @@ async fn devices_lists_the_callers_own_devices_and_their_models() {
     assert_eq!(anonymous.status(), 401);
 }
 
+/// `POST /cloudllm/open` (mint a one-time code) with `token`.
+fn mint_open_code(stack: &Stack, token: &str) -> reqwest::RequestBuilder {
+    client()
+        .post(stack.relay.api("/cloudllm/open"))
+        .bearer_auth(token)
+}
+
+/// Trades the one-time `code` for a client token, as the page does.
 async fn exchange(relay: SocketAddr, code: &str) -> reqwest::Response {
     send(
         client()
@@ -358,22 +314,9 @@ async fn cloudllm_open_codes_buy_one_short_client_token_once() {
     let stack = Stack::start().await;
     let relay = stack.relay.relay.addr;
     // Only the daemon's agent token mints codes.
-    let as_client = send(
-        client()
-            .post(stack.relay.api("/cloudllm/open"))
-            .bearer_auth(token("alice", Scope::Client)),
-    )
-    .await;
+    let as_client = send(mint_open_code(&stack, &token("alice", Scope::Client))).await;
     assert_eq!(as_client.status(), 403);
-    let minted: serde_json::Value = send(
-        client()
-            .post(stack.relay.api("/cloudllm/open"))
-            .bearer_auth(token("alice", Scope::Agent)),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let minted = send_for_json(mint_open_code(&stack, &token("alice", Scope::Agent))).await;
     let code = minted["code"].as_str().unwrap().to_owned();
     assert_eq!(
         minted["path"],
@@ -395,12 +338,7 @@ async fn cloudllm_open_codes_buy_one_short_client_token_once() {
     )
     .await;
     assert_eq!(tags.status(), 200, "the token is alice's client token");
-    let tunnel_with_it = send(
-        client()
-            .post(stack.relay.api("/cloudllm/open"))
-            .bearer_auth(fresh),
-    )
-    .await;
+    let tunnel_with_it = send(mint_open_code(&stack, fresh)).await;
     assert_eq!(tunnel_with_it.status(), 403, "it is no agent token");
 
     let replay = exchange(relay, &code).await;
