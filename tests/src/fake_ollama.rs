@@ -63,6 +63,11 @@ impl Records {
         self.hits.lock().unwrap().len()
     }
 
+    /// The paths of the requests that reached the fake so far, in order.
+    pub fn hits(&self) -> Vec<String> {
+        self.hits.lock().unwrap().clone()
+    }
+
     /// Waits until stream `tag` has ended, and says when and how.
     pub async fn wait_end(&self, tag: &str) -> (Instant, StreamEnd) {
         let deadline = Instant::now() + crate::STEP;

@@ -1,7 +1,8 @@
 //! Test harness for cloudllm's end-to-end tests: a relay and daemons started in-process through
 //! their library entry points on `127.0.0.1:0`, a fake Ollama backend for exact timing and fault
 //! injection, a TCP proxy that can stall a connection, and a WebSocket proxy that closes the
-//! tunnel with a chosen close code.
+//! tunnel with a chosen close code; `tokens` signs hand-made claims for tests of what the relay
+//! refuses.
 //!
 //! `oidc` runs a real OpenID Provider (Node.js `oidc-provider`) and plays its user in a browser,
 //! for the login and JWKS tests. `browser` runs the web page's checks in headless Chromium
@@ -18,6 +19,7 @@ pub mod fake_ollama;
 pub mod oidc;
 pub mod redis;
 pub mod stall_proxy;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -389,6 +391,27 @@ pub async fn send_for_json(request: reqwest::RequestBuilder) -> serde_json::Valu
         .await
         .expect("response body timed out")
         .expect("a JSON answer")
+}
+
+/// A daemon's tunnel upgrade request to `relay` (a WebSocket upgrade at this protocol version),
+/// as device `device_id` named `device_name`, without a token yet.
+pub fn tunnel_upgrade(
+    http: &reqwest::Client,
+    relay: &TestRelay,
+    device_id: &str,
+    device_name: &str,
+) -> reqwest::RequestBuilder {
+    http.get(relay.api("/tunnel"))
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, "websocket")
+        .header(http::header::SEC_WEBSOCKET_VERSION, "13")
+        .header(http::header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
+        .header(
+            cloudllm_proto::HEADER_PROTOCOL,
+            cloudllm_proto::PROTOCOL_VERSION.to_string(),
+        )
+        .header(cloudllm_proto::HEADER_DEVICE_ID, device_id)
+        .header(cloudllm_proto::HEADER_DEVICE_NAME, device_name)
 }
 
 /// Reads a response until it ends; gives the bytes and whether it ended cleanly (a stream cut
