@@ -1,56 +1,48 @@
 //! Who may do what: bad tokens are refused before anything else happens, scopes are enforced,
 //! and one user's requests never reach another user's device.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use cloudllm_e2e::{FakeOllama, STEP, Stack, TestDaemon, client, daemon_config, token};
+use cloudllm_e2e::tokens::{now_unix, sign, sign_with_header};
+use cloudllm_e2e::{
+    FakeOllama, STEP, Stack, TestDaemon, client, daemon_config, send, token, tunnel_upgrade,
+};
 use cloudllm_proto::Secret;
 use cloudllm_relay::{Keys, Scope};
 use serde_json::json;
 use tokio::time::timeout;
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 /// Tokens that must all be refused with 401.
 fn bad_tokens() -> Vec<(&'static str, String)> {
     let b64 = |v: serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
-    let claims = |scope: &str| json!({"sub": "alice", "scope": scope, "exp": now() + 600});
+    let claims = |scope: &str| json!({"sub": "alice", "scope": scope, "exp": now_unix() + 600});
     let other_key = Keys::new(&Secret::new("another-secret-another-secret-0123456"));
     vec![
         ("garbage", "not-a-jwt".to_owned()),
         (
             "expired an hour ago",
-            sign_with_relay_secret(
-                &json!({"sub": "alice", "scope": "client", "exp": now() - 3600}),
-            ),
+            sign(&json!({"sub": "alice", "scope": "client", "exp": now_unix() - 3600})),
         ),
         (
             "unknown scope",
-            sign_with_relay_secret(&json!({"sub": "alice", "scope": "admin", "exp": now() + 600})),
+            sign(&json!({"sub": "alice", "scope": "admin", "exp": now_unix() + 600})),
         ),
         (
             "no subject",
-            sign_with_relay_secret(&json!({"scope": "client", "exp": now() + 600})),
+            sign(&json!({"scope": "client", "exp": now_unix() + 600})),
         ),
         (
             "no expiry",
-            sign_with_relay_secret(&json!({"sub": "alice", "scope": "client"})),
+            sign(&json!({"sub": "alice", "scope": "client"})),
         ),
         (
             "HS384 with the right secret",
-            jsonwebtoken::encode(
+            sign_with_header(
                 &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS384),
                 &claims("client"),
-                &jsonwebtoken::EncodingKey::from_secret(cloudllm_e2e::SECRET.as_bytes()),
-            )
-            .unwrap(),
+            ),
         ),
         (
             "wrong signature",
@@ -74,35 +66,19 @@ fn bad_tokens() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Signs `claims` with the test relay's own secret, so only the claims make it invalid.
-fn sign_with_relay_secret(claims: &serde_json::Value) -> String {
-    let key = jsonwebtoken::EncodingKey::from_secret(cloudllm_e2e::SECRET.as_bytes());
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_get_401_on_the_api_and_nothing_reaches_the_device() {
     let stack = Stack::start().await;
     let http = client();
-    let no_token = http.get(stack.relay.api("/api/tags")).send().await.unwrap();
+    let no_token = send(http.get(stack.relay.api("/api/tags"))).await;
     assert_eq!(no_token.status(), 401);
     assert_eq!(no_token.headers()["www-authenticate"], "Bearer");
     let body: serde_json::Value = no_token.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("bearer token"));
     for (what, bad) in bad_tokens() {
-        let response = http
-            .get(stack.relay.api("/api/tags"))
-            .bearer_auth(&bad)
-            .send()
-            .await
-            .unwrap();
+        let response = send(http.get(stack.relay.api("/api/tags")).bearer_auth(&bad)).await;
         assert_eq!(response.status(), 401, "{what}");
-        let v1 = http
-            .get(stack.relay.api("/v1/models"))
-            .bearer_auth(&bad)
-            .send()
-            .await
-            .unwrap();
+        let v1 = send(http.get(stack.relay.api("/v1/models")).bearer_auth(&bad)).await;
         assert_eq!(v1.status(), 401, "{what} on /v1");
         let body: serde_json::Value = v1.json().await.unwrap();
         assert!(
@@ -110,21 +86,18 @@ async fn bad_tokens_get_401_on_the_api_and_nothing_reaches_the_device() {
             "OpenAI error shape on /v1: {body}"
         );
     }
-    let agent_token = http
-        .get(stack.relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Agent))
-        .send()
-        .await
-        .unwrap();
+    let agent_token = send(
+        http.get(stack.relay.api("/api/tags"))
+            .bearer_auth(token("alice", Scope::Agent)),
+    )
+    .await;
     assert_eq!(
         agent_token.status(),
         403,
         "an agent token cannot send requests"
     );
-    assert_eq!(
-        stack.backend.records.hits.lock().unwrap().as_slice(),
-        &[] as &[String]
-    );
+    let hits = stack.backend.records.hits();
+    assert!(hits.is_empty(), "nothing reached the device: {hits:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,15 +106,7 @@ async fn bad_tokens_get_401_on_the_tunnel_before_any_upgrade() {
     let http = client();
     let version = cloudllm_proto::PROTOCOL_VERSION.to_string();
     let upgrade = |token: Option<&str>| {
-        let mut request = http
-            .get(stack.relay.api("/tunnel"))
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .header("x-cloudllm-protocol", version.as_str())
-            .header("x-cloudllm-device-id", "intruder")
-            .header("x-cloudllm-device-name", "intruder");
+        let mut request = tunnel_upgrade(&http, &stack.relay, "intruder", "intruder");
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -295,7 +260,7 @@ async fn responses_the_relay_makes_itself_carry_a_request_id() {
     };
     let is_uuid = |id: Option<String>| id.is_some_and(|id| id.len() == 36 && id.contains('-'));
 
-    let unauthorized = http.get(stack.relay.api("/api/tags")).send().await.unwrap();
+    let unauthorized = send(http.get(stack.relay.api("/api/tags"))).await;
     assert_eq!(unauthorized.status(), 401);
     assert!(
         is_uuid(id_of(&unauthorized)),
@@ -303,29 +268,19 @@ async fn responses_the_relay_makes_itself_carry_a_request_id() {
         unauthorized.headers()
     );
 
-    let echoed = http
-        .get(stack.relay.api("/v1/models"))
-        .header("x-request-id", "my-trace-7")
-        .send()
-        .await
-        .unwrap();
+    let echoed = send(
+        http.get(stack.relay.api("/v1/models"))
+            .header("x-request-id", "my-trace-7"),
+    )
+    .await;
     assert_eq!(echoed.status(), 401);
     assert_eq!(id_of(&echoed).as_deref(), Some("my-trace-7"));
 
-    let not_found = http
-        .get(stack.relay.api("/no-such-page"))
-        .send()
-        .await
-        .unwrap();
+    let not_found = send(http.get(stack.relay.api("/no-such-page"))).await;
     assert_eq!(not_found.status(), 404);
     assert!(is_uuid(id_of(&not_found)), "{:?}", not_found.headers());
 
-    let tunnel = http
-        .get(stack.relay.api("/tunnel"))
-        .bearer_auth("forged")
-        .send()
-        .await
-        .unwrap();
+    let tunnel = send(http.get(stack.relay.api("/tunnel")).bearer_auth("forged")).await;
     assert_eq!(tunnel.status(), 401);
     assert!(is_uuid(id_of(&tunnel)), "{:?}", tunnel.headers());
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use cloudllm_e2e::{
     FakeOllama, STEP, TestDaemon, TestRelay, client, daemon_config, init_logs, keys, relay_config,
+    send, tunnel_upgrade,
 };
 use cloudllm_proto::Secret;
 use cloudllm_proto::ipc::{Connection, Request, Response};
@@ -211,22 +212,12 @@ async fn a_device_over_the_limit_is_refused_and_its_daemon_says_why() {
     let users = users(config()).await;
 
     // Straight at /tunnel: 429 before any upgrade, with the reason.
-    let upgrade = client()
-        .get(users.relay.api("/tunnel"))
-        .bearer_auth(tiered("alice", Scope::Agent, "free"))
-        .header("connection", "upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .header(
-            cloudllm_proto::HEADER_PROTOCOL,
-            cloudllm_proto::PROTOCOL_VERSION.to_string(),
+    let upgrade =
+        send(
+            tunnel_upgrade(&client(), &users.relay, "alice-desktop", "desktop")
+                .bearer_auth(tiered("alice", Scope::Agent, "free")),
         )
-        .header(cloudllm_proto::HEADER_DEVICE_ID, "alice-desktop")
-        .header(cloudllm_proto::HEADER_DEVICE_NAME, "desktop")
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(upgrade.status(), 429);
     assert_eq!(retry_after(&upgrade), 60);
     let text = upgrade.text().await.unwrap();

@@ -8,25 +8,17 @@
 //! when missing. Without Node.js the tests fail, naming what to install, unless
 //! `CLOUDLLM_SKIP_OIDC_TEST=1` is set.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use cloudllm_daemon::login::{self, LoginError, Provider, Tokens};
 use cloudllm_e2e::STEP;
 use cloudllm_e2e::oidc::{
     AUDIENCE, Browser, CLIENT_ID, DEVICE_LOGIN_TIMEOUT, OidcProvider, User, device_login, scopes,
 };
+use cloudllm_e2e::tokens::now_unix;
 use cloudllm_proto::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use url::Url;
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
-}
 
 /// A browser that keeps cookies, as the provider's login pages need.
 fn browser() -> Browser {

@@ -5,11 +5,12 @@
 //! stored: the credentials and the config file stay as they were.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use cloudllm_e2e::tokens::{now_unix, sign};
 use cloudllm_e2e::{
-    FakeOllama, SECRET, STEP, TestDaemon, TestRelay, daemon_config, daemon_status, relay_config,
-    token, wait_status,
+    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, daemon_status, relay_config, token,
+    wait_status,
 };
 use cloudllm_ipc_client::Client;
 use cloudllm_proto::Secret;
@@ -102,17 +103,7 @@ fn read(path: &Path) -> Option<Vec<u8>> {
 
 /// An agent token for alice, signed with the test relay's secret, that expired an hour ago.
 fn expired_token() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs();
-    let claims = serde_json::json!({"sub": "alice", "scope": "agent", "exp": now - 3600});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("signing")
+    sign(&serde_json::json!({"sub": "alice", "scope": "agent", "exp": now_unix() - 3600}))
 }
 
 /// A loopback address where nothing listens.

@@ -5,28 +5,11 @@
 //! fresh budget.
 
 use std::net::IpAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use cloudllm_e2e::{STEP, Stack, relay_config, token};
+use cloudllm_e2e::tokens::{now_unix, sign, sign_with_header};
+use cloudllm_e2e::{STEP, Stack, relay_config, send, token, tunnel_upgrade};
 use cloudllm_relay::Scope;
 use serde_json::json;
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// Signs `claims` with the test relay's secret under `header`.
-fn sign(header: jsonwebtoken::Header, claims: &serde_json::Value) -> String {
-    let key = jsonwebtoken::EncodingKey::from_secret(cloudllm_e2e::SECRET.as_bytes());
-    jsonwebtoken::encode(&header, claims, &key).unwrap()
-}
-
-fn hs256() -> jsonwebtoken::Header {
-    jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
-}
 
 /// A client bound to a loopback address of its own, to act as another client address.
 fn client_from(addr: &str) -> reqwest::Client {
@@ -40,36 +23,29 @@ fn client_from(addr: &str) -> reqwest::Client {
 
 /// Validly signed tokens that break one rule each, and what the refusal must say.
 fn rule_breakers() -> Vec<(&'static str, String, &'static str)> {
-    let claims = |sub: &str, scope: &str| json!({"sub": sub, "scope": scope, "exp": now() + 600, "iss": "cloudllm-relay"});
-    let mut later = claims("alice", "client agent");
-    later["nbf"] = json!(now() + 3600);
-    let mut crit = hs256();
+    let claims = |sub: &str| json!({"sub": sub, "scope": "client agent", "exp": now_unix() + 600, "iss": "cloudllm-relay"});
+    let mut later = claims("alice");
+    later["nbf"] = json!(now_unix() + 3600);
+    let mut crit = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     crit.crit = Some(vec!["exp-policy".to_owned()]);
     vec![
-        ("nbf an hour ahead", sign(hs256(), &later), "nbf"),
+        ("nbf an hour ahead", sign(&later), "nbf"),
         (
             "a critical header extension",
-            sign(crit, &claims("alice", "client agent")),
+            sign_with_header(&crit, &claims("alice")),
             "crit",
         ),
         (
             "a newline in sub",
-            sign(
-                hs256(),
-                &claims("alice\nINFO cloudllm_relay: forged", "client agent"),
-            ),
+            sign(&claims("alice\nINFO cloudllm_relay: forged")),
             "`sub`",
         ),
         (
             "an escape sequence in sub",
-            sign(hs256(), &claims("alice\u{1b}[2J", "client agent")),
+            sign(&claims("alice\u{1b}[2J")),
             "`sub`",
         ),
-        (
-            "a sub of 1 KiB",
-            sign(hs256(), &claims(&"a".repeat(1024), "client agent")),
-            "`sub`",
-        ),
+        ("a sub of 1 KiB", sign(&claims(&"a".repeat(1024))), "`sub`"),
     ]
 }
 
@@ -77,32 +53,15 @@ fn rule_breakers() -> Vec<(&'static str, String, &'static str)> {
 async fn every_token_gets_the_same_rules_on_the_api_and_the_tunnel() {
     let stack = Stack::start().await;
     let http = cloudllm_e2e::client();
-    let version = cloudllm_proto::PROTOCOL_VERSION.to_string();
     for (what, bad, says) in rule_breakers() {
-        let response = http
-            .get(stack.relay.api("/api/tags"))
-            .bearer_auth(&bad)
-            .send()
-            .await
-            .unwrap();
+        let response = send(http.get(stack.relay.api("/api/tags")).bearer_auth(&bad)).await;
         assert_eq!(response.status(), 401, "{what}");
         let body: serde_json::Value = response.json().await.unwrap();
         let message = body["error"].as_str().unwrap_or_default();
         assert!(message.contains(says), "{what}: {message}");
 
-        let tunnel = http
-            .get(stack.relay.api("/tunnel"))
-            .bearer_auth(&bad)
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .header("x-cloudllm-protocol", version.as_str())
-            .header("x-cloudllm-device-id", "intruder")
-            .header("x-cloudllm-device-name", "intruder")
-            .send()
-            .await
-            .unwrap();
+        let upgrade = tunnel_upgrade(&http, &stack.relay, "intruder", "intruder");
+        let tunnel = send(upgrade.bearer_auth(&bad)).await;
         assert_eq!(tunnel.status(), 401, "{what} on the tunnel");
     }
     assert_eq!(
@@ -110,11 +69,8 @@ async fn every_token_gets_the_same_rules_on_the_api_and_the_tunnel() {
         1,
         "only alice's own daemon is connected"
     );
-    assert_eq!(
-        stack.backend.records.hits.lock().unwrap().as_slice(),
-        &[] as &[String],
-        "nothing reached the device"
-    );
+    let hits = stack.backend.records.hits();
+    assert!(hits.is_empty(), "nothing reached the device: {hits:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,18 +100,8 @@ async fn a_valid_token_passes_from_an_address_over_its_failure_budget() {
     }
     // … and so is her daemon opening its tunnel (the same admission path) …
     let tunnel = |token: String| {
-        nat.get(stack.relay.api("/tunnel"))
+        tunnel_upgrade(&nat, &stack.relay, "alice-desktop", "desktop")
             .bearer_auth(token)
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .header(
-                "x-cloudllm-protocol",
-                cloudllm_proto::PROTOCOL_VERSION.to_string(),
-            )
-            .header("x-cloudllm-device-id", "alice-desktop")
-            .header("x-cloudllm-device-name", "desktop")
             .send()
     };
     assert_eq!(
