@@ -123,6 +123,8 @@ impl Target {
 pub struct Audit {
     lines: Option<mpsc::Sender<String>>,
     dropped: Arc<AtomicU64>,
+    /// In a cluster, this node's name, on every line.
+    node: Option<Arc<str>>,
 }
 
 impl Audit {
@@ -171,9 +173,16 @@ impl Audit {
             Audit {
                 lines: Some(lines),
                 dropped,
+                node: None,
             },
             writer,
         ))
+    }
+
+    /// Names `node` on every line (a cluster node's name, `[cluster] node`).
+    pub fn with_node(mut self, node: &str) -> Audit {
+        self.node = Some(node.into());
+        self
     }
 
     /// Whether events are recorded at all.
@@ -195,6 +204,9 @@ impl Audit {
             "ts".to_owned(),
             serde_json::json!(now.as_millis() as f64 / 1000.0),
         );
+        if let Some(node) = &self.node {
+            line.insert("node".to_owned(), serde_json::json!(&**node));
+        }
         line.extend(fields);
         let mut text = serde_json::Value::Object(line).to_string();
         text.push('\n');

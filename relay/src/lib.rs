@@ -147,6 +147,10 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         }
         None => (audit::Audit::disabled(), None),
     };
+    let audit = match &config.cluster {
+        Some(cluster) => audit.with_node(&cluster.node),
+        None => audit,
+    };
     let limits = Arc::new(limits::Limits::new(&config));
     let mut counters = metrics::Metrics::default();
     if config.cluster.is_some() {

@@ -334,3 +334,52 @@ async fn a_forged_or_late_node_to_node_request_is_refused() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lines_name_the_node() {
+    if !RedisServer::available() {
+        return;
+    }
+    init_logs();
+    let redis = RedisServer::start().await;
+    let dir = cloudllm_e2e::scratch_dir();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2"] {
+        let mut config = relay_config();
+        config.cluster = Some(cluster_config(&redis.url("redis"), name));
+        config.audit_log = Some(dir.join(format!("{name}.audit")).display().to_string());
+        nodes.push(Node::start(config).await);
+    }
+    let (_backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
+    nodes[0].wait_for_remote("alice", &["desktop"]).await;
+    let response = generate(
+        &nodes[0],
+        "alice",
+        json!({"model": "beta", "prompt": "audited"}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let deadline = tokio::time::Instant::now() + STEP;
+    let line = loop {
+        let text = std::fs::read_to_string(dir.join("n1.audit")).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("\"event\":\"request\"")) {
+            break serde_json::from_str::<Value>(line).unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no request line in n1's audit log"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["node"], "n1");
+    assert_eq!(line["device"], "desktop");
+    let connects = std::fs::read_to_string(dir.join("n2.audit")).unwrap();
+    let connect = connects
+        .lines()
+        .find(|l| l.contains("tunnel_connect"))
+        .expect("n2 audited the tunnel");
+    assert!(connect.contains("\"node\":\"n2\""), "{connect}");
+}
