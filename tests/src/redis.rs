@@ -19,6 +19,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RedisServer {
     /// Its address.
     pub addr: SocketAddr,
+    /// The password it requires (`--requirepass`), if any.
+    pub password: Option<String>,
     child: Option<Child>,
 }
 
@@ -46,12 +48,22 @@ impl RedisServer {
 
     /// Starts a server on a free loopback port.
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(None).await
+    }
+
+    /// Starts a server on a free loopback port that requires `password`.
+    pub async fn start_with_password(password: &str) -> RedisServer {
+        RedisServer::start_with(Some(password.to_owned())).await
+    }
+
+    async fn start_with(password: Option<String>) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let mut server = RedisServer {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            password,
             child: None,
         };
         server.launch().await;
@@ -60,11 +72,18 @@ impl RedisServer {
 
     /// Its URL with the given scheme (`redis`, `valkey`).
     pub fn url(&self, scheme: &str) -> String {
-        format!("{scheme}://{}", self.addr)
+        match &self.password {
+            Some(password) => format!("{scheme}://:{password}@{}", self.addr),
+            None => format!("{scheme}://{}", self.addr),
+        }
     }
 
     async fn launch(&mut self) {
-        let child = Command::new(REDIS_SERVER)
+        let mut command = Command::new(REDIS_SERVER);
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .args(["--port", &self.addr.port().to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
@@ -88,7 +107,8 @@ impl RedisServer {
     /// PING, over a fresh connection.
     pub async fn ping(&self) -> std::io::Result<()> {
         let reply = self.command(&["PING"]).await?;
-        if reply.starts_with("+PONG") {
+        // A server that requires a password answers NOAUTH: it is up.
+        if reply.starts_with("+PONG") || reply.starts_with("-NOAUTH") {
             Ok(())
         } else {
             Err(std::io::Error::other(reply))
