@@ -2,7 +2,7 @@
 //! their library entry points on `127.0.0.1:0`, a fake Ollama backend for exact timing and fault
 //! injection, a TCP proxy that can stall a connection, and a WebSocket proxy that closes the
 //! tunnel with a chosen close code; `tokens` signs hand-made claims for tests of what the relay
-//! refuses.
+//! refuses; `metrics` reads a relay's `/metrics`, which tests wait on instead of sleeping.
 //!
 //! `oidc` runs a real OpenID Provider (Node.js `oidc-provider`) and plays its user in a browser,
 //! for the login and JWKS tests. `browser` runs the web page's checks in headless Chromium
@@ -16,6 +16,7 @@ pub mod browser;
 pub mod close_proxy;
 pub mod cluster;
 pub mod fake_ollama;
+pub mod metrics;
 pub mod oidc;
 pub mod redis;
 pub mod stall_proxy;
@@ -412,6 +413,20 @@ pub fn tunnel_upgrade(
         )
         .header(cloudllm_proto::HEADER_DEVICE_ID, device_id)
         .header(cloudllm_proto::HEADER_DEVICE_NAME, device_name)
+}
+
+/// An HTTP client whose connections come from the loopback address `from`: all of 127/8 is
+/// loopback on Linux, so each address acts as another client (for per-address limits).
+pub fn client_from(from: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(
+            from.parse::<std::net::IpAddr>()
+                .expect("a loopback address"),
+        )
+        .timeout(STEP)
+        .build()
+        .expect("http client")
 }
 
 /// Reads a response until it ends; gives the bytes and whether it ended cleanly (a stream cut
