@@ -8,7 +8,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use cloudllm_e2e::{STEP, Stack, TestRelay, relay_config, token};
+use cloudllm_e2e::metrics::metric_value;
+use cloudllm_e2e::{STEP, Stack, TestRelay, client_from, relay_config, token};
 use cloudllm_relay::connections::EVICT_AFTER;
 use cloudllm_relay::{RelayConfig, Scope, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -58,40 +59,24 @@ async fn closed_within(tcp: &mut TcpStream, bound: Duration) -> bool {
 
 /// `/metrics` from the relay's metrics listener.
 async fn scrape(relay: &TestRelay) -> String {
-    let addr = relay.relay.metrics_addr.expect("metrics_listen is set");
-    let response = timeout(
-        STEP,
-        cloudllm_e2e::client()
-            .get(format!("http://{addr}/metrics"))
-            .send(),
-    )
-    .await
-    .expect("scrape timed out")
-    .expect("scrape");
-    response.text().await.unwrap()
+    assert!(relay.relay.metrics_addr.is_some(), "metrics_listen is set");
+    relay.metrics().await
 }
 
 /// The value of the series `series` (name with labels, as written), 0 when absent.
 fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+    metric_value(text, series).unwrap_or(0.0)
 }
 
-/// Waits until the metric `series` reads `want`.
-async fn wait_metric(relay: &TestRelay, series: &str, want: f64) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let text = scrape(relay).await;
-        if value(&text, series) == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} never reached {want}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Opens an idle connection from each address in `from` and waits until the relay counts them
+/// all as unauthenticated.
+async fn hold_idle(relay: &TestRelay, from: &[&str]) -> Vec<TcpStream> {
+    let mut idle = Vec::new();
+    for from in from {
+        idle.push(connect_from(from, relay.relay.addr).await);
     }
+    relay.wait_metric(UNAUTHENTICATED, from.len() as f64).await;
+    idle
 }
 
 const UNAUTHENTICATED: &str = "cloudllm_unauthenticated_connections";
@@ -99,16 +84,6 @@ const REFUSED_ADDRESS: &str = "cloudllm_connections_refused_total{cap=\"address\
 const REFUSED_TOTAL: &str = "cloudllm_connections_refused_total{cap=\"total\"}";
 const EVICTED_ADDRESS: &str = "cloudllm_connections_evicted_total{cap=\"address\"}";
 const EVICTED_TOTAL: &str = "cloudllm_connections_evicted_total{cap=\"total\"}";
-
-/// An HTTP client whose connections come from the loopback address `from`.
-fn client_from(from: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .local_address(from.parse::<IpAddr>().unwrap())
-        .timeout(STEP)
-        .build()
-        .unwrap()
-}
 
 /// `GET /api/tags` as alice from `from`: the status.
 async fn alice_from(stack: &Stack, from: &str) -> u16 {
@@ -149,11 +124,7 @@ async fn idle_connections_over_the_address_cap_are_closed_at_once_and_others_are
     const CAP: usize = 8;
     let stack = Stack::with_relay_config(capped(CAP as u32, 1000)).await;
     let addr = stack.relay.relay.addr;
-    let mut idle = Vec::new();
-    for _ in 0..CAP {
-        idle.push(connect_from("127.0.0.1", addr).await);
-    }
-    wait_metric(&stack.relay, UNAUTHENTICATED, CAP as f64).await;
+    let idle = hold_idle(&stack.relay, &["127.0.0.1"; CAP]).await;
 
     // One more from the same address: closed at once, and counted.
     let mut extra = connect_from("127.0.0.1", addr).await;
@@ -161,7 +132,7 @@ async fn idle_connections_over_the_address_cap_are_closed_at_once_and_others_are
         closed_within(&mut extra, AT_ONCE).await,
         "a connection over the address's cap must be closed at once"
     );
-    wait_metric(&stack.relay, REFUSED_ADDRESS, 1.0).await;
+    stack.relay.wait_metric(REFUSED_ADDRESS, 1.0).await;
 
     // Another address is served meanwhile, by the relay and alice's daemon.
     assert_eq!(alice_from(&stack, "127.0.0.2").await, 200);
@@ -169,19 +140,14 @@ async fn idle_connections_over_the_address_cap_are_closed_at_once_and_others_are
     assert_eq!(value(&text, UNAUTHENTICATED), CAP as f64, "{text}");
     assert_eq!(value(&text, EVICTED_ADDRESS), 0.0, "{text}");
     drop(idle);
-    wait_metric(&stack.relay, UNAUTHENTICATED, 0.0).await;
+    stack.relay.wait_metric(UNAUTHENTICATED, 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_that_had_their_time_make_room_even_on_the_same_address() {
     const CAP: usize = 4;
     let stack = Stack::with_relay_config(capped(CAP as u32, 1000)).await;
-    let addr = stack.relay.relay.addr;
-    let mut idle = Vec::new();
-    for _ in 0..CAP {
-        idle.push(connect_from("127.0.0.1", addr).await);
-    }
-    wait_metric(&stack.relay, UNAUTHENTICATED, CAP as f64).await;
+    let mut idle = hold_idle(&stack.relay, &["127.0.0.1"; CAP]).await;
     // Once they have had the time any real client needs to authenticate, a newcomer from the
     // same address (here alice herself, behind the same NAT as the idler) pushes the oldest
     // out and is served.
@@ -191,7 +157,7 @@ async fn idle_connections_that_had_their_time_make_room_even_on_the_same_address
         closed_within(&mut idle[0], STEP).await,
         "the oldest idle connection makes room"
     );
-    wait_metric(&stack.relay, EVICTED_ADDRESS, 1.0).await;
+    stack.relay.wait_metric(EVICTED_ADDRESS, 1.0).await;
     assert_eq!(value(&scrape(&stack.relay).await, REFUSED_ADDRESS), 0.0);
 }
 
@@ -200,20 +166,18 @@ async fn the_total_cap_refuses_newcomers_then_evicts_idle_connections_from_anywh
     const TOTAL: usize = 3;
     let stack = Stack::with_relay_config(capped(100, TOTAL as u32)).await;
     let addr = stack.relay.relay.addr;
-    let mut idle = Vec::new();
-    for from in ["127.0.0.1", "127.0.0.3", "127.0.0.4"] {
-        idle.push(connect_from(from, addr).await);
-    }
-    wait_metric(&stack.relay, UNAUTHENTICATED, TOTAL as f64).await;
+    let from = ["127.0.0.1", "127.0.0.3", "127.0.0.4"];
+    assert_eq!(from.len(), TOTAL);
+    let mut idle = hold_idle(&stack.relay, &from).await;
     // Full of young connections: a newcomer from yet another address is refused at once …
     let mut young = connect_from("127.0.0.6", addr).await;
     assert!(closed_within(&mut young, AT_ONCE).await);
-    wait_metric(&stack.relay, REFUSED_TOTAL, 1.0).await;
+    stack.relay.wait_metric(REFUSED_TOTAL, 1.0).await;
     // … and once they have had their time, the oldest anywhere makes room instead.
     tokio::time::sleep(EVICT_AFTER + Duration::from_millis(100)).await;
     assert_eq!(alice_from(&stack, "127.0.0.6").await, 200);
     assert!(closed_within(&mut idle[0], STEP).await);
-    wait_metric(&stack.relay, EVICTED_TOTAL, 1.0).await;
+    stack.relay.wait_metric(EVICTED_TOTAL, 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +193,7 @@ async fn keep_alive_connections_whose_requests_were_admitted_are_not_capped() {
         assert_eq!(request_on(&mut tcp, &alice).await, 200, "connection {n}");
         open.push(tcp);
     }
-    wait_metric(&stack.relay, UNAUTHENTICATED, 0.0).await;
+    stack.relay.wait_metric(UNAUTHENTICATED, 0.0).await;
     // Each can carry more requests.
     for tcp in &mut open {
         assert_eq!(request_on(tcp, &alice).await, 200);
@@ -237,7 +201,7 @@ async fn keep_alive_connections_whose_requests_were_admitted_are_not_capped() {
     // A connection whose token failed still counts: it is not an admitted client.
     let mut forged = connect_from("127.0.0.5", addr).await;
     assert_eq!(request_on(&mut forged, "forged").await, 401);
-    wait_metric(&stack.relay, UNAUTHENTICATED, 1.0).await;
+    stack.relay.wait_metric(UNAUTHENTICATED, 1.0).await;
     let text = scrape(&stack.relay).await;
     assert_eq!(value(&text, REFUSED_ADDRESS), 0.0, "{text}");
 }
@@ -249,14 +213,14 @@ async fn a_connection_that_never_sends_a_byte_is_closed_after_the_read_timeout()
     let relay = TestRelay::start(config).await;
     let started = Instant::now();
     let mut silent = connect_from("127.0.0.1", relay.relay.addr).await;
-    wait_metric(&relay, UNAUTHENTICATED, 1.0).await;
+    relay.wait_metric(UNAUTHENTICATED, 1.0).await;
     assert!(closed_within(&mut silent, STEP).await);
     let held = started.elapsed();
     assert!(
         held < Duration::from_secs(4),
         "a silent connection was held for {held:?} (read timeout 1 s)"
     );
-    wait_metric(&relay, UNAUTHENTICATED, 0.0).await;
+    relay.wait_metric(UNAUTHENTICATED, 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,15 +240,11 @@ async fn with_tls_connections_over_the_cap_are_closed_before_the_handshake() {
     let addr = relay.relay.addr;
 
     // Two connections that never say hello hold the address's cap …
-    let _idle = [
-        connect_from("127.0.0.1", addr).await,
-        connect_from("127.0.0.1", addr).await,
-    ];
-    wait_metric(&relay, UNAUTHENTICATED, 2.0).await;
+    let _idle = hold_idle(&relay, &["127.0.0.1"; 2]).await;
     // … so the third is closed at once, before its ClientHello is even read.
     let mut extra = connect_from("127.0.0.1", addr).await;
     assert!(closed_within(&mut extra, AT_ONCE).await);
-    wait_metric(&relay, REFUSED_ADDRESS, 1.0).await;
+    relay.wait_metric(REFUSED_ADDRESS, 1.0).await;
 
     // An HTTPS client at another address gets through the handshake and is authenticated
     // (alice has no device here: the relay says so, which it only does to alice).

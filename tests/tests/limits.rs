@@ -4,12 +4,11 @@
 //! in `status`, failed authentications are limited per client address (`X-Forwarded-For` only
 //! from trusted proxies) — and a premium user is never touched by a free user's exhaustion.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, TestRelay, client, daemon_config, init_logs, keys, relay_config,
-    send, tunnel_upgrade,
+    FakeOllama, STEP, TestDaemon, TestRelay, client, client_from, daemon_config, init_logs, keys,
+    relay_config, send, tunnel_upgrade,
 };
 use cloudllm_proto::Secret;
 use cloudllm_proto::ipc::{Connection, Request, Response};
@@ -262,15 +261,6 @@ async fn a_device_over_the_limit_is_refused_and_its_daemon_says_why() {
     again.token = Some(Secret::new(tiered("alice", Scope::Agent, "free")));
     let _again = TestDaemon::start(again);
     users.relay.wait_for_devices("alice", 1).await;
-}
-
-/// A client bound to a loopback address of its own, to act as another client address.
-fn client_from(addr: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .local_address(addr.parse::<IpAddr>().unwrap())
-        .timeout(STEP)
-        .build()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,24 +139,6 @@ async fn wait_for_tunnels(relay: &TestRelay, user: &str, count: usize) {
     }
 }
 
-/// The value of the relay metric `name` (a series without labels).
-async fn metric(relay: &TestRelay, name: &str) -> i64 {
-    let text = timeout(STEP, async {
-        cloudllm_e2e::client()
-            .get(relay.api("/metrics"))
-            .send()
-            .await?
-            .text()
-            .await
-    })
-    .await
-    .expect("metrics timed out")
-    .expect("metrics");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_tunnel_with_the_same_device_id_closes_the_older_one() {
     cloudllm_e2e::init_logs();
@@ -179,8 +161,8 @@ async fn a_newer_tunnel_with_the_same_device_id_closes_the_older_one() {
         current = next;
     }
     assert_eq!(relay.relay.registry.count("mallory"), 1);
-    assert_eq!(metric(&relay, "cloudllm_tunnels_open").await, 1);
-    assert_eq!(metric(&relay, "cloudllm_devices_connected").await, 1);
+    assert_eq!(relay.metric("cloudllm_tunnels_open").await, 1.0);
+    assert_eq!(relay.metric("cloudllm_devices_connected").await, 1.0);
     drop(current);
     wait_for_tunnels(&relay, "mallory", 0).await;
     relay.stop().await;
@@ -202,7 +184,7 @@ async fn open_tunnels_are_bounded_by_the_tier_whatever_their_ids() {
         assert!(body.contains("too many tunnels"), "{body}");
     }
     assert_eq!(relay.relay.registry.tunnels("eve"), 2);
-    assert_eq!(metric(&relay, "cloudllm_tunnels_open").await, 2);
+    assert_eq!(relay.metric("cloudllm_tunnels_open").await, 2.0);
     // Another user has a bound of their own.
     let bystander = registered(&relay, "frank", "frank-box").await;
 

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use cloudllm_e2e::metrics::metric_value;
 use cloudllm_e2e::{
     FakeOllama, STEP, StallProxy, TestDaemon, TestRelay, client, daemon_config, relay_config,
     take_lines, token, wait_status,
@@ -133,7 +134,7 @@ async fn a_daemon_with_a_rejected_token_keeps_retrying_without_connecting() {
     let deadline = Instant::now() + STEP;
     loop {
         let refused = tunnel_auth_failures(&relay).await;
-        if refused >= 2 {
+        if refused >= 2.0 {
             break;
         }
         assert!(
@@ -156,16 +157,7 @@ async fn a_daemon_with_a_rejected_token_keeps_retrying_without_connecting() {
 
 /// How many tunnels the relay refused for a bad token (`cloudllm_auth_failures_total` with
 /// `route="tunnel"`), from its `/metrics`.
-async fn tunnel_auth_failures(relay: &TestRelay) -> u64 {
-    let response = timeout(STEP, client().get(relay.api("/metrics")).send())
-        .await
-        .expect("/metrics timed out")
-        .expect("/metrics");
-    let text = timeout(STEP, response.text())
-        .await
-        .expect("/metrics body timed out")
-        .expect("/metrics body");
-    text.lines()
-        .find_map(|line| line.strip_prefix("cloudllm_auth_failures_total{route=\"tunnel\"} "))
-        .map_or(0, |value| value.trim().parse().expect("a counter value"))
+async fn tunnel_auth_failures(relay: &TestRelay) -> f64 {
+    let text = relay.metrics().await;
+    metric_value(&text, "cloudllm_auth_failures_total{route=\"tunnel\"}").unwrap_or(0.0)
 }

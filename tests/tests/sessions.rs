@@ -4,33 +4,22 @@
 
 use std::time::Duration;
 
-use cloudllm_e2e::{STEP, Stack, client, relay_config};
+use cloudllm_e2e::{STEP, Stack, relay_config};
 use tokio::time::{Instant, timeout};
 
 /// The relay's `session_idle` in these tests.
 const SESSION_IDLE: Duration = Duration::from_millis(400);
 
-/// A sample of the relay's `/metrics` by exact name (no labels).
-async fn metric(stack: &Stack, name: &str) -> f64 {
-    let text = client()
-        .get(stack.relay.api("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-        .parse()
-        .unwrap()
-}
+/// The relay's gauge of tunnel sessions open now.
+const SESSIONS_OPEN: &str = "cloudllm_tunnel_sessions_open";
+
+/// The relay's count of tunnel sessions ever opened.
+const SESSIONS_TOTAL: &str = "cloudllm_tunnel_sessions_total";
 
 /// Waits until the relay has `open` sessions open; panics after a bound.
 async fn wait_open(stack: &Stack, open: f64) {
     let started = Instant::now();
-    while metric(stack, "cloudllm_tunnel_sessions_open").await != open {
+    while stack.relay.metric(SESSIONS_OPEN).await != open {
         assert!(
             started.elapsed() < SESSION_IDLE * 10,
             "sessions open did not become {open}"
@@ -46,8 +35,8 @@ async fn sessions_open_on_demand_and_close_when_the_device_is_idle() {
     let stack = Stack::with_relay_config(config).await;
 
     // Connected and idle: no session yet.
-    assert_eq!(metric(&stack, "cloudllm_tunnel_sessions_open").await, 0.0);
-    assert_eq!(metric(&stack, "cloudllm_tunnel_sessions_total").await, 0.0);
+    assert_eq!(stack.relay.metric(SESSIONS_OPEN).await, 0.0);
+    assert_eq!(stack.relay.metric(SESSIONS_TOTAL).await, 0.0);
 
     // Requests open one session and share it.
     for _ in 0..3 {
@@ -57,8 +46,8 @@ async fn sessions_open_on_demand_and_close_when_the_device_is_idle() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    assert_eq!(metric(&stack, "cloudllm_tunnel_sessions_open").await, 1.0);
-    assert_eq!(metric(&stack, "cloudllm_tunnel_sessions_total").await, 1.0);
+    assert_eq!(stack.relay.metric(SESSIONS_OPEN).await, 1.0);
+    assert_eq!(stack.relay.metric(SESSIONS_TOTAL).await, 1.0);
 
     // A stream twice as long as session_idle keeps its session and arrives whole.
     let lines = 16;
@@ -80,7 +69,7 @@ async fn sessions_open_on_demand_and_close_when_the_device_is_idle() {
         .collect();
     assert_eq!(lines_read.len(), lines as usize + 1);
     assert_eq!(lines_read.last().unwrap()["done"], true);
-    assert_eq!(metric(&stack, "cloudllm_tunnel_sessions_total").await, 1.0);
+    assert_eq!(stack.relay.metric(SESSIONS_TOTAL).await, 1.0);
 
     // Idle for session_idle: the session closes, the tunnel stays.
     wait_open(&stack, 0.0).await;
@@ -94,7 +83,7 @@ async fn sessions_open_on_demand_and_close_when_the_device_is_idle() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert!(started.elapsed() < Duration::from_secs(1));
-    assert_eq!(metric(&stack, "cloudllm_tunnel_sessions_total").await, 2.0);
+    assert_eq!(stack.relay.metric(SESSIONS_TOTAL).await, 2.0);
     wait_open(&stack, 0.0).await;
 }
 
@@ -114,6 +103,6 @@ async fn requests_racing_a_closing_session_are_served() {
     for response in futures_util::future::join_all(requests).await {
         assert_eq!(response.unwrap().unwrap().status(), 200);
     }
-    let sessions = metric(&stack, "cloudllm_tunnel_sessions_total").await;
+    let sessions = stack.relay.metric(SESSIONS_TOTAL).await;
     assert!(sessions > 1.0, "sessions closed and reopened: {sessions}");
 }

@@ -4,22 +4,10 @@
 //! and garbage in `X-Forwarded-For` neither hides a client behind its proxy nor gives it a
 //! fresh budget.
 
-use std::net::IpAddr;
-
 use cloudllm_e2e::tokens::{now_unix, sign, sign_with_header};
-use cloudllm_e2e::{STEP, Stack, relay_config, send, token, tunnel_upgrade};
+use cloudllm_e2e::{Stack, client_from, relay_config, send, token, tunnel_upgrade};
 use cloudllm_relay::Scope;
 use serde_json::json;
-
-/// A client bound to a loopback address of its own, to act as another client address.
-fn client_from(addr: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .local_address(addr.parse::<IpAddr>().unwrap())
-        .timeout(STEP)
-        .build()
-        .unwrap()
-}
 
 /// Validly signed tokens that break one rule each, and what the refusal must say.
 fn rule_breakers() -> Vec<(&'static str, String, &'static str)> {
