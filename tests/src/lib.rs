@@ -1,7 +1,8 @@
 //! Test harness for cloudllm's end-to-end tests: a relay and daemons started in-process through
 //! their library entry points on `127.0.0.1:0`, a fake Ollama backend for exact timing and fault
 //! injection, a TCP proxy that can stall a connection, and a WebSocket proxy that closes the
-//! tunnel with a chosen close code; `tokens` signs hand-made claims for tests of what the relay
+//! tunnel with a chosen close code. [`Stack`] starts the usual relay, fake Ollama and daemon in
+//! one call; the request helpers bound every HTTP exchange by [`STEP`]. `tokens` signs hand-made claims for tests of what the relay
 //! refuses; `metrics` reads a relay's `/metrics`, which tests wait on instead of sleeping.
 //!
 //! `oidc` runs a real OpenID Provider (Node.js `oidc-provider`) and plays its user in a browser,
@@ -19,6 +20,8 @@ pub mod fake_ollama;
 pub mod metrics;
 pub mod oidc;
 pub mod redis;
+mod requests;
+mod stack;
 pub mod stall_proxy;
 pub mod tokens;
 
@@ -35,6 +38,10 @@ use url::Url;
 
 pub use close_proxy::CloseProxy;
 pub use fake_ollama::FakeOllama;
+pub use requests::{
+    client, client_from, read_to_end, send, send_for_json, take_lines, timed_lines, tunnel_upgrade,
+};
+pub use stack::Stack;
 pub use stall_proxy::StallProxy;
 
 /// Every await in these tests that could hang is bounded by this.
@@ -48,6 +55,23 @@ pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
+        .try_init();
+}
+
+/// Sends the log lines of daemons in this process to the buffer their `logs` IPC call reads (as
+/// cloudllmd's own subscriber does), for tests of `cloudllm logs` and the tray's "Save logs".
+/// Call it first in such a test: the first subscriber of a test binary wins.
+pub fn capture_daemon_logs() {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let buffer = cloudllm_daemon::logs::LogBuffer::global();
+    let _ = tracing_subscriber::registry()
+        .with(
+            buffer
+                .layer()
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
         .try_init();
 }
 
@@ -137,6 +161,17 @@ impl TestRelay {
         .await
         .expect("request timed out")
         .expect("request")
+    }
+
+    /// Trades the one-time code of a `cloudllm open` link for a client token, as the web page
+    /// does.
+    pub async fn exchange_open_code(&self, code: &str) -> reqwest::Response {
+        send(
+            client()
+                .post(self.api("/cloudllm/open/exchange"))
+                .json(&serde_json::json!({ "code": code })),
+        )
+        .await
     }
 
     /// Waits until `user` has `count` devices connected.
@@ -270,64 +305,24 @@ impl TestDaemon {
     }
 }
 
+/// Waits until a daemon listens on its IPC socket at `socket` (the file exists).
+pub async fn wait_for_socket(socket: &std::path::Path) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !socket.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no daemon socket at {} within {STEP:?}",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
-    }
-}
-
-/// Relay, fake backend and one daemon of user `alice` (device `laptop`), connected.
-pub struct Stack {
-    /// The relay.
-    pub relay: TestRelay,
-    /// Alice's fake Ollama.
-    pub backend: FakeOllama,
-    /// Alice's daemon.
-    pub daemon: TestDaemon,
-    /// An HTTP client.
-    pub http: reqwest::Client,
-}
-
-impl Stack {
-    /// Starts the stack with the default test relay config.
-    pub async fn start() -> Stack {
-        Stack::with_relay_config(relay_config()).await
-    }
-
-    /// Starts the stack with `config` for the relay.
-    pub async fn with_relay_config(config: RelayConfig) -> Stack {
-        init_logs();
-        let relay = TestRelay::start(config).await;
-        let backend = FakeOllama::start().await;
-        let daemon = TestDaemon::start(daemon_config(
-            &relay.url(),
-            "alice",
-            "laptop",
-            &backend.url(),
-        ));
-        relay.wait_for_devices("alice", 1).await;
-        Stack {
-            relay,
-            backend,
-            daemon,
-            http: client(),
-        }
-    }
-
-    /// A request builder for `path` on the relay with alice's client token.
-    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .post(self.relay.api(path))
-            .bearer_auth(token("alice", Scope::Client))
-    }
-
-    /// A GET request builder for `path` on the relay with alice's client token.
-    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .get(self.relay.api(path))
-            .bearer_auth(token("alice", Scope::Client))
     }
 }
 
@@ -367,117 +362,4 @@ pub async fn wait_status(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// An HTTP client that never pools connections across tests and has no proxy.
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .build()
-        .expect("http client")
-}
-
-/// Sends `request`, bounded by [`STEP`]; panics if it gets no response.
-pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
-    tokio::time::timeout(STEP, request.send())
-        .await
-        .expect("request timed out")
-        .expect("request")
-}
-
-/// Sends `request` and reads its answer as JSON.
-pub async fn send_for_json(request: reqwest::RequestBuilder) -> serde_json::Value {
-    tokio::time::timeout(STEP, send(request).await.json())
-        .await
-        .expect("response body timed out")
-        .expect("a JSON answer")
-}
-
-/// A daemon's tunnel upgrade request to `relay` (a WebSocket upgrade at this protocol version),
-/// as device `device_id` named `device_name`, without a token yet.
-pub fn tunnel_upgrade(
-    http: &reqwest::Client,
-    relay: &TestRelay,
-    device_id: &str,
-    device_name: &str,
-) -> reqwest::RequestBuilder {
-    http.get(relay.api("/tunnel"))
-        .header(http::header::CONNECTION, "upgrade")
-        .header(http::header::UPGRADE, "websocket")
-        .header(http::header::SEC_WEBSOCKET_VERSION, "13")
-        .header(http::header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
-        .header(
-            cloudllm_proto::HEADER_PROTOCOL,
-            cloudllm_proto::PROTOCOL_VERSION.to_string(),
-        )
-        .header(cloudllm_proto::HEADER_DEVICE_ID, device_id)
-        .header(cloudllm_proto::HEADER_DEVICE_NAME, device_name)
-}
-
-/// An HTTP client whose connections come from the loopback address `from`: all of 127/8 is
-/// loopback on Linux, so each address acts as another client (for per-address limits).
-pub fn client_from(from: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .local_address(
-            from.parse::<std::net::IpAddr>()
-                .expect("a loopback address"),
-        )
-        .timeout(STEP)
-        .build()
-        .expect("http client")
-}
-
-/// Reads a response until it ends; gives the bytes and whether it ended cleanly (a stream cut
-/// by a fault must end with an error, never look complete). Panics if it neither ends nor
-/// fails within [`STEP`].
-pub async fn read_to_end(mut response: reqwest::Response) -> (Vec<u8>, Result<(), reqwest::Error>) {
-    let mut buf = Vec::new();
-    let outcome = tokio::time::timeout(STEP, async {
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
-                Ok(None) => return Ok(()),
-                Err(err) => return Err(err),
-            }
-        }
-    })
-    .await
-    .expect("the response neither ended nor failed");
-    (buf, outcome)
-}
-
-/// Reads a streamed NDJSON response to its end, noting when each line arrived (every read
-/// bounded by [`STEP`]).
-pub async fn timed_lines(
-    mut response: reqwest::Response,
-) -> Vec<(tokio::time::Instant, serde_json::Value)> {
-    let mut buf = Vec::new();
-    let mut received = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(STEP, response.chunk())
-        .await
-        .expect("a line within the step")
-        .expect("the stream")
-    {
-        let now = tokio::time::Instant::now();
-        buf.extend_from_slice(&chunk);
-        for line in take_lines(&mut buf) {
-            received.push((now, line));
-        }
-    }
-    received
-}
-
-/// Splits a byte buffer into complete NDJSON lines, keeping the unfinished tail in `buf`.
-pub fn take_lines(buf: &mut Vec<u8>) -> Vec<serde_json::Value> {
-    let mut lines = Vec::new();
-    while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-        let line: Vec<u8> = buf.drain(..=end).collect();
-        let text = &line[..line.len() - 1];
-        if !text.is_empty() {
-            lines.push(serde_json::from_slice(text).expect("an NDJSON line"));
-        }
-    }
-    lines
 }
