@@ -4,7 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config};
+use cloudllm_e2e::{
+    STEP, Stack, TestDaemon, capture_daemon_logs, daemon_config, relay_config, wait_for_socket,
+};
 use cloudllm_proto::ipc::Connection;
 use cloudllm_relay::RelayConfig;
 use cloudllm_tray::daemon::{
@@ -12,21 +14,6 @@ use cloudllm_tray::daemon::{
 };
 use cloudllm_tray::menu::Action;
 use cloudllm_tray::view::TrayState;
-use tracing_subscriber::Layer as _;
-
-/// Sends the daemon's log lines (from this process) to the buffer its `logs` call reads.
-fn capture_logs() {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let buffer = cloudllm_daemon::logs::LogBuffer::global();
-    let _ = tracing_subscriber::registry()
-        .with(
-            buffer
-                .layer()
-                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
-        )
-        .try_init();
-}
 
 /// Runs [`watch`] until `done` holds for the states it published; returns them.
 async fn watch_until(
@@ -63,13 +50,14 @@ fn connected(state: &TrayState) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn menu_actions_reach_the_daemon_and_logs_land_in_a_file() {
-    capture_logs();
-    let relay = TestRelay::start(relay_config()).await;
-    let backend = FakeOllama::start().await;
-    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    let socket = config.socket_path.clone().expect("socket");
-    let daemon = TestDaemon::start(config);
-    relay.wait_for_devices("alice", 1).await;
+    capture_daemon_logs();
+    let Stack {
+        relay,
+        backend: _backend,
+        daemon,
+        socket,
+        ..
+    } = Stack::start().await;
 
     let states = watch_until(&socket, |states| states.iter().any(connected)).await;
     let TrayState::Daemon(status) = states.iter().find(|s| connected(s)).expect("connected") else {
@@ -104,16 +92,17 @@ async fn menu_actions_reach_the_daemon_and_logs_land_in_a_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relays_web_page_is_looked_up_once_connected() {
     let page = "https://relay.example.com/account";
-    let relay = TestRelay::start(RelayConfig {
+    let Stack {
+        relay,
+        backend: _backend,
+        daemon,
+        socket,
+        ..
+    } = Stack::with_relay_config(RelayConfig {
         web_url: Some(page.parse().expect("URL")),
         ..relay_config()
     })
     .await;
-    let backend = FakeOllama::start().await;
-    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    let socket = config.socket_path.clone().expect("socket");
-    let daemon = TestDaemon::start(config);
-    relay.wait_for_devices("alice", 1).await;
     assert_eq!(web_page(&socket).await.as_deref(), Some(page));
 
     // The IPC thread asks by itself once it sees the tunnel up.
@@ -136,11 +125,13 @@ async fn the_relays_web_page_is_looked_up_once_connected() {
     relay.stop().await;
 
     // A relay without a page: none.
-    let relay = TestRelay::start(relay_config()).await;
-    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    let socket = config.socket_path.clone().expect("socket");
-    let daemon = TestDaemon::start(config);
-    relay.wait_for_devices("alice", 1).await;
+    let Stack {
+        relay,
+        backend: _backend,
+        daemon,
+        socket,
+        ..
+    } = Stack::start().await;
     assert_eq!(web_page(&socket).await, None);
     daemon.stop().await.expect("daemon stop");
     relay.stop().await;
@@ -148,33 +139,24 @@ async fn the_relays_web_page_is_looked_up_once_connected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_web_page_gets_a_one_time_link_to_the_relays_own_page() {
-    let relay = TestRelay::start(relay_config()).await;
-    let backend = FakeOllama::start().await;
-    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    let socket = config.socket_path.clone().expect("socket");
-    let daemon = TestDaemon::start(config);
-    relay.wait_for_devices("alice", 1).await;
+    let Stack {
+        relay,
+        backend,
+        daemon,
+        socket,
+        ..
+    } = Stack::start().await;
 
     let link = sign_in_link(&socket).await.expect("a link");
     let (page, code) = link.expose().split_once("#open=").expect("a code");
     assert_eq!(page, relay.url().as_str());
     // It signs a browser in, once: what the page does with it.
-    let exchange = || async {
-        tokio::time::timeout(
-            STEP,
-            cloudllm_e2e::client()
-                .post(relay.api("/cloudllm/open/exchange"))
-                .header("content-type", "application/json")
-                .body(format!(r#"{{"code":"{code}"}}"#))
-                .send(),
-        )
-        .await
-        .expect("exchange timed out")
-        .expect("exchange")
-        .status()
-    };
-    assert_eq!(exchange().await, 200);
-    assert_eq!(exchange().await, 401, "a link works once");
+    assert_eq!(relay.exchange_open_code(code).await.status(), 200);
+    assert_eq!(
+        relay.exchange_open_code(code).await.status(),
+        401,
+        "a link works once"
+    );
 
     // Logged out, the daemon says so instead.
     perform(&socket, Action::Disconnect)
@@ -185,11 +167,7 @@ async fn open_web_page_gets_a_one_time_link_to_the_relays_own_page() {
     config.token = None;
     let socket = config.socket_path.clone().expect("socket");
     let daemon = TestDaemon::start(config);
-    let deadline = tokio::time::Instant::now() + STEP;
-    while !socket.exists() {
-        assert!(tokio::time::Instant::now() < deadline, "no daemon socket");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_socket(&socket).await;
     let refused = sign_in_link(&socket).await;
     assert_eq!(
         refused.err().as_deref(),

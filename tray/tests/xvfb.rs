@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cloudllm_e2e::{FakeOllama, TestDaemon, TestRelay, daemon_config, relay_config};
+use cloudllm_e2e::{Stack, TestDaemon, capture_daemon_logs, relay_config};
 use cloudllm_ipc_client::Client;
 use cloudllm_proto::ipc::{Connection, Request, Response, Status};
 use cloudllm_relay::RelayConfig;
@@ -136,21 +136,6 @@ fn start_tray(display: &str, socket: &Path, log: &Path, opened: &Path) -> Child 
         .kill_on_drop(true)
         .spawn()
         .expect("starting cloudllm-tray")
-}
-
-/// Sends the daemon's log lines (from this process) to the buffer its `logs` call reads.
-fn capture_logs() {
-    use tracing_subscriber::Layer as _;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let buffer = cloudllm_daemon::logs::LogBuffer::global();
-    let _ = tracing_subscriber::registry()
-        .with(
-            buffer
-                .layer()
-                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
-        )
-        .try_init();
 }
 
 /// Waits until the stand-in opener has been called `count` times; returns what it was given.
@@ -380,20 +365,22 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     if !should_run() {
         return;
     }
-    capture_logs();
+    capture_daemon_logs();
     let (_xvfb, display) = start_xvfb().await;
     let _trayer = start_trayer(&display);
 
-    let relay = TestRelay::start(RelayConfig {
+    let Stack {
+        relay,
+        backend: _backend,
+        daemon,
+        socket,
+        daemon_config: config,
+        ..
+    } = Stack::with_relay_config(RelayConfig {
         web_url: Some(WEB_PAGE.parse().expect("URL")),
         ..relay_config()
     })
     .await;
-    let backend = FakeOllama::start().await;
-    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    let socket = config.socket_path.clone().expect("a socket path");
-    let daemon = TestDaemon::start(config.clone());
-    relay.wait_for_devices("alice", 1).await;
 
     let log = scratch_file("tray.log");
     let opened = scratch_file("opened.txt");
@@ -516,15 +503,16 @@ async fn open_web_page_signs_the_browser_in_on_a_relay_without_a_page_of_its_own
     if !should_run() {
         return;
     }
-    capture_logs();
+    capture_daemon_logs();
     let (_xvfb, display) = start_xvfb().await;
     let _trayer = start_trayer(&display);
-    let relay = TestRelay::start(relay_config()).await;
-    let backend = FakeOllama::start().await;
-    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    let socket = config.socket_path.clone().expect("a socket path");
-    let daemon = TestDaemon::start(config);
-    relay.wait_for_devices("alice", 1).await;
+    let Stack {
+        relay,
+        backend: _backend,
+        daemon,
+        socket,
+        ..
+    } = Stack::start().await;
 
     let log = scratch_file("tray.log");
     let opened = scratch_file("opened.txt");
@@ -544,17 +532,7 @@ async fn open_web_page_signs_the_browser_in_on_a_relay_without_a_page_of_its_own
         .strip_prefix(&format!("{}#open=", relay.url()))
         .unwrap_or_else(|| panic!("not a sign-in link of the relay: {link}"))
         .to_owned();
-    let exchange = tokio::time::timeout(
-        STEP,
-        cloudllm_e2e::client()
-            .post(relay.api("/cloudllm/open/exchange"))
-            .header("content-type", "application/json")
-            .body(format!(r#"{{"code":"{code}"}}"#))
-            .send(),
-    )
-    .await
-    .expect("exchange timed out")
-    .expect("exchange");
+    let exchange = relay.exchange_open_code(&code).await;
     assert_eq!(exchange.status(), 200, "the link did not sign in");
     let tray_log = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!tray_log.contains(&code), "the link is in the tray's log");
