@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use cloudllm_daemon::DaemonConfig;
-use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config};
+use cloudllm_e2e::{FakeOllama, STEP, Stack, TestDaemon, TestRelay, daemon_config, relay_config};
 use cloudllm_ipc_client::Client;
 use cloudllm_proto::ipc::{self, ErrorCode, IPC_VERSION, Request, Response};
 use interprocess::local_socket::tokio::Stream;
@@ -20,24 +19,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use common::{cli, cli_as, output_with_stdin, run, run_as, stderr};
 
-/// A relay, a fake Ollama and alice's daemon connected to both, its config changed by `adjust`
-/// first; gives the daemon's IPC socket.
-async fn start_daemon_with(
-    adjust: impl FnOnce(&mut DaemonConfig),
-) -> (TestRelay, FakeOllama, TestDaemon, PathBuf) {
-    let relay = TestRelay::start(relay_config()).await;
-    let backend = FakeOllama::start().await;
-    let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    adjust(&mut config);
-    let socket = config.socket_path.clone().unwrap();
-    let daemon = TestDaemon::start(config);
-    relay.wait_for_devices("alice", 1).await;
-    (relay, backend, daemon, socket)
-}
-
-/// [`start_daemon_with`] a user daemon, or a system daemon (open to every user) if `system`.
-async fn start_daemon(system: bool) -> (TestRelay, FakeOllama, TestDaemon, PathBuf) {
-    start_daemon_with(|config| config.system = system).await
+/// [`Stack`] with alice's user daemon, or a system daemon (open to every user) if `system`.
+async fn start_daemon(system: bool) -> Stack {
+    Stack::with_configs(relay_config(), |config| config.system = system).await
 }
 
 /// A raw connection to the daemon's socket, with no client library in between: lines in,
@@ -100,7 +84,8 @@ async fn assert_answers(socket: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_oversized_lines_and_wrong_versions_get_error_replies_and_the_daemon_lives_on() {
-    let (_relay, _backend, _daemon, socket) = start_daemon(false).await;
+    let stack = start_daemon(false).await;
+    let socket = stack.socket.clone();
 
     // Garbage before hello: an error reply, and the connection stays usable.
     let mut raw = Raw::connect(&socket).await;
@@ -182,7 +167,8 @@ async fn garbage_oversized_lines_and_wrong_versions_get_error_replies_and_the_da
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_user_may_read_but_not_change_a_system_daemon() {
-    let (relay, _backend, _daemon, socket) = start_daemon(true).await;
+    let stack = start_daemon(true).await;
+    let socket = stack.socket.clone();
     let status = run_as(65534, &socket, &["status", "--json"]).await;
     assert_eq!(
         status.status.code(),
@@ -204,12 +190,13 @@ async fn another_user_may_read_but_not_change_a_system_daemon() {
         assert!(err.contains("permission denied"), "{err}");
     }
     // Nothing changed.
-    assert_eq!(relay.relay.registry.len(), 1);
+    assert_eq!(stack.relay.relay.registry.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_user_cannot_open_a_user_daemons_socket() {
-    let (_relay, _backend, _daemon, socket) = start_daemon(false).await;
+    let stack = start_daemon(false).await;
+    let socket = stack.socket.clone();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -249,11 +236,12 @@ async fn a_stale_socket_is_replaced_and_a_live_one_is_not_taken() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_group_member_may_change_a_system_daemon_and_others_cannot_open_it() {
-    let (relay, _backend, _daemon, socket) = start_daemon_with(|config| {
+    let stack = Stack::with_configs(relay_config(), |config| {
         config.system = true;
         config.operator_group = Some("nogroup".to_owned());
     })
     .await;
+    let socket = stack.socket.clone();
     {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let meta = std::fs::metadata(&socket).unwrap();
@@ -266,7 +254,7 @@ async fn an_operator_group_member_may_change_a_system_daemon_and_others_cannot_o
     // A member of the operator group may change the daemon.
     let operator = run_as(65534, &socket, &["disconnect"]).await;
     assert!(operator.status.success(), "{}", stderr(&operator));
-    relay.wait_for_devices("alice", 0).await;
+    stack.relay.wait_for_devices("alice", 0).await;
 }
 
 /// Set (to `MODE:ARGUMENT`) when this test binary runs again as another user to play a part
@@ -394,7 +382,8 @@ async fn helper() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_another_user_leaves_room_for_root_and_other_users() {
     // A system daemon without an operator group: its socket is 0666, open to every user.
-    let (_relay, _backend, _daemon, socket) = start_daemon(true).await;
+    let stack = start_daemon(true).await;
+    let socket = stack.socket.clone();
     let mut flood = spawn_helper(65534, "flood", &socket);
     let mut said = BufReader::new(flood.stdout.take().unwrap()).lines();
     let counts = helper_says(&mut said).await;
@@ -445,8 +434,11 @@ async fn a_flood_from_another_user_leaves_room_for_root_and_other_users() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_and_a_watching_one_is_not() {
     let idle_timeout = Duration::from_millis(500);
-    let (_relay, _backend, _daemon, socket) =
-        start_daemon_with(|config| config.ipc_idle_timeout = Some(idle_timeout)).await;
+    let stack = Stack::with_configs(relay_config(), |config| {
+        config.ipc_idle_timeout = Some(idle_timeout);
+    })
+    .await;
+    let socket = stack.socket.clone();
 
     let mut watching = Raw::connect(&socket).await;
     assert!(matches!(

@@ -10,23 +10,8 @@ use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, token
 use cloudllm_relay::{RelayConfig, Scope};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-use tracing_subscriber::Layer as _;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cloudllm");
-
-/// Sends the daemon's log lines (from this process) to the buffer `cloudllm logs` reads.
-pub fn capture_logs() {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let buffer = cloudllm_daemon::logs::LogBuffer::global();
-    let _ = tracing_subscriber::registry()
-        .with(
-            buffer
-                .layer()
-                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
-        )
-        .try_init();
-}
 
 /// `cloudllm --socket socket`, run by this test's own user.
 pub fn cli(socket: &Path) -> Command {
@@ -163,7 +148,7 @@ impl Fixture {
 
     /// A fixture whose relay runs with `config`.
     pub async fn with_relay(config: RelayConfig) -> Fixture {
-        capture_logs();
+        cloudllm_e2e::capture_daemon_logs();
         let relay = TestRelay::start(config).await;
         let backend = FakeOllama::start().await;
         let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
@@ -173,14 +158,7 @@ impl Fixture {
         let state_dir = config.state_dir.clone().unwrap();
         let config_file = config.file.clone().unwrap();
         let daemon = TestDaemon::start(config);
-        let deadline = tokio::time::Instant::now() + STEP;
-        while !socket.exists() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "daemon socket never appeared"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        cloudllm_e2e::wait_for_socket(&socket).await;
         Fixture {
             relay,
             backend,
