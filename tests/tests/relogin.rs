@@ -33,20 +33,6 @@ const SECRET_B: &str = "relay-b-secret-relay-b-secret-relay-b-0123";
 /// used to last (and then for good).
 const SHOWN_WITHIN: Duration = Duration::from_secs(5);
 
-/// Sends the daemon's log lines (from this process) to the buffer `cloudllm logs` reads.
-fn capture_logs() {
-    use tracing_subscriber::Layer as _;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let _ = tracing_subscriber::registry()
-        .with(
-            LogBuffer::global()
-                .layer()
-                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
-        )
-        .try_init();
-}
-
 async fn connect(socket: &std::path::Path) -> Client {
     timeout(STEP, Client::connect(socket))
         .await
@@ -94,7 +80,7 @@ struct Switch {
 
 impl Switch {
     async fn start() -> Switch {
-        capture_logs();
+        cloudllm_e2e::capture_daemon_logs();
         let relay_a = TestRelay::start(relay_config()).await;
         let url_a = relay_a.url();
         let backend = FakeOllama::start().await;

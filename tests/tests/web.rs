@@ -3,8 +3,6 @@
 //! CORS for other origins on `/api/*` and `/v1/*` only, the device list the page shows, and the
 //! one-time codes of `cloudllm open`. The page itself, in Chromium, is tested by `web_browser.rs`.
 
-use std::net::SocketAddr;
-
 use cloudllm_e2e::{Stack, TestRelay, client, relay_config, send, send_for_json, token};
 use cloudllm_relay::{LoginConfig, Scope, WebLoginConfig};
 use reqwest::header;
@@ -299,20 +297,9 @@ fn mint_open_code(stack: &Stack, token: &str) -> reqwest::RequestBuilder {
         .bearer_auth(token)
 }
 
-/// Trades the one-time `code` for a client token, as the page does.
-async fn exchange(relay: SocketAddr, code: &str) -> reqwest::Response {
-    send(
-        client()
-            .post(format!("http://{relay}/cloudllm/open/exchange"))
-            .json(&serde_json::json!({ "code": code })),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn cloudllm_open_codes_buy_one_short_client_token_once() {
     let stack = Stack::start().await;
-    let relay = stack.relay.relay.addr;
     // Only the daemon's agent token mints codes.
     let as_client = send(mint_open_code(&stack, &token("alice", Scope::Client))).await;
     assert_eq!(as_client.status(), 403);
@@ -325,7 +312,7 @@ async fn cloudllm_open_codes_buy_one_short_client_token_once() {
     );
     assert_eq!(minted["expires_in"], 60);
 
-    let traded = exchange(relay, &code).await;
+    let traded = stack.relay.exchange_open_code(&code).await;
     assert_eq!(traded.status(), 200);
     assert_eq!(traded.headers()[header::CACHE_CONTROL], "no-store");
     let body: serde_json::Value = traded.json().await.unwrap();
@@ -341,10 +328,10 @@ async fn cloudllm_open_codes_buy_one_short_client_token_once() {
     let tunnel_with_it = send(mint_open_code(&stack, fresh)).await;
     assert_eq!(tunnel_with_it.status(), 403, "it is no agent token");
 
-    let replay = exchange(relay, &code).await;
+    let replay = stack.relay.exchange_open_code(&code).await;
     assert_eq!(replay.status(), 401, "a code works once");
     assert!(replay.text().await.unwrap().contains("cloudllm open"));
-    let guessed = exchange(relay, &"0".repeat(64)).await;
+    let guessed = stack.relay.exchange_open_code(&"0".repeat(64)).await;
     assert_eq!(guessed.status(), 401);
 }
 
@@ -356,7 +343,8 @@ async fn wrong_codes_count_against_the_address() {
     let mut statuses = Vec::new();
     for _ in 0..5 {
         statuses.push(
-            exchange(relay.relay.addr, &"1".repeat(64))
+            relay
+                .exchange_open_code(&"1".repeat(64))
                 .await
                 .status()
                 .as_u16(),
