@@ -5,6 +5,8 @@
 //!   flight drain); a second one exits at once with code 130.
 //! - [`service`]: systemd's `Type=notify` protocol: `READY=1` once the process serves,
 //!   `WATCHDOG=1` keep-alives, `STOPPING=1` when the graceful stop begins.
+//! - [`log_output`]: their log lines go to standard error in batches, not one system call per
+//!   line.
 //! - [`stderr_in_colour`]: whether their log on standard error may carry colour codes (never
 //!   under journald, in a file or a pipe).
 //!
@@ -12,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod log_output;
 pub mod service;
 pub mod signal;
 

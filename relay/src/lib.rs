@@ -358,7 +358,7 @@ fn router(state: Arc<AppState>, with_metrics: bool) -> anyhow::Result<Router> {
             )
                 .into_response()
         })
-        .layer(axum::middleware::from_fn(request_id::tag))
+        .layer(request_id::Tag)
         .layer(axum::Extension(Arc::new(web::OpenCodes::default())))
         .with_state(state))
 }

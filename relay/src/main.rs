@@ -82,11 +82,13 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Lines go out in batches (warnings at once): no system call per logged line.
+    let (log_output, flush_log) = cloudllm_lifecycle::log_output::BatchedStderr::new();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log_output)
         .with_ansi(cloudllm_lifecycle::stderr_in_colour())
         .init();
     let result =
@@ -158,6 +160,8 @@ fn main() -> std::process::ExitCode {
                 print_out(&keys.issue(&user, scope, tier.as_deref(), ttl)?)
             }),
         };
+    // The log's last lines before the error that ends the process.
+    drop(flush_log);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -12,10 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use http::Request;
+use hyper::body::Incoming as IncomingBody;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_service::Service as _;
 use tracing::{debug, warn};
 
 use crate::connections::{Gate, Slot};
@@ -118,12 +121,17 @@ pub(crate) async fn serve_http<L: Accept>(
             () = stop.cancelled() => break,
         };
         // The handlers read the peer address as `ConnectInfo`, as with axum's own server, and
-        // mark the connection authenticated through its slot.
-        let service = hyper_util::service::TowerToHyperService::new(
-            app.clone()
-                .layer(axum::Extension(axum::extract::ConnectInfo(peer)))
-                .layer(axum::Extension(slot.clone())),
-        );
+        // mark the connection authenticated through its slot: both go into each request's
+        // extensions here. (As router layers, added per connection, they re-wrapped every
+        // route and boxed two more services into each request's path.)
+        let (router, request_slot) = (app.clone(), slot.clone());
+        let service = hyper::service::service_fn(move |mut req: Request<IncomingBody>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            req.extensions_mut().insert(request_slot.clone());
+            // A router is always ready: no `poll_ready` before the call.
+            router.clone().call(req)
+        });
         let stop = stop.clone();
         connections.spawn(async move {
             // HTTP/1.1 only (TLS offers no other protocol either): hyper-util's automatic

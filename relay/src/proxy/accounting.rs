@@ -10,14 +10,14 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use tracing::info;
 
+use super::body::{Meter, Metered};
 use crate::AppState;
 use crate::audit::{Audit, Event};
 use crate::limits::Admitted;
@@ -129,7 +129,6 @@ impl Drop for RequestRecord {
 /// request's place in its tier's concurrency limit, and ends the response once it has streamed
 /// for the tier's `max_stream`.
 pub(super) struct Tracked {
-    inner: Body,
     deadline: Pin<Box<tokio::time::Sleep>>,
     max_stream: std::time::Duration,
     record: RequestRecord,
@@ -145,45 +144,31 @@ impl Tracked {
         admitted: Admitted,
     ) -> Response {
         response.map(|body| {
-            Body::new(Tracked {
-                inner: body,
+            let tracked = Tracked {
                 deadline: Box::pin(tokio::time::sleep(max_stream)),
                 max_stream,
                 record,
                 _admitted: admitted,
-            })
+            };
+            Body::new(Metered::metering(body, tracked))
         })
     }
 }
 
-impl HttpBody for Tracked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+impl Meter for Tracked {
+    fn check(&mut self, cx: &mut Context<'_>) -> Result<(), axum::Error> {
         if self.deadline.as_mut().poll(cx).is_ready() {
             info!(max_stream = ?self.max_stream, "response streamed for its tier's max_stream: ending it");
-            return Poll::Ready(Some(Err(axum::Error::new(format!(
+            return Err(axum::Error::new(format!(
                 "response ended by the relay after {:?}, the tier's max_stream",
                 self.max_stream
-            )))));
+            )));
         }
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
-            let len = data.map_or(0, Bytes::len);
-            self.record.sent(len);
-        }
-        Poll::Ready(frame)
+        Ok(())
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn passing(&mut self, data: &Bytes, _: &mut Option<Body>) -> Result<(), axum::Error> {
+        self.record.sent(data.len());
+        Ok(())
     }
 }

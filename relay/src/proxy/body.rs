@@ -92,55 +92,48 @@ impl Watch {
     }
 }
 
-/// A request body that fails once more than `remaining` bytes have passed, and says so in
-/// `tripped` so the relay can answer 413 rather than a generic tunnel error. It also fails
-/// when the caller sends nothing for `read_timeout` (a slow-body attack, or a client that
-/// died mid-upload), and says so in `stalled` for a 408.
-///
-/// When it trips, the rest of the caller's upload is read and thrown away in the background
-/// (bounded by [`DRAIN_BYTES`] and [`DRAIN_TIME`]): closing a socket with unread data makes the
-/// kernel send a reset, and the caller would see "connection reset" instead of the 413.
-pub(super) struct CappedBody {
-    inner: Option<Body>,
-    remaining: u64,
-    tripped: Arc<AtomicBool>,
-    /// Fires when the caller has sent nothing for `read_timeout` while the body was wanted;
-    /// armed at the first wait, so time queued behind the tunnel's flow control never counts.
-    idle: Option<Pin<Box<tokio::time::Sleep>>>,
-    read_timeout: Duration,
-    stalled: Arc<AtomicBool>,
-    /// Bytes passed so far, for the audit log.
-    received: Arc<AtomicU64>,
-    /// Where to note the model named by the first chunk, when it is a whole JSON document.
-    sniff: Option<Arc<OnceLock<String>>>,
+/// What a [`Metered`] body does besides passing its frames on: the bookkeeping of a request
+/// body ([`Capped`]) or of a response body ([`Tracked`](super::accounting::Tracked)). Any error
+/// it returns ends the body: the caller or the device sees that error, and the rest of the
+/// inner body is dropped unless the meter took it.
+pub(super) trait Meter: Send + Unpin + 'static {
+    /// Before each look at the body.
+    fn check(&mut self, _cx: &mut Context<'_>) -> Result<(), axum::Error> {
+        Ok(())
+    }
+
+    /// The body had nothing ready; the waker is set on it.
+    fn waiting(&mut self, _cx: &mut Context<'_>) -> Result<(), axum::Error> {
+        Ok(())
+    }
+
+    /// A data frame is about to pass; `rest` is the body it came from.
+    fn passing(&mut self, data: &Bytes, rest: &mut Option<Body>) -> Result<(), axum::Error>;
 }
 
-impl CappedBody {
-    /// `body` capped at `limit` bytes and `read_timeout` between pieces, counting the bytes
-    /// passed into `received`; with `sniff`, the model its first chunk names is noted. The
-    /// [`Watch`] says afterwards what happened.
-    pub(super) fn new(
-        body: Body,
-        (limit, read_timeout): (u64, Duration),
-        received: &Arc<AtomicU64>,
-        sniff: bool,
-    ) -> (CappedBody, Watch) {
-        let watch = Watch::default();
-        let capped = CappedBody {
-            inner: Some(body),
-            remaining: limit,
-            tripped: watch.over_limit.clone(),
-            idle: None,
-            read_timeout,
-            stalled: watch.stalled.clone(),
-            received: received.clone(),
-            sniff: sniff.then(|| watch.model.clone()),
-        };
-        (capped, watch)
+/// A body with a [`Meter`] on its frames.
+pub(super) struct Metered<M> {
+    inner: Option<Body>,
+    meter: M,
+}
+
+impl<M: Meter> Metered<M> {
+    /// `inner` with `meter` on it.
+    pub(super) fn metering(inner: Body, meter: M) -> Self {
+        Metered {
+            inner: Some(inner),
+            meter,
+        }
+    }
+
+    /// Ends the body with `err`, dropping what is left of the inner one.
+    fn fail(&mut self, err: axum::Error) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.inner = None;
+        Poll::Ready(Some(Err(err)))
     }
 }
 
-impl HttpBody for CappedBody {
+impl<M: Meter> HttpBody for Metered<M> {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -148,38 +141,24 @@ impl HttpBody for CappedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let Some(inner) = self.inner.as_mut() else {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        if let Err(err) = this.meter.check(cx) {
+            return this.fail(err);
+        }
         let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) else {
-            let read_timeout = self.read_timeout;
-            let idle = self
-                .idle
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(read_timeout)));
-            if idle.as_mut().poll(cx).is_ready() {
-                self.stalled.store(true, Ordering::Relaxed);
-                self.inner = None;
-                return Poll::Ready(Some(Err(axum::Error::new("request body stalled"))));
-            }
-            return Poll::Pending;
+            return match this.meter.waiting(cx) {
+                Ok(()) => Poll::Pending,
+                Err(err) => this.fail(err),
+            };
         };
-        self.idle = None;
-        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
-            let len = data.map_or(0, |d| d.len() as u64);
-            if len > self.remaining {
-                self.tripped.store(true, Ordering::Relaxed);
-                if let Some(rest) = self.inner.take() {
-                    tokio::spawn(discard(rest));
-                }
-                return Poll::Ready(Some(Err(axum::Error::new("request body over the limit"))));
-            }
-            self.remaining -= len;
-            self.received.fetch_add(len, Ordering::Relaxed);
-            if let (Some(sniff), Some(data)) = (self.sniff.take(), data)
-                && let Some(model) = model_of(data)
-            {
-                let _ = sniff.set(model);
-            }
+        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
+            && let Some(data) = data
+            && let Err(err) = this.meter.passing(data, &mut this.inner)
+        {
+            return this.fail(err);
         }
         Poll::Ready(frame)
     }
@@ -193,6 +172,89 @@ impl HttpBody for CappedBody {
             .as_ref()
             .map(HttpBody::size_hint)
             .unwrap_or_default()
+    }
+}
+
+/// A request body capped at the tier's limit and `read_timeout` between pieces.
+pub(super) type CappedBody = Metered<Capped>;
+
+/// The meter of a request body: it fails once more than `remaining` bytes have passed, and
+/// says so in `tripped` so the relay can answer 413 rather than a generic tunnel error. It
+/// also fails when the caller sends nothing for `read_timeout` (a slow-body attack, or a
+/// client that died mid-upload), and says so in `stalled` for a 408.
+///
+/// When it trips, the rest of the caller's upload is read and thrown away in the background
+/// (bounded by [`DRAIN_BYTES`] and [`DRAIN_TIME`]): closing a socket with unread data makes the
+/// kernel send a reset, and the caller would see "connection reset" instead of the 413.
+pub(super) struct Capped {
+    remaining: u64,
+    tripped: Arc<AtomicBool>,
+    /// Fires when the caller has sent nothing for `read_timeout` while the body was wanted;
+    /// armed at the first wait, so time queued behind the tunnel's flow control never counts.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    read_timeout: Duration,
+    stalled: Arc<AtomicBool>,
+    /// Bytes passed so far, for the audit log.
+    received: Arc<AtomicU64>,
+    /// Where to note the model named by the first chunk, when it is a whole JSON document.
+    sniff: Option<Arc<OnceLock<String>>>,
+}
+
+impl Metered<Capped> {
+    /// `body` capped at `limit` bytes and `read_timeout` between pieces, counting the bytes
+    /// passed into `received`; with `sniff`, the model its first chunk names is noted. The
+    /// [`Watch`] says afterwards what happened.
+    pub(super) fn new(
+        body: Body,
+        (limit, read_timeout): (u64, Duration),
+        received: &Arc<AtomicU64>,
+        sniff: bool,
+    ) -> (CappedBody, Watch) {
+        let watch = Watch::default();
+        let meter = Capped {
+            remaining: limit,
+            tripped: watch.over_limit.clone(),
+            idle: None,
+            read_timeout,
+            stalled: watch.stalled.clone(),
+            received: received.clone(),
+            sniff: sniff.then(|| watch.model.clone()),
+        };
+        (Metered::metering(body, meter), watch)
+    }
+}
+
+impl Meter for Capped {
+    fn waiting(&mut self, cx: &mut Context<'_>) -> Result<(), axum::Error> {
+        let read_timeout = self.read_timeout;
+        let idle = self
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(read_timeout)));
+        if idle.as_mut().poll(cx).is_ready() {
+            self.stalled.store(true, Ordering::Relaxed);
+            return Err(axum::Error::new("request body stalled"));
+        }
+        Ok(())
+    }
+
+    fn passing(&mut self, data: &Bytes, rest: &mut Option<Body>) -> Result<(), axum::Error> {
+        self.idle = None;
+        let len = data.len() as u64;
+        if len > self.remaining {
+            self.tripped.store(true, Ordering::Relaxed);
+            if let Some(rest) = rest.take() {
+                tokio::spawn(discard(rest));
+            }
+            return Err(axum::Error::new("request body over the limit"));
+        }
+        self.remaining -= len;
+        self.received.fetch_add(len, Ordering::Relaxed);
+        if let Some(sniff) = self.sniff.take()
+            && let Some(model) = model_of(data)
+        {
+            let _ = sniff.set(model);
+        }
+        Ok(())
     }
 }
 
