@@ -185,10 +185,18 @@ impl Forwarder {
         parts.headers = forwarded_headers(std::mem::take(&mut parts.headers));
         parts.headers.insert(header::HOST, self.ollama_host.clone());
         let method = parts.method.clone();
+        // Visible ASCII only (`to_str`), so it cannot break a log line.
+        let request_id = parts
+            .headers
+            .get(proto::HEADER_REQUEST_ID)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("-"));
+        let request_id = request_id.to_str().unwrap_or("-");
 
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(response) => {
                 info!(
+                    request_id,
                     %method,
                     path = %target,
                     status = response.status().as_u16(),
@@ -206,7 +214,7 @@ impl Forwarder {
                 Response::from_parts(parts, body.map_err(Into::into).boxed())
             }
             Err(err) => {
-                warn!(path = %target, error = %err, "Ollama request failed");
+                warn!(request_id, path = %target, error = %err, "Ollama request failed");
                 let cause = std::error::Error::source(&err)
                     .map_or_else(|| err.to_string(), ToString::to_string);
                 error(
@@ -282,10 +290,22 @@ fn error(path: &str, status: StatusCode, message: &str) -> Response<TunnelBody> 
 mod tests {
     use super::*;
 
+    /// A header map of `(name, value)` pairs, in order, repeated names kept.
+    fn header_map<const N: usize>(pairs: [(&'static str, &'static str); N]) -> HeaderMap {
+        pairs
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    header::HeaderName::from_static(k),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn only_the_allowlisted_request_headers_reach_ollama() {
-        let mut headers = HeaderMap::new();
-        for (k, v) in [
+        let kept = forwarded_headers(header_map([
             ("authorization", "Bearer x"),
             ("origin", "https://evil.example"),
             ("referer", "https://evil.example/page"),
@@ -306,13 +326,7 @@ mod tests {
             ("content-length", "2"),
             ("accept", "application/x-ndjson"),
             ("x-request-id", "abc"),
-        ] {
-            headers.append(
-                header::HeaderName::from_static(k),
-                HeaderValue::from_static(v),
-            );
-        }
-        let kept = forwarded_headers(headers);
+        ]));
         let mut left: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(
@@ -324,19 +338,13 @@ mod tests {
 
     #[test]
     fn response_headers_lose_hop_headers_and_the_relays_own() {
-        let mut headers = HeaderMap::new();
-        for (k, v) in [
+        let mut headers = header_map([
             ("connection", "close"),
             ("transfer-encoding", "chunked"),
             ("x-cloudllm-device", "spoofed"),
             ("content-type", "application/x-ndjson"),
             ("date", "Mon, 01 Jan 2026 00:00:00 GMT"),
-        ] {
-            headers.insert(
-                header::HeaderName::from_static(k),
-                HeaderValue::from_static(v),
-            );
-        }
+        ]);
         strip_response(&mut headers);
         let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug_span, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::DaemonConfig;
@@ -239,16 +239,18 @@ async fn serve(
     let service = {
         let forwarder = forwarder.clone();
         service_fn(move |req| {
-            let id = req
-                .headers()
-                .get(cloudllm_proto::HEADER_REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_owned();
-            forwarder
-                .clone()
-                .serve(req)
-                .instrument(info_span!("stream", request_id = %id))
+            // At debug level: the forwarder's own lines name the request id, and a span per
+            // request at info cost every request allocations and formatting in both log
+            // layers even when nothing inside it logs (issue 19).
+            let span = debug_span!(
+                "stream",
+                request_id = %req
+                    .headers()
+                    .get(cloudllm_proto::HEADER_REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+            );
+            forwarder.clone().serve(req).instrument(span)
         })
     };
     let builder = cloudllm_tunnel::h2_server(config.liveness());
