@@ -51,30 +51,26 @@ fn connected(state: &TrayState) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn menu_actions_reach_the_daemon_and_logs_land_in_a_file() {
     capture_daemon_logs();
-    let Stack {
-        relay,
-        backend: _backend,
-        daemon,
-        socket,
-        ..
-    } = Stack::start().await;
+    let stack = Stack::start().await;
 
-    let states = watch_until(&socket, |states| states.iter().any(connected)).await;
+    let states = watch_until(&stack.socket, |states| states.iter().any(connected)).await;
     let TrayState::Daemon(status) = states.iter().find(|s| connected(s)).expect("connected") else {
         unreachable!()
     };
     assert_eq!(status.user.as_deref(), Some("alice"));
     assert_eq!(status.device_name, "laptop");
 
-    perform(&socket, Action::Disconnect)
+    perform(&stack.socket, Action::Disconnect)
         .await
         .expect("disconnect");
-    relay.wait_for_devices("alice", 0).await;
-    perform(&socket, Action::Connect).await.expect("connect");
-    relay.wait_for_devices("alice", 1).await;
+    stack.relay.wait_for_devices("alice", 0).await;
+    perform(&stack.socket, Action::Connect)
+        .await
+        .expect("connect");
+    stack.relay.wait_for_devices("alice", 1).await;
 
     let file = cloudllm_e2e::scratch_dir().join("cache/daemon-log.txt");
-    let written = save_logs(&socket, &file).await.expect("save logs");
+    let written = save_logs(&stack.socket, &file).await.expect("save logs");
     assert_eq!(written, file);
     let text = std::fs::read_to_string(&file).expect("the log file");
     assert!(text.contains("tunnel up"), "{text}");
@@ -85,29 +81,23 @@ async fn menu_actions_reach_the_daemon_and_logs_land_in_a_file() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 
-    daemon.stop().await.expect("daemon stop");
-    relay.stop().await;
+    stack.daemon.stop().await.expect("daemon stop");
+    stack.relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relays_web_page_is_looked_up_once_connected() {
     let page = "https://relay.example.com/account";
-    let Stack {
-        relay,
-        backend: _backend,
-        daemon,
-        socket,
-        ..
-    } = Stack::with_relay_config(RelayConfig {
+    let stack = Stack::with_relay_config(RelayConfig {
         web_url: Some(page.parse().expect("URL")),
         ..relay_config()
     })
     .await;
-    assert_eq!(web_page(&socket).await.as_deref(), Some(page));
+    assert_eq!(web_page(&stack.socket).await.as_deref(), Some(page));
 
     // The IPC thread asks by itself once it sees the tunnel up.
     let events = Arc::new(Mutex::new(Vec::new()));
-    let _actions = spawn(socket.clone(), {
+    let _actions = spawn(stack.socket.clone(), {
         let events = events.clone();
         move |event| events.lock().expect("lock").push(event)
     })
@@ -121,20 +111,14 @@ async fn the_relays_web_page_is_looked_up_once_connected() {
         assert!(tokio::time::Instant::now() < deadline, "{events:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    daemon.stop().await.expect("daemon stop");
-    relay.stop().await;
+    stack.daemon.stop().await.expect("daemon stop");
+    stack.relay.stop().await;
 
     // A relay without a page: none.
-    let Stack {
-        relay,
-        backend: _backend,
-        daemon,
-        socket,
-        ..
-    } = Stack::start().await;
-    assert_eq!(web_page(&socket).await, None);
-    daemon.stop().await.expect("daemon stop");
-    relay.stop().await;
+    let stack = Stack::start().await;
+    assert_eq!(web_page(&stack.socket).await, None);
+    stack.daemon.stop().await.expect("daemon stop");
+    stack.relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

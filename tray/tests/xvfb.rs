@@ -85,6 +85,32 @@ async fn start_xvfb() -> (Child, String) {
     (xvfb, format!(":{}", number.trim()))
 }
 
+/// A desktop for one test: a private X server with a tray host on it.
+struct Desktop {
+    /// The X display, as `DISPLAY` takes it.
+    display: String,
+    _xvfb: Child,
+    _trayer: Child,
+}
+
+impl Desktop {
+    /// Starts the desktop, with daemon logs captured for the tray's "Save logs"; `None` if
+    /// the test is to be skipped (see [`should_run`]).
+    async fn start() -> Option<Desktop> {
+        if !should_run() {
+            return None;
+        }
+        capture_daemon_logs();
+        let (xvfb, display) = start_xvfb().await;
+        let trayer = start_trayer(&display);
+        Some(Desktop {
+            display,
+            _xvfb: xvfb,
+            _trayer: trayer,
+        })
+    }
+}
+
 /// `trayer`: an XEmbed system tray along the top edge.
 fn start_trayer(display: &str) -> Child {
     Command::new("trayer")
@@ -360,14 +386,50 @@ fn scratch_file(name: &str) -> PathBuf {
     cloudllm_e2e::scratch_dir().join(name)
 }
 
+/// The tray binary running on a test's desktop.
+struct Tray {
+    process: Child,
+    /// Its standard error.
+    log: PathBuf,
+    /// What it asked the desktop to open (see [`start_tray`]).
+    opened: PathBuf,
+    /// Where its icon is on the screen.
+    icon: Rect,
+}
+
+impl Tray {
+    /// Starts the tray on `desktop` for the daemon at `socket` and waits until its icon shows
+    /// a connected daemon; gives the tray and the screenshot that showed it.
+    async fn start_connected(desktop: &Desktop, socket: &Path) -> (Tray, Shot) {
+        let log = scratch_file("tray.log");
+        let opened = scratch_file("opened.txt");
+        let process = start_tray(&desktop.display, socket, &log, &opened);
+        eprintln!("tray log: {}", log.display());
+        let (shot, _) = wait_for_look(&desktop.display, Look::Connected, None).await;
+        let icon = shot
+            .bounds(colour(Look::Connected))
+            .expect("the icon's pixels");
+        let tray = Tray {
+            process,
+            log,
+            opened,
+            icon,
+        };
+        (tray, shot)
+    }
+
+    /// What the tray has logged so far.
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
-    if !should_run() {
+    let Some(desktop) = Desktop::start().await else {
         return;
-    }
-    capture_daemon_logs();
-    let (_xvfb, display) = start_xvfb().await;
-    let _trayer = start_trayer(&display);
+    };
+    let display = &desktop.display;
 
     let Stack {
         relay,
@@ -382,17 +444,9 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     })
     .await;
 
-    let log = scratch_file("tray.log");
-    let opened = scratch_file("opened.txt");
-    let mut tray = start_tray(&display, &socket, &log, &opened);
-    eprintln!("tray log: {}", log.display());
-    let tray_log = || std::fs::read_to_string(&log).unwrap_or_default();
-
     // Connected: a green filled circle appears in the tray bar.
-    let (shot, _) = wait_for_look(&display, Look::Connected, None).await;
-    let icon = shot
-        .bounds(colour(Look::Connected))
-        .expect("the icon's pixels");
+    let (mut tray, shot) = Tray::start_connected(&desktop, &socket).await;
+    let icon = tray.icon;
     assert!(
         icon.3 < 40,
         "the icon is in the tray bar at the top: {icon:?}"
@@ -455,10 +509,10 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     open_menu(&display, icon).await;
     xdotool(&display, &["key", "Down", "Down", "Down", "Return"]).await;
-    assert_eq!(wait_for_opened(&opened, 1).await[0], WEB_PAGE);
+    assert_eq!(wait_for_opened(&tray.opened, 1).await[0], WEB_PAGE);
     open_menu(&display, icon).await;
     xdotool(&display, &["key", "Down", "Down", "Down", "Down", "Return"]).await;
-    let log_file = wait_for_opened(&opened, 2).await[1].clone();
+    let log_file = wait_for_opened(&tray.opened, 2).await[1].clone();
     let lines = std::fs::read_to_string(&log_file).expect("the log file");
     assert!(lines.contains("tunnel up"), "{log_file}: {lines}");
 
@@ -467,9 +521,9 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     wait_for_look(&display, Look::NoDaemon, Some(icon)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
-        tray.try_wait().expect("tray status").is_none(),
+        tray.process.try_wait().expect("tray status").is_none(),
         "the tray exited when the daemon died: {}",
-        tray_log()
+        tray.log_text()
     );
     // Back, but with its Ollama down: the error triangle.
     let mut config = config;
@@ -485,11 +539,11 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     // "Quit" (the last item) ends the tray, not the daemon.
     open_menu(&display, icon).await;
     xdotool(&display, &["key", "Up", "Return"]).await;
-    let exit = tokio::time::timeout(STEP, tray.wait())
+    let exit = tokio::time::timeout(STEP, tray.process.wait())
         .await
         .expect("the tray did not quit")
         .expect("tray status");
-    assert!(exit.success(), "tray exit: {exit:?}\n{}", tray_log());
+    assert!(exit.success(), "tray exit: {exit:?}\n{}", tray.log_text());
     assert!(matches!(
         status(&socket).await.connection,
         Connection::Reconnecting { .. }
@@ -500,43 +554,31 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_web_page_signs_the_browser_in_on_a_relay_without_a_page_of_its_own() {
-    if !should_run() {
+    let Some(desktop) = Desktop::start().await else {
         return;
-    }
-    capture_daemon_logs();
-    let (_xvfb, display) = start_xvfb().await;
-    let _trayer = start_trayer(&display);
-    let Stack {
-        relay,
-        backend: _backend,
-        daemon,
-        socket,
-        ..
-    } = Stack::start().await;
-
-    let log = scratch_file("tray.log");
-    let opened = scratch_file("opened.txt");
-    let _tray = start_tray(&display, &socket, &log, &opened);
-    let (shot, _) = wait_for_look(&display, Look::Connected, None).await;
-    let icon = shot
-        .bounds(colour(Look::Connected))
-        .expect("the icon's pixels");
+    };
+    let display = &desktop.display;
+    let stack = Stack::start().await;
+    let (tray, _) = Tray::start_connected(&desktop, &stack.socket).await;
+    let icon = tray.icon;
 
     // "Open web page" (the third item: the relay publishes no page, so it is the relay's own)
     // hands the opener a one-time link that signs a browser in.
     tokio::time::sleep(Duration::from_millis(500)).await;
     open_menu(&display, icon).await;
     xdotool(&display, &["key", "Down", "Down", "Down", "Return"]).await;
-    let link = wait_for_opened(&opened, 1).await[0].clone();
+    let link = wait_for_opened(&tray.opened, 1).await[0].clone();
     let code = link
-        .strip_prefix(&format!("{}#open=", relay.url()))
+        .strip_prefix(&format!("{}#open=", stack.relay.url()))
         .unwrap_or_else(|| panic!("not a sign-in link of the relay: {link}"))
         .to_owned();
-    let exchange = relay.exchange_open_code(&code).await;
+    let exchange = stack.relay.exchange_open_code(&code).await;
     assert_eq!(exchange.status(), 200, "the link did not sign in");
-    let tray_log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(!tray_log.contains(&code), "the link is in the tray's log");
-    daemon.stop().await.expect("daemon stop");
+    assert!(
+        !tray.log_text().contains(&code),
+        "the link is in the tray's log"
+    );
+    stack.daemon.stop().await.expect("daemon stop");
 }
 
 /// A loopback URL where nothing listens (a port the system gave out and took back).
