@@ -146,16 +146,7 @@ mod tests {
         let view = show(&status(Connection::Disconnected, up(2)));
         assert_eq!(view.look, Look::Disconnected);
         assert_eq!(headline(&view), "Disconnected");
-        assert_eq!(
-            actions(&view),
-            vec![
-                Action::Connect,
-                Action::CopyApiUrl,
-                Action::OpenWebPage,
-                Action::ShowLogs,
-                Action::Quit
-            ]
-        );
+        assert_eq!(actions(&view), OFFLINE_ACTIONS);
     }
 
     #[test]
@@ -170,16 +161,7 @@ mod tests {
         let page = "https://relay.example.com/account";
         let with_page = view(&state, Some(page), None);
         assert_eq!(with_page.web_page, Some(WebPage::Published(page.into())));
-        assert_eq!(
-            actions(&with_page),
-            vec![
-                Action::Disconnect,
-                Action::CopyApiUrl,
-                Action::OpenWebPage,
-                Action::ShowLogs,
-                Action::Quit
-            ]
-        );
+        assert_eq!(actions(&with_page), ONLINE_ACTIONS);
         // Without one, the relay's own page, signed in by the daemon (`cloudllm open`).
         let own = show(&state);
         assert_eq!(own.web_page, Some(WebPage::SignedIn));

@@ -259,6 +259,24 @@ pub(crate) mod fixtures {
         }
     }
 
+    /// The menu of a daemon with a tunnel up or on its way: everything but "Connect".
+    pub(crate) const ONLINE_ACTIONS: [Action; 5] = [
+        Action::Disconnect,
+        Action::CopyApiUrl,
+        Action::OpenWebPage,
+        Action::ShowLogs,
+        Action::Quit,
+    ];
+
+    /// The menu of a disconnected daemon: everything but "Disconnect".
+    pub(crate) const OFFLINE_ACTIONS: [Action; 5] = [
+        Action::Connect,
+        Action::CopyApiUrl,
+        Action::OpenWebPage,
+        Action::ShowLogs,
+        Action::Quit,
+    ];
+
     pub(crate) fn actions(view: &View) -> Vec<Action> {
         view.menu
             .iter()
@@ -342,16 +360,7 @@ mod tests {
             "Reconnecting (attempt 4): connection refused"
         );
         assert!(reconnecting.tooltip.contains("Reconnecting (attempt 4)"));
-        assert_eq!(
-            actions(&reconnecting),
-            vec![
-                Action::Disconnect,
-                Action::CopyApiUrl,
-                Action::OpenWebPage,
-                Action::ShowLogs,
-                Action::Quit
-            ]
-        );
+        assert_eq!(actions(&reconnecting), ONLINE_ACTIONS);
     }
 
     #[test]
