@@ -1,66 +1,18 @@
 //! CPU time per component, to say where the time goes and not only how much there is.
 //!
 //! Every component runs on threads named after it (see [`stack`](crate::stack)), so Linux's
-//! per-thread scheduler statistics (`/proc/self/task/*/schedstat`, nanoseconds on the CPU)
-//! summed by thread name give each component's CPU time, as `top` would show for separate
-//! processes. Elsewhere, or where `/proc` is not readable, there is simply no breakdown.
+//! per-thread scheduler statistics summed by thread name give each component's CPU time, as
+//! `top` would show for separate processes: [`counters`](crate::counters) reads them, as it
+//! does for `compare`. Elsewhere, or where `/proc` is not readable, there is simply no
+//! breakdown. [`Machine`] says how much of the machine other processes took meanwhile.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use crate::counters::{Snapshot, Source};
 
 /// The components, by thread name, in the order they are printed.
 pub const COMPONENTS: [&str; 4] = ["load", "backend", "relay", "daemon"];
-
-/// CPU time each thread of this process has used so far.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    /// Thread id → (thread name, CPU time).
-    threads: HashMap<u32, (String, Duration)>,
-}
-
-impl Snapshot {
-    /// Reads the current figures, or `None` where the platform does not offer them.
-    pub fn take() -> Option<Snapshot> {
-        let mut threads = HashMap::new();
-        for entry in std::fs::read_dir("/proc/self/task").ok()? {
-            let Ok(entry) = entry else { continue };
-            let Some(tid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            // A thread may end between listing and reading: skip it.
-            let Ok(name) = std::fs::read_to_string(entry.path().join("comm")) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("schedstat")) else {
-                continue;
-            };
-            let Some(nanos) = stat
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            threads.insert(tid, (name.trim().to_owned(), Duration::from_nanos(nanos)));
-        }
-        (!threads.is_empty()).then_some(Snapshot { threads })
-    }
-
-    /// CPU time used by each component between `earlier` and this snapshot. Threads that
-    /// ended in between are missed; the runtimes' worker threads never do.
-    pub fn since(&self, earlier: &Snapshot) -> BTreeMap<String, Duration> {
-        let mut used = BTreeMap::new();
-        for (tid, (name, now)) in &self.threads {
-            let before = earlier.threads.get(tid).map_or(Duration::ZERO, |(_, d)| *d);
-            *used.entry(name.clone()).or_insert(Duration::ZERO) += now.saturating_sub(before);
-        }
-        used
-    }
-}
 
 /// What the whole machine and this process have spent on the CPU so far, in clock ticks, to
 /// tell how much of the machine other processes (or the hypervisor) took during a run.
@@ -123,28 +75,54 @@ impl Machine {
 pub async fn measure<T>(
     work: impl Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<(T, Option<BTreeMap<String, Duration>>)> {
-    let before = Snapshot::take();
+    let sources = COMPONENTS.map(|name| Source::Threads(name.to_owned()));
+    let before = sources.each_ref().map(Snapshot::take);
     let out = work.await?;
-    let used = before.and_then(|before| Snapshot::take().map(|after| after.since(&before)));
-    Ok((out, used))
+    if before.iter().all(Snapshot::is_empty) {
+        return Ok((out, None));
+    }
+    let used = COMPONENTS
+        .iter()
+        .zip(&sources)
+        .zip(&before)
+        .map(|((name, source), before)| {
+            let spent = Snapshot::take(source).since(before);
+            ((*name).to_owned(), Duration::from_nanos(spent.cpu_ns))
+        })
+        .collect();
+    Ok((out, Some(used)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn this_thread_shows_up_with_its_cpu_time() {
-        let Some(before) = Snapshot::take() else {
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_components_threads_show_up_with_their_cpu_time() {
+        // This test's thread plays the load generator.
+        let spin = std::thread::Builder::new()
+            .name(COMPONENTS[0].to_owned())
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(measure(async {
+                    let mut x: u64 = 0;
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < Duration::from_millis(20) {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                    Ok(x)
+                }))
+                .unwrap()
+            })
+            .unwrap();
+        let (_, used) = spin.join().unwrap();
+        let Some(used) = used else {
             return; // no /proc here
         };
-        let mut x: u64 = 0;
-        let start = std::time::Instant::now();
-        while start.elapsed() < Duration::from_millis(20) {
-            x = std::hint::black_box(x.wrapping_add(1));
-        }
-        let after = Snapshot::take().unwrap();
-        let total: Duration = after.since(&before).values().sum();
-        assert!(total >= Duration::from_millis(10), "{total:?}");
+        assert!(used[COMPONENTS[0]] >= Duration::from_millis(10), "{used:?}");
+        assert_eq!(used.len(), COMPONENTS.len());
     }
 }

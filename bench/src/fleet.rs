@@ -194,7 +194,8 @@ async fn serve(
 ) -> Ended {
     let hello = Control::Hello(Hello {
         protocol_version: proto::PROTOCOL_VERSION,
-        daemon_version: concat!("bench-fleet/", env!("CARGO_PKG_VERSION")).to_owned(),
+        // `valid_version`: letters, digits and `.+-_` only.
+        daemon_version: concat!("bench-fleet-", env!("CARGO_PKG_VERSION")).to_owned(),
         models: Vec::new(),
     });
     if ws

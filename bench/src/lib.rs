@@ -72,15 +72,66 @@ pub struct Options {
     pub quick: bool,
 }
 
+/// How many requests and repetitions the scenarios that both this benchmark and `compare`
+/// run get: sequential latency, requests/s under load, one long stream.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rounds {
+    pub(crate) latency_warmup: usize,
+    pub(crate) latency_requests: usize,
+    pub(crate) latency_reps: usize,
+    pub(crate) load_duration: Duration,
+    pub(crate) load_reps: usize,
+    pub(crate) stream_reps: usize,
+}
+
+impl Rounds {
+    /// The full run's rounds, or `quick`'s fewer and shorter ones (well under a minute).
+    pub(crate) fn new(quick: bool) -> Rounds {
+        if quick {
+            Rounds {
+                latency_warmup: 200,
+                latency_requests: 1_000,
+                latency_reps: 3,
+                load_duration: Duration::from_secs(2),
+                load_reps: 1,
+                stream_reps: 3,
+            }
+        } else {
+            Rounds {
+                latency_warmup: 500,
+                latency_requests: 3_000,
+                latency_reps: 3,
+                load_duration: Duration::from_secs(5),
+                load_reps: 3,
+                stream_reps: 5,
+            }
+        }
+    }
+}
+
+impl Rounds {
+    /// The rounds in words, for the report's setup line: `connections` under load, streams of
+    /// `stream_lines` lines.
+    pub(crate) fn describe(&self, connections: usize, stream_lines: usize) -> String {
+        format!(
+            "latency: {} sequential GET /api/version after {} warm-up, median of {}; \
+             load: {connections} keep-alive connections for {:?}, median of {}; \
+             stream: {stream_lines} lines of ~{} bytes, median of {}",
+            self.latency_requests,
+            self.latency_warmup,
+            self.latency_reps,
+            self.load_duration,
+            self.load_reps,
+            backend::LINE_BYTES,
+            self.stream_reps,
+        )
+    }
+}
+
 /// How many requests and repetitions each scenario gets.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
-    latency_warmup: usize,
-    latency_requests: usize,
-    latency_reps: usize,
-    throughput_duration: Duration,
-    throughput_reps: usize,
-    stream_reps: usize,
+    rounds: Rounds,
     parallel_reps: usize,
     paced_reps: usize,
     /// Bound on the whole run.
@@ -89,48 +140,23 @@ struct Plan {
 
 impl Plan {
     fn new(quick: bool) -> Plan {
-        if quick {
-            Plan {
-                latency_warmup: 200,
-                latency_requests: 1_000,
-                latency_reps: 3,
-                throughput_duration: Duration::from_secs(2),
-                throughput_reps: 1,
-                stream_reps: 3,
-                parallel_reps: 3,
-                paced_reps: 1,
-                budget: Duration::from_secs(120),
-            }
-        } else {
-            Plan {
-                latency_warmup: 500,
-                latency_requests: 3_000,
-                latency_reps: 3,
-                throughput_duration: Duration::from_secs(5),
-                throughput_reps: 3,
-                stream_reps: 5,
-                parallel_reps: 5,
-                paced_reps: 3,
-                budget: Duration::from_secs(600),
-            }
+        let (parallel_reps, paced_reps, budget_secs) =
+            if quick { (3, 1, 120) } else { (5, 3, 600) };
+        Plan {
+            rounds: Rounds::new(quick),
+            parallel_reps,
+            paced_reps,
+            budget: Duration::from_secs(budget_secs),
         }
     }
 
     fn describe(&self) -> String {
         format!(
-            "backend, relay, daemon and load generator each on its own {}-worker tokio runtime; \
-             latency: {} sequential GET /api/version after {} warm-up, median of {}; \
-             throughput: {THROUGHPUT_CONNECTIONS} keep-alive connections for {:?}, median of {}; \
-             streams: {STREAM_LINES} lines of ~{} bytes, median of {} (single) and {} ({PARALLEL_STREAMS} at once); \
+            "backend, relay and load generator each on its own {}-worker tokio runtime, the daemon on one thread as cloudllmd runs; {}; \
+             {PARALLEL_STREAMS} such streams at once: median of {}; \
              paced: {PACED_LINES} lines {PACED_DELAY:?} apart, median of {}",
             stack::WORKERS,
-            self.latency_requests,
-            self.latency_warmup,
-            self.latency_reps,
-            self.throughput_duration,
-            self.throughput_reps,
-            backend::LINE_BYTES,
-            self.stream_reps,
+            self.rounds.describe(THROUGHPUT_CONNECTIONS, STREAM_LINES),
             self.parallel_reps,
             self.paced_reps,
         )
@@ -209,8 +235,8 @@ async fn measure(
         .context("sanity request through cloudllm")?;
 
     progress("sequential latency");
-    let (warmup, requests) = (plan.latency_warmup, plan.latency_requests);
-    let (d, t) = both(plan.latency_reps, direct, through, |target| {
+    let (warmup, requests) = (plan.rounds.latency_warmup, plan.rounds.latency_requests);
+    let (d, t) = both(plan.rounds.latency_reps, direct, through, |target| {
         cpu::measure(load::sequential(target, warmup, requests))
     })
     .await?;
@@ -249,8 +275,8 @@ async fn measure(
     };
 
     progress("throughput");
-    let duration = plan.throughput_duration;
-    let (d, t) = both(plan.throughput_reps, direct, through, |target| {
+    let duration = plan.rounds.load_duration;
+    let (d, t) = both(plan.rounds.load_reps, direct, through, |target| {
         cpu::measure(load::throughput(target, THROUGHPUT_CONNECTIONS, duration))
     })
     .await?;
@@ -270,7 +296,7 @@ async fn measure(
     };
 
     progress("one stream");
-    let (d, t) = both(plan.stream_reps, direct, through, |target| {
+    let (d, t) = both(plan.rounds.stream_reps, direct, through, |target| {
         load::one_stream(target, STREAM_LINES)
     })
     .await?;
@@ -377,7 +403,8 @@ fn per_unit<'a>(
     })
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// The median of `values` (the mean of the middle two for an even count; NaN for none).
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
         0 => f64::NAN,
@@ -391,6 +418,29 @@ fn median_ms(durations: &[Duration]) -> f64 {
 }
 
 /// Tells the operator (on stderr) which phase is running.
+/// The start of every benchmark binary's `main`: logs to stderr, `warn` unless `RUST_LOG`
+/// says otherwise (so that logging does not skew the figures).
+pub fn log_to_stderr() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// The end of every benchmark binary's `main`: `outcome`'s exit code, or the error chain on
+/// stderr after `program`'s name and failure.
+pub fn exit_code(
+    program: &str,
+    outcome: anyhow::Result<std::process::ExitCode>,
+) -> std::process::ExitCode {
+    outcome.unwrap_or_else(|err| {
+        eprintln!("{program}: {err:#}");
+        std::process::ExitCode::FAILURE
+    })
+}
+
 pub(crate) fn progress(phase: &str) {
     eprintln!("cloudllm-bench: measuring {phase}…");
 }

@@ -117,24 +117,17 @@ enum Command {
         /// into DIR.
         #[arg(long, value_name = "DIR")]
         perf_record: Option<PathBuf>,
+        /// How long the load of perf's pass lasts, e.g. `10s` for a profile with more samples
+        /// [default: 3s; 1s with --quick].
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        perf_load: Option<Duration>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(&cli) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("cloudllm-bench: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cloudllm_bench::log_to_stderr();
+    cloudllm_bench::exit_code("cloudllm-bench", run(&cli))
 }
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
@@ -224,6 +217,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             rathole,
             no_perf,
             perf_record,
+            perf_load,
         }) => {
             let comparison = cloudllm_bench::compare::run(&cloudllm_bench::compare::Options {
                 quick: cli.quick,
@@ -231,6 +225,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 rathole: rathole.clone(),
                 no_perf: *no_perf,
                 perf_record: perf_record.clone(),
+                perf_load: *perf_load,
             })?;
             (
                 comparison.to_string(),

@@ -126,18 +126,7 @@ pub(crate) fn config_toml(addr: SocketAddr, session_idle: Duration) -> String {
 /// The `cloudllm-relay` binary next to the running benchmark (both come from the same
 /// `cargo build --release`).
 pub fn relay_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the benchmark binary")?;
-    let dir = exe
-        .parent()
-        .context("the benchmark binary has no directory")?;
-    let relay = dir.join(format!("cloudllm-relay{}", std::env::consts::EXE_SUFFIX));
-    if !relay.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p cloudllm-relay -p cloudllm-bench`",
-            relay.display()
-        );
-    }
-    Ok(relay)
+    crate::paths::sibling_binary("cloudllm-relay", "cloudllm-relay")
 }
 
 /// Where the relay runs.

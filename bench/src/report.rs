@@ -175,22 +175,37 @@ impl Report {
     }
 }
 
+/// Share of the machine's CPU above which a run's figures are called disturbed: 5 %.
+const DISTURBED_SHARE: f64 = 0.05;
+
+/// The line that says how much of the machine's CPU `others` (a share, 0 to 1) took
+/// meanwhile, said as "`who` used N% of the machine's CPU`when`", with a warning when that
+/// disturbs the figures. Nothing where it is not known.
+pub(crate) fn write_others(
+    f: &mut fmt::Formatter<'_>,
+    (who, when): (&str, &str),
+    others: Option<f64>,
+) -> fmt::Result {
+    let Some(others) = others else {
+        return Ok(());
+    };
+    let warning = if others > DISTURBED_SHARE {
+        " — the figures are disturbed; rerun on a quiet machine"
+    } else {
+        ""
+    };
+    writeln!(
+        f,
+        "{who} used {:.0}% of the machine's CPU{when}{warning}",
+        others * 100.0
+    )
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "cores: {}", self.cores)?;
         writeln!(f, "setup: {}", self.setup)?;
-        if let Some(others) = self.others {
-            writeln!(
-                f,
-                "other processes used {:.0}% of the machine's CPU during the run{}",
-                others * 100.0,
-                if others > 0.05 {
-                    " — the figures are disturbed; rerun on a quiet machine"
-                } else {
-                    ""
-                }
-            )?;
-        }
+        write_others(f, ("other processes", " during the run"), self.others)?;
         writeln!(f)?;
         let header: Vec<String> = [
             "metric",

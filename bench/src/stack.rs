@@ -1,6 +1,7 @@
 //! The components under test, each on its own runtime as if it were its own process: the fake
-//! backend, the relay, the daemon and the load generator each get a multi-thread tokio runtime
-//! with [`WORKERS`] worker threads of their own, all sharing the machine's cores.
+//! backend, the relay and the load generator each get a multi-thread tokio runtime with
+//! [`WORKERS`] worker threads of their own, and the daemon one thread, as `cloudllmd` runs
+//! ([`OneThread`]), all sharing the machine's cores.
 //!
 //! A task runs on the runtime it was spawned on, and so do the sockets it opens and the tasks it
 //! spawns: starting the relay with `relay.spawn(cloudllm_relay::serve(..))` keeps every relay
@@ -56,7 +57,7 @@ pub struct Runtimes {
     /// The relay's.
     pub relay: Runtime,
     /// The daemon's.
-    pub daemon: Runtime,
+    pub daemon: OneThread,
     /// The load generator's.
     pub load: Runtime,
 }
@@ -67,7 +68,7 @@ impl Runtimes {
         Ok(Runtimes {
             backend: runtime("backend")?,
             relay: runtime("relay")?,
-            daemon: runtime("daemon")?,
+            daemon: OneThread::start("daemon")?,
             load: runtime("load")?,
         })
     }
@@ -77,15 +78,70 @@ impl Runtimes {
         Handles {
             backend: self.backend.handle().clone(),
             relay: self.relay.handle().clone(),
-            daemon: self.daemon.handle().clone(),
+            daemon: self.daemon.handle.clone(),
         }
     }
 
     /// Stops all four, abandoning tasks that do not end within a second.
     pub fn shutdown(self) {
-        for runtime in [self.load, self.daemon, self.relay, self.backend] {
+        self.load.shutdown_timeout(Duration::from_secs(1));
+        self.daemon.shutdown();
+        for runtime in [self.relay, self.backend] {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
+    }
+}
+
+/// A current-thread runtime driven by a thread of its own, named after the component: the
+/// daemon's, as `cloudllmd` runs on one thread. Tasks spawned through its handle run on that
+/// thread until [`shutdown`](Self::shutdown).
+pub struct OneThread {
+    handle: Handle,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl OneThread {
+    /// Starts the thread `name` and its runtime.
+    pub fn start(name: &str) -> anyhow::Result<OneThread> {
+        let (started, handle) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let builder = tokio::runtime::Builder::new_current_thread()
+            .thread_name(name)
+            .enable_all()
+            .build();
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let runtime = match builder {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = started.send(Err(err));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(runtime.handle().clone()));
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .with_context(|| format!("starting the {name} thread"))?;
+        let handle = handle
+            .recv()
+            .with_context(|| format!("the {name} thread ended at once"))?
+            .with_context(|| format!("building the {name} runtime"))?;
+        Ok(OneThread {
+            handle,
+            stop,
+            thread,
+        })
+    }
+
+    /// Ends the runtime (abandoning tasks that do not end within a second) and its thread.
+    pub fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
     }
 }
 

@@ -24,19 +24,11 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("cloudllm-bench-proxy: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cloudllm_bench::log_to_stderr();
+    cloudllm_bench::exit_code(
+        "cloudllm-bench-proxy",
+        run(&cli).map(|()| ExitCode::SUCCESS),
+    )
 }
 
 #[tokio::main]

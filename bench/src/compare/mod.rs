@@ -31,7 +31,7 @@ use crate::counters::{self, Counters, Snapshot, Source};
 use crate::paths::{self, Kind, Running, cloudllm, hyper_proxy, nginx, rathole};
 use crate::perf::{self, Attach, Session};
 use crate::scratch::Scratch;
-use crate::{backend, client, cpu, figures, load, progress, stack};
+use crate::{Rounds, backend, client, cpu, figures, load, median, progress, stack};
 use report::{Comparison, PathFigures, Phase, ProcessCost};
 
 /// Keep-alive connections of the load phase, as `wrk -c64`.
@@ -39,6 +39,9 @@ pub const CONNECTIONS: usize = 64;
 
 /// Lines of the unpaced stream.
 pub const STREAM_LINES: usize = 2_000;
+
+/// Paths a run measures at most: direct, hyper, nginx, rathole, cloudllm.
+const MAX_PATHS: u32 = 5;
 
 /// The load generator's threads (see [`stack`]).
 const LOAD_THREADS: &str = "load";
@@ -60,17 +63,14 @@ pub struct Options {
     /// Also record a CPU profile of every process (`perf record -e cpu-clock`) under load,
     /// into this directory.
     pub perf_record: Option<PathBuf>,
+    /// How long the load of perf's pass lasts (default: the plan's).
+    pub perf_load: Option<Duration>,
 }
 
 /// How many requests and repetitions each scenario gets.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
-    latency_warmup: usize,
-    latency_requests: usize,
-    latency_reps: usize,
-    load_duration: Duration,
-    load_reps: usize,
-    stream_reps: usize,
+    rounds: Rounds,
     /// Sequential requests of the counting pass.
     count_requests: usize,
     /// Load of the counting pass.
@@ -81,30 +81,16 @@ struct Plan {
 
 impl Plan {
     fn new(quick: bool) -> Plan {
-        if quick {
-            Plan {
-                latency_warmup: 200,
-                latency_requests: 1_000,
-                latency_reps: 1,
-                load_duration: Duration::from_secs(2),
-                load_reps: 1,
-                stream_reps: 3,
-                count_requests: 500,
-                count_duration: Duration::from_secs(1),
-                budget: Duration::from_secs(240),
-            }
-        } else {
-            Plan {
-                latency_warmup: 500,
-                latency_requests: 3_000,
-                latency_reps: 3,
-                load_duration: Duration::from_secs(5),
-                load_reps: 3,
-                stream_reps: 5,
-                count_requests: 2_000,
-                count_duration: Duration::from_secs(3),
-                budget: Duration::from_secs(900),
-            }
+        let rounds = Rounds::new(quick);
+        Plan {
+            // A quick run measures each path's latency once: the paths are many.
+            rounds: Rounds {
+                latency_reps: if quick { 1 } else { rounds.latency_reps },
+                ..rounds
+            },
+            count_requests: if quick { 500 } else { 2_000 },
+            count_duration: Duration::from_secs(if quick { 1 } else { 3 }),
+            budget: Duration::from_secs(if quick { 240 } else { 900 }),
         }
     }
 
@@ -115,18 +101,7 @@ impl Plan {
                  every other component a process of its own",
                 stack::WORKERS
             ),
-            format!(
-                "latency: {} sequential GET /api/version after {} warm-up, median of {}; \
-                 load: {CONNECTIONS} keep-alive connections for {:?}, median of {}; \
-                 stream: {STREAM_LINES} lines of ~{} bytes, median of {}",
-                self.latency_requests,
-                self.latency_warmup,
-                self.latency_reps,
-                self.load_duration,
-                self.load_reps,
-                backend::LINE_BYTES,
-                self.stream_reps,
-            ),
+            self.rounds.describe(CONNECTIONS, STREAM_LINES),
         ]
     }
 }
@@ -134,7 +109,12 @@ impl Plan {
 /// Runs the comparison and returns its figures. Builds its own runtimes: call it from a plain
 /// thread, not from inside a runtime.
 pub fn run(options: &Options) -> anyhow::Result<Comparison> {
-    let plan = Plan::new(options.quick);
+    let mut plan = Plan::new(options.quick);
+    if let Some(load) = options.perf_load {
+        plan.count_duration = load;
+        // Each path's counting pass is that much longer.
+        plan.budget += load * MAX_PATHS;
+    }
     let load_before = figures::load_average();
     let backend_runtime = stack::runtime(BACKEND_THREADS)?;
     let load_runtime = stack::runtime(LOAD_THREADS)?;
@@ -388,41 +368,33 @@ async fn measure(
     let machine_before = cpu::Machine::take();
 
     progress("sequential latency");
-    let (warmup, requests) = (plan.latency_warmup, plan.latency_requests);
-    for rep in 0..plan.latency_reps {
-        for m in rotated(&mut measured, rep) {
-            let target = m.path.target.clone();
-            let latency = m
-                .observe(
-                    Phase::Sequential,
-                    load::sequential(target, warmup, requests),
-                    |_| (warmup + requests) as f64,
-                )
-                .await
-                .with_context(|| format!("sequential requests through {}", m.path.kind.name()))?;
-            m.latencies.push(latency);
-        }
-    }
+    let (warmup, requests) = (plan.rounds.latency_warmup, plan.rounds.latency_requests);
+    observe_rounds(
+        &mut measured,
+        (
+            plan.rounds.latency_reps,
+            Phase::Sequential,
+            "sequential requests",
+        ),
+        |target| load::sequential(target, warmup, requests),
+        |_| (warmup + requests) as f64,
+        |m, latency| m.latencies.push(latency),
+    )
+    .await?;
 
     progress("requests/s");
-    let duration = plan.load_duration;
-    for rep in 0..plan.load_reps {
-        for m in rotated(&mut measured, rep) {
-            let target = m.path.target.clone();
-            let rps = m
-                .observe(
-                    Phase::Load,
-                    load::throughput(target, CONNECTIONS, duration),
-                    |rps| rps * duration.as_secs_f64(),
-                )
-                .await
-                .with_context(|| format!("load through {}", m.path.kind.name()))?;
-            m.rates.push(rps);
-        }
-    }
+    let duration = plan.rounds.load_duration;
+    observe_rounds(
+        &mut measured,
+        (plan.rounds.load_reps, Phase::Load, "load"),
+        |target| load::throughput(target, CONNECTIONS, duration),
+        |rps| rps * duration.as_secs_f64(),
+        |m, rps| m.rates.push(rps),
+    )
+    .await?;
 
     progress("one long stream");
-    for rep in 0..plan.stream_reps {
+    for rep in 0..plan.rounds.stream_reps {
         for m in rotated(&mut measured, rep) {
             let took = load::one_stream(m.path.target.clone(), STREAM_LINES)
                 .await
@@ -479,6 +451,31 @@ async fn measure(
         syscall_source,
         notes,
     ))
+}
+
+/// `reps` rounds of `phase` (called `what` in errors) over every path in turn: `work` on the
+/// path's target, observed ([`Measured::observe`]) as serving `requests` of its outcome, which
+/// `keep` then files.
+async fn observe_rounds<T, Fut>(
+    measured: &mut [Measured<'_>],
+    (reps, phase, what): (usize, Phase, &str),
+    work: impl Fn(client::Target) -> Fut,
+    requests: impl Fn(&T) -> f64,
+    keep: impl Fn(&mut Measured<'_>, T),
+) -> anyhow::Result<()>
+where
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    for rep in 0..reps {
+        for m in rotated(measured, rep) {
+            let out = m
+                .observe(phase, work(m.path.target.clone()), &requests)
+                .await
+                .with_context(|| format!("{what} through {}", m.path.kind.name()))?;
+            keep(m, out);
+        }
+    }
+    Ok(())
 }
 
 /// The paths in turn, starting with a different one each repetition.
@@ -569,15 +566,6 @@ fn slug(label: &str) -> String {
         .join("-")
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,7 +575,5 @@ mod tests {
         assert_eq!(slug("hyper proxy 1 (front)"), "hyper-proxy-1-front");
         assert_eq!(slug("relay"), "relay");
         assert_eq!(slug("../x"), "x");
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }

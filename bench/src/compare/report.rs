@@ -225,18 +225,11 @@ impl fmt::Display for Comparison {
         for p in &self.paths {
             writeln!(f, "path: {}: {}", p.kind.name(), p.about)?;
         }
-        if let Some(others) = self.others {
-            writeln!(
-                f,
-                "processes the benchmark did not start used {:.0}% of the machine's CPU{}",
-                others * 100.0,
-                if others > 0.05 {
-                    " — the figures are disturbed; rerun on a quiet machine"
-                } else {
-                    ""
-                }
-            )?;
-        }
+        crate::report::write_others(
+            f,
+            ("processes the benchmark did not start", ""),
+            self.others,
+        )?;
         writeln!(f)?;
         self.fmt_rows(f)?;
         for (kind, why) in &self.skipped {
@@ -442,13 +435,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn targets_are_judged_against_the_two_hyper_proxies() {
-        let run = comparison(vec![
+    /// The figures of issue 19's first table: direct, two hyper proxies, cloudllm.
+    fn issue_run() -> Comparison {
+        comparison(vec![
             path(Kind::Direct, 31.0, 41_700.0),
             path(Kind::Hyper, 108.0, 20_900.0),
             path(Kind::Cloudllm, 306.0, 12_500.0),
-        ]);
+        ])
+    }
+
+    #[test]
+    fn targets_are_judged_against_the_two_hyper_proxies() {
+        let run = issue_run();
         let verdicts = run.verdicts();
         assert_eq!(verdicts.len(), 2);
         assert!(!verdicts[0].met && !verdicts[1].met, "{verdicts:?}");
@@ -472,11 +470,7 @@ mod tests {
 
     #[test]
     fn the_table_shows_every_row_its_ratios_and_its_costs() {
-        let run = comparison(vec![
-            path(Kind::Direct, 31.0, 41_700.0),
-            path(Kind::Hyper, 108.0, 20_900.0),
-            path(Kind::Cloudllm, 306.0, 12_500.0),
-        ]);
+        let run = issue_run();
         let text = run.to_string();
         assert!(
             text.contains("| two chained hyper proxies | 0.108 ms |"),

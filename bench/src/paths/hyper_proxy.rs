@@ -102,15 +102,15 @@ pub async fn start_pair(binary: &Path, backend: SocketAddr) -> anyhow::Result<Ru
     let (back, back_addr) = start_one(binary, "hyper proxy 2 (back)", backend, &scratch.0).await?;
     let (front, front_addr) =
         start_one(binary, "hyper proxy 1 (front)", back_addr, &scratch.0).await?;
-    let mut running = Running {
+    Running {
         kind: Kind::Hyper,
         target: Target::direct(front_addr)?,
         processes: vec![front, back],
         about: "HTTP/1 server → pooled hyper client, TCP_NODELAY, 2 tokio workers each".into(),
         scratch: Some(scratch),
-    };
-    running.wait_ready().await?;
-    Ok(running)
+    }
+    .ready()
+    .await
 }
 
 /// Starts one proxy to `upstream` on a port of its choosing; returns it and its address.

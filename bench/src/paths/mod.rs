@@ -106,6 +106,12 @@ impl Running {
         }
     }
 
+    /// The path once [`wait_ready`](Self::wait_ready) has seen a request through it.
+    pub async fn ready(mut self) -> anyhow::Result<Running> {
+        self.wait_ready().await?;
+        Ok(self)
+    }
+
     /// Waits until a `GET /api/version` through the path succeeds; fails early, quoting the
     /// log, when one of its processes exits.
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -310,6 +316,17 @@ pub fn find_tool(name: &str, explicit: Option<&Path>, extra_dirs: &[PathBuf]) ->
         .chain(extra_dirs.iter().cloned())
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+/// The first line `tool arg` prints (on stdout, else on stderr), trimmed: its version, for
+/// the row's description. `None` if it does not run or prints nothing.
+pub async fn version_line(tool: &Path, arg: &str) -> Option<String> {
+    let output = Command::new(tool).arg(arg).output().await.ok()?;
+    [&output.stdout, &output.stderr]
+        .into_iter()
+        .map(|bytes| String::from_utf8_lossy(bytes).trim().to_owned())
+        .find(|text| !text.is_empty())
+        .and_then(|text| text.lines().next().map(str::to_owned))
 }
 
 /// A free loopback port, for a server that cannot report the one it got: bound and released

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tokio::process::Command;
 
-use super::{Kind, Process, Running, free_port};
+use super::{Kind, Process, Running, free_port, version_line};
 use crate::client::Target;
 use crate::scratch::Scratch;
 
@@ -125,7 +125,7 @@ pub async fn start_pair(nginx: &Path, backend: SocketAddr) -> anyhow::Result<Run
     }
     processes.reverse();
     let version = version(nginx).await.unwrap_or_else(|| "nginx".into());
-    let mut running = Running {
+    Running {
         kind: Kind::Nginx,
         target: Target::direct(front_addr)?,
         processes,
@@ -133,17 +133,15 @@ pub async fn start_pair(nginx: &Path, backend: SocketAddr) -> anyhow::Result<Run
             "{version}, worker_processes auto, keep-alive upstreams, proxy_buffering off, access_log off"
         ),
         scratch: Some(scratch),
-    };
-    running.wait_ready().await?;
-    Ok(running)
+    }
+    .ready()
+    .await
 }
 
-/// `nginx/1.22.1` from `nginx -v`.
+/// `nginx/1.22.1` from `nginx -v`, which prints `nginx version: nginx/1.22.1` (on stderr).
 async fn version(nginx: &Path) -> Option<String> {
-    let output = Command::new(nginx).arg("-v").output().await.ok()?;
-    // nginx prints its version on stderr: `nginx version: nginx/1.22.1`.
-    let text = String::from_utf8_lossy(&output.stderr);
-    Some(text.trim().rsplit(' ').next()?.to_owned())
+    let line = version_line(nginx, "-v").await?;
+    line.rsplit(' ').next().map(str::to_owned)
 }
 
 #[cfg(test)]
