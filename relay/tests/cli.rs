@@ -2,14 +2,15 @@
 //! dev mode with working tokens, `token issue` (and its refusal on a `[jwks]`-only relay),
 //! config errors, and a clean exit on SIGTERM.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cloudllm_proto::Secret;
 use cloudllm_relay::{Keys, Scope};
-
-const BIN: &str = env!("CARGO_BIN_EXE_cloudllm-relay");
+use common::{BIN, Scratch, lines_of, wait_listening};
 const SECRET: &str = "cli-test-secret-cli-test-secret-01234";
 
 fn relay() -> Command {
@@ -94,14 +95,11 @@ fn token_issue_mints_tokens_the_relay_accepts() {
 
 #[test]
 fn token_issue_on_a_jwks_only_relay_says_it_cannot() {
-    let dir = std::env::temp_dir().join(format!("cloudllm-relay-jwks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("relay.toml");
-    std::fs::write(
-        &path,
+    let dir = Scratch::new();
+    let path = dir.write(
+        "relay.toml",
         "[jwks]\nurl = \"https://idp.example.com/jwks\"\nissuer = \"https://idp.example.com\"\naudience = \"cloudllm\"\n",
-    )
-    .unwrap();
+    );
     let output = relay()
         .args([
             "token", "issue", "--user", "u1", "--scope", "agent", "--config",
@@ -115,15 +113,15 @@ fn token_issue_on_a_jwks_only_relay_says_it_cannot() {
         stderr.contains("[jwks]") && stderr.contains("CLOUDLLM_RELAY_SECRET"),
         "{stderr}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn config_file_errors_name_the_file_and_the_key() {
-    let dir = std::env::temp_dir().join(format!("cloudllm-relay-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("relay.toml");
-    std::fs::write(&path, "listen = \"127.0.0.1:0\"\nmax_body_byte = 5\n").unwrap();
+    let dir = Scratch::new();
+    let path = dir.write(
+        "relay.toml",
+        "listen = \"127.0.0.1:0\"\nmax_body_byte = 5\n",
+    );
     let output = relay()
         .env("CLOUDLLM_RELAY_SECRET", SECRET)
         .args(["serve", "--config"])
@@ -136,7 +134,6 @@ fn config_file_errors_name_the_file_and_the_key() {
         stderr.contains("relay.toml") && stderr.contains("max_body_byte"),
         "{stderr}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -195,23 +192,8 @@ fn dev_mode_with_nobody_reading_its_output_keeps_serving_and_stops_on_sigterm() 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
-    let reading = std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let addr = loop {
-        let line = lines_rx
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("the relay never said where it listens: {seen:#?}"));
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-        seen.push(line);
-    };
+    let lines_rx = lines_of(child.stderr.take().expect("a piped log"));
+    let (addr, seen) = wait_listening(&lines_rx, Duration::from_secs(10));
     // Still serving after its dev text met the closed pipe.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let health = runtime.block_on(async {
@@ -232,8 +214,8 @@ fn dev_mode_with_nobody_reading_its_output_keeps_serving_and_stops_on_sigterm() 
         .status()
         .unwrap();
     let status = wait_exit(&mut child, Duration::from_secs(10));
-    reading.join().unwrap();
-    let rest: Vec<String> = lines_rx.try_iter().collect();
+    // The relay has exited: its log ends, and so does this.
+    let rest: Vec<String> = lines_rx.iter().collect();
     assert!(
         !seen.iter().chain(&rest).any(|l| l.contains("panicked")),
         "{seen:#?} {rest:#?}"
@@ -263,10 +245,11 @@ async fn get_status(url: &str, token: &str) -> u16 {
 
 #[test]
 fn check_config_accepts_a_good_file_and_names_what_is_wrong_in_a_bad_one() {
-    let dir = std::env::temp_dir().join(format!("cloudllm-relay-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let good = dir.join("good.toml");
-    std::fs::write(&good, "listen = \"0.0.0.0:9000\"\naudit_log = \"-\"\n").unwrap();
+    let dir = Scratch::new();
+    let good = dir.write(
+        "good.toml",
+        "listen = \"0.0.0.0:9000\"\naudit_log = \"-\"\n",
+    );
     let output = relay()
         .env("CLOUDLLM_RELAY_SECRET", SECRET)
         .arg("check-config")
@@ -289,12 +272,10 @@ fn check_config_accepts_a_good_file_and_names_what_is_wrong_in_a_bad_one() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("CLOUDLLM_RELAY_SECRET"));
 
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
+    let bad = dir.write(
+        "bad.toml",
         "[jwks]\nurl = \"ftp://idp\"\nissuer = \"x\"\naudience = \"y\"\n",
-    )
-    .unwrap();
+    );
     let output = relay()
         .env("CLOUDLLM_RELAY_SECRET", SECRET)
         .arg("check-config")
@@ -304,5 +285,4 @@ fn check_config_accepts_a_good_file_and_names_what_is_wrong_in_a_bad_one() {
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("[jwks]"), "{err}");
-    let _ = std::fs::remove_dir_all(dir);
 }

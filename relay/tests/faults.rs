@@ -4,7 +4,8 @@
 //! the lost tunnel, and it is back on the new relay within its reconnect cap without a manual
 //! step.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -17,10 +18,9 @@ use cloudllm_e2e::{
 };
 use cloudllm_proto::ipc::Connection;
 use cloudllm_relay::Scope;
+use common::{BIN, lines_of, wait_listening, with_piped_log};
 use serde_json::json;
 use tokio::time::{Instant, timeout};
-
-const BIN: &str = env!("CARGO_BIN_EXE_cloudllm-relay");
 
 /// A relay process, killed when dropped (also when the test fails half-way).
 struct RelayProcess(Child);
@@ -43,37 +43,22 @@ fn start_relay(dir: &Path, listen: SocketAddr) -> (RelayProcess, SocketAddr) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(BIN);
+    child
         .arg("serve")
         .arg("--config")
         .arg(&config)
         .env_clear()
-        .env("CLOUDLLM_RELAY_SECRET", SECRET)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
+        .env("CLOUDLLM_RELAY_SECRET", SECRET);
+    let mut child = with_piped_log(&mut child)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("the relay binary starts");
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if line.contains("relay listening")
-                && let Some(at) = line.find("addr=")
-            {
-                let addr = line[at + 5..].split_whitespace().next().unwrap_or_default();
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
+    let log = lines_of(child.stderr.take().expect("a piped log"));
     let process = RelayProcess(child);
-    let addr = rx
-        .recv_timeout(STEP)
-        .expect("the relay says where it listens")
-        .parse()
-        .expect("a socket address");
+    let (addr, _) = wait_listening(&log, STEP);
+    let addr = addr.parse().expect("a socket address");
     (process, addr)
 }
 

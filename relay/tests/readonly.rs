@@ -4,15 +4,15 @@
 //! directory is still empty and the relay left no file in the temporary directory: the only
 //! output is its log and the audit log on standard output, as configured.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use cloudllm_e2e::{FakeOllama, SECRET, TestDaemon, client, daemon_config, init_logs, token};
 use cloudllm_relay::Scope;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cloudllm-relay");
+use common::{BIN, lines_of, wait_listening, with_piped_log};
 /// The unprivileged user the relay runs as (`nobody`).
 const NOBODY: u32 = 65534;
 const STEP: Duration = Duration::from_secs(20);
@@ -68,7 +68,8 @@ async fn the_relay_serves_every_route_without_writing_a_file() {
     }
     let started = SystemTime::now() - Duration::from_secs(1);
 
-    let mut relay = Command::new("setpriv")
+    let mut relay = Command::new("setpriv");
+    relay
         .args([
             format!("--reuid={NOBODY}"),
             format!("--regid={NOBODY}"),
@@ -82,33 +83,14 @@ async fn the_relay_serves_every_route_without_writing_a_file() {
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .env("HOME", "/nonexistent")
-        .env("CLOUDLLM_RELAY_SECRET", SECRET)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
+        .env("CLOUDLLM_RELAY_SECRET", SECRET);
+    let mut relay = with_piped_log(&mut relay)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("setpriv (util-linux) runs the relay");
-    let stderr = BufReader::new(relay.stderr.take().unwrap());
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if let Some(at) = line.find("addr=") {
-                let addr = line[at + 5..].split_whitespace().next().unwrap_or_default();
-                let _ = addr_tx.send(addr.to_owned());
-            }
-        }
-    });
-    let audit = BufReader::new(relay.stdout.take().unwrap());
-    let (audit_tx, audit_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in audit.lines().map_while(Result::ok) {
-            let _ = audit_tx.send(line);
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(STEP)
-        .expect("the relay says where it listens");
+    let log = lines_of(relay.stderr.take().expect("a piped log"));
+    let audit_rx = lines_of(relay.stdout.take().expect("a piped audit log"));
+    let (addr, _) = wait_listening(&log, STEP);
     let base = format!("http://{addr}");
 
     let backend = FakeOllama::start().await;

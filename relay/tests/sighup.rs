@@ -3,21 +3,22 @@
 //! renewal is logged and the working certificate stays; without `[tls]`, SIGHUP does not stop
 //! the relay.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{BIN, lines_of};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cloudllm-relay");
 
 /// Every wait in these tests is bounded by this.
 const STEP: Duration = Duration::from_secs(20);
@@ -46,7 +47,7 @@ impl Relay {
             command.arg("--config").arg(config);
         }
         let mut child = command.spawn().unwrap();
-        let log = forward_lines(child.stderr.take().unwrap());
+        let log = lines_of(child.stderr.take().unwrap());
         let stdout = child.stdout.take().unwrap();
         // The dev banner's curl line ends with the relay's URL.
         let url = BufReader::new(stdout)
@@ -116,20 +117,6 @@ fn signal(child: &Child, which: &str) {
         .status()
         .unwrap();
     assert!(status.success());
-}
-
-/// Passes each line of `stderr` to the returned channel, from a thread of its own.
-fn forward_lines(stderr: ChildStderr) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// A throwaway CA and certificates for `localhost` signed by it.
