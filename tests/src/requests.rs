@@ -63,6 +63,40 @@ pub fn client_from(from: &str) -> reqwest::Client {
         .expect("http client")
 }
 
+/// The WebSocket request a daemon opens its tunnel with, for tests that play the daemon
+/// themselves: `user`'s agent token, this protocol version, and device `device_id` named
+/// `device_name`.
+pub fn tunnel_ws_request(
+    relay: &TestRelay,
+    user: &str,
+    device_id: &str,
+    device_name: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("ws://{}{}", relay.relay.addr, cloudllm_proto::TUNNEL_PATH);
+    let mut request = url.into_client_request().expect("tunnel request");
+    let headers = request.headers_mut();
+    let header = |value: String| value.parse().expect("a header value");
+    let bearer = format!(
+        "Bearer {}",
+        crate::token(user, cloudllm_relay::Scope::Agent)
+    );
+    headers.insert(http::header::AUTHORIZATION, header(bearer));
+    headers.insert(
+        cloudllm_proto::HEADER_PROTOCOL,
+        header(cloudllm_proto::PROTOCOL_VERSION.to_string()),
+    );
+    headers.insert(
+        cloudllm_proto::HEADER_DEVICE_ID,
+        header(device_id.to_owned()),
+    );
+    headers.insert(
+        cloudllm_proto::HEADER_DEVICE_NAME,
+        header(device_name.to_owned()),
+    );
+    request
+}
+
 /// Reads a response until it ends; gives the bytes and whether it ended cleanly (a stream cut
 /// by a fault must end with an error, never look complete). Panics if it neither ends nor
 /// fails within [`STEP`].
