@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cloudllm_e2e::{STEP, Stack, relay_config, token};
+use cloudllm_e2e::{STEP, Stack, relay_config, token, tunnel_ws_request};
 use cloudllm_proto as proto;
 use cloudllm_relay::{RelayConfig, Scope};
 use futures_util::{SinkExt, StreamExt};
@@ -18,7 +18,6 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// The relay's read timeout in these tests: short, so slow clients are cut quickly.
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
@@ -74,20 +73,7 @@ async fn closed_within(tcp: &mut TcpStream, bound: Duration) -> Duration {
 
 /// Opens a tunnel as `user`'s daemon would (valid agent token, protocol and device headers).
 async fn dial_tunnel(stack: &Stack, user: &str) -> WebSocketStream<TcpStream> {
-    let url = format!("ws://{}{}", stack.relay.relay.addr, proto::TUNNEL_PATH);
-    let mut request = url.into_client_request().expect("tunnel request");
-    let headers = request.headers_mut();
-    let bearer = format!("Bearer {}", token(user, Scope::Agent));
-    headers.insert(http::header::AUTHORIZATION, bearer.parse().expect("header"));
-    headers.insert(
-        proto::HEADER_PROTOCOL,
-        proto::PROTOCOL_VERSION.to_string().parse().expect("header"),
-    );
-    headers.insert(
-        proto::HEADER_DEVICE_ID,
-        format!("{user}-box").parse().expect("header"),
-    );
-    headers.insert(proto::HEADER_DEVICE_NAME, "box".parse().expect("header"));
+    let request = tunnel_ws_request(&stack.relay, user, &format!("{user}-box"), "box");
     let tcp = timeout(STEP, TcpStream::connect(stack.relay.relay.addr))
         .await
         .expect("tunnel connect timed out")

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cloudllm_e2e::{
     FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config, scratch_dir, test_tier,
-    token, wait_status,
+    token, tunnel_ws_request, wait_status,
 };
 use cloudllm_proto::ipc::{Connection, Request, Response};
 use cloudllm_proto::{self as proto, Control, Hello};
@@ -17,7 +17,6 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
@@ -33,17 +32,7 @@ fn one_device() -> RelayConfig {
 /// Dials `/tunnel` as `user`'s daemon with `device_id`: the WebSocket, or the HTTP status and
 /// body of the refusal.
 async fn dial(relay: &TestRelay, user: &str, device_id: &str) -> Result<Ws, (u16, String)> {
-    let url = format!("ws://{}{}", relay.relay.addr, proto::TUNNEL_PATH);
-    let mut request = url.into_client_request().expect("tunnel request");
-    let headers = request.headers_mut();
-    let bearer = format!("Bearer {}", token(user, Scope::Agent));
-    headers.insert(http::header::AUTHORIZATION, bearer.parse().expect("header"));
-    headers.insert(
-        proto::HEADER_PROTOCOL,
-        proto::PROTOCOL_VERSION.to_string().parse().expect("header"),
-    );
-    headers.insert(proto::HEADER_DEVICE_ID, device_id.parse().expect("header"));
-    headers.insert(proto::HEADER_DEVICE_NAME, "box".parse().expect("header"));
+    let request = tunnel_ws_request(relay, user, device_id, "box");
     let tcp = timeout(STEP, TcpStream::connect(relay.relay.addr))
         .await
         .expect("tunnel connect timed out")
