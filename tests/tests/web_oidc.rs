@@ -86,7 +86,7 @@ async fn the_page_signs_in_through_the_identity_provider_and_renews_its_token() 
     let _daemon = TestDaemon::start(daemon_config(&relay.url(), USER, "laptop", &fake_url));
     relay.wait_for_devices(USER, 1).await;
     relay
-        .wait_for_models(USER, "laptop", &["fake-md:latest", "fake-slow:latest"])
+        .wait_for_models(USER, "laptop", &FakeChat::MODELS)
         .await;
 
     let run_config = serde_json::json!({
