@@ -341,6 +341,19 @@ pub async fn daemon_status(socket: &std::path::Path) -> Option<cloudllm_proto::i
     tokio::time::timeout(STEP, call).await.ok().flatten()
 }
 
+/// Whether the daemon's tunnel is up.
+pub fn is_connected(status: &cloudllm_proto::ipc::Status) -> bool {
+    matches!(
+        status.connection,
+        cloudllm_proto::ipc::Connection::Connected { .. }
+    )
+}
+
+/// Waits until the daemon at `socket` has its tunnel up; gives its status then.
+pub async fn wait_connected(socket: &std::path::Path) -> cloudllm_proto::ipc::Status {
+    wait_status(socket, STEP, is_connected).await
+}
+
 /// Polls the daemon's status at `socket` until `wanted` holds, at most `limit`; returns the
 /// status that matched and panics with the last one seen otherwise.
 pub async fn wait_status(
