@@ -14,7 +14,7 @@ use std::time::Duration;
 use cloudllm_e2e::fake_ollama::StreamEnd;
 use cloudllm_e2e::{
     FakeOllama, SECRET, STEP, TestDaemon, client, daemon_config, init_logs, take_lines, token,
-    wait_status,
+    wait_connected, wait_status,
 };
 use cloudllm_proto::ipc::Connection;
 use cloudllm_relay::Scope;
@@ -76,10 +76,7 @@ async fn relay_killed_mid_stream_and_restarted() {
     config.ping_timeout = Duration::from_secs(1);
     let socket = config.socket_path.clone().unwrap();
     let _daemon = TestDaemon::start(config);
-    wait_status(&socket, STEP, |s| {
-        matches!(s.connection, Connection::Connected { .. })
-    })
-    .await;
+    wait_connected(&socket).await;
     let http = client();
     let generate = |tag: &str| {
         http.post(format!("{base}/api/generate"))
@@ -131,10 +128,7 @@ async fn relay_killed_mid_stream_and_restarted() {
     let (_relay, again) = start_relay(&dir, addr);
     assert_eq!(again, addr);
     let restarted = Instant::now();
-    wait_status(&socket, STEP, |s| {
-        matches!(s.connection, Connection::Connected { .. })
-    })
-    .await;
+    wait_connected(&socket).await;
     let back_after = restarted.elapsed();
     assert!(
         back_after < Duration::from_secs(4),

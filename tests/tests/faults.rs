@@ -14,9 +14,9 @@ use std::time::Duration;
 use cloudllm_e2e::close_proxy::CLOSE_REASON;
 use cloudllm_e2e::{
     CloseProxy, FakeOllama, STEP, StallProxy, TestDaemon, TestRelay, client, daemon_config,
-    relay_config, take_lines, token, wait_status,
+    is_connected, relay_config, take_lines, token, wait_connected, wait_status,
 };
-use cloudllm_proto::ipc::{Connection, Ollama, Request, Response, Status};
+use cloudllm_proto::ipc::{Connection, Ollama, Request, Response};
 use cloudllm_relay::Scope;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
@@ -85,10 +85,6 @@ fn socket_of(config: &cloudllm_daemon::DaemonConfig) -> std::path::PathBuf {
         .socket_path
         .clone()
         .expect("the harness sets a socket")
-}
-
-fn is_connected(status: &Status) -> bool {
-    matches!(status.connection, Connection::Connected { .. })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,7 +253,7 @@ async fn a_stalled_network_ends_the_stream_in_flight_gives_503_and_the_daemon_sa
     // The path heals: the daemon is back and serves, with nobody touching it.
     path.set_stalled(false);
     relay.wait_for_devices("alice", 1).await;
-    wait_status(&socket, STEP, is_connected).await;
+    wait_connected(&socket).await;
     let (code, body) = send(generate(&relay, "alice", "healed", 3, 0)).await;
     assert_eq!(code, 200, "{body}");
     // The stream cut by the stall no longer counts as in flight.
@@ -302,7 +298,7 @@ async fn close_three_times(relay: &TestRelay, backend: &FakeOllama, code: u16) -
     let socket = socket_of(&config);
     let _daemon = TestDaemon::start(config);
     relay.wait_for_devices(&user, 1).await;
-    wait_status(&socket, STEP, is_connected).await;
+    wait_connected(&socket).await;
     let mut states = watch_states(&socket);
     let mut redials = Vec::new();
     for round in 0..3 {
@@ -327,7 +323,7 @@ async fn close_three_times(relay: &TestRelay, backend: &FakeOllama, code: u16) -
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        wait_status(&socket, STEP, is_connected).await;
+        wait_connected(&socket).await;
     }
     let mut reported = Vec::new();
     while let Ok(state) = states.try_recv() {

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config, scratch_dir, test_tier,
-    token, tunnel_ws_request, wait_status,
+    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config, scratch_dir, send,
+    test_tier, token, tunnel_ws_request, wait_connected, wait_status,
 };
 use cloudllm_proto::ipc::{Connection, Request, Response};
 use cloudllm_proto::{self as proto, Control, Hello};
@@ -210,17 +210,13 @@ async fn a_displaced_daemon_says_so_and_stays_off_until_connect() {
     let socket = config.socket_path.clone().expect("socket path");
     let device_id = config.device_id.clone().expect("device id");
     let daemon = TestDaemon::start(config);
-    wait_status(&socket, STEP, |s| {
-        matches!(s.connection, Connection::Connected { .. })
-    })
-    .await;
+    wait_connected(&socket).await;
 
     // Someone with alice's agent token dials with her device id.
     let before = cloudllm_e2e::client()
         .get(relay.api("/api/tags"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send();
-    assert_eq!(timeout(STEP, before).await.unwrap().unwrap().status(), 200);
+        .bearer_auth(token("alice", Scope::Client));
+    assert_eq!(send(before).await.status(), 200);
     let mut impostor = registered(&relay, "alice", &device_id).await;
 
     // The daemon learns it at once, says so, and does not take the device back by itself.
@@ -251,10 +247,7 @@ async fn a_displaced_daemon_says_so_and_stays_off_until_connect() {
     assert!(matches!(answer, Response::Ok), "{answer:?}");
     let frame = closed(&mut impostor).await.expect("a close frame");
     assert_eq!(u16::from(frame.code), proto::CLOSE_REPLACED);
-    wait_status(&socket, STEP, |s| {
-        matches!(s.connection, Connection::Connected { .. })
-    })
-    .await;
+    wait_connected(&socket).await;
     let after = relay.get_as("alice", "/api/tags").await;
     assert_eq!(after.status(), 200);
 
@@ -329,10 +322,7 @@ async fn a_replaced_tunnel_finishes_its_streams_before_it_closes() {
     let socket = config.socket_path.clone().expect("socket path");
     let device_id = config.device_id.clone().expect("device id");
     let _daemon = TestDaemon::start(config);
-    wait_status(&socket, STEP, |s| {
-        matches!(s.connection, Connection::Connected { .. })
-    })
-    .await;
+    wait_connected(&socket).await;
 
     // A generation is running on the daemon's tunnel when another tunnel takes the device.
     let body = serde_json::json!({
@@ -340,17 +330,13 @@ async fn a_replaced_tunnel_finishes_its_streams_before_it_closes() {
         "options": {"num_predict": 20},
         "fake_interval_ms": 50,
     });
-    let mut response = timeout(
-        STEP,
+    let mut response = send(
         cloudllm_e2e::client()
             .post(relay.api("/api/generate"))
             .bearer_auth(token("alice", Scope::Client))
-            .json(&body)
-            .send(),
+            .json(&body),
     )
-    .await
-    .unwrap()
-    .unwrap();
+    .await;
     assert_eq!(response.status(), 200);
     let mut buf = Vec::new();
     let mut lines = Vec::new();

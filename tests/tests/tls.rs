@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, relay_config, scratch_dir, take_lines,
-    token, wait_status,
+    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, read_to_end, relay_config, scratch_dir,
+    send, take_lines, token, wait_status,
 };
 use cloudllm_proto::ipc::Connection;
 use cloudllm_relay::{RelayConfig, Scope, TlsConfig};
@@ -184,21 +184,15 @@ async fn the_daemon_tunnels_over_the_relays_own_tls_and_untrusting_clients_fail(
     .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), reqwest::Version::HTTP_11);
-    let mut response = timeout(
-        STEP,
+    let response = send(
         http.post(format!("{https}api/generate"))
             .bearer_auth(token("alice", Scope::Client))
-            .json(&json!({"prompt": "over-tls", "options": {"num_predict": 5}, "fake_interval_ms": 10}))
-            .send(),
+            .json(&json!({"prompt": "over-tls", "options": {"num_predict": 5}, "fake_interval_ms": 10})),
     )
-    .await
-    .unwrap()
-    .unwrap();
+    .await;
     assert_eq!(response.status(), 200);
-    let mut buf = Vec::new();
-    while let Some(chunk) = timeout(STEP, response.chunk()).await.unwrap().unwrap() {
-        buf.extend_from_slice(&chunk);
-    }
+    let (mut buf, ended) = read_to_end(response).await;
+    ended.expect("the stream ends cleanly");
     let lines = take_lines(&mut buf);
     assert_eq!(lines.len(), 6);
     assert_eq!(lines.last().unwrap()["done"], true);
