@@ -39,8 +39,8 @@ use url::Url;
 pub use close_proxy::CloseProxy;
 pub use fake_ollama::FakeOllama;
 pub use requests::{
-    client, client_from, read_to_end, send, send_for_json, take_lines, timed_lines, tunnel_upgrade,
-    tunnel_ws_request,
+    assert_ollama_error, client, client_from, read_to_end, send, send_for_json, take_lines,
+    timed_lines, tunnel_upgrade, tunnel_ws_request,
 };
 pub use stack::Stack;
 pub use stall_proxy::StallProxy;

@@ -97,6 +97,18 @@ pub fn tunnel_ws_request(
     request
 }
 
+/// Asserts that `response` is a refusal with `status` and an error in Ollama's shape
+/// (`{"error": "..."}`) that says `says`.
+pub async fn assert_ollama_error(response: reqwest::Response, status: u16, says: &str) {
+    assert_eq!(response.status(), status, "refused with {status}");
+    let body: serde_json::Value = tokio::time::timeout(STEP, response.json())
+        .await
+        .expect("error body timed out")
+        .expect("an error body in JSON");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains(says), "the error says {says:?}: {body}");
+}
+
 /// Reads a response until it ends; gives the bytes and whether it ended cleanly (a stream cut
 /// by a fault must end with an error, never look complete). Panics if it neither ends nor
 /// fails within [`STEP`].
