@@ -7,7 +7,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cloudllm_e2e::tokens::{now_unix, sign, sign_with_header};
 use cloudllm_e2e::{
-    FakeOllama, STEP, Stack, TestDaemon, client, daemon_config, send, token, tunnel_upgrade,
+    FakeOllama, STEP, Stack, TestDaemon, assert_ollama_error, client, daemon_config, send, token,
+    tunnel_upgrade,
 };
 use cloudllm_proto::Secret;
 use cloudllm_relay::{Keys, Scope};
@@ -73,8 +74,7 @@ async fn bad_tokens_get_401_on_the_api_and_nothing_reaches_the_device() {
     let no_token = send(http.get(stack.relay.api("/api/tags"))).await;
     assert_eq!(no_token.status(), 401);
     assert_eq!(no_token.headers()["www-authenticate"], "Bearer");
-    let body: serde_json::Value = no_token.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("bearer token"));
+    assert_ollama_error(no_token, 401, "bearer token").await;
     for (what, bad) in bad_tokens() {
         let response = send(http.get(stack.relay.api("/api/tags")).bearer_auth(&bad)).await;
         assert_eq!(response.status(), 401, "{what}");
@@ -170,17 +170,8 @@ async fn a_user_only_ever_reaches_their_own_devices() {
             .post(stack.relay.api(path))
             .bearer_auth(token("bob", Scope::Client))
     };
-    let offline = bob("/api/generate")
-        .json(&json!({"prompt": "bob-1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(offline.status(), 503);
-    let body: serde_json::Value = offline.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().contains("offline"),
-        "{body}"
-    );
+    let offline = send(bob("/api/generate").json(&json!({"prompt": "bob-1"}))).await;
+    assert_ollama_error(offline, 503, "offline").await;
     // Naming alice's device does not help.
     let named = bob("/api/generate")
         .header("x-cloudllm-device", "laptop")

@@ -1,7 +1,10 @@
 //! Faithful forwarding: what reaches Ollama, what comes back, what is refused, and the errors a
 //! user sees when something is missing.
 
-use cloudllm_e2e::{STEP, Stack, TestDaemon, TestRelay, daemon_config, relay_config, token};
+use cloudllm_e2e::{
+    STEP, Stack, TestDaemon, TestRelay, assert_ollama_error, daemon_config, relay_config, send,
+    token,
+};
 use cloudllm_relay::Scope;
 use serde_json::json;
 use tokio::time::timeout;
@@ -308,16 +311,8 @@ async fn model_management_passes_when_the_owner_enables_it() {
     // A digest that is not one is refused before Ollama.
     let response = cloudllm_e2e::client()
         .post(relay.api("/api/blobs/sha256:00"))
-        .bearer_auth(token("alice", Scope::Client))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
-    let body: serde_json::Value = response.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().contains("64 hex digits"),
-        "{body}"
-    );
+        .bearer_auth(token("alice", Scope::Client));
+    assert_ollama_error(send(response).await, 400, "64 hex digits").await;
     assert_eq!(
         backend.records.hits.lock().unwrap().as_slice(),
         ["/api/pull", "/api/delete", blob.as_str()]
@@ -379,15 +374,8 @@ async fn bodies_over_the_limit_get_413_declared_or_streamed() {
     cloudllm_e2e::test_tier(&mut config).max_body_bytes = 64 * 1024;
     let stack = Stack::with_relay_config(config).await;
     let big = vec![b'x'; 200 * 1024];
-    let declared = stack
-        .post("/api/generate")
-        .body(big.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(declared.status(), 413);
-    let body: serde_json::Value = declared.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("65536"), "{body}");
+    let declared = send(stack.post("/api/generate").body(big.clone())).await;
+    assert_ollama_error(declared, 413, "65536").await;
     // Chunked, no Content-Length: the relay counts as it streams.
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         big.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, TestRelay, client, client_from, daemon_config, init_logs, keys,
-    relay_config, send, tunnel_upgrade,
+    FakeOllama, STEP, TestDaemon, TestRelay, assert_ollama_error, client, client_from,
+    daemon_config, init_logs, keys, relay_config, send, tunnel_upgrade,
 };
 use cloudllm_proto::Secret;
 use cloudllm_proto::ipc::{Connection, Request, Response};
@@ -142,13 +142,8 @@ async fn the_concurrency_limit_counts_streams_until_they_end() {
         (200, 200)
     );
     let refused = slow("three").await.unwrap();
-    assert_eq!(refused.status(), 429);
     assert_eq!(retry_after(&refused), 1);
-    let body: serde_json::Value = refused.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().contains("2 in flight"),
-        "{body}"
-    );
+    assert_ollama_error(refused, 429, "2 in flight").await;
     assert_eq!(get(&users.relay, &bob, "/api/tags").await.status(), 200);
 
     // Closing one stream frees its place.

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cloudllm_e2e::{
-    STEP, TestDaemon, TestRelay, client, daemon_config, relay_config, take_lines, token,
+    STEP, TestDaemon, TestRelay, assert_ollama_error, client, daemon_config, relay_config,
+    take_lines, token,
 };
 use cloudllm_relay::Scope;
 use serde_json::json;
@@ -229,12 +230,7 @@ async fn non_streaming_chat_and_real_errors_pass_through() {
         .send()
         .await
         .unwrap();
-    assert_eq!(missing.status(), 404);
-    let body: serde_json::Value = missing.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().contains("not found"),
-        "{body}"
-    );
+    assert_ollama_error(missing, 404, "not found").await;
     // The relay never forwards model management by default, even to a real server.
     let pull = t
         .request(reqwest::Method::POST, "/api/pull")
