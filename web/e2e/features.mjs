@@ -131,6 +131,13 @@ await check('a message larger than the plan allows is a 413, explained', async (
   await tight.getByTestId('send').waitFor({ timeout: STEP });
   const note = await tight.locator('.note').last().innerText();
   assert(note.startsWith('Failed:'), `note: ${note}`);
+  // The view followed the long message down to the reason, below it.
+  const inView = await tight.locator('.note').last().evaluate((el) => {
+    const box = el.getBoundingClientRect();
+    const view = document.querySelector('[data-testid="messages"]').getBoundingClientRect();
+    return box.top >= view.top && box.bottom <= view.bottom;
+  });
+  assert(inView, 'the reason is out of view: the page did not scroll down to it');
   await shot(tight, 'too-large');
   // The refused message is not sent again with the next one, which gets its answer.
   await send(tight, 'a short question');

@@ -10,6 +10,7 @@ import { FAILED, type Live, storedOptions, streamAnswer, wireMessages } from '..
 import { onCopyClick } from '../render/markdown';
 import { type Conversation, type Message, newId, Store, titleFrom } from '../store/db';
 import { exportJson, parseImport } from '../store/transfer';
+import { Banner, type BannerState } from './Banner';
 import { Composer } from './Composer';
 import { MessageView } from './Message';
 import { Sidebar } from './Sidebar';
@@ -25,12 +26,9 @@ const EAGER_MESSAGES = 12;
 /** Least time between two renders of a streaming answer: 50 ms (20 a second) reads as smooth
  * and leaves the main thread free for typing. */
 const STREAM_PAINT_MS = 50;
-
-interface Banner {
-  kind: 'offline' | 'rate' | 'error' | 'info';
-  text: string;
-  until?: number;
-}
+/** How near the bottom (in pixels) the view must be to keep following a streaming answer: a
+ * few lines, so that a small scroll back is not taken as reading back. */
+const FOLLOW_PX = 120;
 
 export function Chat(props: { session: Session; onSignOut: (why?: string) => void }) {
   const { session, onSignOut } = props;
@@ -47,13 +45,15 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
   const [model, setModel] = useState(localStorage.getItem(LAST_MODEL_KEY) ?? '');
   const [device, setDevice] = useState('');
   const [vision, setVision] = useState<boolean | null>(null);
-  const [banner, setBanner] = useState<Banner | null>(null);
+  const [banner, setBanner] = useState<BannerState | null>(null);
   const [busy, setBusy] = useState<AbortController | null>(null);
   const [editing, setEditing] = useState<number | null>(null);
   const [showSystem, setShowSystem] = useState(false);
   const [menuOpen, setMenuOpen] = useState(false);
-  const [now, setNow] = useState(Date.now());
   const scroller = useRef<HTMLDivElement>(null);
+  /** Whether the view keeps to the newest message: until the person scrolls up. */
+  const following = useRef(true);
+  const dismiss = useCallback(() => setBanner(null), []);
   const user = session.user;
 
   const fail = useCallback(
@@ -155,16 +155,6 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
     };
   }, [client, model, device]);
 
-  // The rate-limit countdown.
-  useEffect(() => {
-    if (!banner?.until) return;
-    const timer = setInterval(() => {
-      setNow(Date.now());
-      if (banner.until && Date.now() >= banner.until) setBanner(null);
-    }, 500);
-    return () => clearInterval(timer);
-  }, [banner]);
-
   // Esc stops, anywhere on the page.
   useEffect(() => {
     const onKey = (event: KeyboardEvent) => {
@@ -192,7 +182,12 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
 
   const scrollDown = () => {
     const el = scroller.current;
-    if (el) el.scrollTop = el.scrollHeight;
+    if (!el) return;
+    following.current = true;
+    el.scrollTop = el.scrollHeight;
+    // Messages out of view count with an estimated height (content-visibility): the last one,
+    // drawn now that it is in view, may move the bottom further.
+    requestAnimationFrame(() => (el.scrollTop = el.scrollHeight));
   };
 
   const open = async (conversation: Conversation) => {
@@ -237,7 +232,7 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
       if (ended) return;
       setLive(latest);
       const el = scroller.current;
-      if (el && el.scrollHeight - el.scrollTop - el.clientHeight < 120) el.scrollTop = el.scrollHeight;
+      if (el && following.current) el.scrollTop = el.scrollHeight;
     };
     let reply: Message;
     try {
@@ -270,6 +265,7 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
     setLive(null);
     setMessages(list);
     setBusy(null);
+    if (following.current) requestAnimationFrame(scrollDown);
     const saved = { ...conversation, model, device, updatedAt: Date.now() };
     setCurrent(saved);
     await persist(saved, list);
@@ -386,7 +382,6 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
   const streamingMessage: Message | null = live
     ? { role: 'assistant', content: live.content, thinking: live.thinking, model }
     : null;
-  const waitSeconds = banner?.until ? Math.max(0, Math.ceil((banner.until - now) / 1000)) : 0;
 
   return (
     <div class={`layout ${menuOpen ? 'menu-open' : ''}`}>
@@ -453,18 +448,17 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
         {showSystem && (
           <SystemPrompt key={current?.id ?? 'new'} value={current?.systemPrompt ?? ''} onSave={(t) => void setSystemPrompt(t)} />
         )}
-        {banner && (
-          <div class={`banner ${banner.kind}`} role="alert" data-testid={`banner-${banner.kind}`}>
-            <span>
-              {banner.text}
-              {banner.kind === 'rate' && ` — try again in ${waitSeconds} s.`}
-            </span>
-            <button type="button" class="icon" aria-label="Dismiss" onClick={() => setBanner(null)}>
-              ✕
-            </button>
-          </div>
-        )}
-        <div class="messages" ref={scroller} onClick={(e) => void onCopyClick(e)} data-testid="messages">
+        {banner && <Banner banner={banner} onDismiss={dismiss} />}
+        <div
+          class="messages"
+          ref={scroller}
+          onClick={(e) => void onCopyClick(e)}
+          onScroll={(e) => {
+            const el = e.currentTarget;
+            following.current = el.scrollHeight - el.scrollTop - el.clientHeight < FOLLOW_PX;
+          }}
+          data-testid="messages"
+        >
           {!messages.length && !live && (
             <div class="welcome">
               <h2>What can I help with?</h2>
