@@ -23,16 +23,12 @@ use tracing::info;
 
 use crate::config::DaemonConfig;
 use crate::dial::{relay_endpoint, tls_config};
-use crate::login::chain;
+use crate::login::{chain, client_builder, printable};
 use crate::supervisor::{ControlError, Supervisor};
 
 /// Time for the whole request, answer included: the relay answers from memory, so 15 s means
 /// it is unreachable or overloaded, and the user waiting at a prompt hears so soon.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Time for the TCP and TLS connect alone, like the tunnel's dial: an unreachable relay fails
-/// fast.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest answer read: a code, its lifetime and a path are about 200 bytes; an error a
 /// sentence.
@@ -119,14 +115,9 @@ pub async fn sign_in_link(
         reason,
     };
     let tls = tls_config(config).map_err(|err| offline(format!("{err:#}")))?;
-    let client = reqwest::Client::builder()
+    let client = client_builder(OPEN_TIMEOUT)
         .use_preconfigured_tls((*tls).clone())
         .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(OPEN_TIMEOUT)
-        .tcp_nodelay(true)
-        .user_agent(concat!("cloudllmd/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|err| offline(chain(&err)))?;
     let exchange = async {
@@ -224,14 +215,7 @@ fn relay_message(body: &[u8]) -> String {
         Ok(error) => error.error,
         Err(_) => String::from_utf8_lossy(body).trim().to_owned(),
     };
-    let mut out: String = text
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_RELAY_TEXT)
-        .collect();
-    if text.chars().count() > MAX_RELAY_TEXT {
-        out.push('…');
-    }
+    let mut out = printable(&text, MAX_RELAY_TEXT);
     if out.is_empty() {
         out.push_str("no reason given");
     }

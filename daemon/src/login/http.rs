@@ -26,7 +26,8 @@ use super::{LoginError, clean, describe};
 /// provider under load, and a user waiting at a prompt still hears back within the minute.
 pub(super) const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Time for the TCP and TLS connect alone, so an unreachable provider fails fast.
+/// Time for the TCP and TLS connect alone, to a provider or a relay, so an unreachable one
+/// fails fast.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest answer read from the provider: discovery documents (Keycloak's, among the largest,
@@ -59,6 +60,18 @@ pub(super) enum HttpError {
     TooLarge,
 }
 
+/// How the daemon's HTTP clients for providers and relays start: no redirects (one could send a
+/// code or a token to another host), [`CONNECT_TIMEOUT`], `timeout` for a whole request, and
+/// cloudllmd's user agent.
+pub(crate) fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .user_agent(concat!("cloudllmd/", env!("CARGO_PKG_VERSION")))
+}
+
 /// The HTTP client the `oauth2` crate talks through: bounded in time and size, following no
 /// redirects (the crate's advice: a redirect could send a code to another host), and
 /// remembering whether the latest attempt failed, since the device grant's polling retries
@@ -72,12 +85,7 @@ pub(super) struct Http {
 impl Http {
     /// A client for one login step.
     pub(super) fn new() -> Result<Http, LoginError> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(HTTP_TIMEOUT)
-            .tcp_nodelay(true)
-            .user_agent(concat!("cloudllmd/", env!("CARGO_PKG_VERSION")))
+        let client = client_builder(HTTP_TIMEOUT)
             .build()
             .map_err(|e| LoginError::Network(format!("setting up HTTPS: {}", chain(&e))))?;
         Ok(Http {

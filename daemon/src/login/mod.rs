@@ -23,7 +23,7 @@ mod discovery;
 mod http;
 mod refresh;
 
-pub(crate) use http::chain;
+pub(crate) use http::{chain, client_builder};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cloudllm_proto::Secret;
@@ -170,14 +170,21 @@ fn describe(error: &str, description: Option<&str>) -> String {
     }
 }
 
-/// Provider-supplied text made fit for a terminal and a log line: no control characters, short.
+/// Provider-supplied text made fit for a terminal and a log line (see [`printable`]).
 fn clean(text: &str) -> String {
+    printable(text, MAX_PROVIDER_TEXT)
+}
+
+/// Text from a provider or a relay made fit for a terminal and a log line: no control
+/// characters (no escape sequences, no forged lines), at most `max_chars` characters, and an
+/// ellipsis where it was cut.
+pub(crate) fn printable(text: &str, max_chars: usize) -> String {
     let mut out: String = text
         .chars()
         .filter(|c| !c.is_control())
-        .take(MAX_PROVIDER_TEXT)
+        .take(max_chars)
         .collect();
-    if text.chars().count() > MAX_PROVIDER_TEXT {
+    if text.chars().count() > max_chars {
         out.push('…');
     }
     out
