@@ -189,6 +189,21 @@ mod tests {
         names
     }
 
+    /// A directory holding one file, `name`, that says "old".
+    fn old_file(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, "old").unwrap();
+        (dir, path)
+    }
+
+    /// Asserts that the file of [`old_file`] still says "old" and nothing is beside it.
+    fn assert_untouched(dir: &tempfile::TempDir, path: &Path) {
+        assert_eq!(std::fs::read_to_string(path).unwrap(), "old");
+        let name = path.file_name().unwrap().to_string_lossy();
+        assert_eq!(names(dir.path()), [name], "no temp file left");
+    }
+
     #[test]
     fn replaces_the_file_and_leaves_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
@@ -204,9 +219,7 @@ mod tests {
     #[test]
     fn a_secret_file_is_private_before_its_first_byte() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("credentials.json");
-        std::fs::write(&path, "old").unwrap();
+        let (dir, path) = old_file("credentials.json");
         std::fs::set_permissions(&path, permissions(0o644)).unwrap();
         write_with(&path, 0o600, |file| {
             let temps = leftovers(dir.path(), ".credentials.json.").unwrap();
@@ -238,9 +251,7 @@ mod tests {
 
     #[test]
     fn a_writer_that_fails_midway_keeps_the_old_file_and_leaves_no_temp() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("credentials.json");
-        std::fs::write(&path, "old").unwrap();
+        let (dir, path) = old_file("credentials.json");
         let err = write_with(&path, 0o600, |file| {
             file.write_all(b"half a tok")?;
             Err(io::Error::other("disk full"))
@@ -248,15 +259,12 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
         assert!(err.to_string().contains("writing"), "{err}");
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
-        assert_eq!(names(dir.path()), ["credentials.json"]);
+        assert_untouched(&dir, &path);
     }
 
     #[test]
     fn a_writer_that_panics_keeps_the_old_file_and_leaves_no_temp() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("prefs.json");
-        std::fs::write(&path, "old").unwrap();
+        let (dir, path) = old_file("prefs.json");
         let result = std::panic::catch_unwind(|| {
             write_with(&path, 0o600, |file| {
                 file.write_all(b"{\"conn").unwrap();
@@ -264,8 +272,7 @@ mod tests {
             })
         });
         assert!(result.is_err());
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
-        assert_eq!(names(dir.path()), ["prefs.json"]);
+        assert_untouched(&dir, &path);
     }
 
     #[test]
