@@ -139,12 +139,7 @@ mod tests {
         );
         missing.default_tier = "free".into();
         missing.tier_claim = "app_metadata.".into();
-        assert!(
-            missing
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("tier_claim")
-        );
+        let err = missing.validate().unwrap_err().to_string();
+        assert!(err.contains("tier_claim"), "{err}");
     }
 }
