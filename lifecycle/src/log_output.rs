@@ -194,23 +194,33 @@ mod tests {
         });
     }
 
+    /// A writer without the flusher thread holding the info line `line` in its batch.
+    fn holding(line: &[u8]) -> BatchedStderr {
+        let writer = unflushed();
+        let mut info = LineWriter {
+            shared: &writer.shared,
+            urgent: false,
+        };
+        info.write_all(line).unwrap();
+        assert_eq!(writer.shared.lock().as_slice(), line);
+        writer
+    }
+
     #[test]
     fn a_full_batch_is_written_out_at_once() {
-        let writer = unflushed();
-        let mut line = writer.make_writer();
-        line.urgent = false;
-        line.write_all(b"short\n").unwrap();
-        assert_eq!(writer.shared.lock().as_slice(), b"short\n");
-        line.write_all(&vec![b'x'; MAX_BATCH]).unwrap();
-        assert!(writer.shared.lock().is_empty());
+        let writer = holding(b"short\n");
+        let big = vec![b'x'; MAX_BATCH];
+        let mut info = LineWriter {
+            shared: &writer.shared,
+            urgent: false,
+        };
+        info.write_all(&big).unwrap();
+        assert!(writer.shared.lock().is_empty(), "written out at the cap");
     }
 
     #[test]
     fn the_guard_writes_what_is_left() {
-        let writer = unflushed();
-        let mut line = writer.make_writer();
-        line.urgent = false;
-        line.write_all(b"last words\n").unwrap();
+        let writer = holding(b"last words\n");
         drop(FlushGuard(writer.clone()));
         assert!(writer.shared.lock().is_empty());
     }
