@@ -9,6 +9,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use cloudllm_cli::service::{
     self, Action, LAUNCHD_LABEL, OnFailure, Operation, PlanError, Platform, Scope, Target, When,
@@ -19,6 +20,35 @@ const BIN: &str = env!("CARGO_BIN_EXE_cloudllm");
 const RELAY_UNIT: &str = include_str!("../../systemd/cloudllm-relay.service");
 /// The uid the "another user" tests run as.
 const NOBODY: u32 = 65534;
+
+/// The built `cloudllm`, and `cloudllmd` when it was built beside it, placed once in a directory
+/// outside any home, as a package puts them in `/usr/bin`: a system service refuses a daemon
+/// under `/home` or `/root`, where this checkout and its build may well be. Returns the CLI's
+/// path there; `cloudllm service` finds the daemon beside it, as it does once installed.
+fn installed_cli() -> &'static Path {
+    static CLI: OnceLock<PathBuf> = OnceLock::new();
+    CLI.get_or_init(|| {
+        let temp = std::env::temp_dir();
+        let outside_home = if temp.starts_with("/home") || temp.starts_with("/root") {
+            PathBuf::from("/tmp")
+        } else {
+            temp
+        };
+        let dir = outside_home.join(format!("cloudllm-service-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory for the installed binaries");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("a directory other users may enter");
+        for name in ["cloudllm", "cloudllmd"] {
+            let built = Path::new(BIN).with_file_name(name);
+            let placed = dir.join(name);
+            let _ = std::fs::remove_file(&placed);
+            if built.exists() && std::fs::hard_link(&built, &placed).is_err() {
+                std::fs::copy(&built, &placed).expect("copying a built binary");
+            }
+        }
+        dir.join("cloudllm")
+    })
+}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cloudllm-service-{name}-{}", std::process::id()));
@@ -216,7 +246,7 @@ fn every_unit_passes_systemd_analyze_verify() {
     std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
     // verify checks that ExecStart's program exists and is executable; the built CLI stands in
     // for the daemon and the relay, whose own binaries belong to other packages' builds.
-    let exe = BIN;
+    let exe = installed_cli().to_str().expect("a UTF-8 path");
 
     // The units exactly as `service install` would write them.
     let system = service::plan(
@@ -504,11 +534,11 @@ fn cloudllm(home: &Path, uid: Option<u32>, path: &str, args: &[&str]) -> Output 
                 &format!("--reuid={uid}"),
                 &format!("--regid={uid}"),
                 "--clear-groups",
-                BIN,
             ]);
+            c.arg(installed_cli());
             c
         }
-        _ => Command::new(BIN),
+        _ => Command::new(installed_cli()),
     };
     command
         .args(args)
