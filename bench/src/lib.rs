@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod compare;
 pub mod counters;
 pub mod cpu;

@@ -31,6 +31,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A relay cluster (two nodes, a real redis-server): time to first byte and a 2,000-line
+    /// stream direct, through one node and through a hop; requests/s; presence ops and Redis
+    /// memory per device.
+    Cluster,
     /// Idle tunnels (relay memory per tunnel), a reconnect storm, many concurrent streams, time
     /// to first byte and cancellation, and optionally a real Ollama. Needs the release
     /// `cloudllm-relay` next to this binary.
@@ -207,6 +211,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             };
             (text, json, code)
+        }
+        Some(Command::Cluster) => {
+            let (text, json) = cloudllm_bench::cluster::run(cli.quick)?;
+            (text, json, ExitCode::SUCCESS)
         }
         Some(Command::Web) => {
             let (text, json) = web::run()?;
