@@ -266,6 +266,13 @@ pub fn daemon_config(relay: &Url, user: &str, device: &str, ollama: &Url) -> Dae
     }
 }
 
+/// `config` as on a fresh install, before `cloudllm login`: no relay and no token.
+pub fn logged_out(mut config: DaemonConfig) -> DaemonConfig {
+    config.token = None;
+    config.relay_url = None;
+    config
+}
+
 /// A daemon running in this process on a runtime of its own, so that dropping it kills every
 /// one of its tasks at once, like a crashed process: the tunnel is cut and nothing drains.
 pub struct TestDaemon {
