@@ -5,18 +5,17 @@
 //! stored: the credentials and the config file stay as they were.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use cloudllm_e2e::tokens::{now_unix, sign};
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, daemon_status, relay_config, token,
-    wait_status,
+    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, daemon_status, logged_out,
+    relay_config, token, wait_status,
 };
 use cloudllm_ipc_client::Client;
 use cloudllm_proto::Secret;
 use cloudllm_proto::ipc::{Connection, ErrorCode, Request, Response};
 use cloudllm_relay::Scope;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 use url::Url;
 
 /// A relay, a fake Ollama, and a daemon that forwards to it and is not logged in.
@@ -34,9 +33,12 @@ impl Setup {
         cloudllm_e2e::init_logs();
         let relay = TestRelay::start(relay_config()).await;
         let ollama = FakeOllama::start().await;
-        let mut config = daemon_config(&relay.url(), "alice", "laptop", &ollama.url());
-        config.token = None;
-        config.relay_url = None;
+        let config = logged_out(daemon_config(
+            &relay.url(),
+            "alice",
+            "laptop",
+            &ollama.url(),
+        ));
         let socket = config.socket_path.clone().expect("socket path");
         let credentials = config
             .state_dir
@@ -45,11 +47,8 @@ impl Setup {
             .join("credentials.json");
         let config_file = config.file.clone().expect("config file");
         let daemon = TestDaemon::start(config);
-        let deadline = Instant::now() + STEP;
-        while daemon_status(&socket).await.is_none() {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Once it answers at all, whatever its state.
+        wait_status(&socket, STEP, |_| true).await;
         Setup {
             relay,
             ollama,
@@ -106,6 +105,13 @@ fn expired_token() -> String {
     sign(&serde_json::json!({"sub": "alice", "scope": "agent", "exp": now_unix() - 3600}))
 }
 
+/// Asserts that `message` says each of `parts`.
+fn assert_says(message: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(message.contains(part), "{part:?} missing from: {message}");
+    }
+}
+
 /// A loopback address where nothing listens.
 async fn closed_port() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -122,11 +128,13 @@ async fn a_client_token_is_refused_naming_the_agent_token_it_needs() {
     let message = setup
         .refused(setup.relay.url().as_str(), &token("alice", Scope::Client))
         .await;
-    assert!(
-        message.contains("this is a client token")
-            && message.contains("needs an agent token")
-            && message.contains("cloudllm-relay token issue --scope agent"),
-        "{message}"
+    assert_says(
+        &message,
+        &[
+            "this is a client token",
+            "needs an agent token",
+            "cloudllm-relay token issue --scope agent",
+        ],
     );
     let status = daemon_status(&setup.socket).await.expect("status");
     assert_eq!(status.connection, Connection::LoggedOut);
@@ -138,10 +146,7 @@ async fn an_expired_token_is_refused_saying_when_it_expired() {
     let message = setup
         .refused(setup.relay.url().as_str(), &expired_token())
         .await;
-    assert!(
-        message.contains("expired 1h") && message.contains("new agent token"),
-        "{message}"
-    );
+    assert_says(&message, &["expired 1h", "new agent token"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,20 +155,16 @@ async fn ollamas_url_is_refused_as_ollamas() {
     let agent = token("alice", Scope::Agent);
     // The daemon's own Ollama: named as such.
     let message = setup.refused(setup.ollama.url().as_str(), &agent).await;
-    assert!(
-        message.contains("is Ollama's address")
-            && message.contains("ollama_url")
-            && message.contains("not a cloudllm relay"),
-        "{message}"
+    assert_says(
+        &message,
+        &["is Ollama's address", "ollama_url", "not a cloudllm relay"],
     );
     // Another server that answers 404 there: not a relay, whatever it is.
     let other = FakeOllama::start().await;
     let message = setup.refused(other.url().as_str(), &agent).await;
-    assert!(
-        message.contains("is not a cloudllm relay")
-            && message.contains("404")
-            && message.contains("relay's base URL"),
-        "{message}"
+    assert_says(
+        &message,
+        &["is not a cloudllm relay", "404", "relay's base URL"],
     );
 }
 
@@ -175,10 +176,12 @@ async fn the_relays_v1_url_is_refused_with_its_base_url() {
     for api in ["v1", "api/"] {
         let url = base.join(api).expect("URL");
         let message = setup.refused(url.as_str(), &agent).await;
-        assert!(
-            message.contains("one of the relay's APIs")
-                && message.contains(&format!("cloudllm login --relay {base} --with-token")),
-            "{message}"
+        assert_says(
+            &message,
+            &[
+                "one of the relay's APIs",
+                &format!("cloudllm login --relay {base} --with-token"),
+            ],
         );
     }
 }
@@ -189,12 +192,14 @@ async fn a_relay_that_is_not_running_is_named_as_such() {
     let nowhere = closed_port().await;
     let message = setup.refused(&nowhere, &token("alice", Scope::Agent)).await;
     let address = Url::parse(&nowhere).expect("URL").authority().to_owned();
-    assert!(
-        message.contains("no cloudllm relay is running")
-            && message.contains(&address)
-            && message.contains("connection refused")
-            && message.contains("cloudllm-relay serve"),
-        "{message}"
+    assert_says(
+        &message,
+        &[
+            "no cloudllm relay is running",
+            &address,
+            "connection refused",
+            "cloudllm-relay serve",
+        ],
     );
 }
 

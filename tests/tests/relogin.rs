@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use cloudllm_daemon::logs::LogBuffer;
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, daemon_status, relay_config, token,
-    wait_status,
+    FakeOllama, STEP, TestDaemon, TestRelay, daemon_config, daemon_status, logged_out,
+    relay_config, token, wait_status,
 };
 use cloudllm_ipc_client::Client;
 use cloudllm_proto::Secret;
@@ -84,16 +84,11 @@ impl Switch {
         let relay_a = TestRelay::start(relay_config()).await;
         let url_a = relay_a.url();
         let backend = FakeOllama::start().await;
-        let mut config = daemon_config(&url_a, "alice", "laptop", &backend.url());
-        config.token = None;
-        config.relay_url = None;
+        let config = logged_out(daemon_config(&url_a, "alice", "laptop", &backend.url()));
         let socket = config.socket_path.clone().expect("socket path");
         let daemon = TestDaemon::start(config);
-        let deadline = Instant::now() + STEP;
-        while daemon_status(&socket).await.is_none() {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Once it answers at all, whatever its state.
+        wait_status(&socket, STEP, |_| true).await;
         login(&socket, &url_a, token("alice", Scope::Agent)).await;
         wait_status(&socket, STEP, |s| connected_to(s, &url_a)).await;
         relay_a.stop().await;
@@ -197,6 +192,21 @@ async fn start_relay_b() -> TestRelay {
 
 /// After a login to `relay_b`: the new tunnel shows within seconds, the old one gives way once
 /// the new one is up, and until it has, every state the watch reports is "connected to B".
+/// Alice's daemon logged in to relay A (now stopped, and redialled), relay B running, and from
+/// here on the daemon's states and log lines followed.
+async fn before_the_switch() -> (
+    Switch,
+    TestRelay,
+    mpsc::UnboundedReceiver<Status>,
+    broadcast::Receiver<String>,
+) {
+    let switch = Switch::start().await;
+    let relay_b = start_relay_b().await;
+    let watch = switch.watch().await;
+    let logs = LogBuffer::global().follow();
+    (switch, relay_b, watch, logs)
+}
+
 async fn switched(
     switch: &Switch,
     watch: &mut mpsc::UnboundedReceiver<Status>,
@@ -221,11 +231,8 @@ async fn switched(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_login_to_another_relay_status_shows_the_new_tunnel_and_keeps_showing_it() {
-    let switch = Switch::start().await;
-    let relay_b = start_relay_b().await;
+    let (switch, relay_b, mut watch, mut logs) = before_the_switch().await;
     let url_b = relay_b.url();
-    let mut watch = switch.watch().await;
-    let mut logs = LogBuffer::global().follow();
     login(&switch.socket, &url_b, token_b()).await;
 
     switched(&switch, &mut watch, &mut logs, &relay_b).await;
@@ -236,11 +243,8 @@ async fn after_a_login_to_another_relay_status_shows_the_new_tunnel_and_keeps_sh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_new_relay_refuses_the_token_status_says_so_not_what_the_old_tunnel_sees() {
-    let switch = Switch::start().await;
-    let relay_b = start_relay_b().await;
+    let (switch, relay_b, mut watch, mut logs) = before_the_switch().await;
     let url_b = relay_b.url();
-    let mut watch = switch.watch().await;
-    let mut logs = LogBuffer::global().follow();
     // Relay A's token, which relay B cannot verify; neither can the daemon, which has no key,
     // so it takes the token on trust. The new tunnel never comes up, and the old one serves
     // (or here, redials A) for up to 15 s meanwhile.

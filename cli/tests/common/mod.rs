@@ -151,9 +151,12 @@ impl Fixture {
         cloudllm_e2e::capture_daemon_logs();
         let relay = TestRelay::start(config).await;
         let backend = FakeOllama::start().await;
-        let mut config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-        config.token = None;
-        config.relay_url = None;
+        let config = cloudllm_e2e::logged_out(daemon_config(
+            &relay.url(),
+            "alice",
+            "laptop",
+            &backend.url(),
+        ));
         let socket = config.socket_path.clone().unwrap();
         let state_dir = config.state_dir.clone().unwrap();
         let config_file = config.file.clone().unwrap();
