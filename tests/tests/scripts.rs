@@ -92,26 +92,41 @@ fn bare_path(dir: &Path) -> PathBuf {
     bin
 }
 
-/// Runs a script of the repository with only `PATH`, `HOME` and `vars` set.
-async fn run_bare(
-    script: &str,
-    args: &[&str],
-    path: &Path,
-    home: &Path,
-    vars: &[(&str, &str)],
-) -> Output {
-    let mut command = Command::new(repo().join(script));
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", path)
-        .env("HOME", home)
-        .envs(vars.iter().copied())
-        .kill_on_drop(true);
-    timeout(LIST_TIMEOUT, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("{script} {args:?} timed out"))
-        .unwrap_or_else(|e| panic!("running {script}: {e}"))
+/// A machine that lacks every tool the tests need: a scratch home, and a PATH of only what the
+/// scripts themselves run (see [`bare_path`]). The home is removed when dropped.
+struct BareMachine {
+    home: PathBuf,
+    path: PathBuf,
+}
+
+impl BareMachine {
+    fn new() -> BareMachine {
+        let home = scratch_dir();
+        let path = bare_path(&home);
+        BareMachine { home, path }
+    }
+
+    /// Runs a script of the repository here, with only `PATH`, `HOME` and `vars` set.
+    async fn run(&self, script: &str, args: &[&str], vars: &[(&str, &str)]) -> Output {
+        let mut command = Command::new(repo().join(script));
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", &self.path)
+            .env("HOME", &self.home)
+            .envs(vars.iter().copied())
+            .kill_on_drop(true);
+        timeout(LIST_TIMEOUT, command.output())
+            .await
+            .unwrap_or_else(|_| panic!("{script} {args:?} timed out"))
+            .unwrap_or_else(|e| panic!("running {script}: {e}"))
+    }
+}
+
+impl Drop for BareMachine {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
 }
 
 /// The packages on `--list-missing`'s "Debian packages:" line.
@@ -128,9 +143,8 @@ fn listed_packages(output: &Output) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn list_missing_names_every_package_and_tool_a_bare_machine_lacks() {
-    let dir = scratch_dir();
-    let path = bare_path(&dir);
-    let output = run_bare("scripts/test", &["--list-missing"], &path, &dir, &[]).await;
+    let bare = BareMachine::new();
+    let output = bare.run("scripts/test", &["--list-missing"], &[]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         output.status.code(),
@@ -154,16 +168,14 @@ async fn list_missing_names_every_package_and_tool_a_bare_machine_lacks() {
         assert!(stdout.contains(tool), "{tool} not listed:\n{stdout}");
     }
     assert!(
-        stdout.contains(&format!("{}/.cache/cloudllm/hadolint", dir.display())),
+        stdout.contains(&format!("{}/.cache/cloudllm/hadolint", bare.home.display())),
         "{stdout}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn the_skip_variables_drop_what_only_their_tests_need() {
-    let dir = scratch_dir();
-    let path = bare_path(&dir);
+    let bare = BareMachine::new();
     let all: Vec<(&str, &str)> = SKIPPABLE
         .iter()
         .flat_map(|(vars, _)| vars.iter().map(|var| (*var, "1")))
@@ -171,7 +183,7 @@ async fn the_skip_variables_drop_what_only_their_tests_need() {
     for (vars, packages) in SKIPPABLE {
         let set: Vec<(&str, &str)> = vars.iter().map(|var| (*var, "1")).collect();
         let var = vars.join("=1 ");
-        let output = run_bare("scripts/test", &["--list-missing"], &path, &dir, &set).await;
+        let output = bare.run("scripts/test", &["--list-missing"], &set).await;
         let listed = listed_packages(&output);
         for package in *packages {
             assert!(
@@ -180,7 +192,7 @@ async fn the_skip_variables_drop_what_only_their_tests_need() {
             );
         }
     }
-    let output = run_bare("scripts/test", &["--list-missing"], &path, &dir, &all).await;
+    let output = bare.run("scripts/test", &["--list-missing"], &all).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let listed = listed_packages(&output);
     // What every run needs stays: the build's compiler and libraries, and hadolint's Python.
@@ -189,16 +201,14 @@ async fn the_skip_variables_drop_what_only_their_tests_need() {
     }
     assert!(!stdout.contains("the real Ollama"), "{stdout}");
     assert!(!stdout.contains("Node.js"), "{stdout}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Without apt-get (not Debian or Ubuntu), it installs nothing: it says what to install, under
 /// Debian's names, and stops.
 #[tokio::test]
 async fn elsewhere_it_prints_what_to_install_and_stops() {
-    let dir = scratch_dir();
-    let path = bare_path(&dir);
-    let output = run_bare("scripts/test", &["--install-only"], &path, &dir, &[]).await;
+    let bare = BareMachine::new();
+    let output = bare.run("scripts/test", &["--install-only"], &[]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("this is not Debian or Ubuntu"), "{stderr}");
@@ -211,26 +221,23 @@ async fn elsewhere_it_prints_what_to_install_and_stops() {
         assert!(stderr.contains(needed), "{needed} not said:\n{stderr}");
     }
     assert!(
-        !dir.join(".cache/cloudllm").exists(),
+        !bare.home.join(".cache/cloudllm").exists(),
         "it went on to install tools into the cache"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn real_ollama_names_the_tools_it_lacks() {
-    let dir = scratch_dir();
-    let path = bare_path(&dir);
-    let cache = dir.join("cache");
+    let bare = BareMachine::new();
+    let cache = bare.home.join("cache");
     let cache = cache.to_str().expect("UTF-8 scratch path");
-    let output = run_bare(
-        "scripts/real-ollama",
-        &["start"],
-        &path,
-        &dir,
-        &[("CLOUDLLM_REAL_OLLAMA_CACHE", cache)],
-    )
-    .await;
+    let output = bare
+        .run(
+            "scripts/real-ollama",
+            &["start"],
+            &[("CLOUDLLM_REAL_OLLAMA_CACHE", cache)],
+        )
+        .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     for needed in [
@@ -244,7 +251,6 @@ async fn real_ollama_names_the_tools_it_lacks() {
         assert!(stderr.contains(needed), "{needed} not said:\n{stderr}");
     }
     assert!(output.stdout.is_empty(), "printed a URL though it failed");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Two callers start the server at the same moment on one port: both get its URL, the model is
