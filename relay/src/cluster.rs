@@ -26,7 +26,7 @@ pub mod peer;
 mod presence;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +50,10 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Longest pause between attempts to reach Redis again.
 const REDIS_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// While degraded, requests skip Redis (and its timeout) unless this long has passed since it
+/// last failed: an unreachable Redis costs one request a second a wait, not every request.
+const DEGRADED_PROBE: Duration = Duration::from_secs(1);
 
 /// What a node's tunnels tell the presence task (see [`Registry::observe`]).
 #[derive(Debug)]
@@ -81,6 +85,9 @@ pub struct Cluster {
     held: Mutex<HashMap<u64, Held>>,
     /// Set while Redis cannot be reached.
     degraded: AtomicBool,
+    /// When a Redis call last failed, in milliseconds since `born`.
+    failed_at: AtomicU64,
+    born: std::time::Instant,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     pub(crate) peers: peer::Peers,
@@ -124,6 +131,8 @@ impl Cluster {
             ttl: config.presence_ttl,
             held: Mutex::default(),
             degraded: AtomicBool::new(false),
+            failed_at: AtomicU64::new(0),
+            born: std::time::Instant::now(),
             metrics,
             registry,
             peers: peer::Peers::new(&secret, config.node.clone()),
@@ -142,6 +151,14 @@ impl Cluster {
         self.degraded.load(Ordering::Relaxed)
     }
 
+    /// Whether a request should do without Redis now: it is unreachable and was tried less
+    /// than [`DEGRADED_PROBE`] ago. Background tasks always try.
+    fn skip_redis(&self) -> bool {
+        self.is_degraded()
+            && self.born.elapsed().as_millis()
+                < u128::from(self.failed_at.load(Ordering::Relaxed)) + DEGRADED_PROBE.as_millis()
+    }
+
     /// Notes the outcome of a Redis call: errors make the node degraded until one succeeds.
     fn noted<T>(&self, what: &'static str, result: redis::RedisResult<T>) -> Option<T> {
         match result {
@@ -154,6 +171,8 @@ impl Cluster {
             }
             Err(err) => {
                 self.metrics.redis_errors.inc();
+                let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.failed_at.store(now, Ordering::Relaxed);
                 if !self.degraded.swap(true, Ordering::Relaxed) {
                     warn!(error = %err, what, "Redis unreachable: cluster degraded, serving local tunnels only");
                     self.metrics.cluster_degraded.set(1);

@@ -11,7 +11,7 @@ use cloudllm_e2e::cluster::{Balancer, Node, cluster_config};
 use cloudllm_e2e::fake_ollama::StreamEnd;
 use cloudllm_e2e::redis::RedisServer;
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, client, daemon_config, init_logs, relay_config, token,
+    FakeOllama, STEP, StallProxy, TestDaemon, client, daemon_config, init_logs, relay_config, token,
 };
 use cloudllm_relay::Scope;
 use cloudllm_relay::cluster::{Control, publish};
@@ -325,4 +325,49 @@ async fn the_control_channel_reaches_every_node_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_costs_requests_one_wait_a_second_at_most() {
+    if !RedisServer::available() {
+        return;
+    }
+    init_logs();
+    let redis = RedisServer::start().await;
+    // n1 reaches Redis through a path that can go silent (no FIN, no RST): every command then
+    // waits for its timeout.
+    let path = StallProxy::start(redis.addr).await;
+    let mut config = relay_config();
+    config.cluster = Some(cluster_config(&format!("redis://{}", path.addr), "n1"));
+    let node = Node::start(config).await;
+    let backend = FakeOllama::start().await;
+    let _laptop = TestDaemon::start(daemon_config(
+        &node.url(),
+        "alice",
+        "laptop",
+        &backend.url(),
+    ));
+    node.wait_for_devices("alice", 1).await;
+    until_served(&node, "laptop").await;
+    path.set_stalled(true);
+    let started = tokio::time::Instant::now();
+    let mut slow = 0;
+    for _ in 0..20 {
+        let sent = tokio::time::Instant::now();
+        let response = generate(&node, "laptop", "during", 1).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        if sent.elapsed() > Duration::from_millis(500) {
+            slow += 1;
+        }
+    }
+    let spent = started.elapsed();
+    // Each slow request waited out the Redis timeout (2 s): at most one a second did.
+    assert!(
+        slow as f64 <= spent.as_secs_f64() + 1.0,
+        "{slow} slow requests in {spent:?}"
+    );
+    assert!(slow < 20, "every request waited for Redis");
+    let ready = client().get(node.api("/readyz")).send().await.unwrap();
+    assert!(ready.text().await.unwrap().contains("degraded"));
 }
