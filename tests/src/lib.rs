@@ -130,8 +130,9 @@ pub struct TestRelay {
 }
 
 impl TestRelay {
-    /// Starts a relay with `config`.
+    /// Starts a relay with `config` (and the test's logs, see [`init_logs`]).
     pub async fn start(config: RelayConfig) -> TestRelay {
+        init_logs();
         let shutdown = CancellationToken::new();
         let relay = tokio::time::timeout(STEP, cloudllm_relay::serve(config, shutdown.clone()))
             .await
