@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, TestRelay, client, daemon_config, init_logs, relay_config, token,
+    FakeOllama, STEP, TestDaemon, TestRelay, client, daemon_config, relay_config, token,
 };
 use cloudllm_relay::Scope;
 
@@ -19,7 +19,6 @@ struct TwoDevices {
 }
 
 async fn two_devices() -> TwoDevices {
-    init_logs();
     let relay = TestRelay::start(relay_config()).await;
     let laptop = FakeOllama::start().await;
     laptop.set_models(&["llama3.2:latest", "shared:7b"]);

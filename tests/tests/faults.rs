@@ -89,7 +89,6 @@ fn socket_of(config: &cloudllm_daemon::DaemonConfig) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ollama_killed_mid_stream_gives_an_error_then_502_and_comes_back_when_restarted() {
-    cloudllm_e2e::init_logs();
     let relay = TestRelay::start(relay_config()).await;
     let backend = FakeOllama::start().await;
     // Ollama's port is a proxy to the fake: dropping it closes the port and cuts every
@@ -152,7 +151,6 @@ async fn ollama_killed_mid_stream_gives_an_error_then_502_and_comes_back_when_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ollama_starting_after_the_daemon_gives_502_until_it_listens_then_works() {
-    cloudllm_e2e::init_logs();
     let relay = TestRelay::start(relay_config()).await;
     // A free port where nothing listens yet.
     let reserved = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -336,7 +334,6 @@ async fn close_three_times(relay: &TestRelay, backend: &FakeOllama, code: u16) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_closes_redial_at_once_for_restarts_and_with_backoff_otherwise() {
-    cloudllm_e2e::init_logs();
     let relay = TestRelay::start(relay_config()).await;
     let backend = FakeOllama::start().await;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cloudllm_e2e::{
     FakeOllama, STEP, TestDaemon, TestRelay, assert_ollama_error, client, client_from,
-    daemon_config, init_logs, keys, relay_config, send, tunnel_upgrade,
+    daemon_config, keys, relay_config, send, tunnel_upgrade,
 };
 use cloudllm_proto::Secret;
 use cloudllm_proto::ipc::{Connection, Request, Response};
@@ -48,7 +48,6 @@ struct Users {
 }
 
 async fn users(config: RelayConfig) -> Users {
-    init_logs();
     let relay = TestRelay::start(config).await;
     let alice_backend = FakeOllama::start().await;
     let bob_backend = FakeOllama::start().await;

@@ -30,7 +30,6 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Setup {
-        cloudllm_e2e::init_logs();
         let relay = TestRelay::start(relay_config()).await;
         let ollama = FakeOllama::start().await;
         let config = logged_out(daemon_config(

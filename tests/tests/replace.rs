@@ -130,7 +130,6 @@ async fn wait_for_tunnels(relay: &TestRelay, user: &str, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_tunnel_with_the_same_device_id_closes_the_older_one() {
-    cloudllm_e2e::init_logs();
     let relay = TestRelay::start(one_device()).await;
     // The reported attack: one agent token, one device allowed, the same device id dialled
     // again and again. Each newcomer takes the device; the one before it is closed.
@@ -159,7 +158,6 @@ async fn a_newer_tunnel_with_the_same_device_id_closes_the_older_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_tunnels_are_bounded_by_the_tier_whatever_their_ids() {
-    cloudllm_e2e::init_logs();
     let relay = TestRelay::start(one_device()).await;
     // Upgraded but still handshaking (no hello yet): no device registered, so only the count
     // of tunnels can tell these apart from honest ones. One device allows two tunnels.
@@ -280,7 +278,6 @@ async fn a_displaced_daemon_says_so_and_stays_off_until_connect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_that_could_forge_log_lines_is_refused() {
-    cloudllm_e2e::init_logs();
     let relay = TestRelay::start(relay_config()).await;
     let forged = "1.0\n2026-01-01T00:00:00Z  INFO cloudllm_relay: admin logged in\u{1b}[2J";
     let oversized = "1".repeat(250_000);
@@ -315,7 +312,6 @@ async fn a_hello_that_could_forge_log_lines_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_tunnel_finishes_its_streams_before_it_closes() {
-    cloudllm_e2e::init_logs();
     let relay = TestRelay::start(relay_config()).await;
     let backend = FakeOllama::start().await;
     let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());

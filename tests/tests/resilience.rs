@@ -15,7 +15,6 @@ use url::Url;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_restart_in_flight_stream_finishes_and_the_daemon_comes_back() {
-    cloudllm_e2e::init_logs();
     let relay = TestRelay::start(relay_config()).await;
     let addr = relay.relay.addr;
     let backend = FakeOllama::start().await;
