@@ -3,6 +3,7 @@
 //! their ids; a daemon displaced by someone else's tunnel says so in `status` and stays off
 //! until `cloudllm connect`; and a hello whose fields could forge log lines is refused.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use cloudllm_e2e::{
@@ -52,6 +53,18 @@ async fn dial(relay: &TestRelay, user: &str, device_id: &str) -> Result<Ws, (u16
         }
         Err(err) => panic!("tunnel dial failed: {err}"),
     }
+}
+
+/// Alice's daemon (device `laptop`) with its fake Ollama, connected to `relay`: the daemon, the
+/// fake, the daemon's IPC socket and its device id.
+async fn alice_connected_to(relay: &TestRelay) -> (TestDaemon, FakeOllama, PathBuf, String) {
+    let backend = FakeOllama::start().await;
+    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
+    let socket = config.socket_path.clone().expect("socket path");
+    let device_id = config.device_id.clone().expect("device id");
+    let daemon = TestDaemon::start(config);
+    wait_connected(&socket).await;
+    (daemon, backend, socket, device_id)
 }
 
 /// Sends a hello with `daemon_version`.
@@ -203,12 +216,7 @@ async fn a_displaced_daemon_says_so_and_stays_off_until_connect() {
     let mut config = relay_config();
     config.audit_log = Some(audit.display().to_string());
     let relay = TestRelay::start(config).await;
-    let backend = FakeOllama::start().await;
-    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    let socket = config.socket_path.clone().expect("socket path");
-    let device_id = config.device_id.clone().expect("device id");
-    let daemon = TestDaemon::start(config);
-    wait_connected(&socket).await;
+    let (daemon, _backend, socket, device_id) = alice_connected_to(&relay).await;
 
     // Someone with alice's agent token dials with her device id.
     let before = cloudllm_e2e::client()
@@ -313,12 +321,7 @@ async fn a_hello_that_could_forge_log_lines_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_tunnel_finishes_its_streams_before_it_closes() {
     let relay = TestRelay::start(relay_config()).await;
-    let backend = FakeOllama::start().await;
-    let config = daemon_config(&relay.url(), "alice", "laptop", &backend.url());
-    let socket = config.socket_path.clone().expect("socket path");
-    let device_id = config.device_id.clone().expect("device id");
-    let _daemon = TestDaemon::start(config);
-    wait_connected(&socket).await;
+    let (_daemon, _backend, socket, device_id) = alice_connected_to(&relay).await;
 
     // A generation is running on the daemon's tunnel when another tunnel takes the device.
     let body = serde_json::json!({

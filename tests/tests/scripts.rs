@@ -129,6 +129,12 @@ impl Drop for BareMachine {
     }
 }
 
+/// Asserts that a script succeeded, showing what it said on standard error otherwise.
+fn assert_success(output: &Output) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}: {stderr}", output.status);
+}
+
 /// The packages on `--list-missing`'s "Debian packages:" line.
 fn listed_packages(output: &Output) -> BTreeSet<String> {
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -281,11 +287,7 @@ async fn real_ollama_started_twice_at_once_is_one_server() {
         let output = output
             .expect("real-ollama start timed out")
             .expect("running real-ollama");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert_success(&output);
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         urls.push(stdout.lines().last().expect("a URL").trim().to_owned());
     }
@@ -311,11 +313,7 @@ async fn real_ollama_started_twice_at_once_is_one_server() {
         .await
         .expect("real-ollama stop timed out")
         .expect("running real-ollama stop");
-    assert!(
-        stopped.status.success(),
-        "{}",
-        String::from_utf8_lossy(&stopped.stderr)
-    );
+    assert_success(&stopped);
     let refused = http
         .get(format!("{}/api/version", urls[0]))
         .timeout(Duration::from_secs(5))
