@@ -153,6 +153,7 @@ impl Node {
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
             secret_file: secret_file.to_owned(),
+            ca_file: None,
             presence_ttl: TTL,
         });
         let runtime = Background::new(2)?;

@@ -111,8 +111,17 @@ impl Cluster {
         (tasks, shutdown): (&TaskTracker, &CancellationToken),
     ) -> anyhow::Result<Arc<Cluster>> {
         let url = config.redis_url()?;
-        let client = redis::Client::open(url.as_str())
-            .context("[cluster] redis_url: the Redis client refused it")?;
+        let client = match config.read_ca()? {
+            Some(root_cert) => redis::Client::build_with_tls(
+                url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            None => redis::Client::open(url.as_str()),
+        }
+        .context("[cluster] redis_url: the Redis client refused it")?;
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(REDIS_TIMEOUT))
             .set_connection_timeout(Some(REDIS_TIMEOUT))

@@ -149,7 +149,19 @@ fn every_setting_is_named_and_loads() {
         cluster.redis_url().unwrap(),
         "rediss://:password@redis.internal:6380/0"
     );
-    assert_eq!(cluster.presence_ttl, Duration::from_secs(30));
+    // Exhaustive too: a new [cluster] key is a compile error here until it is documented.
+    let cloudllm_relay::config::ClusterConfig {
+        redis_url: _,
+        node,
+        peer_listen: _,
+        advertise,
+        secret_file: _,
+        ca_file,
+        presence_ttl,
+    } = cluster;
+    assert_eq!(node, "relay-1");
+    assert!(advertise.is_some() && ca_file.is_some());
+    assert_eq!(presence_ttl, Duration::from_secs(30));
     let jwks = jwks.unwrap();
     assert_eq!(jwks.refresh, Duration::from_secs(600));
     assert_eq!(jwks.refetch_min, Duration::from_secs(30));

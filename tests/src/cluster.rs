@@ -36,6 +36,7 @@ pub fn cluster_config(redis_url: &str, node: &str) -> ClusterConfig {
         peer_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         advertise: None,
         secret_file: secret_file(),
+        ca_file: None,
         presence_ttl: Duration::from_secs(30),
     }
 }

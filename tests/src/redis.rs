@@ -21,6 +21,8 @@ pub struct RedisServer {
     pub addr: SocketAddr,
     /// The password it requires (`--requirepass`), if any.
     pub password: Option<String>,
+    /// More `redis-server` arguments (TLS files and port).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -56,7 +58,40 @@ impl RedisServer {
         RedisServer::start_with(Some(password.to_owned())).await
     }
 
+    /// Starts a server that also speaks TLS on the port it returns, with `cert` and `key` (PEM
+    /// files), not asking clients for certificates. The plain port stays for the readiness check.
+    pub async fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> (RedisServer, u16) {
+        let tls_port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let extra = [
+            "--tls-port".to_owned(),
+            tls_port.to_string(),
+            "--tls-cert-file".to_owned(),
+            cert.display().to_string(),
+            "--tls-key-file".to_owned(),
+            key.display().to_string(),
+            "--tls-ca-cert-file".to_owned(),
+            ca.display().to_string(),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        (
+            RedisServer::start_with_args(None, extra.to_vec()).await,
+            tls_port,
+        )
+    }
+
     async fn start_with(password: Option<String>) -> RedisServer {
+        RedisServer::start_with_args(password, Vec::new()).await
+    }
+
+    async fn start_with_args(password: Option<String>, extra: Vec<String>) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -64,6 +99,7 @@ impl RedisServer {
         let mut server = RedisServer {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             password,
+            extra,
             child: None,
         };
         server.launch().await;
@@ -84,6 +120,7 @@ impl RedisServer {
             command.args(["--requirepass", password]);
         }
         let child = command
+            .args(&self.extra)
             .args(["--port", &self.addr.port().to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])

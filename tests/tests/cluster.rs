@@ -383,3 +383,68 @@ async fn audit_lines_name_the_node() {
         .expect("n2 audited the tunnel");
     assert!(connect.contains("\"node\":\"n2\""), "{connect}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_redis_over_tls_with_a_private_ca() {
+    if !RedisServer::available() {
+        return;
+    }
+    init_logs();
+    // A private CA and a certificate for localhost, as an internal Redis would have.
+    let dir = cloudllm_e2e::scratch_dir();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let (ca, cert_file, key_file) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&ca, &ca_pem).unwrap();
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let (_redis, tls_port) = RedisServer::start_tls(&cert_file, &key_file, &ca).await;
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2"] {
+        let mut config = relay_config();
+        let mut cluster = cluster_config(&format!("valkeys://localhost:{tls_port}"), name);
+        cluster.ca_file = Some(ca.clone());
+        config.cluster = Some(cluster);
+        nodes.push(Node::start(config).await);
+    }
+    let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
+    nodes[0].wait_for_remote("alice", &["desktop"]).await;
+    let response = generate(
+        &nodes[0],
+        "alice",
+        json!({"model": "beta", "prompt": "over-tls"}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    assert_eq!(backend.records.hit_count(), 1);
+    // Without the CA the same URL is refused (the certificate is not a public one): degraded.
+    let mut config = relay_config();
+    config.cluster = Some(cluster_config(
+        &format!("rediss://localhost:{tls_port}"),
+        "n3",
+    ));
+    let blind = Node::start(config).await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !blind.cluster.is_degraded() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a node trusted an unknown CA"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -46,6 +46,10 @@ pub struct ClusterConfig {
     /// A file holding the secret every node shares (at least 32 bytes, e.g.
     /// `openssl rand -hex 32`); it signs node-to-node requests.
     pub secret_file: PathBuf,
+    /// With `rediss://`: a PEM file of the CA that signed the Redis server's certificate, when
+    /// it is a private one. Default: the public web roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// How long a node's presence records outlive its last refresh: how long the devices of a
     /// node that died without cleaning up still show. Refreshed every third of it.
     #[serde(default = "default_presence_ttl", with = "humantime_serde")]
@@ -67,6 +71,20 @@ impl ClusterConfig {
     /// Reads the shared secret from `secret_file` (surrounding whitespace dropped).
     pub fn read_secret(&self) -> anyhow::Result<Vec<u8>> {
         read_secret(&self.secret_file)
+    }
+
+    /// The PEM of `ca_file`, if set.
+    pub fn read_ca(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(path) = &self.ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        anyhow::ensure!(
+            String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----"),
+            "{} holds no PEM certificate",
+            path.display()
+        );
+        Ok(Some(pem))
     }
 
     /// The address the other nodes dial, given the address `peer_listen` is bound to.
@@ -112,6 +130,14 @@ impl ClusterConfig {
             self.presence_ttl
         );
         self.read_secret()?;
+        if let Some(ca) = &self.ca_file {
+            anyhow::ensure!(
+                self.redis_url()?.starts_with("rediss://"),
+                "[cluster] ca_file is for TLS: use a rediss:// or valkeys:// redis_url, or remove ca_file"
+            );
+            self.read_ca()
+                .with_context(|| format!("[cluster] ca_file {}", ca.display()))?;
+        }
         Ok(())
     }
 }
@@ -174,6 +200,7 @@ mod tests {
             peer_listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
             secret_file: path,
+            ca_file: None,
             presence_ttl: default_presence_ttl(),
         }
     }
