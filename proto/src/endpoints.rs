@@ -87,20 +87,30 @@ const GET_HEAD: &[&str] = &["GET", "HEAD"];
 use Class::{Inference, Management};
 use Routing::{AnyDevice, ByModel, ModelList};
 
+/// An endpoint that runs a model: a POST, routed to a device that has the model it names.
+const fn model_call(path: &'static str) -> Endpoint {
+    endpoint(path, POST, Inference, ByModel)
+}
+
+/// An endpoint that changes the models on a device (`allow_model_management`): any device.
+const fn management(path: &'static str, methods: &'static [&'static str]) -> Endpoint {
+    endpoint(path, methods, Management, AnyDevice)
+}
+
 /// Every endpoint cloudllm carries, with the methods of Ollama's own router (0.5.x).
 pub const ENDPOINTS: &[Endpoint] = &[
-    endpoint("/api/chat", POST, Inference, ByModel),
-    endpoint("/api/generate", POST, Inference, ByModel),
-    endpoint("/api/embed", POST, Inference, ByModel),
-    endpoint("/api/embeddings", POST, Inference, ByModel),
-    endpoint("/api/show", POST, Inference, ByModel),
+    model_call("/api/chat"),
+    model_call("/api/generate"),
+    model_call("/api/embed"),
+    model_call("/api/embeddings"),
+    model_call("/api/show"),
+    model_call("/v1/chat/completions"),
+    model_call("/v1/completions"),
+    model_call("/v1/embeddings"),
     endpoint("/api/tags", GET_HEAD, Inference, ModelList),
+    endpoint("/v1/models", GET, Inference, ModelList),
     endpoint("/api/ps", GET, Inference, AnyDevice),
     endpoint("/api/version", GET_HEAD, Inference, AnyDevice),
-    endpoint("/v1/chat/completions", POST, Inference, ByModel),
-    endpoint("/v1/completions", POST, Inference, ByModel),
-    endpoint("/v1/embeddings", POST, Inference, ByModel),
-    endpoint("/v1/models", GET, Inference, ModelList),
     Endpoint {
         path: "/v1/models/",
         methods: GET,
@@ -108,11 +118,11 @@ pub const ENDPOINTS: &[Endpoint] = &[
         param: Param::ModelName,
         routing: AnyDevice,
     },
-    endpoint("/api/pull", POST, Management, AnyDevice),
-    endpoint("/api/push", POST, Management, AnyDevice),
-    endpoint("/api/create", POST, Management, AnyDevice),
-    endpoint("/api/copy", POST, Management, AnyDevice),
-    endpoint("/api/delete", &["DELETE"], Management, AnyDevice),
+    management("/api/pull", POST),
+    management("/api/push", POST),
+    management("/api/create", POST),
+    management("/api/copy", POST),
+    management("/api/delete", &["DELETE"]),
     Endpoint {
         path: "/api/blobs/",
         methods: &["HEAD", "POST"],
