@@ -454,12 +454,12 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     let connected_pixels = shot.region(icon);
 
     // "Disconnect" (the first item that can be picked) closes the daemon's tunnel.
-    open_menu(&display, icon).await;
-    xdotool(&display, &["key", "Down", "Return"]).await;
+    open_menu(display, icon).await;
+    xdotool(display, &["key", "Down", "Return"]).await;
     let disconnected_at =
         wait_for_connection(&socket, |c| matches!(c, Connection::Disconnected)).await;
     relay.wait_for_devices("alice", 0).await;
-    let (shot, _) = wait_for_look(&display, Look::Disconnected, Some(icon)).await;
+    let (shot, _) = wait_for_look(display, Look::Disconnected, Some(icon)).await;
     let shown_after = disconnected_at.elapsed();
     assert!(
         shown_after <= UPDATE_BOUND,
@@ -482,7 +482,7 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     let connected_at =
         wait_for_connection(&socket, |c| matches!(c, Connection::Connected { .. })).await;
     relay.wait_for_devices("alice", 1).await;
-    wait_for_look(&display, Look::Connected, Some(icon)).await;
+    wait_for_look(display, Look::Connected, Some(icon)).await;
     let shown_after = connected_at.elapsed();
     assert!(
         shown_after <= UPDATE_BOUND,
@@ -490,15 +490,15 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     );
 
     // "Copy API URL" (the second item) puts the relay's OpenAI base URL on the clipboard.
-    open_menu(&display, icon).await;
-    xdotool(&display, &["key", "Down", "Down", "Return"]).await;
+    open_menu(display, icon).await;
+    xdotool(display, &["key", "Down", "Down", "Return"]).await;
     let expected = format!("{}/v1", relay.url().as_str().trim_end_matches('/'));
     let started = Instant::now();
-    while clipboard(&display).await != expected {
+    while clipboard(display).await != expected {
         assert!(
             started.elapsed() < STEP,
             "clipboard holds {:?}, not {expected}",
-            clipboard(&display).await
+            clipboard(display).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -507,18 +507,18 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     // page to the desktop's opener; "Show logs" (the fourth) hands it a file of the daemon's
     // log lines. The opener here is a stand-in `xdg-open` that writes down what it was given.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    open_menu(&display, icon).await;
-    xdotool(&display, &["key", "Down", "Down", "Down", "Return"]).await;
+    open_menu(display, icon).await;
+    xdotool(display, &["key", "Down", "Down", "Down", "Return"]).await;
     assert_eq!(wait_for_opened(&tray.opened, 1).await[0], WEB_PAGE);
-    open_menu(&display, icon).await;
-    xdotool(&display, &["key", "Down", "Down", "Down", "Down", "Return"]).await;
+    open_menu(display, icon).await;
+    xdotool(display, &["key", "Down", "Down", "Down", "Down", "Return"]).await;
     let log_file = wait_for_opened(&tray.opened, 2).await[1].clone();
     let lines = std::fs::read_to_string(&log_file).expect("the log file");
     assert!(lines.contains("tunnel up"), "{log_file}: {lines}");
 
     // The daemon dies: the tray shows it, stays up, and picks the daemon up again when it is back.
     drop(daemon);
-    wait_for_look(&display, Look::NoDaemon, Some(icon)).await;
+    wait_for_look(display, Look::NoDaemon, Some(icon)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         tray.process.try_wait().expect("tray status").is_none(),
@@ -530,15 +530,15 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     config.ollama_url = closed_port_url();
     let daemon = TestDaemon::start(config);
     relay.wait_for_devices("alice", 1).await;
-    wait_for_look(&display, Look::Error, Some(icon)).await;
+    wait_for_look(display, Look::Error, Some(icon)).await;
 
     // The relay goes away: the daemon keeps re-dialling, shown as the ring.
     relay.stop().await;
-    wait_for_look(&display, Look::Connecting, Some(icon)).await;
+    wait_for_look(display, Look::Connecting, Some(icon)).await;
 
     // "Quit" (the last item) ends the tray, not the daemon.
-    open_menu(&display, icon).await;
-    xdotool(&display, &["key", "Up", "Return"]).await;
+    open_menu(display, icon).await;
+    xdotool(display, &["key", "Up", "Return"]).await;
     let exit = tokio::time::timeout(STEP, tray.process.wait())
         .await
         .expect("the tray did not quit")
@@ -565,8 +565,8 @@ async fn open_web_page_signs_the_browser_in_on_a_relay_without_a_page_of_its_own
     // "Open web page" (the third item: the relay publishes no page, so it is the relay's own)
     // hands the opener a one-time link that signs a browser in.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    open_menu(&display, icon).await;
-    xdotool(&display, &["key", "Down", "Down", "Down", "Return"]).await;
+    open_menu(display, icon).await;
+    xdotool(display, &["key", "Down", "Down", "Down", "Return"]).await;
     let link = wait_for_opened(&tray.opened, 1).await[0].clone();
     let code = link
         .strip_prefix(&format!("{}#open=", stack.relay.url()))
