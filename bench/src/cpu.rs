@@ -97,9 +97,9 @@ pub async fn measure<T>(
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_components_threads_show_up_with_their_cpu_time() {
-        // This test's thread plays the load generator.
+    #[test]
+    fn a_components_threads_show_up_with_their_cpu_time() {
+        // A thread named as the load generator's.
         let spin = std::thread::Builder::new()
             .name(COMPONENTS[0].to_owned())
             .spawn(|| {
@@ -108,9 +108,9 @@ mod tests {
                     .build()
                     .unwrap();
                 rt.block_on(measure(async {
+                    // Work, not time: a busy machine may give a spinning thread little CPU.
                     let mut x: u64 = 0;
-                    let start = std::time::Instant::now();
-                    while start.elapsed() < Duration::from_millis(20) {
+                    for _ in 0..crate::counters::tests::SPIN {
                         x = std::hint::black_box(x.wrapping_add(1));
                     }
                     Ok(x)
@@ -122,7 +122,7 @@ mod tests {
         let Some(used) = used else {
             return; // no /proc here
         };
-        assert!(used[COMPONENTS[0]] >= Duration::from_millis(10), "{used:?}");
+        assert!(used[COMPONENTS[0]] >= Duration::from_millis(1), "{used:?}");
         assert_eq!(used.len(), COMPONENTS.len());
     }
 }

@@ -125,6 +125,10 @@ enum Command {
         /// [default: 3s; 1s with --quick].
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         perf_load: Option<Duration>,
+        /// The relay writes its audit log (a JSON line per request) into a file: what keeping
+        /// a record of every request costs.
+        #[arg(long)]
+        audit_log: bool,
     },
 }
 
@@ -226,6 +230,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             no_perf,
             perf_record,
             perf_load,
+            audit_log,
         }) => {
             let comparison = cloudllm_bench::compare::run(&cloudllm_bench::compare::Options {
                 quick: cli.quick,
@@ -234,6 +239,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 no_perf: *no_perf,
                 perf_record: perf_record.clone(),
                 perf_load: *perf_load,
+                audit_log: *audit_log,
             })?;
             (
                 comparison.to_string(),

@@ -65,6 +65,9 @@ pub struct Options {
     pub perf_record: Option<PathBuf>,
     /// How long the load of perf's pass lasts (default: the plan's).
     pub perf_load: Option<Duration>,
+    /// The relay writes its audit log (a JSON line per request), as an operator who keeps a
+    /// record of every request runs it.
+    pub audit_log: bool,
 }
 
 /// How many requests and repetitions each scenario gets.
@@ -195,7 +198,7 @@ async fn measure_all(
     let relay = paths::sibling_binary("cloudllm-relay", "cloudllm-relay")?;
     let daemon = paths::sibling_binary("cloudllmd", "cloudllm-daemon")?;
     running.push(
-        cloudllm::start(&relay, &daemon, backend)
+        cloudllm::start(&relay, &daemon, backend, options.audit_log)
             .await
             .context("starting cloudllm's relay and daemon")?,
     );

@@ -49,22 +49,27 @@ pub fn daemon_config(relay: SocketAddr, backend: SocketAddr, dir: &Path) -> Stri
 }
 
 /// Starts the relay and the daemon (`relay_bin`, `daemon_bin`) in front of `backend`, waits
-/// until the daemon has registered and a request goes through.
+/// until the daemon has registered and a request goes through. With `audit`, the relay writes
+/// its audit log (a JSON line per request) into a file.
 pub async fn start(
     relay_bin: &Path,
     daemon_bin: &Path,
     backend: SocketAddr,
+    audit: bool,
 ) -> anyhow::Result<Running> {
     let scratch = Scratch::create("compare-cloudllm")?;
     let relay_addr = free_port()?;
     // The product's own session_idle (the benchmark's relays elsewhere shorten it).
     let session_idle = cloudllm_relay::RelayConfig::default().session_idle;
     let relay_config = scratch.0.join("relay.toml");
-    std::fs::write(
-        &relay_config,
-        relay_host::config_toml(relay_addr, session_idle),
-    )
-    .with_context(|| format!("writing {}", relay_config.display()))?;
+    let mut config = relay_host::config_toml(relay_addr, session_idle);
+    if audit {
+        // A top-level key: before the config's tables.
+        let log = scratch.0.join("audit.jsonl");
+        config = format!("audit_log = {:?}\n{config}", log.display().to_string());
+    }
+    std::fs::write(&relay_config, config)
+        .with_context(|| format!("writing {}", relay_config.display()))?;
     let mut command = Command::new(relay_bin);
     command.arg("serve").arg("--config").arg(&relay_config);
     let relay = Process::spawn("relay", &mut command, &scratch.0.join("relay.log"))?;
@@ -93,8 +98,9 @@ pub async fn start(
         processes: vec![relay, daemon],
         about: format!(
             "release cloudllm-relay and cloudllmd processes, HS256 client token, tier limits checked but \
-             out of reach, default log level into a file, session_idle {}s",
-            session_idle.as_secs()
+             out of reach, default log level into a file, session_idle {}s{}",
+            session_idle.as_secs(),
+            if audit { ", audit log into a file" } else { "" }
         ),
         scratch: Some(scratch),
     };
