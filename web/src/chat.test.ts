@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { accumulate, FAILED, wireMessages } from './chat';
+import { accumulate, conversationFor, FAILED, UNTITLED, wireMessages } from './chat';
+import type { Conversation } from './store/db';
 import { splitThinking } from './render/think';
 import { openCode } from './auth/open';
 
@@ -45,6 +46,28 @@ describe('thinking', () => {
     expect(wireMessages('', [big])).toEqual([big]);
     // Stopped before any word: the question stays (the person chose to stop, not the relay).
     expect(wireMessages('', [big, stopped, { role: 'user', content: 'more' }])).toHaveLength(2);
+  });
+});
+
+describe('the conversation a message goes to', () => {
+  const base: Conversation = {
+    id: 'c1', user: 'alice', title: UNTITLED, systemPrompt: 'Be a pirate.', model: 'm', device: '',
+    createdAt: 1, updatedAt: 1, messageCount: 0,
+  };
+  const fresh = () => ({ ...base, id: 'new', systemPrompt: '' });
+
+  it('names a new conversation after its first message', () => {
+    expect(conversationFor(null, true, 'Plan a trip\nto Rome', fresh)).toMatchObject({ id: 'new', title: 'Plan a trip' });
+  });
+
+  it('names one whose system prompt was set first after its first message, keeping the prompt', () => {
+    expect(conversationFor(base, true, 'Ahoy', fresh)).toMatchObject({ id: 'c1', title: 'Ahoy', systemPrompt: 'Be a pirate.' });
+  });
+
+  it('keeps a title once there are messages, or once the person gave one', () => {
+    expect(conversationFor({ ...base, title: 'First words' }, false, 'later', fresh).title).toBe('First words');
+    expect(conversationFor(base, false, 'later', fresh).title).toBe(UNTITLED);
+    expect(conversationFor({ ...base, title: 'My pirate' }, true, 'Ahoy', fresh).title).toBe('My pirate');
   });
 });
 

@@ -5,7 +5,7 @@
 import type { Client } from './api/client';
 import type { WireMessage } from './api/types';
 import { splitThinking } from './render/think';
-import type { Message } from './store/db';
+import { type Conversation, type Message, titleFrom } from './store/db';
 
 /** Whether `reply` is a failure with nothing of an answer (the relay refused the request:
  * too large, rate-limited, offline). */
@@ -28,6 +28,23 @@ export function wireMessages(systemPrompt: string, messages: Message[]): WireMes
     wire.push(out);
   }
   return wire;
+}
+
+/** The title of a conversation before its first message (one made by setting its system
+ * prompt first). */
+export const UNTITLED = 'New chat';
+
+/** The conversation the message `text` goes to: `current`, or else `fresh()`; named after `text`
+ * when it is the first message (`first`) of a conversation still untitled, so that one whose
+ * system prompt was set first is not listed as "New chat" forever. */
+export function conversationFor(
+  current: Conversation | null,
+  first: boolean,
+  text: string,
+  fresh: () => Conversation,
+): Conversation {
+  const conversation = current ?? fresh();
+  return first && (!current || conversation.title === UNTITLED) ? { ...conversation, title: titleFrom(text) } : conversation;
 }
 
 /** How the note of a failed answer starts. */

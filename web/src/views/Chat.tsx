@@ -6,9 +6,9 @@ import { useCallback, useEffect, useMemo, useRef, useState } from 'preact/hooks'
 import { Client } from '../api/client';
 import { ApiError, type DeviceInfo, type ModelTag } from '../api/types';
 import { expiredReason, type Session } from '../auth/token';
-import { FAILED, type Live, storedOptions, streamAnswer, wireMessages } from '../chat';
+import { conversationFor, FAILED, type Live, storedOptions, streamAnswer, UNTITLED, wireMessages } from '../chat';
 import { onCopyClick } from '../render/markdown';
-import { type Conversation, type Message, newId, Store, titleFrom } from '../store/db';
+import { type Conversation, type Message, newId, Store } from '../store/db';
 import { exportJson, parseImport } from '../store/transfer';
 import { Banner, type BannerState } from './Banner';
 import { Composer } from './Composer';
@@ -211,6 +211,12 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
     setMenuOpen(false);
   };
 
+  /** A conversation not saved yet, with the model and device picked now. */
+  const fresh = (): Conversation => {
+    const now = Date.now();
+    return { id: newId(), user, title: UNTITLED, systemPrompt: '', model, device, createdAt: now, updatedAt: now, messageCount: 0 };
+  };
+
   const persist = async (conversation: Conversation, list: Message[]) => {
     if (!store) return;
     await store.save(conversation, list);
@@ -283,18 +289,7 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
     localStorage.setItem(LAST_MODEL_KEY, model);
     const message: Message = { role: 'user', content: text };
     if (images.length) message.images = images;
-    const nowMs = Date.now();
-    const conversation: Conversation = current ?? {
-      id: newId(),
-      user,
-      title: titleFrom(text),
-      systemPrompt: '',
-      model,
-      device,
-      createdAt: nowMs,
-      updatedAt: nowMs,
-      messageCount: 0,
-    };
+    const conversation = conversationFor(current, !messages.length, text, fresh);
     let history: Message[];
     if (editing !== null) {
       history = [...messages.slice(0, editing), message];
@@ -316,18 +311,7 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
   };
 
   const setSystemPrompt = async (text: string) => {
-    const conversation: Conversation = current ?? {
-      id: newId(),
-      user,
-      title: 'New chat',
-      systemPrompt: '',
-      model,
-      device,
-      createdAt: Date.now(),
-      updatedAt: Date.now(),
-      messageCount: 0,
-    };
-    const next = { ...conversation, systemPrompt: text };
+    const next = { ...(current ?? fresh()), systemPrompt: text };
     setCurrent(next);
     await persist(next, messages);
   };
