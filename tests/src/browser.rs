@@ -2,10 +2,14 @@
 //! page's packages are there ([`tools_ready`]), runs one of `web/e2e/*.mjs` with a config
 //! ([`run_script`]), and a fake chat backend ([`FakeChat`], a fake, named so) whose answers the
 //! page renders: a fixed Markdown text with `<script>` and `<img onerror>` for models named
-//! `fake-md…`; for `fake-echo…` and `fake-vision…` an answer that names the request's number and
-//! the question it answers (for regenerate and edit); for any other model a never-ending stream
-//! that records when the client goes away, for the Stop check. `fake-vision…` is the one model
-//! whose `/api/show` lists the `vision` capability, and the fake keeps the images it receives.
+//! `fake-md…`; for `fake-echo…` and `fake-vision…` an answer that names the request's number,
+//! the question it answers, the model and the fake (for regenerate, edit, and which device
+//! answered); `fake-think…` and `fake-r1…` answer the same after some thinking, the one in
+//! Ollama's `message.thinking` field, the other in `<think>…</think>` at the start of the
+//! text; for any other model a never-ending stream that records when the client goes away, for
+//! the Stop check. `fake-vision…` is the one model whose `/api/show` lists the `vision`
+//! capability. The fake keeps the images and the chat requests it receives, and shows the
+//! requests at `GET /fake/requests`, so that a browser run can check what reached the backend.
 //!
 //! Needs `chromium` (Debian: `apt-get install chromium`; `CLOUDLLM_CHROMIUM` names another) and
 //! Node.js; `npm ci` runs in `web/` when its packages are missing. `CLOUDLLM_SKIP_WEB_TEST=1`
@@ -123,9 +127,12 @@ pub async fn run_script(script: &str, config: serde_json::Value, within: Duratio
     stdout
 }
 
-/// The fake chat backend's record: streams open now, and streams whose client went away.
+/// The fake chat backend's record: streams open now, streams whose client went away, and the
+/// requests received.
 #[derive(Default)]
 pub struct FakeChat {
+    /// Which fake this is, named in its echo answers (e.g. the device it stands behind).
+    pub label: String,
     /// Chat streams open now.
     pub open: AtomicUsize,
     /// Chat streams whose client went away before their end.
@@ -134,23 +141,36 @@ pub struct FakeChat {
     pub chats: AtomicUsize,
     /// The base64 images of every message of every chat request received, in order.
     pub images: Mutex<Vec<String>>,
+    /// Every chat request received (its JSON body, or `null` when it was not JSON), in order;
+    /// served at `GET /fake/requests`.
+    pub requests: Mutex<Vec<serde_json::Value>>,
     /// Told at every change of the counts above.
     pub changed: Notify,
 }
 
 impl FakeChat {
     /// The models the fake lists, sorted (as the relay reports a device's models).
-    pub const MODELS: [&str; 4] = [
+    pub const MODELS: [&str; 6] = [
         "fake-echo:latest",
         "fake-md:latest",
+        "fake-r1:latest",
         "fake-slow:latest",
+        "fake-think:latest",
         "fake-vision:latest",
     ];
 
-    /// Starts the fake on `127.0.0.1:0`: its URL, its record, and its task. It lists
-    /// [`FakeChat::MODELS`].
+    /// Starts the fake on `127.0.0.1:0`, labelled `fake`: its URL, its record, and its task. It
+    /// lists [`FakeChat::MODELS`].
     pub async fn start() -> (Url, Arc<FakeChat>, tokio::task::JoinHandle<()>) {
-        let fake = Arc::new(FakeChat::default());
+        Self::start_labelled("fake").await
+    }
+
+    /// [`FakeChat::start`] for a fake named `label` in its echo answers.
+    pub async fn start_labelled(label: &str) -> (Url, Arc<FakeChat>, tokio::task::JoinHandle<()>) {
+        let fake = Arc::new(FakeChat {
+            label: label.to_owned(),
+            ..FakeChat::default()
+        });
         let app = Router::new()
             .route(
                 "/api/version",
@@ -168,6 +188,7 @@ impl FakeChat {
             )
             .route("/api/show", post(show))
             .route("/api/chat", post(chat))
+            .route("/fake/requests", get(requests))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -229,18 +250,49 @@ async fn show(body: Bytes) -> Response {
     .into_response()
 }
 
-/// What `fake-echo…` and `fake-vision…` answer to the chat request numbered `number`: which
-/// request it was, the last question, and how many images came with the request.
-fn echo(number: usize, request: &serde_json::Value, images: usize) -> String {
+/// `GET /fake/requests`: the chat requests received, as a JSON array.
+async fn requests(State(fake): State<Arc<FakeChat>>) -> Response {
+    let all = fake
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    axum::Json(serde_json::Value::Array(all)).into_response()
+}
+
+/// The last question of a chat request.
+fn question(request: &serde_json::Value) -> String {
     let messages = request["messages"].as_array().cloned().unwrap_or_default();
-    let question = messages
+    messages
         .iter()
         .rev()
         .find(|m| m["role"] == "user")
         .and_then(|m| m["content"].as_str())
         .unwrap_or_default()
-        .to_owned();
-    format!("Answer {number} to: {question} (saw {images} images)\n")
+        .to_owned()
+}
+
+/// What the echoing models answer to the chat request numbered `number`: which request it
+/// was, the last question, how many images came with the request, the model and the fake.
+fn echo(fake: &FakeChat, number: usize, request: &serde_json::Value, images: usize) -> String {
+    let question = question(request);
+    let model = request["model"].as_str().unwrap_or_default();
+    format!(
+        "Answer {number} to: {question} (saw {images} images) — {model} on {}\n",
+        fake.label
+    )
+}
+
+/// One piece of a streamed answer: `true` for thinking (Ollama's `message.thinking`).
+type Piece = (bool, String);
+
+/// `text` in pieces of a few characters each, as a model streams it.
+fn pieces(thinking: bool, text: &str) -> Vec<Piece> {
+    let chars: Vec<char> = text.chars().collect();
+    chars
+        .chunks(7)
+        .map(|c| (thinking, c.iter().collect()))
+        .collect()
 }
 
 fn ndjson(line: &serde_json::Value) -> Result<Bytes, std::io::Error> {
@@ -251,6 +303,10 @@ async fn chat(State(fake): State<Arc<FakeChat>>, body: Bytes) -> Response {
     let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let model = request["model"].as_str().unwrap_or_default().to_owned();
     let number = fake.chats.fetch_add(1, Ordering::SeqCst) + 1;
+    fake.requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(request.clone());
     let images: Vec<String> = request["messages"]
         .as_array()
         .into_iter()
@@ -263,14 +319,26 @@ async fn chat(State(fake): State<Arc<FakeChat>>, body: Bytes) -> Response {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .extend(images);
+    let thought = format!("Pondering {} step by step.", question(&request));
     // `None`: the never-ending stream.
-    let text = if model.starts_with("fake-echo") || model.starts_with("fake-vision") {
-        Some(echo(number, &request, seen))
-    } else if model.starts_with("fake-md") {
-        Some(HOSTILE_MARKDOWN.to_owned())
-    } else {
-        None
-    };
+    let answer: Option<Vec<Piece>> =
+        if model.starts_with("fake-echo") || model.starts_with("fake-vision") {
+            Some(pieces(false, &echo(&fake, number, &request, seen)))
+        } else if model.starts_with("fake-think") {
+            let mut all = pieces(true, &thought);
+            all.extend(pieces(false, &echo(&fake, number, &request, seen)));
+            Some(all)
+        } else if model.starts_with("fake-r1") {
+            let text = format!(
+                "<think>\n{thought}\n</think>\n\n{}",
+                echo(&fake, number, &request, seen)
+            );
+            Some(pieces(false, &text))
+        } else if model.starts_with("fake-md") {
+            Some(pieces(false, HOSTILE_MARKDOWN))
+        } else {
+            None
+        };
     fake.open.fetch_add(1, Ordering::SeqCst);
     fake.changed.notify_waiters();
     let guard = Guard {
@@ -279,23 +347,24 @@ async fn chat(State(fake): State<Arc<FakeChat>>, body: Bytes) -> Response {
     };
     let stream = futures_util::stream::unfold(Some((guard, 0usize)), move |state| {
         let model = model.clone();
-        let text = text.clone();
+        let answer = answer.clone();
         async move {
             let (mut guard, n) = state?;
-            if let Some(text) = text {
-                // The text in pieces, a few characters each, then the end.
-                let chars: Vec<char> = text.chars().collect();
-                let start = n * 7;
-                if start >= chars.len() {
+            if let Some(answer) = answer {
+                let Some((thinking, piece)) = answer.get(n) else {
                     guard.finished = true;
                     let done = serde_json::json!({"model": model, "message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "stop"});
                     // The guard goes with the last line: the stream ends after it.
                     drop(guard);
                     return Some((ndjson(&done), None));
-                }
-                let piece: String = chars[start..(start + 7).min(chars.len())].iter().collect();
+                };
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                let line = serde_json::json!({"model": model, "message": {"role": "assistant", "content": piece}, "done": false});
+                let message = if *thinking {
+                    serde_json::json!({"role": "assistant", "content": "", "thinking": piece})
+                } else {
+                    serde_json::json!({"role": "assistant", "content": piece})
+                };
+                let line = serde_json::json!({"model": model, "message": message, "done": false});
                 Some((ndjson(&line), Some((guard, n + 1))))
             } else {
                 // Never ends: only the client going away stops it.

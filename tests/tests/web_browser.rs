@@ -12,6 +12,12 @@
 //! `web/e2e/features.mjs` covers images for vision models, a 413 and a 429 (on a tier with tiny
 //! limits), regenerate, edit and resend, and export then import.
 //!
+//! A second test needs no real Ollama: two daemons of one user, each in front of a fake of its
+//! own, for `web/e2e/conversations.mjs`: the device and model picked are the ones that answer,
+//! the conversation list (search, rename, delete), a conversation's system prompt, and a
+//! reasoning model's thinking (shown folded, never sent back), checked on what each fake
+//! received.
+//!
 //! Needs `chromium` (Debian: `apt-get install chromium`) and the page's packages
 //! (`npm ci --prefix web`, run here when `web/node_modules` is missing). Set
 //! `CLOUDLLM_SKIP_WEB_TEST=1` to skip knowingly; otherwise a missing tool fails the test with
@@ -36,6 +42,8 @@ const OLLAMA_START: Duration = Duration::from_secs(600);
 const BROWSER_RUN: Duration = Duration::from_secs(480);
 /// The run of `features.mjs`: fake models only, but one wait for a rate limit to lift.
 const FEATURES_RUN: Duration = Duration::from_secs(300);
+/// The run of `conversations.mjs`: fake models only, a dozen short answers.
+const CONVERSATIONS_RUN: Duration = Duration::from_secs(240);
 
 /// A tier whose limits the page meets at once: a 4 KiB body (a long message is a 413) and
 /// 5 requests a minute (a few messages are a 429 with a wait of about 12 s).
@@ -208,6 +216,62 @@ async fn the_web_page_in_chromium() {
         "imported",
     ] {
         let shot = screenshots.join(format!("{name}.png"));
+        let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            size > 1000,
+            "screenshot {} missing or empty",
+            shot.display()
+        );
+    }
+    relay.stop().await;
+}
+
+/// Whether `fake` received a chat request whose last message is `question`.
+fn asked(fake: &FakeChat, question: &str) -> bool {
+    let requests = fake.requests.lock().map(|r| r.clone()).unwrap_or_default();
+    requests.iter().any(|r| {
+        r["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .is_some_and(|m| m["content"] == question)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_conversations_and_thinking_in_chromium() {
+    if !tools_ready().await {
+        return;
+    }
+    cloudllm_e2e::init_logs();
+    let relay = TestRelay::start(relay_config()).await;
+    let (desktop_url, desktop, _desktop_task) =
+        FakeChat::start_labelled("the desktop's fake").await;
+    let (laptop_url, laptop, _laptop_task) = FakeChat::start_labelled("the laptop's fake").await;
+    let _desktop = TestDaemon::start(daemon_config(
+        &relay.url(),
+        "alice",
+        "desktop",
+        &desktop_url,
+    ));
+    let _laptop = TestDaemon::start(daemon_config(&relay.url(), "alice", "laptop", &laptop_url));
+    relay.wait_for_devices("alice", 2).await;
+    for device in ["desktop", "laptop"] {
+        relay
+            .wait_for_models("alice", device, &FakeChat::MODELS)
+            .await;
+    }
+    let config = serde_json::json!({
+        "relay": relay.url().as_str(),
+        "alice": token("alice", Scope::Client),
+        "fakes": { "desktop": desktop_url.as_str(), "laptop": laptop_url.as_str() },
+        "labels": { "desktop": desktop.label, "laptop": laptop.label },
+    });
+    run_script("conversations.mjs", config, CONVERSATIONS_RUN).await;
+    // Each question reached the device picked for it, and only that one.
+    assert!(asked(&desktop, "Which device are you?") && !asked(&laptop, "Which device are you?"));
+    assert!(asked(&laptop, "And which one are you?") && !asked(&desktop, "And which one are you?"));
+    for name in ["devices", "search", "system-prompt", "thinking"] {
+        let shot = screenshots().join(format!("{name}.png"));
         let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
         assert!(
             size > 1000,
