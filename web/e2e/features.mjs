@@ -76,7 +76,10 @@ await check('regenerate asks again and replaces the answer', async () => {
 await check('edit a message and resend: it replaces the message and what followed', async () => {
   await page.getByTestId('msg-user').getByRole('button', { name: 'Edit' }).click();
   const box = page.getByTestId('input');
-  assert((await box.inputValue()) === 'first question', `the box holds: ${await box.inputValue()}`);
+  // The box takes the message in an effect, after the next paint: wait for it.
+  await page
+    .waitForFunction(() => document.querySelector('[data-testid="input"]')?.value === 'first question', null, { timeout: STEP })
+    .catch(async () => assert(false, `the box holds: ${await box.inputValue()}`));
   await page.getByText('Editing a message').waitFor();
   await send(page, 'edited question');
   const answer = await finished(page);
