@@ -137,17 +137,20 @@ async fn a_method_an_endpoint_does_not_take_gets_405_with_allow() {
     );
 }
 
+/// Model names and blob digests that smuggle a path (or bytes no name has) past the router.
+const PATHS_IN_DISGUISE: [&str; 6] = [
+    "/v1/models/..%2F..%2Fapi%2Fpull",
+    "/v1/models/..%2f..%2fapi%2fpull",
+    "/v1/models/x%2F..%2F..%2Fapi%2Ftags",
+    "/v1/models/a%00b",
+    "/v1/models/fake%20latest",
+    "/api/blobs/..%2F..%2Fapi%2Fpull",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_name_that_hides_a_path_never_reaches_ollama() {
     let stack = Stack::start().await;
-    for path in [
-        "/v1/models/..%2F..%2Fapi%2Fpull",
-        "/v1/models/..%2f..%2fapi%2fpull",
-        "/v1/models/x%2F..%2F..%2Fapi%2Ftags",
-        "/v1/models/a%00b",
-        "/v1/models/fake%20latest",
-        "/api/blobs/..%2F..%2Fapi%2Fpull",
-    ] {
+    for path in PATHS_IN_DISGUISE {
         let response = stack.get(path).send().await.unwrap();
         if path.starts_with("/api/blobs/") {
             // Management first: the caller learns which setting to ask for.
@@ -242,32 +245,25 @@ async fn large_responses_arrive_whole() {
     assert_eq!(last["done"], true);
 }
 
+/// Ollama's endpoints that change the models on the device.
+const MANAGEMENT: [&str; 6] = [
+    "/api/pull",
+    "/api/delete",
+    "/api/create",
+    "/api/copy",
+    "/api/push",
+    "/api/blobs/sha256:00",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_management_is_refused_and_names_the_setting() {
     let stack = Stack::start().await;
-    for path in [
-        "/api/pull",
-        "/api/delete",
-        "/api/create",
-        "/api/copy",
-        "/api/push",
-        "/api/blobs/sha256:00",
-    ] {
-        let response = stack
-            .post(path)
-            .json(&json!({"model": "x"}))
-            .send()
-            .await
-            .unwrap();
+    for path in MANAGEMENT {
+        let response = send(stack.post(path).json(&json!({"model": "x"}))).await;
         assert_eq!(response.status(), 403, "{path}");
         let body: serde_json::Value = response.json().await.unwrap();
-        assert!(
-            body["error"]
-                .as_str()
-                .unwrap()
-                .contains("allow_model_management"),
-            "{path}: {body}"
-        );
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains("allow_model_management"), "{path}: {body}");
     }
     let unknown = stack.post("/api/something-new").send().await.unwrap();
     assert_eq!(unknown.status(), 403);
