@@ -3,8 +3,9 @@
 //! and forwarding to the fake backend. Requests carry a client token (HS256) of a tier whose
 //! limits are checked on every request but out of reach of the load.
 //!
-//! Both run at their default log level (one INFO line per request in the relay's case) into
-//! a file: that logging is part of what a request costs the operator.
+//! Both run at their default log level into a file (the daemon logs one INFO line per request;
+//! the relay's per-request record is its audit log, written with `compare --audit-log`): that
+//! logging is part of what a request costs.
 
 use std::net::SocketAddr;
 use std::path::Path;
