@@ -51,28 +51,23 @@ pub const STEP: Duration = Duration::from_secs(20);
 /// The signing secret of test relays.
 pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
-/// Logs to the test output when `RUST_LOG` is set.
+/// Sets up this test binary's logging, once: to the test output as `RUST_LOG` asks, and the
+/// daemons' lines at info level to the buffer their `logs` IPC call reads (as cloudllmd's own
+/// subscriber does), for tests of `cloudllm logs` and the tray's "Save logs". One subscriber
+/// does both, so that whichever test of the binary sets it up first, every test gets both.
 pub fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-/// Sends the log lines of daemons in this process to the buffer their `logs` IPC call reads (as
-/// cloudllmd's own subscriber does), for tests of `cloudllm logs` and the tray's "Save logs".
-/// Call it first in such a test: the first subscriber of a test binary wins.
-pub fn capture_daemon_logs() {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let buffer = cloudllm_daemon::logs::LogBuffer::global();
+    let to_output = tracing_subscriber::fmt::layer()
+        .with_test_writer()
+        .with_filter(tracing_subscriber::EnvFilter::from_default_env());
+    let to_buffer = cloudllm_daemon::logs::LogBuffer::global()
+        .layer()
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let _ = tracing_subscriber::registry()
-        .with(
-            buffer
-                .layer()
-                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
-        )
+        .with(to_output)
+        .with(to_buffer)
         .try_init();
 }
 
