@@ -117,7 +117,7 @@ async fn open_says_what_is_wrong_in_the_users_terms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_signs_in_only_through_its_identity_provider_says_so() {
-    cloudllm_e2e::capture_daemon_logs();
+    cloudllm_e2e::init_logs();
     let Some(idp) = OidcProvider::start(&[]).await else {
         return;
     };

@@ -80,7 +80,7 @@ struct Switch {
 
 impl Switch {
     async fn start() -> Switch {
-        cloudllm_e2e::capture_daemon_logs();
+        cloudllm_e2e::init_logs();
         let relay_a = TestRelay::start(relay_config()).await;
         let url_a = relay_a.url();
         let backend = FakeOllama::start().await;

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cloudllm_e2e::{
-    STEP, Stack, TestDaemon, capture_daemon_logs, daemon_config, relay_config, wait_for_socket,
+    STEP, Stack, TestDaemon, daemon_config, init_logs, relay_config, wait_for_socket,
 };
 use cloudllm_proto::ipc::Connection;
 use cloudllm_relay::RelayConfig;
@@ -50,7 +50,7 @@ fn connected(state: &TrayState) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn menu_actions_reach_the_daemon_and_logs_land_in_a_file() {
-    capture_daemon_logs();
+    init_logs();
     let stack = Stack::start().await;
 
     let states = watch_until(&stack.socket, |states| states.iter().any(connected)).await;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cloudllm_e2e::{Stack, TestDaemon, capture_daemon_logs, relay_config};
+use cloudllm_e2e::{Stack, TestDaemon, init_logs, relay_config};
 use cloudllm_ipc_client::Client;
 use cloudllm_proto::ipc::{Connection, Request, Response, Status};
 use cloudllm_relay::RelayConfig;
@@ -100,7 +100,7 @@ impl Desktop {
         if !should_run() {
             return None;
         }
-        capture_daemon_logs();
+        init_logs();
         let (xvfb, display) = start_xvfb().await;
         let trayer = start_trayer(&display);
         Some(Desktop {

@@ -148,7 +148,7 @@ impl Fixture {
 
     /// A fixture whose relay runs with `config`.
     pub async fn with_relay(config: RelayConfig) -> Fixture {
-        cloudllm_e2e::capture_daemon_logs();
+        cloudllm_e2e::init_logs();
         let relay = TestRelay::start(config).await;
         let backend = FakeOllama::start().await;
         let config = cloudllm_e2e::logged_out(daemon_config(
