@@ -2,7 +2,7 @@
 //! enter at any node. Every device is reachable from every node, model lists merge across
 //! nodes, a stream crosses the hop line by line, a caller hanging up stops the generation on
 //! the far side, and a node-to-node request that is not signed with the shared secret (or is
-//! replayed late) is refused.
+//! replayed, late or at once) is refused.
 
 use std::time::Duration;
 
@@ -286,7 +286,7 @@ async fn a_forged_or_late_node_to_node_request_is_refused() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis();
-    let send = |secret: &str, at: u128| {
+    let signed = |secret: &str, at: u128| {
         let mut headers = http::HeaderMap::new();
         headers.insert("x-request-id", http::HeaderValue::from_static("peer-test"));
         Peers::new(secret.as_bytes(), "n1".into()).sign(
@@ -296,8 +296,10 @@ async fn a_forged_or_late_node_to_node_request_is_refused() {
             "alice-desktop",
             at,
         );
-        peer.post(&url).headers(headers).body("{}").send()
+        headers
     };
+    let send_signed = |headers: http::HeaderMap| peer.post(&url).headers(headers).body("{}").send();
+    let send = |secret: &str, at: u128| send_signed(signed(secret, at));
     // Unsigned: refused, and nothing reaches the device.
     let unsigned = peer
         .post(&url)
@@ -318,8 +320,15 @@ async fn a_forged_or_late_node_to_node_request_is_refused() {
     assert_eq!(late.status(), 401);
     assert_eq!(shows(&backend), 0);
     // Signed properly and fresh: served.
-    let fresh = send(CLUSTER_SECRET, now).await.unwrap();
+    let captured = signed(CLUSTER_SECRET, now);
+    let fresh = send_signed(captured.clone()).await.unwrap();
     assert_eq!(fresh.status(), 200);
+    assert_eq!(shows(&backend), 1);
+    // The same signed request captured on the wire and sent again at once, well within the
+    // clock window: refused, and nothing more reaches the device.
+    let replayed = send_signed(captured).await.unwrap();
+    assert_eq!(replayed.status(), 401);
+    assert!(replayed.text().await.unwrap().contains("already used"));
     assert_eq!(shows(&backend), 1);
     let metrics = client()
         .get(nodes[1].api("/metrics"))
@@ -330,7 +339,7 @@ async fn a_forged_or_late_node_to_node_request_is_refused() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("cloudllm_cluster_forwarded_refused_total 3"),
+        metrics.contains("cloudllm_cluster_forwarded_refused_total 4"),
         "{metrics}"
     );
 }

@@ -4,13 +4,15 @@
 //! The node that received the request has authenticated the user and applied the limits; it
 //! sends the request on one stream of a pooled HTTP/2 connection to the holding node's peer
 //! listener, naming the user and the device, with an HMAC-SHA256 over the node, the time, the
-//! user, the device, the method, the path and the request id. The holding node accepts only a
-//! request whose signature checks and whose time is within [`MAX_SKEW`] of its own clock (a
-//! forged one, or one replayed later, gets 401), and serves it from its tunnel as it would its
-//! own. Bodies stream both ways under HTTP/2 flow control; a caller that hangs up resets the
+//! user, the device, the method, the path, the request id and a random nonce. The holding node
+//! accepts only a request whose signature checks, whose time is within [`MAX_SKEW`] of its own
+//! clock, and whose signature it has not seen before (a forged one, one replayed later, or one
+//! captured on the wire and replayed within the window gets 401), and serves it from its tunnel
+//! as it would its own. Seen signatures are kept until their time leaves the window
+//! ([`Replays`]), at most [`MAX_SEEN`] of them. Bodies stream both ways under HTTP/2 flow control; a caller that hangs up resets the
 //! stream, which the holding node passes on to the daemon.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,27 +39,32 @@ pub const HEADER_PEER_USER: &str = "x-cloudllm-peer-user";
 pub const HEADER_PEER_TIME: &str = "x-cloudllm-peer-time";
 /// The request's HMAC-SHA256, hex.
 pub const HEADER_PEER_SIGNATURE: &str = "x-cloudllm-peer-signature";
+/// A random value, hex, that makes every signed request unique even when two share the
+/// millisecond, the path and a caller-chosen request id: a signature is accepted once.
+pub const HEADER_PEER_NONCE: &str = "x-cloudllm-peer-nonce";
 
 /// How far a forwarded request's time may be from the receiving node's clock: 30 s covers any
 /// clock drift NTP leaves and a slow hop, and a captured request is refused after it.
 pub const MAX_SKEW: Duration = Duration::from_secs(30);
 
+/// Most signatures a node remembers to refuse replays. 262,144 covers about 4,300 forwarded
+/// requests a second sustained over the 60 s a signature stays valid (30 s either side of the
+/// node's clock), in about 25 MiB at worst. Only requests whose signature checks are
+/// remembered, so only a holder of the shared secret can fill it; when full, new forwarded
+/// requests are refused with 503 (fail closed: accepting one unremembered would allow its
+/// replay) until the oldest leave the window.
+pub const MAX_SEEN: usize = 262_144;
+
+/// Bytes of randomness in a nonce: 128 bits never repeat by chance.
+const NONCE_BYTES: usize = 16;
+
 /// Time to open a connection to another node: peers are on the same network.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What is signed, in order, one per line.
-fn message(
-    time: &str,
-    node: &str,
-    user_hex: &str,
-    device: &str,
-    method: &str,
-    path: &str,
-    request_id: &str,
-) -> String {
-    format!(
-        "cloudllm-peer-v1\n{time}\n{node}\n{user_hex}\n{device}\n{method}\n{path}\n{request_id}"
-    )
+/// What is signed, in order, one per line: time, node, user (hex), device, method, path,
+/// request id, nonce.
+fn message(fields: [&str; 8]) -> String {
+    format!("cloudllm-peer-v2\n{}", fields.join("\n"))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -80,10 +87,44 @@ fn now_millis() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
+/// The signatures of forwarded requests already served, until their time leaves the window:
+/// a request captured on the wire and sent again within [`MAX_SKEW`] is refused.
+#[derive(Default)]
+struct Replays {
+    /// Signatures remembered.
+    seen: HashSet<Vec<u8>>,
+    /// The same, in the order they arrived, with when each may be forgotten (ms since the
+    /// epoch). Signed times arrive nearly in order; one that expires earlier than an entry
+    /// before it is forgotten a little late, which only keeps it longer than needed.
+    order: VecDeque<(u128, Vec<u8>)>,
+}
+
+impl Replays {
+    /// Remembers `signature`, valid until `expires`, unless it was seen before.
+    fn first_use(&mut self, signature: &[u8], expires: u128, now: u128) -> Result<(), PeerRefusal> {
+        while self.order.front().is_some_and(|(at, _)| *at < now) {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        if self.seen.contains(signature) {
+            return Err(PeerRefusal::Replayed);
+        }
+        if self.seen.len() >= MAX_SEEN {
+            return Err(PeerRefusal::Saturated);
+        }
+        self.seen.insert(signature.to_vec());
+        self.order.push_back((expires, signature.to_vec()));
+        Ok(())
+    }
+}
+
 /// The signing key and the pooled connections to the other nodes.
 pub struct Peers {
     key: hmac::Key,
     node: String,
+    /// Signatures already accepted, to refuse replays.
+    replays: Mutex<Replays>,
     /// One HTTP/2 connection per peer address, opened on first use, again when it has closed.
     pool: Mutex<HashMap<String, SendRequest<Body>>>,
 }
@@ -100,6 +141,12 @@ pub enum PeerRefusal {
     /// The signature does not check.
     #[error("the node-to-node signature does not check")]
     Forged,
+    /// The same signed request was already served: a replay.
+    #[error("the node-to-node request was already used once")]
+    Replayed,
+    /// Too many signatures to remember: refused rather than open to replay.
+    #[error("too many node-to-node requests to check for replays: try again shortly")]
+    Saturated,
 }
 
 /// Who a verified forwarded request is for.
@@ -117,6 +164,7 @@ impl Peers {
         Peers {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             node,
+            replays: Mutex::default(),
             pool: Mutex::default(),
         }
     }
@@ -138,9 +186,14 @@ impl Peers {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let mut nonce = [0u8; NONCE_BYTES];
+        // Without randomness the nonce is zeros: the request is then accepted once per
+        // millisecond and request id, still never replayable.
+        let _ = getrandom::fill(&mut nonce);
+        let nonce = hex(&nonce);
         let tag = hmac::sign(
             &self.key,
-            message(
+            message([
                 &time,
                 &self.node,
                 &user_hex,
@@ -148,13 +201,15 @@ impl Peers {
                 method,
                 path,
                 &request_id,
-            )
+                &nonce,
+            ])
             .as_bytes(),
         );
         for (name, value) in [
             (HEADER_PEER_NODE, self.node.clone()),
             (HEADER_PEER_USER, user_hex),
             (HEADER_PEER_TIME, time),
+            (HEADER_PEER_NONCE, nonce),
             (HEADER_PEER_SIGNATURE, hex(tag.as_ref())),
             (proto::HEADER_DEVICE, device.to_owned()),
         ] {
@@ -164,7 +219,8 @@ impl Peers {
         }
     }
 
-    /// Checks a forwarded request's headers against its method and path at `now` (ms).
+    /// Checks a forwarded request's headers against its method and path at `now` (ms), and
+    /// that this signed request has not been accepted before.
     pub fn verify(
         &self,
         headers: &HeaderMap,
@@ -181,13 +237,16 @@ impl Peers {
         let user_hex = get(HEADER_PEER_USER)?;
         let time = get(HEADER_PEER_TIME)?;
         let device = get(proto::HEADER_DEVICE)?;
+        let nonce = get(HEADER_PEER_NONCE)?;
         let signature = unhex(get(HEADER_PEER_SIGNATURE)?).ok_or(PeerRefusal::Unsigned)?;
         let request_id = headers
             .get(proto::HEADER_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         let signed_at: u128 = time.parse().map_err(|_| PeerRefusal::Unsigned)?;
-        let message = message(time, node, user_hex, device, method, path, request_id);
+        let message = message([
+            time, node, user_hex, device, method, path, request_id, nonce,
+        ]);
         hmac::verify(&self.key, message.as_bytes(), &signature).map_err(|_| PeerRefusal::Forged)?;
         if now.abs_diff(signed_at) > MAX_SKEW.as_millis() {
             return Err(PeerRefusal::Stale);
@@ -195,6 +254,7 @@ impl Peers {
         let user = unhex(user_hex)
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .ok_or(PeerRefusal::Unsigned)?;
+        lock(&self.replays).first_use(&signature, signed_at + MAX_SKEW.as_millis(), now)?;
         Ok(Forwarded {
             node: node.to_owned(),
             user,
@@ -339,7 +399,12 @@ async fn handle(state: Arc<AppState>, req: http::Request<hyper::body::Incoming>)
         Err(refusal) => {
             state.metrics.forwarded_refused.inc();
             warn!(reason = %refusal, "refused a node-to-node request");
-            return refuse(StatusCode::UNAUTHORIZED, &refusal.to_string());
+            let status = if refusal == PeerRefusal::Saturated {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            return refuse(status, &refusal.to_string());
         }
     };
     state.metrics.forwarded_in.inc();
@@ -380,6 +445,23 @@ mod tests {
                 user: "alice\nx".into()
             })
         );
+        // The same signed request again, within the window: a replay.
+        assert_eq!(
+            b.verify(&headers, ("POST", "/api/chat"), now + 2000),
+            Err(PeerRefusal::Replayed)
+        );
+        // Signed again, even at the same millisecond: a new nonce, accepted.
+        let mut again = HeaderMap::new();
+        again.insert(proto::HEADER_REQUEST_ID, HeaderValue::from_static("r1"));
+        a.sign(&mut again, ("POST", "/api/chat"), "alice\nx", "dev", now);
+        assert!(b.verify(&again, ("POST", "/api/chat"), now + 1000).is_ok());
+        // Another nonce than signed: forged.
+        let mut other = headers.clone();
+        other.insert(HEADER_PEER_NONCE, HeaderValue::from_static("00"));
+        assert_eq!(
+            b.verify(&other, ("POST", "/api/chat"), now),
+            Err(PeerRefusal::Forged)
+        );
         // Another path, user or request id than signed: forged.
         assert_eq!(
             b.verify(&headers, ("POST", "/api/generate"), now),
@@ -414,5 +496,30 @@ mod tests {
             b.verify(&HeaderMap::new(), ("GET", "/"), now),
             Err(PeerRefusal::Unsigned)
         );
+    }
+
+    #[test]
+    fn seen_signatures_are_forgotten_after_the_window_and_bounded() {
+        let mut replays = Replays::default();
+        assert_eq!(replays.first_use(b"s1", 1_000, 0), Ok(()));
+        assert_eq!(
+            replays.first_use(b"s1", 1_000, 999),
+            Err(PeerRefusal::Replayed)
+        );
+        // Past its expiry it is forgotten (verify refuses it as stale by then anyway).
+        assert_eq!(replays.first_use(b"s2", 5_000, 1_001), Ok(()));
+        assert!(!replays.seen.contains(b"s1".as_slice()));
+        assert_eq!(replays.seen.len(), replays.order.len());
+        // Full: new signatures are refused until the oldest expire.
+        let mut full = Replays::default();
+        for i in 0..MAX_SEEN {
+            full.first_use(&i.to_le_bytes(), 10_000, 0).unwrap();
+        }
+        assert_eq!(
+            full.first_use(b"new", 10_000, 1),
+            Err(PeerRefusal::Saturated)
+        );
+        assert_eq!(full.first_use(b"new", 20_000, 10_001), Ok(()));
+        assert_eq!(full.seen.len(), 1);
     }
 }
