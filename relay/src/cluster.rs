@@ -18,8 +18,10 @@
 //! `cl:u:<user>` a sorted set of the user's device ids scored by expiry (Redis 7.0 has no
 //! per-field TTL, so entries are pruned by score); `cl:d:<user>:<id>` a hash, the device's
 //! record; `cl:n` the live nodes scored by expiry; `cl:c:<user>` requests in flight per node;
-//! `cl:r:<user>:<minute>` requests in the current minute.
+//! `cl:r:<user>:<minute>` requests in the current minute; `cl:nd` each node's device count at
+//! its last refresh (for `cloudllm-relay cluster status`, [`admin`]).
 
+pub mod admin;
 mod control;
 mod limits;
 pub mod peer;
@@ -99,6 +101,22 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A Redis client for `config`'s `redis_url` (and `ca_file`); connects on first use.
+fn redis_client(config: &ClusterConfig) -> anyhow::Result<redis::Client> {
+    let url = config.redis_url()?;
+    match config.read_ca()? {
+        Some(root_cert) => redis::Client::build_with_tls(
+            url.as_str(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        ),
+        None => redis::Client::open(url.as_str()),
+    }
+    .context("[cluster] redis_url: the Redis client refused it")
+}
+
 impl Cluster {
     /// Joins the cluster: connects to Redis lazily (a node starts while Redis is down, degraded),
     /// and starts the presence and control tasks on `tasks` until `shutdown`. `advertise` is
@@ -110,18 +128,7 @@ impl Cluster {
         metrics: Arc<Metrics>,
         (tasks, shutdown): (&TaskTracker, &CancellationToken),
     ) -> anyhow::Result<Arc<Cluster>> {
-        let url = config.redis_url()?;
-        let client = match config.read_ca()? {
-            Some(root_cert) => redis::Client::build_with_tls(
-                url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            ),
-            None => redis::Client::open(url.as_str()),
-        }
-        .context("[cluster] redis_url: the Redis client refused it")?;
+        let client = redis_client(config)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(REDIS_TIMEOUT))
             .set_connection_timeout(Some(REDIS_TIMEOUT))

@@ -20,6 +20,9 @@ use tracing::{debug, info, warn};
 use super::{Change, Cluster, Held, lock};
 use crate::registry::Device;
 
+/// A hash of each node's device count at its last refresh, for `cluster status`.
+pub(super) const NODE_DEVICES_KEY: &str = "cl:nd";
+
 /// Devices refreshed per pipeline: one round trip each, small enough that Redis never stalls
 /// other clients for long.
 const REFRESH_BATCH: usize = 1000;
@@ -279,11 +282,13 @@ impl Cluster {
             .collect();
         let ttl = self.ttl.as_millis().to_string();
         let alive: redis::RedisResult<()> = script(
-            "redis.call('ZADD', KEYS[1], now + ARGV[1], ARGV[2])\nredis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600000)\nreturn 0",
+            "redis.call('ZADD', KEYS[1], now + ARGV[1], ARGV[2])\nredis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600000)\nredis.call('HSET', KEYS[2], ARGV[2], ARGV[3])\nreturn 0",
         )
         .key(super::limits::NODES_KEY)
+        .key(NODE_DEVICES_KEY)
         .arg(&ttl)
         .arg(&self.node)
+        .arg(held.len())
         .invoke_async(&mut self.conn())
         .await;
         if self.noted("node heartbeat", alive).is_none() {
@@ -346,9 +351,15 @@ impl Cluster {
         let removed = futures_util::future::join_all(ids.into_iter().map(|id| self.remove(id)));
         let _ = tokio::time::timeout(Duration::from_secs(5), removed).await;
         let mut conn = self.conn();
-        let _: redis::RedisResult<i64> = redis::cmd("ZREM")
+        let _: redis::RedisResult<()> = redis::pipe()
+            .cmd("ZREM")
             .arg(super::limits::NODES_KEY)
             .arg(&self.node)
+            .ignore()
+            .cmd("HDEL")
+            .arg(NODE_DEVICES_KEY)
+            .arg(&self.node)
+            .ignore()
             .query_async(&mut conn)
             .await;
     }
