@@ -11,6 +11,12 @@ use cloudllm_proto::Secret;
 use cloudllm_relay::{Keys, RelayConfig, Scope};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than glibc's malloc: each request allocates and frees dozens of small
+/// buffers, and mimalloc took about 15 % off the relay's CPU per request (issue 19). What it
+/// frees goes back to the system through [`cloudllm_relay::memory`].
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,
@@ -46,6 +52,30 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Operate a cluster through its Redis (the config's [cluster] table).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// List the live nodes and how many devices each holds.
+    Status {
+        /// The config file the nodes run with.
+        #[arg(long, env = "CLOUDLLM_RELAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Close every tunnel of a user, on every node.
+    DropUser {
+        /// The user whose tunnels close.
+        #[arg(long)]
+        user: String,
+        /// The config file the nodes run with.
+        #[arg(long, env = "CLOUDLLM_RELAY_CONFIG")]
+        config: PathBuf,
     },
 }
 
@@ -159,6 +189,7 @@ fn main() -> std::process::ExitCode {
                 let keys = Keys::new(config.require_secret()?);
                 print_out(&keys.issue(&user, scope, tier.as_deref(), ttl)?)
             }),
+            Command::Cluster { command } => cluster_command(command),
         };
     // The log's last lines before the error that ends the process.
     drop(flush_log);
@@ -202,6 +233,21 @@ async fn serve(listen: Option<SocketAddr>, path: Option<PathBuf>, dev: bool) -> 
     let result = relay.done.await.context("relay task")?;
     running.finish().await;
     result
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn cluster_command(command: ClusterCommand) -> anyhow::Result<()> {
+    use cloudllm_relay::cluster::admin;
+    match command {
+        ClusterCommand::Status { config: file } => {
+            let config = load_config(Some(&file))?;
+            print_out(&admin::status(&config, &file).await?.to_string())
+        }
+        ClusterCommand::DropUser { user, config: file } => {
+            let config = load_config(Some(&file))?;
+            print_out(&admin::drop_user(&config, &file, &user).await?.to_string())
+        }
+    }
 }
 
 /// SIGHUP: read the TLS certificate and key files again (after a renewal). A failed reload
