@@ -122,6 +122,8 @@ async function setSystemPrompt(text) {
 }
 
 await check("a conversation's system prompt goes first in its requests, and in no other conversation's", async () => {
+  // Whatever the search above left in the box, list every conversation again.
+  await page.getByLabel('Search conversations').fill('');
   const pirate = 'You are a pirate. Answer in pirate speak.';
   await page.getByTestId('new-chat').click();
   await choose(page, 'device', new RegExp(`^${first}$`));
