@@ -59,6 +59,10 @@ const TIGHT_PER_MINUTE: u32 = 5;
 /// (base64, no `data:` prefix).
 const TEST_PNG_BASE64: &str = "iVBORw0KGgoAAAANSUhEUgAAABgAAAAYCAIAAABvFaqvAAAALklEQVR42mN4FqCBhjQqnqEhYtQwjBpER4PI04apZtQgeho0mrJH89qoQXQxCABjx0CuiySNGQAAAABJRU5ErkJggg==";
 
+/// One Chromium at a time: on two cores a second browser run beside the real Ollama's slows
+/// its tokens past the Stop check's bounds, so the two tests of this file take turns.
+static ONE_CHROMIUM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The real Ollama's log, when `scripts/real-ollama` started the server (its GIN lines show
 /// when each request ended): `None` for a server started elsewhere.
 fn real_ollama_log(ollama: &Url) -> Option<std::path::PathBuf> {
@@ -105,6 +109,7 @@ async fn the_web_page_in_chromium() {
     if !tools_ready().await {
         return;
     }
+    let _turn = ONE_CHROMIUM.lock().await;
     let Some(ollama) = real_ollama().await else {
         eprintln!(
             "skipping the browser test: CLOUDLLM_SKIP_REAL_OLLAMA=1 (it needs the real Ollama)"
@@ -242,6 +247,7 @@ async fn devices_conversations_and_thinking_in_chromium() {
     if !tools_ready().await {
         return;
     }
+    let _turn = ONE_CHROMIUM.lock().await;
     cloudllm_e2e::init_logs();
     let relay = TestRelay::start(relay_config()).await;
     let (desktop_url, desktop, _desktop_task) =
