@@ -155,11 +155,21 @@ pub struct RelayHost {
 impl RelayHost {
     /// Starts `binary serve` on a free loopback port and waits until it answers.
     pub async fn spawn(binary: &Path, session_idle: Duration) -> anyhow::Result<RelayHost> {
+        Self::spawn_with(binary, session_idle, "").await
+    }
+
+    /// [`RelayHost::spawn`] with `extra` appended to the config file (e.g. a `[cluster]`
+    /// table, for `cloudllm-bench cluster`).
+    pub async fn spawn_with(
+        binary: &Path,
+        session_idle: Duration,
+        extra: &str,
+    ) -> anyhow::Result<RelayHost> {
         let scratch = Scratch::create("relay")?;
         // Any free port: bound and released again at once; the relay binds it a moment later.
         let addr = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
         let config = scratch.0.join("relay.toml");
-        std::fs::write(&config, config_toml(addr, session_idle))
+        std::fs::write(&config, config_toml(addr, session_idle) + extra)
             .with_context(|| format!("writing {}", config.display()))?;
         let child = start_process(binary, &scratch.0)?;
         let relay = RelayHost {

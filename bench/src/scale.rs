@@ -40,7 +40,7 @@ const BATCH: usize = 250;
 const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Pause before reading the relay's memory, so that freed buffers and the allocator settle.
-const SETTLE: Duration = Duration::from_secs(2);
+pub(crate) const SETTLE: Duration = Duration::from_secs(2);
 
 /// How often the storm polls the relay's gauge: 50 ms, fine enough for a figure in seconds.
 const STORM_POLL: Duration = Duration::from_millis(50);
@@ -197,27 +197,11 @@ async fn idle(
     let mut relay = RelayHost::spawn(binary, relay_host::SESSION_IDLE).await?;
     tokio::time::sleep(SETTLE).await;
     let before = relay.rss_kib().context("reading the relay's VmRSS")?;
-    let keys = relay_host::keys();
     let stats = Arc::new(Stats::default());
     let stop = CancellationToken::new();
     let mut devices = JoinSet::new();
     let started = Instant::now();
-    let mut token = String::new();
-    for i in 0..count {
-        if i % DEVICES_PER_USER == 0 {
-            token =
-                relay_host::agent_token(&keys, &format!("scale-user-{}", i / DEVICES_PER_USER))?;
-        }
-        let device = fleet::Device {
-            relay: relay.addr,
-            token: token.clone(),
-            id: format!("scale-device-{i}"),
-        };
-        devices.spawn(fleet::run(device, stats.clone(), stop.clone()));
-        if (i + 1) % BATCH == 0 || i + 1 == count {
-            wait_registered(&stats, i as u64 + 1).await?;
-        }
-    }
+    dial_idle(&[relay.addr], count, &stats, &stop, &mut devices).await?;
     let connect_time = started.elapsed();
     relay
         .wait_devices(count as u64, STORM_POLL, BATCH_TIMEOUT)
@@ -286,6 +270,44 @@ async fn idle(
     }
     relay.stop().await?;
     Ok(())
+}
+
+/// Dials `count` idle fleet devices, [`DEVICES_PER_USER`] per user, the users spread over
+/// `relays` in turn (user `u` on `relays[u % len]`), in batches of [`BATCH`], and returns once
+/// each has registered. The devices run on `devices` until `stop`.
+pub(crate) async fn dial_idle(
+    relays: &[std::net::SocketAddr],
+    count: usize,
+    stats: &Arc<Stats>,
+    stop: &CancellationToken,
+    devices: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!relays.is_empty(), "no relay to dial");
+    let keys = relay_host::keys();
+    let mut token = String::new();
+    for i in 0..count {
+        let user = i / DEVICES_PER_USER;
+        if i % DEVICES_PER_USER == 0 {
+            token = relay_host::agent_token(&keys, &format!("scale-user-{user}"))?;
+        }
+        let device = fleet::Device {
+            relay: relays[user % relays.len()],
+            token: token.clone(),
+            id: format!("scale-device-{i}"),
+        };
+        devices.spawn(fleet::run(device, stats.clone(), stop.clone()));
+        if (i + 1) % BATCH == 0 || i + 1 == count {
+            wait_registered(stats, i as u64 + 1).await?;
+        }
+    }
+    Ok(())
+}
+
+/// How many of [`dial_idle`]'s `count` devices land on relay `index` of `relays`.
+pub(crate) fn dialled_to(relays: usize, index: usize, count: usize) -> usize {
+    (0..count)
+        .filter(|i| (i / DEVICES_PER_USER) % relays == index)
+        .count()
 }
 
 async fn wait_registered(stats: &Stats, count: u64) -> anyhow::Result<()> {
