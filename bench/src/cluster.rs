@@ -8,6 +8,10 @@
 //! hop. Then a fleet of idle devices connects to node A: Redis memory per device (INFO memory)
 //! and the presence operations their refreshes make, with Redis' CPU time per operation
 //! (INFO commandstats), from which the operations one Redis core can take follow.
+//! Last, idle tunnels at scale ([`idle_spread`]): `--tunnels` of them (10,000 by default)
+//! spread over three relay processes of a cluster, and the same number held by one relay
+//! process alone, each measured as `cloudllm-bench scale` measures it (the relay's VmRSS
+//! before and after, per tunnel), in the same run.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -23,6 +27,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Target;
+use crate::relay_host::{self, RelayHost};
+use crate::scale;
+
+/// Relay processes the idle tunnels are spread over.
+const SPREAD_NODES: usize = 3;
+
+/// How long the idle tunnels may take to show in a relay's gauge once dialled: far above the
+/// seconds it takes.
+const SPREAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The token secret of the benchmark's relays.
 const SECRET: &str = "bench-cluster-secret-bench-cluster-secret";
@@ -254,16 +267,115 @@ async fn rate(target: &Target, connections: usize, length: Duration) -> anyhow::
     Ok(done.load(Ordering::Relaxed) as f64 / length.as_secs_f64())
 }
 
-/// Runs the cluster benchmark; returns the printed table and its JSON.
-pub fn run(quick: bool) -> anyhow::Result<(String, serde_json::Value)> {
+/// Dials `count` idle tunnels spread over `relays` (users in turn), waits until each relay
+/// counts its share, and returns the relays' RSS growth per tunnel (KiB) and their total RSS
+/// with every tunnel connected (MiB).
+async fn fill(relays: &[RelayHost], count: usize) -> anyhow::Result<(f64, f64)> {
+    tokio::time::sleep(scale::SETTLE).await;
+    let rss = |relays: &[RelayHost]| -> anyhow::Result<u64> {
+        relays
+            .iter()
+            .map(|r| r.rss_kib().context("reading a relay's VmRSS"))
+            .sum()
+    };
+    let before = rss(relays)?;
+    let stats = Arc::new(crate::fleet::Stats::default());
+    let stop = CancellationToken::new();
+    let mut devices = tokio::task::JoinSet::new();
+    let addrs: Vec<SocketAddr> = relays.iter().map(|r| r.addr).collect();
+    let dialled = scale::dial_idle(&addrs, count, &stats, &stop, &mut devices).await;
+    let counted = async {
+        dialled?;
+        for (i, relay) in relays.iter().enumerate() {
+            let share = scale::dialled_to(relays.len(), i, count) as u64;
+            relay
+                .wait_devices(share, Duration::from_millis(100), SPREAD_TIMEOUT)
+                .await?;
+        }
+        tokio::time::sleep(scale::SETTLE).await;
+        rss(relays)
+    }
+    .await;
+    stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(30), async {
+        while devices.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        devices.abort_all();
+    }
+    let after = counted?;
+    Ok((
+        after.saturating_sub(before) as f64 / count as f64,
+        after as f64 / 1024.0,
+    ))
+}
+
+/// Relay RSS per idle tunnel with `count` tunnels over [`SPREAD_NODES`] relay processes of a
+/// cluster on `redis`, then with one relay process holding all of them: table rows and JSON.
+async fn idle_spread(
+    redis: &Redis,
+    secret_file: &std::path::Path,
+    count: usize,
+) -> anyhow::Result<(Vec<String>, serde_json::Value)> {
+    let binary = relay_host::relay_binary()?;
+    crate::progress(&format!(
+        "{count} idle tunnels over {SPREAD_NODES} cluster nodes"
+    ));
+    let mut nodes = Vec::new();
+    for i in 0..SPREAD_NODES {
+        let table = format!(
+            "\n[cluster]\nredis_url = \"redis://{}\"\nnode = \"spread-{i}\"\n\
+             peer_listen = \"127.0.0.1:0\"\nsecret_file = {:?}\n",
+            redis.addr,
+            secret_file.display().to_string()
+        );
+        nodes.push(RelayHost::spawn_with(&binary, relay_host::SESSION_IDLE, &table).await?);
+    }
+    let redis_before = redis.field("memory", "used_memory").await?;
+    let (cluster_kib, cluster_mib) = fill(&nodes, count).await?;
+    let redis_after = redis.field("memory", "used_memory").await?;
+    for node in nodes {
+        node.stop().await?;
+    }
+    crate::progress(&format!("{count} idle tunnels on one relay"));
+    let one = RelayHost::spawn(&binary, relay_host::SESSION_IDLE).await?;
+    let (one_kib, one_mib) = fill(std::slice::from_ref(&one), count).await?;
+    one.stop().await?;
+    let rows = vec![
+        format!(
+            "idle tunnels     {count} over {SPREAD_NODES} nodes: {cluster_kib:.1} KiB relay RSS per tunnel \
+             ({cluster_mib:.1} MiB in all)   one relay: {one_kib:.1} KiB per tunnel ({one_mib:.1} MiB)"
+        ),
+        format!(
+            "                 Redis memory with them: {:.0} bytes per device",
+            (redis_after - redis_before) / count as f64
+        ),
+    ];
+    let json = serde_json::json!({
+        "tunnels": count,
+        "cluster_nodes": SPREAD_NODES,
+        "cluster_kib_per_tunnel": cluster_kib,
+        "cluster_rss_mib": cluster_mib,
+        "one_relay_kib_per_tunnel": one_kib,
+        "one_relay_rss_mib": one_mib,
+        "redis_bytes_per_device": (redis_after - redis_before) / count as f64,
+    });
+    Ok((rows, json))
+}
+
+/// Runs the cluster benchmark, `tunnels` idle tunnels in its scale part (0 skips it); returns
+/// the printed table and its JSON.
+pub fn run(quick: bool, tunnels: usize) -> anyhow::Result<(String, serde_json::Value)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(measure(quick))
+    runtime.block_on(measure(quick, tunnels))
 }
 
-async fn measure(quick: bool) -> anyhow::Result<(String, serde_json::Value)> {
+async fn measure(quick: bool, tunnels: usize) -> anyhow::Result<(String, serde_json::Value)> {
     let (reps, devices, length) = if quick {
         (5, 200, Duration::from_secs(1))
     } else {
@@ -399,6 +511,17 @@ async fn measure(quick: bool) -> anyhow::Result<(String, serde_json::Value)> {
     json.insert("redis_bytes_per_device".into(), per_device.into());
     stop.cancel();
     drop((fleet_runtime, daemon_runtime, backend_runtime, a, b));
+    if tunnels > 0 {
+        match idle_spread(&redis, &secret_file, tunnels).await {
+            Ok((spread_rows, spread_json)) => {
+                rows.extend(spread_rows);
+                json.insert("idle_spread".into(), spread_json);
+            }
+            Err(err) => rows.push(format!(
+                "idle tunnels     {tunnels} did not complete: {err:#} (try a smaller --tunnels)"
+            )),
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let text = format!(
         "cloudllm-bench cluster (two nodes, one Redis)\n{}\n",

@@ -33,8 +33,12 @@ struct Cli {
 enum Command {
     /// A relay cluster (two nodes, a real redis-server): time to first byte and a 2,000-line
     /// stream direct, through one node and through a hop; requests/s; presence ops and Redis
-    /// memory per device.
-    Cluster,
+    /// memory per device; idle tunnels over three nodes against one (relay RSS per tunnel).
+    Cluster {
+        /// Idle tunnels spread over three relay processes, and then held by one; 0 skips it.
+        #[arg(long, default_value_t = 10_000)]
+        tunnels: usize,
+    },
     /// Idle tunnels (relay memory per tunnel), a reconnect storm, many concurrent streams, time
     /// to first byte and cancellation, and optionally a real Ollama. Needs the release
     /// `cloudllm-relay` next to this binary.
@@ -216,8 +220,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             };
             (text, json, code)
         }
-        Some(Command::Cluster) => {
-            let (text, json) = cloudllm_bench::cluster::run(cli.quick)?;
+        Some(Command::Cluster { tunnels }) => {
+            let (text, json) = cloudllm_bench::cluster::run(cli.quick, *tunnels)?;
             (text, json, ExitCode::SUCCESS)
         }
         Some(Command::Web) => {
