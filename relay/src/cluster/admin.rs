@@ -87,7 +87,8 @@ impl fmt::Display for Dropped {
         write!(
             f,
             "dropped {:?}: {} node(s) closed their tunnels ({} device(s) were connected). \
-             Their daemons reconnect while their tokens are valid.",
+             Their daemons do not redial by themselves (the user reconnects with `cloudllm \
+             connect`); to keep them out, stop issuing the user tokens.",
             self.user, self.nodes, self.devices
         )
     }
