@@ -524,7 +524,7 @@ async fn measure(quick: bool, tunnels: usize) -> anyhow::Result<(String, serde_j
     }
     let _ = std::fs::remove_dir_all(&dir);
     let text = format!(
-        "cloudllm-bench cluster (two nodes, one Redis)\n{}\n",
+        "cloudllm-bench cluster (two nodes and one Redis; idle tunnels over three nodes)\n{}\n",
         rows.join("\n")
     );
     Ok((text, serde_json::Value::Object(json)))
