@@ -11,12 +11,6 @@ use cloudllm_proto::Secret;
 use cloudllm_relay::{Keys, RelayConfig, Scope};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc rather than glibc's malloc: each request allocates and frees dozens of small
-/// buffers, and mimalloc took about 15 % off the relay's CPU per request (issue 19). What it
-/// frees goes back to the system through [`cloudllm_relay::memory`].
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     version,
