@@ -18,6 +18,7 @@
 //! understand is invalid); and a `sub` that is 1 to [`MAX_SUBJECT_BYTES`] bytes without control
 //! characters, because the user id is written into logs and the audit log.
 
+mod cache;
 mod claims;
 mod issue;
 #[cfg(test)]
@@ -30,7 +31,7 @@ use http::HeaderMap;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 
-use crate::jwks::Jwks;
+use crate::jwks::{Jwks, JwksKey};
 pub use claims::{ClaimRules, Claims, Identity, MAX_SUBJECT_BYTES, Scope, Scopes, valid_subject};
 pub use issue::ISSUER;
 
@@ -140,6 +141,8 @@ pub struct Keys {
     secret: Option<SecretKeys>,
     jwks: Option<Arc<Jwks>>,
     rules: ClaimRules,
+    /// Tokens that verified, so that the next request with the same one skips the signature.
+    verified: cache::VerifiedTokens,
 }
 
 impl Keys {
@@ -166,6 +169,7 @@ impl Keys {
                 tier_path: "tier".to_owned(),
                 implicit_scopes: Scopes::default(),
             },
+            verified: cache::VerifiedTokens::default(),
         }
     }
 
@@ -214,20 +218,42 @@ impl Keys {
         self.verify_with(token, KeyFetch::Allowed).await
     }
 
-    /// [`Keys::verify`], fetching the identity provider's keys only if `fetch` allows.
+    /// [`Keys::verify`], fetching the identity provider's keys only if `fetch` allows. A token
+    /// that verified in the last minute is taken from the cache (see [`cache`] for why that is
+    /// safe), its `exp` and `nbf` checked again.
     pub async fn verify_with(&self, token: &str, fetch: KeyFetch) -> Result<Claims, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Invalid);
         }
+        let now = unix_now();
+        let hash = cache::hash(token);
+        let current_key = |kid: &str| self.jwks.as_ref().and_then(|jwks| jwks.cached(kid));
+        match self.verified.lookup(&hash, now, current_key) {
+            cache::Hit::Valid(claims) => return Ok(claims),
+            cache::Hit::Refused(err) => return Err(err),
+            cache::Hit::Miss => {}
+        }
+        let (claims, key) = self.verify_uncached(token, fetch).await?;
+        self.verified.insert(hash, &claims, key, now);
+        Ok(claims)
+    }
+
+    /// Verifies a token in full: its claims, and the provider key that verified it (`None` for
+    /// the relay's secret).
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        fetch: KeyFetch,
+    ) -> Result<(Claims, Option<(String, Arc<JwksKey>)>), AuthError> {
         // Only the algorithm and key id are read from the unverified header, and only to pick
         // among keys and algorithms the configuration already allows; `crit` is read to refuse.
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
         if header.crit.is_some() {
             return Err(AuthError::CriticalExtension);
         }
-        let claims = match (header.alg, &self.secret, &self.jwks) {
+        let (claims, used) = match (header.alg, &self.secret, &self.jwks) {
             (Algorithm::HS256, Some(secret), _) => {
-                decode(token, &secret.decoding, &secret.validation)?
+                (decode(token, &secret.decoding, &secret.validation)?, None)
             }
             (alg, _, Some(jwks)) if jwks.algorithms.contains(&alg) => {
                 let kid = header.kid.as_deref().ok_or(AuthError::Invalid)?;
@@ -248,7 +274,7 @@ impl Keys {
                 if claims.iss.trim_end_matches('/') != jwks.issuer {
                     return Err(AuthError::Invalid);
                 }
-                claims
+                (claims, Some((kid.to_owned(), key)))
             }
             _ => return Err(AuthError::Invalid),
         };
@@ -265,8 +291,15 @@ impl Keys {
         if claims.scope == Scopes::default() {
             return Err(AuthError::Invalid);
         }
-        Ok(claims)
+        Ok((claims, used))
     }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it, which no token outlives).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 fn decode(token: &str, key: &DecodingKey, validation: &Validation) -> Result<Claims, AuthError> {

@@ -430,3 +430,90 @@ async fn the_tier_comes_from_the_configured_claim_path_and_scopes_may_be_implici
     assert_eq!(claims.string_at("app_metadata.tier.x"), None);
     assert_eq!(claims.string_at("nothing.here"), None);
 }
+
+#[tokio::test]
+async fn a_cached_token_with_a_forged_signature_beside_it_is_refused() {
+    let keys = keys();
+    let claims = serde_json::json!({"sub": "alice", "scope": "client", "exp": now() + 600});
+    let token = sign_hs256(serde_json::json!({"alg": "HS256", "typ": "JWT"}), claims);
+    assert_eq!(keys.verify(&token).await.unwrap().sub, "alice");
+    assert_eq!(keys.verified.len(), 1, "the genuine token is cached");
+    // The same header and claims, another signature: a different token, verified in full.
+    let (message, _) = token.rsplit_once('.').unwrap();
+    let forged = format!("{message}.{}", b64(&[0u8; 32]));
+    assert_eq!(keys.verify(&forged).await.unwrap_err(), AuthError::Invalid);
+    assert_eq!(keys.verified.len(), 1, "a refused token is not cached");
+    // And the genuine one still verifies, from the cache.
+    assert_eq!(keys.verify(&token).await.unwrap().sub, "alice");
+}
+
+#[test]
+fn a_cached_token_is_refused_past_its_exp_and_not_trusted_past_the_ttl() {
+    let verified = cache::VerifiedTokens::default();
+    let at = 1_000_000;
+    let claims: Claims = serde_json::from_value(
+        serde_json::json!({"sub": "alice", "scope": "client", "exp": at + 10}),
+    )
+    .unwrap();
+    let hash = cache::hash("token");
+    verified.insert(hash, &claims, None, at);
+    let valid = |now| matches!(verified.lookup(&hash, now, |_| None), cache::Hit::Valid(_));
+    assert!(valid(at + 10 + LEEWAY_SECS), "within exp's leeway");
+    assert!(!valid(at + 10 + LEEWAY_SECS + 1), "past exp and its leeway");
+
+    // A long-lived token is verified again after the TTL.
+    let claims: Claims = serde_json::from_value(
+        serde_json::json!({"sub": "alice", "scope": "client", "exp": at + 86_400}),
+    )
+    .unwrap();
+    verified.insert(hash, &claims, None, at);
+    let valid = |now| matches!(verified.lookup(&hash, now, |_| None), cache::Hit::Valid(_));
+    assert!(valid(at + cache::TTL_SECS));
+    assert!(!valid(at + cache::TTL_SECS + 1));
+}
+
+#[test]
+fn a_cached_provider_token_misses_once_its_key_is_rotated_out() {
+    let verified = cache::VerifiedTokens::default();
+    let at = 1_000_000;
+    let claims: Claims = serde_json::from_value(
+        serde_json::json!({"sub": "alice", "scope": "client", "exp": at + 600}),
+    )
+    .unwrap();
+    let key = |secret: &str| {
+        Arc::new(JwksKey {
+            decoding: DecodingKey::from_secret(secret.as_bytes()),
+            algorithm: None,
+        })
+    };
+    let (old, new) = (key("old"), key("new"));
+    let hash = cache::hash("token");
+    let hit = |current: Option<Arc<JwksKey>>| {
+        matches!(
+            verified.lookup(&hash, at, move |_| current),
+            cache::Hit::Valid(_)
+        )
+    };
+    verified.insert(hash, &claims, Some(("k1".to_owned(), old.clone())), at);
+    assert!(hit(Some(old.clone())), "the same key still holds");
+    // The provider replaced the key under the same id: verify in full (the entry is dropped).
+    assert!(!hit(Some(new)));
+    verified.insert(hash, &claims, Some(("k1".to_owned(), old.clone())), at);
+    // The key set no longer has it at all.
+    assert!(!hit(None));
+    assert_eq!(verified.len(), 0);
+}
+
+#[test]
+fn the_cache_holds_at_most_its_capacity() {
+    let verified = cache::VerifiedTokens::default();
+    let at = 1_000_000;
+    let claims: Claims = serde_json::from_value(
+        serde_json::json!({"sub": "alice", "scope": "client", "exp": at + 600}),
+    )
+    .unwrap();
+    for i in 0..cache::CAPACITY + 10 {
+        verified.insert(cache::hash(&i.to_string()), &claims, None, at);
+    }
+    assert_eq!(verified.len(), cache::CAPACITY);
+}

@@ -1,0 +1,141 @@
+//! Tokens already verified, so that a client sending the same token on every request pays for
+//! its signature once a minute rather than on each request.
+//!
+//! Why this is safe: the token string is the credential. Verifying it is a pure function of its
+//! bytes, the key and the clock; the same bytes checked with the same key give the same claims.
+//! So the cache is keyed by the SHA-256 of the whole token (a token that differs in any byte,
+//! e.g. the same claims with a forged signature, misses and is verified in full), holds only
+//! tokens that passed every check, and still checks what depends on the clock — `exp` and
+//! `nbf`, with the same [`LEEWAY_SECS`](super::LEEWAY_SECS) — on every use. What depends on the
+//! key is checked too: an entry of a provider-signed token remembers the key that verified it
+//! and counts only while the identity provider's key set still holds that very key (a
+//! rotation or a refresh that drops it makes the entry miss); the relay's own secret lives as
+//! long as the [`Keys`](super::Keys) holding this cache, so a new secret means a new, empty
+//! cache. Entries also expire after [`TTL_SECS`] whatever their token says, and the cache holds
+//! at most [`CAPACITY`] of them, so a flood of distinct valid tokens costs bounded memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::{AuthError, Claims, LEEWAY_SECS};
+use crate::jwks::JwksKey;
+
+/// Longest a verified token is trusted without verifying it again: 60 s, so a change the cache
+/// cannot see (a key revoked at the provider before the relay refreshes its key set) takes at
+/// most a minute more to apply than without the cache.
+pub const TTL_SECS: u64 = 60;
+
+/// Most tokens remembered: 4,096 entries of a few hundred bytes each (≈2 MiB at worst), more
+/// than the distinct tokens a relay sees within a minute in ordinary use.
+pub const CAPACITY: usize = 4096;
+
+/// SHA-256 of a whole token.
+type TokenHash = [u8; 32];
+
+/// One verified token.
+struct Entry {
+    /// The claims it verified to.
+    claims: Claims,
+    /// The provider key that verified it; `None` for the relay's own secret.
+    key: Option<(String, Arc<JwksKey>)>,
+    /// Until when (seconds since the epoch) the entry may be used: the sooner of the token's
+    /// expiry with leeway and [`TTL_SECS`] after it was verified.
+    until: u64,
+}
+
+/// The cache of verified tokens. See the module docs.
+#[derive(Default)]
+pub(super) struct VerifiedTokens {
+    entries: Mutex<HashMap<TokenHash, Entry>>,
+}
+
+/// The cache key of a token.
+pub(super) fn hash(token: &str) -> TokenHash {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    hash
+}
+
+/// What a cache lookup found.
+pub(super) enum Hit {
+    /// The token verified before and still holds: its claims.
+    Valid(Claims),
+    /// The token verified before but the clock now refuses it.
+    Refused(AuthError),
+    /// Not cached (or no longer valid): verify it in full.
+    Miss,
+}
+
+impl VerifiedTokens {
+    /// The claims of the token hashed to `hash` if it verified before, checking `exp` and `nbf`
+    /// at `now` and that `current_key(kid)` is still the key that verified it.
+    pub(super) fn lookup(
+        &self,
+        hash: &TokenHash,
+        now: u64,
+        current_key: impl FnOnce(&str) -> Option<Arc<JwksKey>>,
+    ) -> Hit {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = entries.get(hash) else {
+            return Hit::Miss;
+        };
+        if now > entry.until {
+            entries.remove(hash);
+            return Hit::Miss;
+        }
+        if let Some((kid, key)) = &entry.key
+            && !current_key(kid).is_some_and(|current| Arc::ptr_eq(&current, key))
+        {
+            entries.remove(hash);
+            return Hit::Miss;
+        }
+        let claims = &entry.claims;
+        if claims.exp.saturating_add(LEEWAY_SECS) < now {
+            return Hit::Refused(AuthError::Expired);
+        }
+        if let Some(nbf) = claims.other.get("nbf").and_then(serde_json::Value::as_u64)
+            && nbf > now.saturating_add(LEEWAY_SECS)
+        {
+            return Hit::Refused(AuthError::NotYetValid);
+        }
+        Hit::Valid(claims.clone())
+    }
+
+    /// Remembers a token that passed every check at `now`.
+    pub(super) fn insert(
+        &self,
+        hash: TokenHash,
+        claims: &Claims,
+        key: Option<(String, Arc<JwksKey>)>,
+        now: u64,
+    ) {
+        let until = claims
+            .exp
+            .saturating_add(LEEWAY_SECS)
+            .min(now.saturating_add(TTL_SECS));
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= CAPACITY && !entries.contains_key(&hash) {
+            entries.retain(|_, entry| entry.until >= now);
+            if entries.len() >= CAPACITY
+                && let Some(victim) = entries.keys().next().copied()
+            {
+                entries.remove(&victim);
+            }
+        }
+        entries.insert(
+            hash,
+            Entry {
+                claims: claims.clone(),
+                key,
+                until,
+            },
+        );
+    }
+
+    /// How many tokens are remembered.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
