@@ -8,10 +8,12 @@
 //! same-origin. Tokens travel in `Authorization`, never in cookies, so the relay never allows
 //! credentials: `*` opens the API to any page that holds a token, not to the user's cookies.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use axum::extract::Request;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use cloudllm_proto as proto;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -90,62 +92,158 @@ impl Cors {
     }
 }
 
-/// The middleware on `/api/*` and `/v1/*`.
-pub async fn layer(cors: Arc<Cors>, req: Request, next: Next) -> Response {
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    let preflight = req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let Some(origin) = origin else {
-        return next.run(req).await;
-    };
-    let allowed = cors.allow(&origin);
-    if preflight {
-        return match allowed {
-            Some(allow) => {
-                let mut headers = HeaderMap::new();
-                headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-                headers.insert(
-                    header::ACCESS_CONTROL_ALLOW_METHODS,
-                    HeaderValue::from_static(METHODS),
-                );
-                headers.insert(
-                    header::ACCESS_CONTROL_ALLOW_HEADERS,
-                    HeaderValue::from_static(ALLOWED_HEADERS),
-                );
-                headers.insert(
-                    header::ACCESS_CONTROL_MAX_AGE,
-                    HeaderValue::from_static(MAX_AGE),
-                );
-                vary(&mut headers);
-                (StatusCode::NO_CONTENT, headers).into_response()
-            }
-            None => {
-                let mut response = (
-                    StatusCode::FORBIDDEN,
-                    [(header::CONTENT_TYPE, "application/json")],
-                    proto::ollama_error(
-                        "this origin may not call the relay's API from a browser: the relay's operator lists allowed origins in `allowed_origins`",
-                    ),
-                )
-                    .into_response();
-                vary(response.headers_mut());
-                response
-            }
+/// The layer on `/api/*` and `/v1/*`. A plain tower layer rather than
+/// `axum::middleware::from_fn`, which boxes two futures and a service per request: this one
+/// wraps the inner future in place, and leaves a request without `Origin` (every non-browser
+/// caller) untouched.
+#[derive(Clone)]
+pub struct CorsLayer {
+    cors: Arc<Cors>,
+}
+
+impl CorsLayer {
+    /// The layer enforcing `cors`.
+    pub fn new(cors: Arc<Cors>) -> Self {
+        CorsLayer { cors }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for CorsLayer {
+    type Service = CorsService<S>;
+
+    fn layer(&self, inner: S) -> CorsService<S> {
+        CorsService {
+            cors: self.cors.clone(),
+            inner,
+        }
+    }
+}
+
+/// A service behind [`CorsLayer`].
+#[derive(Clone)]
+pub struct CorsService<S> {
+    cors: Arc<Cors>,
+    inner: S,
+}
+
+impl<S> tower_service::Service<Request> for CorsService<S>
+where
+    S: tower_service::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = CorsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let Some(origin) = req.headers().get(header::ORIGIN) else {
+            return CorsFuture::Inner {
+                inner: self.inner.call(req),
+                origin: None,
+            };
         };
+        let allowed = self.cors.allow(origin);
+        let preflight = req.method() == Method::OPTIONS
+            && req
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        if preflight {
+            return CorsFuture::Answered {
+                response: Some(preflight_response(allowed)),
+            };
+        }
+        CorsFuture::Inner {
+            inner: self.inner.call(req),
+            origin: Some(allowed),
+        }
     }
-    let mut response = next.run(req).await;
-    let headers = response.headers_mut();
-    vary(headers);
-    if let Some(allow) = allowed {
-        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-        headers.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static(EXPOSED_HEADERS),
-        );
+}
+
+pin_project_lite::pin_project! {
+    /// The response of a [`CorsService`].
+    #[project = CorsFutureProjection]
+    pub enum CorsFuture<F> {
+        /// The API's answer; `origin` is `None` for a request without `Origin` (left as it is),
+        /// else the `Access-Control-Allow-Origin` value if the origin is allowed.
+        Inner {
+            #[pin]
+            inner: F,
+            origin: Option<Option<HeaderValue>>,
+        },
+        /// The relay's own answer to a preflight.
+        Answered { response: Option<Response> },
     }
-    response
+}
+
+impl<F, E> Future for CorsFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            CorsFutureProjection::Inner { inner, origin } => {
+                let mut response = ready!(inner.poll(cx))?;
+                if let Some(allowed) = origin.take() {
+                    let headers = response.headers_mut();
+                    vary(headers);
+                    if let Some(allow) = allowed {
+                        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+                        headers.insert(
+                            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                            HeaderValue::from_static(EXPOSED_HEADERS),
+                        );
+                    }
+                }
+                Poll::Ready(Ok(response))
+            }
+            CorsFutureProjection::Answered { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// The answer to a preflight: the allowed methods and headers, or 403 for an origin not
+/// allowed.
+fn preflight_response(allowed: Option<HeaderValue>) -> Response {
+    match allowed {
+        Some(allow) => {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static(METHODS),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static(ALLOWED_HEADERS),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static(MAX_AGE),
+            );
+            vary(&mut headers);
+            (StatusCode::NO_CONTENT, headers).into_response()
+        }
+        None => {
+            let mut response = (
+                StatusCode::FORBIDDEN,
+                [(header::CONTENT_TYPE, "application/json")],
+                proto::ollama_error(
+                    "this origin may not call the relay's API from a browser: the relay's operator lists allowed origins in `allowed_origins`",
+                ),
+            )
+                .into_response();
+            vary(response.headers_mut());
+            response
+        }
+    }
 }
 
 /// Answers differ by `Origin`: caches must keep them apart.

@@ -337,9 +337,7 @@ fn router(state: Arc<AppState>, with_metrics: bool) -> anyhow::Result<Router> {
     let api = Router::new()
         .route("/api/{*rest}", any(proxy::forward))
         .route("/v1/{*rest}", any(proxy::forward))
-        .layer(axum::middleware::from_fn(move |req, next| {
-            cors::layer(cors.clone(), req, next)
-        }));
+        .layer(cors::CorsLayer::new(cors));
     let site = web::Site::new(&state.config)?;
     Ok(router
         .route("/healthz", get(|| async { "ok\n" }))
