@@ -19,11 +19,13 @@
 //! per-field TTL, so entries are pruned by score); `cl:d:<user>:<id>` a hash, the device's
 //! record; `cl:n` the live nodes scored by expiry; `cl:c:<user>` requests in flight per node;
 //! `cl:r:<user>:<minute>` requests in the current minute; `cl:nd` each node's device count at
-//! its last refresh (for `cloudllm-relay cluster status`, [`admin`]).
+//! its last refresh (for `cloudllm-relay cluster status`, [`admin`]); `cl:o:<code>` a
+//! `cloudllm open` one-time code's user and tier, for its minute (`open_codes`).
 
 pub mod admin;
 mod control;
 mod limits;
+mod open_codes;
 pub mod peer;
 mod presence;
 

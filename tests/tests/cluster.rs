@@ -457,3 +457,53 @@ async fn nodes_reach_redis_over_tls_with_a_private_ca() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloudllm_open_code_minted_on_one_node_works_once_on_any_other() {
+    if !RedisServer::available() {
+        return;
+    }
+    init_logs();
+    let redis = RedisServer::start().await;
+    let nodes = three_nodes(&redis).await;
+    // The daemon's `cloudllm open` reaches one node through the balancer …
+    let minted: Value = client()
+        .post(nodes[0].api("/cloudllm/open"))
+        .bearer_auth(token("alice", Scope::Agent))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let code = minted["code"].as_str().expect("a code").to_owned();
+    // … and the browser's exchange another: it signs alice in there.
+    let exchange = |node: usize| {
+        client()
+            .post(nodes[node].api("/cloudllm/open/exchange"))
+            .json(&serde_json::json!({ "code": code }))
+            .send()
+    };
+    let first = exchange(1).await.unwrap();
+    assert_eq!(first.status(), 200, "the code works on another node");
+    let signed_in: Value = first.json().await.unwrap();
+    let devices = client()
+        .get(nodes[2].api("/cloudllm/devices"))
+        .bearer_auth(signed_in["token"].as_str().expect("a token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        devices.status(),
+        200,
+        "the token it bought is alice's client token"
+    );
+    // Once only, over every node, the minting one included.
+    for node in [2, 0, 1] {
+        assert_eq!(
+            exchange(node).await.unwrap().status(),
+            401,
+            "reused on node {node}"
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! The one-time codes behind `cloudllm open`: `POST /cloudllm/open` with an agent token mints a
 //! code, `POST /cloudllm/open/exchange` trades it once for a short-lived client token. In memory
-//! only: a code lives a minute.
+//! only (a code lives a minute); with `[cluster]` also in Redis, so that any node takes it, once
+//! (`cluster::open_codes`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -125,11 +126,19 @@ pub(super) async fn mint(
         );
     }
     match codes.mint(&identity.user, identity.tier.as_deref(), Instant::now()) {
-        Ok(code) => json(&Minted {
-            path: proto::Secret::new(format!("/#open={code}")),
-            code: proto::Secret::new(code),
-            expires_in: OPEN_CODE_TTL.as_secs(),
-        }),
+        Ok(code) => {
+            if let Some(cluster) = &state.cluster {
+                let tier = identity.tier.as_deref();
+                cluster
+                    .put_open_code(&code, &identity.user, tier, OPEN_CODE_TTL)
+                    .await;
+            }
+            json(&Minted {
+                path: proto::Secret::new(format!("/#open={code}")),
+                code: proto::Secret::new(code),
+                expires_in: OPEN_CODE_TTL.as_secs(),
+            })
+        }
         Err(err) => {
             let mut response = error(StatusCode::TOO_MANY_REQUESTS, &err.to_string());
             response
@@ -181,7 +190,14 @@ pub(super) async fn exchange(
             "send {\"code\": \"...\"}: the code from the page's address",
         );
     };
-    let Some((user, tier)) = codes.take(&code, Instant::now()) else {
+    // With `[cluster]` Redis decides, so that a code works on any node and once over all of
+    // them; this node's own table answers alone without a cluster or while Redis is away.
+    let here = codes.take(&code, Instant::now());
+    let taken = match &state.cluster {
+        Some(cluster) => cluster.take_open_code(&code).await.unwrap_or(here),
+        None => here,
+    };
+    let Some((user, tier)) = taken else {
         return match state.auth_failed(addr, "api", crate::auth::AuthError::Invalid) {
             Denied::Limited(refusal) => denied(&state, addr, Denied::Limited(refusal)),
             Denied::Auth(_) => error(
