@@ -13,14 +13,13 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
-use cloudllm_proto as proto;
 use http::{HeaderValue, StatusCode};
 use tracing::{debug, info};
 
 use super::Api;
 use super::accounting::{Model, ServedBy};
-use super::body::{CappedBody, stalled, too_large};
-use super::route::CALLER_ONLY_HEADERS;
+use super::body::{stalled, too_large};
+use super::route::{names_a_model, outgoing};
 use crate::AppState;
 use crate::cluster::RemoteDevice;
 
@@ -38,20 +37,16 @@ pub(super) async fn forward_remote(
     let Some(cluster) = &state.cluster else {
         return api.error(StatusCode::SERVICE_UNAVAILABLE, "not a cluster node");
     };
-    let sniff = sniff_model
-        && cloudllm_proto::endpoints::routing(req.method().as_str(), req.uri().path())
-            == cloudllm_proto::endpoints::Routing::ByModel;
-    let (mut parts, body) = req.into_parts();
-    cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
-    for name in CALLER_ONLY_HEADERS {
-        parts.headers.remove(name);
-    }
-    parts.headers.remove(proto::HEADER_DEVICE);
-    parts
-        .headers
-        .insert(proto::HEADER_REQUEST_ID, request_id.clone());
-    let (body, watch) = CappedBody::new(body, (limit, read_timeout), received, sniff);
-    let request = http::Request::from_parts(parts, Body::new(body));
+    let sniff = sniff_model && names_a_model(req.method(), req.uri().path());
+    let (parts, body) = req.into_parts();
+    let (request, watch) = outgoing(
+        parts,
+        body,
+        request_id,
+        (limit, read_timeout),
+        received,
+        sniff,
+    );
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     state.metrics.forwarded_out.inc();

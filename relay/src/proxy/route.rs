@@ -26,7 +26,7 @@ use tracing::debug;
 
 use super::Api;
 use super::accounting::{Model, ServedBy};
-use super::body::{CappedBody, declared_length, discard, model_of, stalled, too_large};
+use super::body::{CappedBody, Watch, declared_length, discard, model_of, stalled, too_large};
 use crate::AppState;
 use crate::cluster::RemoteDevice;
 use crate::config::TierLimits;
@@ -44,7 +44,7 @@ const MAX_LISTING_BYTES: usize = 8 * 1024 * 1024;
 
 /// Whether the request's body names a model (a JSON object with `"model"`), by the endpoint
 /// table both ends share.
-fn names_a_model(method: &http::Method, path: &str) -> bool {
+pub(super) fn names_a_model(method: &http::Method, path: &str) -> bool {
     endpoints::routing(method.as_str(), path) == Routing::ByModel
 }
 
@@ -269,6 +269,30 @@ async fn merged_listing(
     response
 }
 
+/// The caller's request as a device receives it, from this node's tunnel or through the node
+/// holding it ([`super::forward_remote`]): hop-by-hop and caller-only headers dropped, the
+/// caller's device choice removed, the request id set, the body capped at `(limit,
+/// read_timeout)` and counted into `received`; with `sniff`, the model it names is noted.
+pub(super) fn outgoing(
+    mut parts: http::request::Parts,
+    body: Body,
+    request_id: &HeaderValue,
+    cap: (u64, Duration),
+    received: &Arc<AtomicU64>,
+    sniff: bool,
+) -> (http::Request<Body>, Watch) {
+    cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
+    for name in CALLER_ONLY_HEADERS {
+        parts.headers.remove(name);
+    }
+    parts.headers.remove(proto::HEADER_DEVICE);
+    parts
+        .headers
+        .insert(proto::HEADER_REQUEST_ID, request_id.clone());
+    let (body, watch) = CappedBody::new(body, cap, received, sniff);
+    (http::Request::from_parts(parts, Body::new(body)), watch)
+}
+
 /// Sends one request to `device` with its body streamed (capped at `limit`, and given up when
 /// the caller sends nothing for `read_timeout`), and streams the response back. With
 /// `sniff_model`, the model named in the body's first chunk is noted for the audit log.
@@ -290,16 +314,14 @@ pub(super) async fn forward_to(
     };
     parts.uri = uri;
     parts.version = http::Version::HTTP_2;
-    cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
-    for name in CALLER_ONLY_HEADERS {
-        parts.headers.remove(name);
-    }
-    parts.headers.remove(proto::HEADER_DEVICE);
-    parts
-        .headers
-        .insert(proto::HEADER_REQUEST_ID, request_id.clone());
-    let (body, watch) = CappedBody::new(body, (limit, read_timeout), received, sniff);
-    let request = http::Request::from_parts(parts, Body::new(body));
+    let (request, watch) = outgoing(
+        parts,
+        body,
+        request_id,
+        (limit, read_timeout),
+        received,
+        sniff,
+    );
 
     let in_flight = device.begin_request();
     let method = request.method().clone();
