@@ -139,3 +139,72 @@ impl VerifiedTokens {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::DecodingKey;
+
+    use super::*;
+
+    /// alice's client claims, expiring at `exp` (Unix seconds).
+    fn claims_until(exp: u64) -> Claims {
+        serde_json::from_value(serde_json::json!({"sub": "alice", "scope": "client", "exp": exp}))
+            .expect("valid claims")
+    }
+
+    #[test]
+    fn a_cached_token_is_refused_past_its_exp_and_not_trusted_past_the_ttl() {
+        let verified = VerifiedTokens::default();
+        let at = 1_000_000;
+        let claims = claims_until(at + 10);
+        let hash = hash("token");
+        verified.insert(hash, &claims, None, at);
+        let valid = |now| matches!(verified.lookup(&hash, now, |_| None), Hit::Valid(_));
+        assert!(valid(at + 10 + LEEWAY_SECS), "within exp's leeway");
+        assert!(!valid(at + 10 + LEEWAY_SECS + 1), "past exp and its leeway");
+
+        // A long-lived token is verified again after the TTL.
+        let claims = claims_until(at + 86_400);
+        verified.insert(hash, &claims, None, at);
+        let valid = |now| matches!(verified.lookup(&hash, now, |_| None), Hit::Valid(_));
+        assert!(valid(at + TTL_SECS));
+        assert!(!valid(at + TTL_SECS + 1));
+    }
+
+    #[test]
+    fn a_cached_provider_token_misses_once_its_key_is_rotated_out() {
+        let verified = VerifiedTokens::default();
+        let at = 1_000_000;
+        let claims = claims_until(at + 600);
+        let key = |secret: &str| {
+            Arc::new(JwksKey {
+                decoding: DecodingKey::from_secret(secret.as_bytes()),
+                algorithm: None,
+            })
+        };
+        let (old, new) = (key("old"), key("new"));
+        let hash = hash("token");
+        let hit = |current: Option<Arc<JwksKey>>| {
+            matches!(verified.lookup(&hash, at, move |_| current), Hit::Valid(_))
+        };
+        verified.insert(hash, &claims, Some(("k1".to_owned(), old.clone())), at);
+        assert!(hit(Some(old.clone())), "the same key still holds");
+        // The provider replaced the key under the same id: verify in full (the entry is dropped).
+        assert!(!hit(Some(new)));
+        verified.insert(hash, &claims, Some(("k1".to_owned(), old.clone())), at);
+        // The key set no longer has it at all.
+        assert!(!hit(None));
+        assert_eq!(verified.len(), 0);
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_capacity() {
+        let verified = VerifiedTokens::default();
+        let at = 1_000_000;
+        let claims = claims_until(at + 600);
+        for i in 0..CAPACITY + 10 {
+            verified.insert(hash(&i.to_string()), &claims, None, at);
+        }
+        assert_eq!(verified.len(), CAPACITY);
+    }
+}
