@@ -309,13 +309,14 @@ impl TestDaemon {
     }
 }
 
-/// Waits until a daemon listens on its IPC socket at `socket` (the file exists).
+/// Waits until a daemon answers on its IPC socket at `socket`. The file alone is not enough:
+/// it exists from `bind` on, and a connection before `listen` is refused.
 pub async fn wait_for_socket(socket: &std::path::Path) {
     let deadline = tokio::time::Instant::now() + STEP;
-    while !socket.exists() {
+    while daemon_status(socket).await.is_none() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no daemon socket at {} within {STEP:?}",
+            "no daemon answering on {} within {STEP:?}",
             socket.display()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
