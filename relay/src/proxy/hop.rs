@@ -17,19 +17,17 @@ use http::{HeaderValue, StatusCode};
 use tracing::{debug, info};
 
 use super::Api;
-use super::accounting::{Model, ServedBy};
-use super::body::{stalled, too_large};
-use super::route::{names_a_model, outgoing};
+use super::route::{answer, outgoing};
 use crate::AppState;
 use crate::cluster::RemoteDevice;
 
 /// Forwards `req` for `user` to `device` on another node: `(user, device, sniff_model)`, the
-/// body capped at `(limit, read_timeout)`.
+/// body capped at `cap`: `(limit, read_timeout)`.
 pub(super) async fn forward_remote(
     state: &AppState,
     api: Api<'_>,
     (user, device, sniff_model): (&str, &RemoteDevice, bool),
-    (limit, read_timeout): (u64, Duration),
+    cap: (u64, Duration),
     request_id: &HeaderValue,
     received: &Arc<AtomicU64>,
     req: Request,
@@ -37,16 +35,7 @@ pub(super) async fn forward_remote(
     let Some(cluster) = &state.cluster else {
         return api.error(StatusCode::SERVICE_UNAVAILABLE, "not a cluster node");
     };
-    let sniff = sniff_model && names_a_model(req.method(), req.uri().path());
-    let (parts, body) = req.into_parts();
-    let (request, watch) = outgoing(
-        parts,
-        body,
-        request_id,
-        (limit, read_timeout),
-        received,
-        sniff,
-    );
+    let (request, watch) = outgoing(req, request_id, cap, received, sniff_model);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     state.metrics.forwarded_out.inc();
@@ -61,33 +50,22 @@ pub(super) async fn forward_remote(
             request,
         )
         .await;
-    let mut response = match sent {
-        Ok(response) => {
-            state
-                .metrics
-                .hop_latency
-                .observe(started.elapsed().as_secs_f64());
-            info!(%user, device = %device.name, node = %device.node, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request via node");
-            let (mut parts, body) = response.into_parts();
-            cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Body::new(body))
-        }
-        Err(_) if watch.over_limit() => return too_large(api, limit),
-        Err(_) if watch.stalled() => return stalled(api, read_timeout),
-        Err(err) => {
-            debug!(error = %format!("{err:#}"), node = %device.node, "forwarding to a node failed");
-            let message = format!(
-                "relay node {:?}, which holds device {:?}, could not be reached ({err}); it may have just gone down — try again",
-                device.node, device.name
-            );
-            api.error(StatusCode::BAD_GATEWAY, &message)
-        }
+    let sent = sent.map(|response| {
+        state
+            .metrics
+            .hop_latency
+            .observe(started.elapsed().as_secs_f64());
+        info!(%user, device = %device.name, node = %device.node, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request via node");
+        let (mut parts, body) = response.into_parts();
+        cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
+        Response::from_parts(parts, Body::new(body))
+    });
+    let failed = |err: anyhow::Error| {
+        debug!(error = %format!("{err:#}"), node = %device.node, "forwarding to a node failed");
+        format!(
+            "relay node {:?}, which holds device {:?}, could not be reached ({err}); it may have just gone down — try again",
+            device.node, device.name
+        )
     };
-    response
-        .extensions_mut()
-        .insert(ServedBy(device.name.clone()));
-    if let Some(model) = watch.model() {
-        response.extensions_mut().insert(Model(model.clone()));
-    }
-    response
+    answer(api, sent, &watch, cap, &device.name, failed)
 }

@@ -44,7 +44,7 @@ const MAX_LISTING_BYTES: usize = 8 * 1024 * 1024;
 
 /// Whether the request's body names a model (a JSON object with `"model"`), by the endpoint
 /// table both ends share.
-pub(super) fn names_a_model(method: &http::Method, path: &str) -> bool {
+fn names_a_model(method: &http::Method, path: &str) -> bool {
     endpoints::routing(method.as_str(), path) == Routing::ByModel
 }
 
@@ -272,15 +272,17 @@ async fn merged_listing(
 /// The caller's request as a device receives it, from this node's tunnel or through the node
 /// holding it ([`super::forward_remote`]): hop-by-hop and caller-only headers dropped, the
 /// caller's device choice removed, the request id set, the body capped at `(limit,
-/// read_timeout)` and counted into `received`; with `sniff`, the model it names is noted.
+/// read_timeout)` and counted into `received`; with `sniff_model`, the model it names is noted
+/// (on the endpoints whose body names one).
 pub(super) fn outgoing(
-    mut parts: http::request::Parts,
-    body: Body,
+    req: Request,
     request_id: &HeaderValue,
     cap: (u64, Duration),
     received: &Arc<AtomicU64>,
-    sniff: bool,
+    sniff_model: bool,
 ) -> (http::Request<Body>, Watch) {
+    let sniff = sniff_model && names_a_model(req.method(), req.uri().path());
+    let (mut parts, body) = req.into_parts();
     cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
     for name in CALLER_ONLY_HEADERS {
         parts.headers.remove(name);
@@ -293,35 +295,27 @@ pub(super) fn outgoing(
     (http::Request::from_parts(parts, Body::new(body)), watch)
 }
 
-/// Sends one request to `device` with its body streamed (capped at `limit`, and given up when
-/// the caller sends nothing for `read_timeout`), and streams the response back. With
-/// `sniff_model`, the model named in the body's first chunk is noted for the audit log.
+/// Sends one request to `device` with its body streamed (capped at `cap`: `(limit,
+/// read_timeout)`, given up when the caller sends nothing for `read_timeout`), and streams the
+/// response back. With `sniff_model`, the model named in the body's first chunk is noted for
+/// the audit log.
 pub(super) async fn forward_to(
     api: Api<'_>,
     device: &Arc<Device>,
-    (limit, read_timeout): (u64, Duration),
+    cap: (u64, Duration),
     request_id: &HeaderValue,
     received: &Arc<AtomicU64>,
     sniff_model: bool,
     req: Request,
 ) -> Response {
-    let sniff = sniff_model && names_a_model(req.method(), req.uri().path());
-    let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let uri = match format!("http://tunnel{path}").parse() {
         Ok(uri) => uri,
         Err(_) => return api.error(StatusCode::BAD_REQUEST, "malformed request path"),
     };
-    parts.uri = uri;
-    parts.version = http::Version::HTTP_2;
-    let (request, watch) = outgoing(
-        parts,
-        body,
-        request_id,
-        (limit, read_timeout),
-        received,
-        sniff,
-    );
+    let (mut request, watch) = outgoing(req, request_id, cap, received, sniff_model);
+    *request.uri_mut() = uri;
+    *request.version_mut() = http::Version::HTTP_2;
 
     let in_flight = device.begin_request();
     let method = request.method().clone();
@@ -333,33 +327,49 @@ pub(super) async fn forward_to(
             .map_err(|err| err.to_string()),
         Err(offline) => Err(offline.to_string()),
     };
+    let sent = sent.map(|response| {
+        debug!(user = %device.user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
+        let (mut parts, body) = response.into_parts();
+        cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
+        // Chunks already waiting go out as one; the request counts as in flight until its
+        // body ends or the caller goes away.
+        let body = Coalesce::new(body).map_frame(move |frame| {
+            let _ = &in_flight;
+            frame
+        });
+        Response::from_parts(parts, Body::new(body))
+    });
+    let failed = |err: String| {
+        debug!(error = %err, "tunnel request failed");
+        format!(
+            "the tunnel to device {:?} failed before the response started ({err}); it may have just gone offline — try again",
+            device.name
+        )
+    };
+    answer(api, sent, &watch, cap, &device.name, failed)
+}
+
+/// The caller's answer to a request sent to `device` (on this node or another), watched by
+/// `watch` and capped at `(limit, read_timeout)`: the device's response, else 413 or 408 when
+/// the request body broke a cap, else 502 with `failed`'s message. Marked with the device that
+/// served and the model the body named, for the audit log.
+pub(super) fn answer<E>(
+    api: Api<'_>,
+    sent: Result<Response, E>,
+    watch: &Watch,
+    (limit, read_timeout): (u64, Duration),
+    device: &str,
+    failed: impl FnOnce(E) -> String,
+) -> Response {
     let mut response = match sent {
-        Ok(response) => {
-            debug!(user = %device.user, device = %device.name, %method, %path, status = response.status().as_u16(), request_id = ?request_id, "request");
-            let (mut parts, body) = response.into_parts();
-            cloudllm_tunnel::headers::remove_hop_by_hop(&mut parts.headers);
-            // Chunks already waiting go out as one; the request counts as in flight until its
-            // body ends or the caller goes away.
-            let body = Coalesce::new(body).map_frame(move |frame| {
-                let _ = &in_flight;
-                frame
-            });
-            Response::from_parts(parts, Body::new(body))
-        }
+        Ok(response) => response,
         Err(_) if watch.over_limit() => return too_large(api, limit),
         Err(_) if watch.stalled() => return stalled(api, read_timeout),
-        Err(err) => {
-            debug!(error = %err, "tunnel request failed");
-            let message = format!(
-                "the tunnel to device {:?} failed before the response started ({err}); it may have just gone offline — try again",
-                device.name
-            );
-            api.error(StatusCode::BAD_GATEWAY, &message)
-        }
+        Err(err) => api.error(StatusCode::BAD_GATEWAY, &failed(err)),
     };
     response
         .extensions_mut()
-        .insert(ServedBy(device.name.clone()));
+        .insert(ServedBy(device.to_owned()));
     if let Some(model) = watch.model() {
         response.extensions_mut().insert(Model(model.clone()));
     }
