@@ -284,17 +284,23 @@ mod tests {
         Arc::new(Device::new("u".into(), "id".into(), "name".into()))
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_request_asks_for_a_session_and_gets_it_or_hears_the_tunnel_is_gone() {
-        let device = device();
+    /// A request waiting on `device` for a session, once the tunnel task has heard that a
+    /// session is wanted.
+    async fn waiting_request(device: &Arc<Device>) -> tokio::task::JoinHandle<Result<(), Offline>> {
         let waiting = tokio::spawn({
             let device = device.clone();
             async move { device.sender().await.map(|_| ()) }
         });
-        // The tunnel task hears that a session is wanted.
         tokio::time::timeout(Duration::from_secs(1), device.session_wanted())
             .await
             .expect("the request asked for a session");
+        waiting
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_asks_for_a_session_and_gets_it_or_hears_the_tunnel_is_gone() {
+        let device = device();
+        let waiting = waiting_request(&device).await;
         device.set_gone();
         assert!(matches!(waiting.await.unwrap(), Err(Offline)));
         // Later requests do not wait at all.
@@ -304,13 +310,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_that_goes_away_while_waiting_stops_counting() {
         let device = device();
-        let waiting = tokio::spawn({
-            let device = device.clone();
-            async move { device.sender().await.map(|_| ()) }
-        });
-        tokio::time::timeout(Duration::from_secs(1), device.session_wanted())
-            .await
-            .expect("the request asked for a session");
+        let waiting = waiting_request(&device).await;
         assert_eq!(device.waiting.load(Ordering::Acquire), 1);
         // The caller hangs up: its request future is dropped mid-wait.
         waiting.abort();
