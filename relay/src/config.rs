@@ -369,10 +369,14 @@ impl RelayConfig {
 mod tests {
     use super::*;
 
+    /// `text` as a relay config file, which the test expects to parse.
+    pub(super) fn parsed(text: &str) -> RelayConfig {
+        toml::from_str(text).expect("the test's config parses")
+    }
+
     #[test]
     fn file_values_override_defaults_and_typos_are_errors() {
-        let config: RelayConfig =
-            toml::from_str("listen = \"0.0.0.0:9000\"\nping_interval = \"3s\"\n").unwrap();
+        let config = parsed("listen = \"0.0.0.0:9000\"\nping_interval = \"3s\"\n");
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.ping_interval, Duration::from_secs(3));
         assert_eq!(config.ping_timeout, Liveness::default().timeout);
@@ -400,17 +404,15 @@ mod tests {
 
     #[test]
     fn connection_caps_have_defaults_and_must_be_positive() {
-        let config: RelayConfig = toml::from_str(
+        let config = parsed(
             "secret = \"0123456789abcdef0123456789abcdef\"\nmax_unauthenticated_connections = 100\n",
-        )
-        .unwrap();
+        );
         assert_eq!(config.max_unauthenticated_connections, 100);
         assert_eq!(config.max_unauthenticated_connections_per_address, 128);
         assert!(config.validate().is_ok());
-        let zero: RelayConfig = toml::from_str(
+        let zero = parsed(
             "secret = \"0123456789abcdef0123456789abcdef\"\nmax_unauthenticated_connections_per_address = 0\n",
-        )
-        .unwrap();
+        );
         let err = zero.validate().unwrap_err().to_string();
         assert!(
             err.contains("max_unauthenticated_connections_per_address"),
@@ -420,14 +422,11 @@ mod tests {
 
     #[test]
     fn client_read_timeout_has_a_default_and_must_be_positive() {
-        let mut config: RelayConfig =
-            toml::from_str("secret = \"0123456789abcdef0123456789abcdef\"").unwrap();
+        let mut config = parsed("secret = \"0123456789abcdef0123456789abcdef\"");
         assert_eq!(config.client_read_timeout, Duration::from_secs(30));
         assert!(config.validate().is_ok());
-        config = toml::from_str(
-            "secret = \"0123456789abcdef0123456789abcdef\"\nclient_read_timeout = \"0s\"",
-        )
-        .unwrap();
+        config =
+            parsed("secret = \"0123456789abcdef0123456789abcdef\"\nclient_read_timeout = \"0s\"");
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("client_read_timeout"), "{err}");
     }

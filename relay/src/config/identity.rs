@@ -205,6 +205,7 @@ mod tests {
 
     use super::*;
     use crate::config::SECRET_ENV;
+    use crate::config::tests::parsed;
 
     const JWKS: &str = r#"
         token_grace = "5s"
@@ -216,7 +217,7 @@ mod tests {
 
     #[test]
     fn jwks_alone_is_enough_to_serve_but_not_to_issue() {
-        let config: RelayConfig = toml::from_str(JWKS).unwrap();
+        let config = parsed(JWKS);
         let jwks = config.jwks.as_ref().unwrap();
         assert_eq!(jwks.algorithms, vec![Algorithm::RS256]);
         assert_eq!(jwks.refresh, Duration::from_secs(600));
@@ -237,7 +238,7 @@ mod tests {
         let text = format!(
             "{JWKS}algorithms = [\"RS256\", \"ES256\", \"EdDSA\"]\nrefresh = \"1m\"\nrefetch_min = \"100ms\"\n"
         );
-        let config: RelayConfig = toml::from_str(&text).unwrap();
+        let config = parsed(&text);
         let jwks = config.jwks.unwrap();
         assert_eq!(
             jwks.algorithms,
@@ -257,21 +258,19 @@ mod tests {
             ("algorithms = []\n", "at least one"),
             ("refetch_min = \"0s\"\n", "zero"),
         ] {
-            let config: RelayConfig = toml::from_str(&format!("{JWKS}{extra}")).unwrap();
+            let config = parsed(&format!("{JWKS}{extra}"));
             let err = format!("{:#}", config.validate().unwrap_err());
             assert!(err.contains(needle) && err.contains("[jwks]"), "{err}");
         }
         let ftp = JWKS.replace("https://idp.example.com/jwks", "ftp://idp.example.com/jwks");
-        let config: RelayConfig = toml::from_str(&ftp).unwrap();
+        let config = parsed(&ftp);
         assert!(config.validate().is_err());
     }
 
     #[test]
     fn login_defaults_its_scopes_and_checks_the_issuer() {
-        let config: RelayConfig = toml::from_str(
-            "[login]\nissuer = \"https://idp.example.com\"\nclient_id = \"cloudllmd\"\n",
-        )
-        .unwrap();
+        let config =
+            parsed("[login]\nissuer = \"https://idp.example.com\"\nclient_id = \"cloudllmd\"\n");
         let login = config.login.unwrap();
         assert_eq!(login.scopes, ["openid", "offline_access", "agent"]);
         assert_eq!(login.issuer, "https://idp.example.com");
@@ -288,8 +287,7 @@ mod tests {
 
     #[test]
     fn the_supabase_preset_fills_in_the_provider() {
-        let mut config: RelayConfig =
-            toml::from_str("[supabase]\nurl = \"https://abcd.supabase.co/\"\n").unwrap();
+        let mut config = parsed("[supabase]\nurl = \"https://abcd.supabase.co/\"\n");
         config.apply_presets().unwrap();
         let jwks = config.jwks.clone().unwrap();
         assert_eq!(
@@ -308,18 +306,16 @@ mod tests {
         assert_eq!(format!("{config:?}"), before);
 
         // Explicit settings win; a second provider is an error.
-        let mut explicit: RelayConfig = toml::from_str(
+        let mut explicit = parsed(
             "tier_claim = \"plan\"\nimplicit_scopes = \"client\"\n[supabase]\nurl = \"https://abcd.supabase.co\"\n",
-        )
-        .unwrap();
+        );
         explicit.apply_presets().unwrap();
         assert_eq!(explicit.tier_claim, "plan");
         let scopes = explicit.implicit_scopes.unwrap();
         assert!(scopes.has(crate::Scope::Client) && !scopes.has(crate::Scope::Agent));
-        let mut both: RelayConfig = toml::from_str(&format!(
+        let mut both = parsed(&format!(
             "{JWKS}\n[supabase]\nurl = \"https://abcd.supabase.co\"\n"
-        ))
-        .unwrap();
+        ));
         let err = both.apply_presets().unwrap_err().to_string();
         assert!(
             err.contains("[supabase]") && err.contains("[jwks]"),

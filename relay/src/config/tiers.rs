@@ -92,14 +92,14 @@ mod tests {
 
     use super::*;
     use crate::config::MIN_SECRET_BYTES;
+    use crate::config::tests::parsed;
 
     #[test]
     fn tiers_extend_the_builtins_and_are_checked() {
-        let mut config: RelayConfig = toml::from_str(
+        let mut config = parsed(
             "default_tier = \"team\"\n[tiers.team]\nrequests_per_minute = 100\nconcurrent_requests = 8\n\
              devices = 3\nmax_body_bytes = 1000\nmax_stream = \"1h\"\n",
-        )
-        .unwrap();
+        );
         config.secret = Some(Secret::new("x".repeat(MIN_SECRET_BYTES)));
         assert!(config.validate().is_ok());
         assert_eq!(
@@ -118,11 +118,10 @@ mod tests {
         let err =
             toml::from_str::<RelayConfig>("[tiers.x]\nrequests_per_minute = 1\n").unwrap_err();
         assert!(err.to_string().contains("missing field"), "{err}");
-        let zero: RelayConfig = toml::from_str(
+        let zero = parsed(
             "[tiers.free]\nrequests_per_minute = 0\nconcurrent_requests = 1\ndevices = 1\n\
              max_body_bytes = 1\nmax_stream = \"1s\"\n",
-        )
-        .unwrap();
+        );
         let mut zero = zero;
         zero.secret = Some(Secret::new("x".repeat(MIN_SECRET_BYTES)));
         let err = zero.validate().unwrap_err().to_string();
