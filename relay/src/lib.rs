@@ -7,7 +7,8 @@
 //!
 //! The modules, in the order a request meets them:
 //! - `server` accepts connections ([`tls`] terminates TLS) under the caps on unauthenticated
-//!   connections ([`connections`]) and serves HTTP/1.1 on them; `client_addr` finds the
+//!   connections ([`connections`]) and serves HTTP/1.1 on them, plain TCP thread-per-core with
+//!   each user's connections on one thread (`shards`); `client_addr` finds the
 //!   client's address behind trusted proxies, `request_id` tags every request.
 //! - `admission` lets a caller in, the same way on every route: the address's failure budget
 //!   ([`limits`]), the token ([`auth`], with an identity provider's keys from [`jwks`]), the
@@ -39,6 +40,7 @@ mod proxy;
 pub mod registry;
 mod request_id;
 mod server;
+mod shards;
 pub mod tls;
 mod tunnel;
 pub mod web;
@@ -240,20 +242,34 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
     };
     let app = router(state.clone(), metrics_addr.is_none())?;
     let read_timeout = state.config.client_read_timeout;
-    let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
-        Some(tls) => Box::pin(server::serve_http(
-            tls.listener(listener, keepalive, gate),
-            app,
-            read_timeout,
-            shutdown.clone(),
-        )),
-        None => Box::pin(server::serve_http(
-            server::PlainListener::new(listener, keepalive, gate),
-            app,
-            read_timeout,
-            shutdown.clone(),
-        )),
-    };
+    // Plain TCP is served thread-per-core (`shards`); TLS on this runtime.
+    let (server, shards): (Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>, _) =
+        match &tls {
+            Some(tls) => (
+                Box::pin(server::serve_http(
+                    tls.listener(listener, keepalive, gate),
+                    app,
+                    read_timeout,
+                    shutdown.clone(),
+                )),
+                None,
+            ),
+            None => {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                let shards = Arc::new(shards::Shards::start(cores).context("starting threads")?);
+                info!(threads = shards.len(), "serving plain HTTP thread-per-core");
+                (
+                    Box::pin(server::serve_sharded(
+                        server::PlainListener::new(listener, keepalive, gate),
+                        shards.clone(),
+                        app,
+                        read_timeout,
+                        shutdown.clone(),
+                    )),
+                    Some(shards),
+                )
+            }
+        };
     let done = tokio::spawn(async move {
         let tunnels = async {
             state.shutdown.cancelled().await;
@@ -266,6 +282,8 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         });
         // Every handle to the audit log is gone with the state: the writer flushes and ends.
         drop(state);
+        // Nothing runs on the shards any more: their threads end.
+        drop(shards);
         if let Some(writer) = audit_writer {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
         }

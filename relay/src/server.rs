@@ -3,7 +3,8 @@
 //! A listener ([`PlainListener`], or TLS's, which finishes handshakes first) yields connections
 //! already admitted by the caps on unauthenticated connections ([`crate::connections`]);
 //! [`serve_http`] runs hyper's HTTP/1.1 server on each, with WebSocket upgrades for `/tunnel`,
-//! a bound on slow request heads, and a graceful end on shutdown.
+//! a bound on slow request heads, and a graceful end on shutdown; [`serve_sharded`] does the
+//! same for plain TCP with each connection on the shard of its user ([`crate::shards`]).
 
 use std::future::Future;
 use std::io;
@@ -22,6 +23,7 @@ use tower_service::Service as _;
 use tracing::{debug, warn};
 
 use crate::connections::{Gate, Slot};
+use crate::shards::Shards;
 
 /// A connection the gate admitted.
 pub(crate) struct Incoming<Io> {
@@ -102,66 +104,145 @@ pub(crate) async fn accept_failed(err: io::Error) {
 }
 
 /// Serves HTTP/1.1 (with upgrades, for `/tunnel`) on `listener` until `stop`, then lets open
-/// connections finish their requests, as `axum::serve`'s graceful shutdown does. Unlike
-/// `axum::serve`, it bounds slow clients: a connection that has not sent a whole request head
-/// within `read_timeout` (a slowloris, an idle keep-alive connection, or one that never sends a
-/// byte) is closed. Connections come admitted by the caps on unauthenticated connections; one
-/// that the caps close to make room is dropped at once.
+/// connections finish their requests, as `axum::serve`'s graceful shutdown does. Each
+/// connection is served on the current runtime (TLS's; plain TCP uses [`serve_sharded`]).
 pub(crate) async fn serve_http<L: Accept>(
     mut listener: L,
     app: Router,
-    read_timeout: std::time::Duration,
+    read_timeout: Duration,
     stop: CancellationToken,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+) -> io::Result<()> {
     let connections = TaskTracker::new();
     loop {
-        let Incoming { io, peer, slot } = tokio::select! {
+        let incoming = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        // The handlers read the peer address as `ConnectInfo`, as with axum's own server, and
-        // mark the connection authenticated through its slot: both go into each request's
-        // extensions here. (As router layers, added per connection, they re-wrapped every
-        // route and boxed two more services into each request's path.)
-        let (router, request_slot) = (app.clone(), slot.clone());
-        let service = hyper::service::service_fn(move |mut req: Request<IncomingBody>| {
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            req.extensions_mut().insert(request_slot.clone());
-            // A router is always ready: no `poll_ready` before the call.
-            router.clone().call(req)
-        });
-        let stop = stop.clone();
+        connections.spawn(serve_connection(
+            incoming,
+            app.clone(),
+            read_timeout,
+            stop.clone(),
+        ));
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+/// Serves plain TCP as [`serve_http`] does, each connection on the shard of the user its
+/// first request names ([`crate::shards`]). Accepting and placing run here; from its first
+/// request on, a connection is the shard's alone.
+pub(crate) async fn serve_sharded(
+    mut listener: PlainListener,
+    shards: Arc<Shards>,
+    app: Router,
+    read_timeout: Duration,
+    stop: CancellationToken,
+) -> io::Result<()> {
+    let connections = TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let (shards, app, stop, tracker) = (
+            shards.clone(),
+            app.clone(),
+            stop.clone(),
+            connections.clone(),
+        );
         connections.spawn(async move {
-            // HTTP/1.1 only (TLS offers no other protocol either): hyper-util's automatic
-            // version detection would wait for the first bytes without any timeout.
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(read_timeout)
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            let served = tokio::select! {
-                served = connection.as_mut() => served,
-                () = slot.evicted() => {
-                    tracing::debug!(%peer, "unauthenticated connection closed to make room");
-                    return;
-                }
-                () = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+            let Incoming { io, peer, slot } = incoming;
+            let mut head = vec![0; crate::shards::PEEK_BYTES];
+            // The first bytes, left in the socket for hyper. A client silent for as long as
+            // hyper would wait for a request head is closed as hyper would close it.
+            let peeked = tokio::select! {
+                peeked = tokio::time::timeout(read_timeout, io.peek(&mut head)) => peeked,
+                () = slot.evicted() => return,
+                () = stop.cancelled() => return,
             };
-            if let Err(err) = served {
-                tracing::debug!(error = %err, %peer, "connection ended with an error");
-            }
+            let Ok(Ok(read @ 1..)) = peeked else {
+                debug!(%peer, "connection closed before its first request");
+                return;
+            };
+            let shard = shards.for_head(&head[..read]).clone();
+            drop(shards);
+            // Off this runtime's reactor, onto the shard's (`from_std` there).
+            let io = match io.into_std() {
+                Ok(io) => io,
+                Err(err) => return debug!(%peer, error = %err, "connection lost while placing it"),
+            };
+            tracker.spawn_on(
+                async move {
+                    match TcpStream::from_std(io) {
+                        Ok(io) => {
+                            let incoming = Incoming { io, peer, slot };
+                            serve_connection(incoming, app, read_timeout, stop).await;
+                        }
+                        Err(err) => debug!(%peer, error = %err, "connection lost while placing it"),
+                    }
+                },
+                &shard,
+            );
         });
     }
     drop(listener);
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// Serves HTTP/1.1 on one admitted connection until it closes, or until `stop` (then its
+/// request in flight finishes first). Unlike `axum::serve`, it bounds slow clients: a
+/// connection that has not sent a whole request head within `read_timeout` (a slowloris, an
+/// idle keep-alive connection, or one that never sends a byte) is closed; and one that the
+/// caps on unauthenticated connections close to make room is dropped at once.
+async fn serve_connection<Io>(
+    incoming: Incoming<Io>,
+    app: Router,
+    read_timeout: Duration,
+    stop: CancellationToken,
+) where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let Incoming { io, peer, slot } = incoming;
+    // The handlers read the peer address as `ConnectInfo`, as with axum's own server, and mark
+    // the connection authenticated through its slot: both go into each request's extensions
+    // here. (As router layers, added per connection, they re-wrapped every route and boxed two
+    // more services into each request's path.)
+    let request_slot = slot.clone();
+    let service = hyper::service::service_fn(move |mut req: Request<IncomingBody>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        req.extensions_mut().insert(request_slot.clone());
+        // A router is always ready: no `poll_ready` before the call.
+        app.clone().call(req)
+    });
+    // HTTP/1.1 only (TLS offers no other protocol either): hyper-util's automatic version
+    // detection would wait for the first bytes without any timeout.
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = slot.evicted() => {
+            debug!(%peer, "unauthenticated connection closed to make room");
+            return;
+        }
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = served {
+        debug!(error = %err, %peer, "connection ended with an error");
+    }
 }
 
 /// Socket options for every accepted connection, plain or TLS.
