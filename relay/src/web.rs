@@ -23,6 +23,7 @@ use cloudllm_proto as proto;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Serialize;
 
+use crate::auth::{Identity, Scope};
 use crate::client_addr::client_ip;
 use crate::config::RelayConfig;
 use crate::{AppState, Denied};
@@ -307,6 +308,21 @@ fn denied(state: &AppState, addr: Option<std::net::IpAddr>, denied: Denied) -> R
             }
             response
         }
+    }
+}
+
+/// The caller of one of the page's endpoints, signed in with a token of scope `need` (and so
+/// no longer counted as unauthenticated); else the answer to give them: 401, or 429 for an
+/// address over its failure budget. (`req` is `&mut` only so that the future is `Send`: a
+/// request's body is not `Sync`.)
+async fn signed_in(state: &AppState, req: &mut Request, need: Scope) -> Result<Identity, Response> {
+    let addr = caller(state, req);
+    match state.authenticate(req.headers(), addr, need, "api").await {
+        Ok(identity) => {
+            crate::connections::admitted(req.extensions());
+            Ok(identity)
+        }
+        Err(refused) => Err(denied(state, addr, refused)),
     }
 }
 

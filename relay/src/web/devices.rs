@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use super::{caller, denied, json};
+use super::{json, signed_in};
 use crate::AppState;
 use crate::auth::Scope;
 use crate::config::RelayConfig;
@@ -70,16 +70,11 @@ pub struct Devices {
 }
 
 /// `GET /cloudllm/devices` with a client token: the caller's connected devices and their models.
-pub(super) async fn devices(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let addr = caller(&state, &req);
-    let identity = match state
-        .authenticate(req.headers(), addr, Scope::Client, "api")
-        .await
-    {
+pub(super) async fn devices(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
+    let identity = match signed_in(&state, &mut req, Scope::Client).await {
         Ok(identity) => identity,
-        Err(refused) => return denied(&state, addr, refused),
+        Err(refused) => return refused,
     };
-    crate::connections::admitted(req.extensions());
     let mut list: Vec<DeviceInfo> = state
         .registry
         .devices_of(&identity.user)

@@ -15,7 +15,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{caller, denied, error, json};
+use super::{caller, denied, error, json, signed_in};
 use crate::auth::Scope;
 use crate::{AppState, Denied};
 
@@ -108,17 +108,12 @@ pub type Minted = proto::OpenWebCode;
 pub(super) async fn mint(
     State(state): State<Arc<AppState>>,
     Extension(codes): Extension<Arc<OpenCodes>>,
-    req: Request,
+    mut req: Request,
 ) -> Response {
-    let addr = caller(&state, &req);
-    let identity = match state
-        .authenticate(req.headers(), addr, Scope::Agent, "api")
-        .await
-    {
+    let identity = match signed_in(&state, &mut req, Scope::Agent).await {
         Ok(identity) => identity,
-        Err(refused) => return denied(&state, addr, refused),
+        Err(refused) => return refused,
     };
-    crate::connections::admitted(req.extensions());
     if state.config.secret.is_none() {
         return error(
             StatusCode::NOT_IMPLEMENTED,
