@@ -25,13 +25,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::warn;
 
+use crate::limits::lock;
 use crate::metrics::Metrics;
 
 /// How long a new connection may take to authenticate before a newcomer may push it out of a
@@ -213,14 +214,6 @@ impl Gate {
     pub fn unauthenticated(&self) -> usize {
         lock(&self.state).waiting.len()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update is made under one lock and finished before it is released: a panicking
-    // holder cannot leave a half-made change.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One connection's place under the caps, from its accept until a request on it is admitted

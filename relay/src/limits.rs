@@ -208,8 +208,10 @@ fn auth_refusal(wait: Duration) -> Refusal {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update is a single step: a panicking holder cannot leave a half-made change.
+/// Locks `mutex`, poisoned or not. Only for state whose every update is finished before the
+/// lock is released (here and in [`crate::connections`]): a panicking holder cannot have left a
+/// half-made change, so the state is as good after a panic as before.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
