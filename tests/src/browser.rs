@@ -15,7 +15,7 @@
 //! Node.js; `npm ci` runs in `web/` when its packages are missing. `CLOUDLLM_SKIP_WEB_TEST=1`
 //! skips knowingly; otherwise a missing tool fails the test with what to install.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +31,8 @@ use url::Url;
 
 use crate::STEP;
 
-/// `npm ci` of the page's packages on a cold cache.
+/// `npm ci` on a cold cache downloads a few dozen packages: a minute is plenty; 5 leaves room
+/// for a slow registry.
 const NPM_CI: Duration = Duration::from_secs(300);
 
 /// What the fake model answers: Markdown with a code block, and markup that must never run.
@@ -64,32 +65,43 @@ pub async fn tools_ready() -> bool {
         "the browser test needs Chromium at {} (Debian: apt-get install chromium), or set CLOUDLLM_SKIP_WEB_TEST=1",
         chromium()
     );
-    let web = repo().join("web");
-    if !web
-        .join("node_modules/playwright-core/package.json")
+    npm_ci(
+        &repo().join("web"),
+        "playwright-core",
+        "the page's packages",
+    )
+    .await;
+    true
+}
+
+/// Runs `npm ci` in `dir` (naming `what` it installs) unless the `package` it needs is
+/// installed there already; panics, saying why, when it fails.
+pub async fn npm_ci(dir: &Path, package: &str, what: &str) {
+    if dir
+        .join("node_modules")
+        .join(package)
+        .join("package.json")
         .exists()
     {
-        eprintln!(
-            "installing the page's packages: npm ci in {}",
-            web.display()
-        );
-        let npm = tokio::process::Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&web)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = timeout(NPM_CI, npm)
-            .await
-            .expect("npm ci timed out")
-            .expect("running npm (Debian: apt-get install nodejs npm)");
-        assert!(
-            out.status.success(),
-            "npm ci in web/ failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        return;
     }
-    true
+    eprintln!("installing {what}: npm ci in {}", dir.display());
+    let npm = tokio::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = timeout(NPM_CI, npm)
+        .await
+        .expect("npm ci timed out")
+        .expect("running npm (install it with Node.js; Debian: apt-get install nodejs npm)");
+    assert!(
+        out.status.success(),
+        "npm ci in {} failed:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs `web/e2e/{script}` with `config` (written to a file; `chromium` and `screenshots` are

@@ -32,10 +32,6 @@ pub const AUDIENCE: &str = "cloudllm";
 /// `("WEB_CLIENT_ID", WEB_CLIENT_ID)` in its environment (see [`OidcProvider::set_web_redirect`]).
 pub const WEB_CLIENT_ID: &str = "cloudllm-web";
 
-/// `npm ci` on a cold cache downloads about 40 small packages: a minute is plenty; 5 leaves
-/// room for a slow registry.
-const NPM_TIMEOUT: Duration = Duration::from_secs(300);
-
 /// A device login takes one poll interval (5 s by RFC 8628's default) after approval, plus
 /// the flow itself.
 pub const DEVICE_LOGIN_TIMEOUT: Duration = Duration::from_secs(40);
@@ -84,26 +80,7 @@ async fn node_ready() -> bool {
                 node_is_recent(&version),
                 "the login tests need Node.js 20.18 or newer (oidc-provider uses URL.parse); found {version}"
             );
-            let dir = oidc_dir();
-            if !dir.join("node_modules/oidc-provider/package.json").exists() {
-                eprintln!("installing the test OpenID provider: npm ci in {}", dir.display());
-                let npm = Command::new("npm")
-                    .args(["ci", "--no-audit", "--no-fund"])
-                    .current_dir(&dir)
-                    .stdin(Stdio::null())
-                    .kill_on_drop(true)
-                    .output();
-                let out = timeout(NPM_TIMEOUT, npm)
-                    .await
-                    .expect("npm ci timed out")
-                    .expect("running npm (install npm with Node.js)");
-                assert!(
-                    out.status.success(),
-                    "npm ci in {} failed:\n{}",
-                    dir.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            crate::browser::npm_ci(&oidc_dir(), "oidc-provider", "the test OpenID provider").await;
             true
         })
         .await
