@@ -53,6 +53,23 @@ pub fn screenshots() -> PathBuf {
     repo().join("target/web-screenshots")
 }
 
+/// Smallest screenshot that shows something: a blank page's PNG is a few hundred bytes.
+const MIN_SCREENSHOT_BYTES: u64 = 1000;
+
+/// Asserts that the run saved each of the screenshots `names` (in [`screenshots`], without
+/// `.png`) and that none is blank.
+pub fn assert_screenshots(names: &[&str]) {
+    for name in names {
+        let shot = screenshots().join(format!("{name}.png"));
+        let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            size > MIN_SCREENSHOT_BYTES,
+            "screenshot {} missing or empty",
+            shot.display()
+        );
+    }
+}
+
 /// Checks the browser and the page's packages (installing the packages when missing); `false`
 /// means skip.
 pub async fn tools_ready() -> bool {

@@ -27,7 +27,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use cloudllm_e2e::browser::{FakeChat, repo, run_script, screenshots, tools_ready};
+use cloudllm_e2e::browser::{FakeChat, assert_screenshots, repo, run_script, tools_ready};
 use cloudllm_e2e::{TestDaemon, TestRelay, daemon_config, relay_config, token};
 use cloudllm_relay::config::TierLimits;
 use cloudllm_relay::{Keys, Scope};
@@ -205,8 +205,7 @@ async fn the_web_page_in_chromium() {
         images.len()
     );
 
-    let screenshots = screenshots();
-    for name in [
+    assert_screenshots(&[
         "signin",
         "chat",
         "markdown",
@@ -219,15 +218,7 @@ async fn the_web_page_in_chromium() {
         "rate-limited",
         "edited",
         "imported",
-    ] {
-        let shot = screenshots.join(format!("{name}.png"));
-        let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
-        assert!(
-            size > 1000,
-            "screenshot {} missing or empty",
-            shot.display()
-        );
-    }
+    ]);
     relay.stop().await;
 }
 
@@ -276,14 +267,6 @@ async fn devices_conversations_and_thinking_in_chromium() {
     // Each question reached the device picked for it, and only that one.
     assert!(asked(&desktop, "Which device are you?") && !asked(&laptop, "Which device are you?"));
     assert!(asked(&laptop, "And which one are you?") && !asked(&desktop, "And which one are you?"));
-    for name in ["devices", "search", "system-prompt", "thinking"] {
-        let shot = screenshots().join(format!("{name}.png"));
-        let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
-        assert!(
-            size > 1000,
-            "screenshot {} missing or empty",
-            shot.display()
-        );
-    }
+    assert_screenshots(&["devices", "search", "system-prompt", "thinking"]);
     relay.stop().await;
 }
