@@ -5,6 +5,9 @@
 //! one call; the request helpers bound every HTTP exchange by [`STEP`]. `tokens` signs hand-made claims for tests of what the relay
 //! refuses; `metrics` reads a relay's `/metrics`, which tests wait on instead of sleeping.
 //!
+//! `nginx` runs a real nginx with the snippet operators include, in front of a relay or a
+//! cluster; `cluster` runs relay nodes on a real Redis (`redis`).
+//!
 //! `oidc` runs a real OpenID Provider (Node.js `oidc-provider`) and plays its user in a browser,
 //! for the login and JWKS tests. `browser` runs the web page's checks in headless Chromium
 //! (`web/e2e`) and serves a fake chat backend for them.
@@ -18,6 +21,7 @@ pub mod close_proxy;
 pub mod cluster;
 pub mod fake_ollama;
 pub mod metrics;
+pub mod nginx;
 pub mod oidc;
 pub mod redis;
 mod requests;
@@ -39,8 +43,8 @@ use url::Url;
 pub use close_proxy::CloseProxy;
 pub use fake_ollama::FakeOllama;
 pub use requests::{
-    assert_ollama_error, client, client_from, read_to_end, send, send_for_json, take_lines,
-    timed_lines, tunnel_upgrade, tunnel_ws_request,
+    assert_ollama_error, client, client_from, next_chunk, read_to_end, send, send_for_json, served,
+    take_lines, timed_lines, tunnel_upgrade, tunnel_ws_request,
 };
 pub use stack::Stack;
 pub use stall_proxy::StallProxy;
@@ -280,11 +284,7 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts a daemon with `config`.
     pub fn start(config: DaemonConfig) -> TestDaemon {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("daemon runtime");
+        let runtime = own_runtime();
         let shutdown = CancellationToken::new();
         let task = runtime.spawn(cloudllm_daemon::run(config, shutdown.clone()));
         TestDaemon {
@@ -292,6 +292,12 @@ impl TestDaemon {
             task: Some(task),
             runtime: Some(runtime),
         }
+    }
+
+    /// Starts `user`'s daemon for `device`, dialling `relay` and forwarding to `backend` (see
+    /// [`daemon_config`]).
+    pub fn dial(relay: &Url, user: &str, device: &str, backend: &FakeOllama) -> TestDaemon {
+        TestDaemon::start(daemon_config(relay, user, device, &backend.url()))
     }
 
     /// Stops gracefully: in-flight requests finish, then the daemon returns.
@@ -307,6 +313,45 @@ impl TestDaemon {
     pub fn is_finished(&self) -> bool {
         self.task.as_ref().is_none_or(JoinHandle::is_finished)
     }
+}
+
+/// A runtime of its own for a server or daemon in a test (one worker), so that dropping the
+/// runtime drops every task of it at once, like a process killed with SIGKILL.
+pub fn own_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a test runtime")
+}
+
+/// Asks `check` every `every` until it answers `Ok`, for at most [`STEP`], and gives that
+/// answer; panics with its last `Err` (what it saw instead) otherwise.
+pub async fn wait_for<T>(every: Duration, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match check().await {
+            Ok(answer) => return answer,
+            Err(seen) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within {STEP:?}: {seen}"
+            ),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Waits until `done` holds, asking every `every`, for at most [`STEP`]; panics saying `what`
+/// otherwise.
+pub async fn wait_until(what: &str, every: Duration, mut done: impl AsyncFnMut() -> bool) {
+    wait_for(every, async || {
+        if done().await {
+            Ok(())
+        } else {
+            Err(what.to_owned())
+        }
+    })
+    .await
 }
 
 /// Waits until a daemon answers on its IPC socket at `socket`. The file alone is not enough:

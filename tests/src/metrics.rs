@@ -1,6 +1,7 @@
 //! Reading a test relay's Prometheus `/metrics`: many tests wait for a counter or a gauge rather
 //! than sleep, since a metric is what an operator would watch for the same event.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::{STEP, TestRelay, client};
@@ -16,23 +17,27 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         .map(|value| value.trim().parse().expect("a metric value"))
 }
 
+/// The `/metrics` text of the listener at `addr` (a relay's, or a cluster node's).
+pub async fn scrape(addr: SocketAddr) -> String {
+    let scrape = async {
+        client()
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await
+    };
+    tokio::time::timeout(STEP, scrape)
+        .await
+        .expect("/metrics timed out")
+        .expect("/metrics")
+}
+
 impl TestRelay {
     /// The relay's `/metrics` text, from its metrics listener when it has one (connections
     /// there are not counted as clients) or else from its main listener.
     pub async fn metrics(&self) -> String {
-        let addr = self.relay.metrics_addr.unwrap_or(self.relay.addr);
-        let scrape = async {
-            client()
-                .get(format!("http://{addr}/metrics"))
-                .send()
-                .await?
-                .text()
-                .await
-        };
-        tokio::time::timeout(STEP, scrape)
-            .await
-            .expect("/metrics timed out")
-            .expect("/metrics")
+        scrape(self.relay.metrics_addr.unwrap_or(self.relay.addr)).await
     }
 
     /// The value of `series` now (see [`metric_value`]); panics if the relay does not write it.

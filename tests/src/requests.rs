@@ -28,6 +28,26 @@ pub async fn send_for_json(request: reqwest::RequestBuilder) -> serde_json::Valu
         .expect("a JSON answer")
 }
 
+/// Sends `request` and reads its answer to the end, all bounded by [`STEP`]; asserts that it
+/// was served (200), saying `what` was not.
+pub async fn served(request: reqwest::RequestBuilder, what: &str) {
+    let response = send(request).await;
+    assert_eq!(response.status(), 200, "{what}");
+    tokio::time::timeout(STEP, response.bytes())
+        .await
+        .expect("response body timed out")
+        .expect("the response body");
+}
+
+/// The next chunk of a streamed answer, `None` at its end; panics if none comes within
+/// [`STEP`] or the stream fails.
+pub async fn next_chunk(response: &mut reqwest::Response) -> Option<bytes::Bytes> {
+    tokio::time::timeout(STEP, response.chunk())
+        .await
+        .expect("no chunk within the step")
+        .expect("the stream")
+}
+
 /// A daemon's tunnel upgrade request to `relay` (a WebSocket upgrade at this protocol version),
 /// as device `device_id` named `device_name`, without a token yet.
 pub fn tunnel_upgrade(
