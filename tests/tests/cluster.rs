@@ -6,25 +6,25 @@
 
 use std::time::Duration;
 
-use cloudllm_e2e::cluster::{CLUSTER_SECRET, Node, cluster_config};
+use cloudllm_e2e::cluster::{CLUSTER_SECRET, Node, TestCluster};
 use cloudllm_e2e::fake_ollama::StreamEnd;
 use cloudllm_e2e::redis::RedisServer;
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, client, daemon_config, init_logs, relay_config, token,
+    FakeOllama, TestDaemon, client, init_logs, next_chunk, send, send_for_json, served, token,
+    wait_for, wait_until,
 };
 use cloudllm_relay::Scope;
 use cloudllm_relay::cluster::peer::Peers;
 use serde_json::{Value, json};
 
-/// Three nodes on one Redis (one of them through the `valkey://` alias).
-async fn three_nodes(redis: &RedisServer) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for (name, scheme) in [("n1", "redis"), ("n2", "valkey"), ("n3", "redis")] {
-        let mut config = relay_config();
-        config.cluster = Some(cluster_config(&redis.url(scheme), name));
-        nodes.push(Node::start(config).await);
-    }
-    nodes
+/// Three nodes on one Redis (the second through the `valkey://` alias).
+async fn three_nodes() -> Option<TestCluster> {
+    TestCluster::start(&["n1", "n2", "n3"], |_, cluster| {
+        if cluster.node == "n2" {
+            cluster.redis_url = cluster.redis_url.replacen("redis://", "valkey://", 1);
+        }
+    })
+    .await
 }
 
 /// A fake Ollama listing `models`, and a daemon of `user`'s `device` on `node`.
@@ -36,7 +36,7 @@ async fn device(
 ) -> (FakeOllama, TestDaemon) {
     let backend = FakeOllama::start().await;
     backend.set_models(models);
-    let daemon = TestDaemon::start(daemon_config(&node.url(), user, device, &backend.url()));
+    let daemon = TestDaemon::dial(&node.url(), user, device, &backend);
     (backend, daemon)
 }
 
@@ -61,21 +61,25 @@ fn shows(backend: &FakeOllama) -> usize {
         .count()
 }
 
-fn generate(node: &Node, user: &str, body: Value) -> reqwest::RequestBuilder {
-    client()
-        .post(node.api("/api/generate"))
-        .bearer_auth(token(user, Scope::Client))
-        .json(&body)
+/// Generates on `nodes[0]` as alice, served by her desktop on `nodes[1]`, once the first node
+/// sees it.
+async fn generate_across(nodes: &[Node], prompt: &str) -> (FakeOllama, TestDaemon) {
+    let (backend, daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
+    nodes[0].wait_for_remote("alice", &["desktop"]).await;
+    let body = json!({"model": "beta", "prompt": prompt});
+    served(nodes[0].generate("alice", &body), "across the hop").await;
+    (backend, daemon)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_entering_at_any_node_reaches_every_device() {
-    if !RedisServer::available() {
+    let Some(TestCluster {
+        nodes,
+        redis: _redis,
+    }) = three_nodes().await
+    else {
         return;
-    }
-    init_logs();
-    let redis = RedisServer::start().await;
-    let nodes = three_nodes(&redis).await;
+    };
     let (laptop, _d1) = device(&nodes[0], "alice", "laptop", &["alpha:latest"]).await;
     let (desktop, _d2) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
     let (_server, _d3) = device(&nodes[2], "bob", "server", &["gamma:latest"]).await;
@@ -91,19 +95,13 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
             client()
                 .get(node.api(path))
                 .bearer_auth(token("alice", Scope::Client))
-                .send()
         };
-        let tags = names(get("/api/tags").await.unwrap(), "models", "name").await;
+        let tags = names(send(get("/api/tags")).await, "models", "name").await;
         assert_eq!(tags, ["alpha:latest", "beta:latest"], "on {}", node.name);
-        let models = names(get("/v1/models").await.unwrap(), "data", "id").await;
+        let models = names(send(get("/v1/models")).await, "data", "id").await;
         assert_eq!(models, ["alpha:latest", "beta:latest"], "on {}", node.name);
         // And the web page's device list names both, with their models.
-        let devices: Value = get("/cloudllm/devices")
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let devices = send_for_json(get("/cloudllm/devices")).await;
         let listed: Vec<(&str, &str)> = devices["devices"]
             .as_array()
             .unwrap()
@@ -120,19 +118,21 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
             [("desktop", "beta:latest"), ("laptop", "alpha:latest")]
         );
         // By device name, and by model, from every node.
-        for (target, backend) in [("laptop", &laptop), ("desktop", &desktop)] {
+        let by_device = |target: &str| {
+            let body = json!({"model": "x", "prompt": format!("{}-{target}", node.name)});
+            node.generate("alice", &body)
+                .header("x-cloudllm-device", target)
+        };
+        let by_model =
+            |model: &str| node.generate("alice", &json!({"model": model, "prompt": "by-model"}));
+        for (target, request, backend) in [
+            ("laptop", by_device("laptop"), &laptop),
+            ("desktop", by_device("desktop"), &desktop),
+            ("alpha", by_model("alpha"), &laptop),
+            ("beta", by_model("beta"), &desktop),
+        ] {
             let before = backend.records.hit_count();
-            let response = generate(
-                node,
-                "alice",
-                json!({"model": "x", "prompt": format!("{}-{target}", node.name)}),
-            )
-            .header("x-cloudllm-device", target)
-            .send()
-            .await
-            .unwrap();
-            assert_eq!(response.status(), 200, "{target} via {}", node.name);
-            response.bytes().await.unwrap();
+            served(request, &format!("{target} via {}", node.name)).await;
             assert_eq!(
                 backend.records.hit_count(),
                 before + 1,
@@ -140,26 +140,8 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
                 node.name
             );
         }
-        for (model, backend) in [("alpha", &laptop), ("beta", &desktop)] {
-            let before = backend.records.hit_count();
-            let response = generate(node, "alice", json!({"model": model, "prompt": "by-model"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200, "{model} via {}", node.name);
-            response.bytes().await.unwrap();
-            assert_eq!(
-                backend.records.hit_count(),
-                before + 1,
-                "{model} via {}",
-                node.name
-            );
-        }
         // A model no device has is named as such, with every device.
-        let response = generate(node, "alice", json!({"model": "nope", "prompt": "x"}))
-            .send()
-            .await
-            .unwrap();
+        let response = send(node.generate("alice", &json!({"model": "nope", "prompt": "x"}))).await;
         assert_eq!(response.status(), 404);
         let text = response.text().await.unwrap();
         assert!(
@@ -167,11 +149,11 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
             "{text}"
         );
         // bob never reaches alice's devices, from any node.
-        let response = generate(node, "bob", json!({"model": "x", "prompt": "x"}))
-            .header("x-cloudllm-device", "laptop")
-            .send()
-            .await
-            .unwrap();
+        let response = send(
+            node.generate("bob", &json!({"model": "x", "prompt": "x"}))
+                .header("x-cloudllm-device", "laptop"),
+        )
+        .await;
         assert_eq!(
             response.status(),
             503,
@@ -180,15 +162,15 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
         );
     }
     // The request id travels across the hop to the device, and back.
-    let response = client()
-        .post(nodes[2].api("/api/show"))
-        .bearer_auth(token("alice", Scope::Client))
-        .header("x-cloudllm-device", "laptop")
-        .header("x-request-id", "hop-request-1")
-        .json(&json!({"model": "alpha"}))
-        .send()
-        .await
-        .unwrap();
+    let response = send(
+        client()
+            .post(nodes[2].api("/api/show"))
+            .bearer_auth(token("alice", Scope::Client))
+            .header("x-cloudllm-device", "laptop")
+            .header("x-request-id", "hop-request-1")
+            .json(&json!({"model": "alpha"})),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-request-id"], "hop-request-1");
     let echoed = laptop.records.echoed();
@@ -204,29 +186,20 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_crosses_the_hop_line_by_line_and_hanging_up_stops_it() {
-    if !RedisServer::available() {
+    let Some(TestCluster {
+        nodes,
+        redis: _redis,
+    }) = three_nodes().await
+    else {
         return;
-    }
-    init_logs();
-    let redis = RedisServer::start().await;
-    let nodes = three_nodes(&redis).await;
+    };
     let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
     nodes[0].wait_for_remote("alice", &["desktop"]).await;
     // 10 lines 150 ms apart: the first reaches the caller long before the last is produced.
-    let mut response = generate(
-        &nodes[0],
-        "alice",
-        json!({"model": "beta", "prompt": "paced", "options": {"num_predict": 10}, "fake_interval_ms": 150}),
-    )
-    .send()
-    .await
-    .unwrap();
+    let paced = json!({"model": "beta", "prompt": "paced", "options": {"num_predict": 10}, "fake_interval_ms": 150});
+    let mut response = send(nodes[0].generate("alice", &paced)).await;
     assert_eq!(response.status(), 200);
-    let first = tokio::time::timeout(STEP, response.chunk())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = next_chunk(&mut response).await.expect("a first line");
     let first_at = tokio::time::Instant::now();
     assert!(String::from_utf8_lossy(&first).contains("\"done\":false"));
     let (ended_at, end) = backend.records.wait_end("paced").await;
@@ -235,27 +208,12 @@ async fn a_stream_crosses_the_hop_line_by_line_and_hanging_up_stops_it() {
         ended_at > first_at + Duration::from_millis(500),
         "the hop buffered the stream"
     );
-    while tokio::time::timeout(STEP, response.chunk())
-        .await
-        .unwrap()
-        .unwrap()
-        .is_some()
-    {}
+    while next_chunk(&mut response).await.is_some() {}
 
     // A caller that hangs up mid-stream stops the generation on the node that holds the device.
-    let mut response = generate(
-        &nodes[2],
-        "alice",
-        json!({"model": "beta", "prompt": "cancelled", "options": {"num_predict": 1000}, "fake_interval_ms": 50}),
-    )
-    .send()
-    .await
-    .unwrap();
-    tokio::time::timeout(STEP, response.chunk())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let cancelled = json!({"model": "beta", "prompt": "cancelled", "options": {"num_predict": 1000}, "fake_interval_ms": 50});
+    let mut response = send(nodes[2].generate("alice", &cancelled)).await;
+    next_chunk(&mut response).await.expect("a first line");
     let hung_up = tokio::time::Instant::now();
     drop(response);
     let (ended_at, end) = backend.records.wait_end("cancelled").await;
@@ -269,12 +227,13 @@ async fn a_stream_crosses_the_hop_line_by_line_and_hanging_up_stops_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_or_late_node_to_node_request_is_refused() {
-    if !RedisServer::available() {
+    let Some(TestCluster {
+        nodes,
+        redis: _redis,
+    }) = three_nodes().await
+    else {
         return;
-    }
-    init_logs();
-    let redis = RedisServer::start().await;
-    let nodes = three_nodes(&redis).await;
+    };
     let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
     nodes[1].wait_for_devices("alice", 1).await;
     let peer = reqwest::Client::builder()
@@ -330,59 +289,37 @@ async fn a_forged_or_late_node_to_node_request_is_refused() {
     assert_eq!(replayed.status(), 401);
     assert!(replayed.text().await.unwrap().contains("already used"));
     assert_eq!(shows(&backend), 1);
-    let metrics = client()
-        .get(nodes[1].api("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("cloudllm_cluster_forwarded_refused_total 4"),
-        "{metrics}"
+    assert_eq!(
+        nodes[1]
+            .metric("cloudllm_cluster_forwarded_refused_total")
+            .await,
+        4.0
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_lines_name_the_node() {
-    if !RedisServer::available() {
-        return;
-    }
-    init_logs();
-    let redis = RedisServer::start().await;
     let dir = cloudllm_e2e::scratch_dir();
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2"] {
-        let mut config = relay_config();
-        config.cluster = Some(cluster_config(&redis.url("redis"), name));
-        config.audit_log = Some(dir.join(format!("{name}.audit")).display().to_string());
-        nodes.push(Node::start(config).await);
-    }
-    let (_backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
-    nodes[0].wait_for_remote("alice", &["desktop"]).await;
-    let response = generate(
-        &nodes[0],
-        "alice",
-        json!({"model": "beta", "prompt": "audited"}),
-    )
-    .send()
+    let audit_log = |name: &str| dir.join(format!("{name}.audit")).display().to_string();
+    let Some(TestCluster {
+        nodes,
+        redis: _redis,
+    }) = TestCluster::start(&["n1", "n2"], |config, cluster| {
+        config.audit_log = Some(audit_log(&cluster.node));
+    })
     .await
-    .unwrap();
-    assert_eq!(response.status(), 200);
-    response.bytes().await.unwrap();
-    let deadline = tokio::time::Instant::now() + STEP;
-    let line = loop {
-        let text = std::fs::read_to_string(dir.join("n1.audit")).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("\"event\":\"request\"")) {
-            break serde_json::from_str::<Value>(line).unwrap();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no request line in n1's audit log"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    else {
+        return;
     };
+    let (_backend, _daemon) = generate_across(&nodes, "audited").await;
+    let line = wait_for(Duration::from_millis(50), async || {
+        let text = std::fs::read_to_string(dir.join("n1.audit")).unwrap_or_default();
+        match text.lines().find(|l| l.contains("\"event\":\"request\"")) {
+            Some(line) => Ok(serde_json::from_str::<Value>(line).unwrap()),
+            None => Err("no request line in n1's audit log".to_owned()),
+        }
+    })
+    .await;
     assert_eq!(line["node"], "n1");
     assert_eq!(line["device"], "desktop");
     let connects = std::fs::read_to_string(dir.join("n2.audit")).unwrap();
@@ -420,62 +357,39 @@ async fn nodes_reach_redis_over_tls_with_a_private_ca() {
     std::fs::write(&cert_file, cert.pem()).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
     let (_redis, tls_port) = RedisServer::start_tls(&cert_file, &key_file, &ca).await;
+    let url = format!("valkeys://localhost:{tls_port}");
     let mut nodes = Vec::new();
     for name in ["n1", "n2"] {
-        let mut config = relay_config();
-        let mut cluster = cluster_config(&format!("valkeys://localhost:{tls_port}"), name);
-        cluster.ca_file = Some(ca.clone());
-        config.cluster = Some(cluster);
-        nodes.push(Node::start(config).await);
+        nodes.push(Node::on(&url, name, |_, cluster| cluster.ca_file = Some(ca.clone())).await);
     }
-    let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
-    nodes[0].wait_for_remote("alice", &["desktop"]).await;
-    let response = generate(
-        &nodes[0],
-        "alice",
-        json!({"model": "beta", "prompt": "over-tls"}),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(response.status(), 200);
-    response.bytes().await.unwrap();
+    let (backend, _daemon) = generate_across(&nodes, "over-tls").await;
     assert_eq!(backend.records.hit_count(), 1);
     // Without the CA the same URL is refused (the certificate is not a public one): degraded.
-    let mut config = relay_config();
-    config.cluster = Some(cluster_config(
-        &format!("rediss://localhost:{tls_port}"),
-        "n3",
-    ));
-    let blind = Node::start(config).await;
-    let deadline = tokio::time::Instant::now() + STEP;
-    while !blind.cluster.is_degraded() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a node trusted an unknown CA"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let blind = Node::on(&format!("rediss://localhost:{tls_port}"), "n3", |_, _| {}).await;
+    wait_until(
+        "a node trusted an unknown CA",
+        Duration::from_millis(50),
+        async || blind.cluster.is_degraded(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloudllm_open_code_minted_on_one_node_works_once_on_any_other() {
-    if !RedisServer::available() {
+    let Some(TestCluster {
+        nodes,
+        redis: _redis,
+    }) = three_nodes().await
+    else {
         return;
-    }
-    init_logs();
-    let redis = RedisServer::start().await;
-    let nodes = three_nodes(&redis).await;
+    };
     // The daemon's `cloudllm open` reaches one node through the balancer …
-    let minted: Value = client()
-        .post(nodes[0].api("/cloudllm/open"))
-        .bearer_auth(token("alice", Scope::Agent))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let minted = send_for_json(
+        client()
+            .post(nodes[0].api("/cloudllm/open"))
+            .bearer_auth(token("alice", Scope::Agent)),
+    )
+    .await;
     let code = minted["code"].as_str().expect("a code").to_owned();
     // … and the browser's exchange another: it signs alice in there.
     let exchange = |node: usize| {

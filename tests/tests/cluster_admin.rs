@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use cloudllm_e2e::cluster::{Node, cluster_config, secret_file};
-use cloudllm_e2e::redis::RedisServer;
-use cloudllm_e2e::{FakeOllama, STEP, TestDaemon, daemon_config, init_logs, relay_config};
+use cloudllm_e2e::cluster::{TestCluster, laptop_and_desktop, secret_file};
+use cloudllm_e2e::{FakeOllama, STEP, wait_for, wait_until};
 
 /// The `cloudllm-relay` binary, built now so that it is this tree's.
 fn relay_binary() -> PathBuf {
@@ -67,36 +66,21 @@ fn config_file(redis_url: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_lists_the_nodes_and_drops_a_users_tunnels_everywhere() {
-    if !RedisServer::available() {
+    // A refresh a second: the device counts `status` shows follow quickly.
+    let ttl = Duration::from_secs(3);
+    let Some(TestCluster { mut nodes, redis }) =
+        TestCluster::start(&["n1", "n2"], |_, cluster| cluster.presence_ttl = ttl).await
+    else {
         return;
-    }
-    init_logs();
-    let redis = RedisServer::start().await;
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2"] {
-        let mut config = relay_config();
-        let mut cluster = cluster_config(&redis.url("redis"), name);
-        // A refresh a second: the device counts `status` shows follow quickly.
-        cluster.presence_ttl = Duration::from_secs(3);
-        config.cluster = Some(cluster);
-        nodes.push(Node::start(config).await);
-    }
-    let backend = FakeOllama::start().await;
-    let daemon = |node: &Node, user: &str, device: &str| {
-        TestDaemon::start(daemon_config(&node.url(), user, device, &backend.url()))
     };
-    let _alice_laptop = daemon(&nodes[0], "alice", "laptop");
-    let _alice_desktop = daemon(&nodes[1], "alice", "desktop");
-    let _bob = daemon(&nodes[0], "bob", "laptop");
-    nodes[0].wait_for_devices("alice", 1).await;
-    nodes[0].wait_for_devices("bob", 1).await;
-    nodes[1].wait_for_devices("alice", 1).await;
+    let backend = FakeOllama::start().await;
+    let _alice = laptop_and_desktop(&nodes, &backend).await;
+    let _bob = nodes[0].connect("bob", "laptop", &backend).await;
     let file = config_file(&redis.url("valkey"));
     let file = file.to_str().unwrap();
 
     // Status: both nodes live, with the devices each holds.
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
+    wait_for(Duration::from_millis(300), async || {
         let (ok, out, err) = run(&["status", "--config", file]).await;
         assert!(ok, "{err}");
         let lines: Vec<&str> = out.lines().collect();
@@ -109,11 +93,12 @@ async fn an_operator_lists_the_nodes_and_drops_a_users_tunnels_everywhere() {
             })
         };
         if out.contains("2 live node(s), 3 device(s)") && shows("n1", 2) && shows("n2", 1) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("status said {out}"))
         }
-        assert!(tokio::time::Instant::now() < deadline, "status said {out}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    })
+    .await;
 
     // Drop alice: both nodes close her tunnels; bob keeps his.
     let (ok, out, err) = run(&["drop-user", "--user", "alice", "--config", file]).await;
@@ -122,18 +107,18 @@ async fn an_operator_lists_the_nodes_and_drops_a_users_tunnels_everywhere() {
     assert!(out.contains("2 device(s) were connected"), "{out}");
     // The tunnels close at once: the devices are gone from both nodes (before the daemons'
     // reconnect backoff brings them back).
-    let deadline = tokio::time::Instant::now() + STEP;
     let mut seen_gone = [false, false];
-    while seen_gone != [true, true] {
-        for (i, node) in nodes.iter().enumerate() {
-            seen_gone[i] |= node.registry.devices_of("alice").is_empty();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice's tunnels stayed open"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(
+        "alice's tunnels stayed open",
+        Duration::from_millis(5),
+        async || {
+            for (i, node) in nodes.iter().enumerate() {
+                seen_gone[i] |= node.registry.devices_of("alice").is_empty();
+            }
+            seen_gone == [true, true]
+        },
+    )
+    .await;
     assert_eq!(nodes[0].registry.devices_of("bob").len(), 1);
 
     // A node stopped gracefully leaves the list at once.

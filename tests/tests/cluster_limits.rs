@@ -3,133 +3,81 @@
 
 use std::time::Duration;
 
-use cloudllm_e2e::cluster::{Node, cluster_config};
-use cloudllm_e2e::redis::RedisServer;
-use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, client, daemon_config, init_logs, relay_config, test_tier, token,
-};
-use cloudllm_relay::Scope;
+use cloudllm_e2e::cluster::{Node, TestCluster, laptop_and_desktop};
+use cloudllm_e2e::{FakeOllama, TestDaemon, next_chunk, send, test_tier, wait_for, wait_until};
 use cloudllm_relay::config::TierLimits;
 use serde_json::json;
 
 /// Three nodes whose test tier has `limits` applied.
-async fn nodes(redis: &RedisServer, limits: impl Fn(&mut TierLimits)) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        let mut config = relay_config();
-        limits(test_tier(&mut config));
-        config.cluster = Some(cluster_config(&redis.url("redis"), name));
-        nodes.push(Node::start(config).await);
-    }
-    nodes
+async fn nodes(limits: impl Fn(&mut TierLimits)) -> Option<TestCluster> {
+    TestCluster::start(&["n1", "n2", "n3"], |config, _| limits(test_tier(config))).await
 }
 
-async fn metric(node: &Node, series: &str) -> f64 {
-    let text = client()
-        .get(node.api("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn wait_metric(node: &Node, series: &str, at_least: f64) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    while metric(node, series).await < at_least {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} on {} stayed below {at_least}",
-            node.name
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
+/// Devices refused for the tier's device limit, counted by the node that refused them.
 const DEVICES_REFUSED: &str = "cloudllm_rate_limited_total{limit=\"devices\"}";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_limit_counts_devices_on_every_node() {
-    if !RedisServer::available() {
+    let Some(TestCluster {
+        nodes,
+        redis: _redis,
+    }) = nodes(|tier| tier.devices = 2).await
+    else {
         return;
-    }
-    init_logs();
-    let redis = RedisServer::start().await;
-    let nodes = nodes(&redis, |tier| tier.devices = 2).await;
+    };
     let backend = FakeOllama::start().await;
-    let _laptop = TestDaemon::start(daemon_config(
-        &nodes[0].url(),
-        "alice",
-        "laptop",
-        &backend.url(),
-    ));
-    let _desktop = TestDaemon::start(daemon_config(
-        &nodes[1].url(),
-        "alice",
-        "desktop",
-        &backend.url(),
-    ));
-    nodes[2]
-        .wait_for_remote("alice", &["desktop", "laptop"])
-        .await;
+    let _devices = laptop_and_desktop(&nodes, &backend).await;
     // A third device, on a node that holds none of alice's: refused at the door.
-    let _tablet = TestDaemon::start(daemon_config(
-        &nodes[2].url(),
-        "alice",
-        "tablet",
-        &backend.url(),
-    ));
-    wait_metric(&nodes[2], DEVICES_REFUSED, 1.0).await;
+    let _tablet = TestDaemon::dial(&nodes[2].url(), "alice", "tablet", &backend);
+    wait_until(
+        "the third device was not refused",
+        Duration::from_millis(50),
+        async || nodes[2].metric(DEVICES_REFUSED).await >= 1.0,
+    )
+    .await;
     assert_eq!(nodes[2].registry.devices_of("alice").len(), 0);
 
     // Two devices racing for the last place on two nodes at once: exactly one gets it.
-    let redis2 = RedisServer::start().await;
-    let racing = self::nodes(&redis2, |tier| tier.devices = 1).await;
-    let _a = TestDaemon::start(daemon_config(&racing[0].url(), "bob", "a", &backend.url()));
-    let _b = TestDaemon::start(daemon_config(&racing[1].url(), "bob", "b", &backend.url()));
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
+    let TestCluster {
+        nodes: racing,
+        redis: _redis2,
+    } = self::nodes(|tier| tier.devices = 1)
+        .await
+        .expect("Redis, as for the first cluster");
+    let _a = TestDaemon::dial(&racing[0].url(), "bob", "a", &backend);
+    let _b = TestDaemon::dial(&racing[1].url(), "bob", "b", &backend);
+    wait_for(Duration::from_millis(20), async || {
         let refused =
-            metric(&racing[0], DEVICES_REFUSED).await + metric(&racing[1], DEVICES_REFUSED).await;
+            racing[0].metric(DEVICES_REFUSED).await + racing[1].metric(DEVICES_REFUSED).await;
         let held: usize = racing
             .iter()
             .map(|n| n.registry.devices_of("bob").len())
             .sum();
         assert!(held <= 1, "bob holds {held} devices with a limit of 1");
         if refused >= 1.0 && held == 1 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("refused {refused}, held {held}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "refused {refused}, held {held}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_and_per_minute_count_on_every_node() {
-    if !RedisServer::available() {
-        return;
-    }
-    init_logs();
-    let redis = RedisServer::start().await;
-    let nodes = nodes(&redis, |tier| {
+    let Some(TestCluster {
+        nodes,
+        redis: _redis,
+    }) = nodes(|tier| {
         tier.concurrent_requests = 2;
         tier.requests_per_minute = 6;
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let backend = FakeOllama::start().await;
-    let _daemon = TestDaemon::start(daemon_config(
-        &nodes[0].url(),
-        "alice",
-        "laptop",
-        &backend.url(),
-    ));
+    let _daemon = nodes[0].connect("alice", "laptop", &backend).await;
     nodes[2].wait_for_remote("alice", &["laptop"]).await;
     // The window is a calendar minute: start early in one, so that all of it fits.
     let second = std::time::SystemTime::now()
@@ -141,53 +89,49 @@ async fn requests_in_flight_and_per_minute_count_on_every_node() {
         tokio::time::sleep(Duration::from_secs(61 - second)).await;
     }
     let generate = |node: &Node, tag: &str, lines: u32| {
-        client()
-            .post(node.api("/api/generate"))
-            .bearer_auth(token("alice", Scope::Client))
-            .json(&json!({"model": "fake", "prompt": tag, "options": {"num_predict": lines}, "fake_interval_ms": 100}))
-            .send()
+        send(node.generate(
+            "alice",
+            &json!({"model": "fake", "prompt": tag, "options": {"num_predict": lines}, "fake_interval_ms": 100}),
+        ))
     };
     // Two long streams in flight, entering at two nodes…
-    let mut first = generate(&nodes[0], "one", 1000).await.unwrap();
-    let mut second = generate(&nodes[1], "two", 1000).await.unwrap();
+    let mut first = generate(&nodes[0], "one", 1000).await;
+    let mut second = generate(&nodes[1], "two", 1000).await;
     assert_eq!(
         (first.status().as_u16(), second.status().as_u16()),
         (200, 200)
     );
     for response in [&mut first, &mut second] {
-        tokio::time::timeout(STEP, response.chunk())
-            .await
-            .unwrap()
-            .unwrap();
+        next_chunk(response).await;
     }
     // …fill the tier's two places everywhere: a third at the third node is refused.
-    let third = generate(&nodes[2], "three", 1).await.unwrap();
+    let third = generate(&nodes[2], "three", 1).await;
     assert_eq!(third.status(), 429);
     assert!(third.headers().contains_key("retry-after"));
     assert!(third.text().await.unwrap().contains("at once"));
     // One ends: its place is free again, on any node.
     drop(first);
     backend.records.wait_end("one").await;
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let response = generate(&nodes[2], "four", 1).await.unwrap();
-        if response.status() == 200 {
-            response.bytes().await.unwrap();
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the place never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the place never came back",
+        Duration::from_millis(50),
+        async || {
+            let response = generate(&nodes[2], "four", 1).await;
+            let admitted = response.status() == 200;
+            if admitted {
+                response.bytes().await.unwrap();
+            }
+            admitted
+        },
+    )
+    .await;
     drop(second);
     // Six a minute over the cluster: whatever was admitted so far counts, then the rest
     // spread over the nodes until the seventh, which is refused though each node saw few.
     let mut admitted = 0;
     let mut refused = None;
     for i in 0..10 {
-        let response = generate(&nodes[i % 3], "rpm", 1).await.unwrap();
+        let response = generate(&nodes[i % 3], "rpm", 1).await;
         if response.status() == 429 {
             refused = Some(response);
             break;

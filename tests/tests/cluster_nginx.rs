@@ -7,15 +7,14 @@
 //! Needs `nginx` (`CLOUDLLM_SKIP_NGINX_TEST=1` skips) and `redis-server`
 //! (`CLOUDLLM_SKIP_CLUSTER_TEST=1` skips).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cloudllm_e2e::cluster::{Node, secret_file};
+use cloudllm_e2e::nginx::{self, Nginx};
 use cloudllm_e2e::redis::RedisServer;
 use cloudllm_e2e::{
-    FakeOllama, STEP, TestDaemon, client, daemon_config, relay_config, scratch_dir, token,
+    FakeOllama, TestDaemon, client, relay_config, scratch_dir, served, token, wait_until,
 };
 use cloudllm_relay::{RelayConfig, Scope};
 use serde_json::json;
@@ -56,72 +55,12 @@ fn node_config(index: usize, redis_url: &str, secret: &Path) -> RelayConfig {
     }
 }
 
-/// nginx with `upstream.conf` (pointing at `nodes`) and the relay snippet; `None` if nginx is
-/// missing and may be skipped.
-fn nginx(nodes: &[SocketAddr]) -> Option<(Child, SocketAddr, PathBuf)> {
-    let binary = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file());
-    let Some(binary) = binary else {
-        assert!(
-            std::env::var("CLOUDLLM_SKIP_NGINX_TEST").as_deref() == Ok("1"),
-            "nginx not found: install it (Debian: nginx), or set CLOUDLLM_SKIP_NGINX_TEST=1"
-        );
-        return None;
-    };
-    let upstream = read("cluster/upstream.conf")
-        .replace("10.0.0.11:8080", &nodes[0].to_string())
-        .replace("10.0.0.12:8080", &nodes[1].to_string())
-        .replace("10.0.0.13:8080", &nodes[2].to_string());
-    let snippet = packaging("nginx/cloudllm-relay.conf");
-    for _ in 0..5 {
-        let dir = scratch_dir();
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap();
-        let temp = |name: &str| dir.join(name).display().to_string();
-        let conf = format!(
-            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {pid};\n\
-             error_log {log} info;\nevents {{ worker_connections 256; }}\nhttp {{\n\
-             access_log off;\nclient_body_temp_path {body};\nproxy_temp_path {proxy};\n\
-             fastcgi_temp_path {fcgi};\nuwsgi_temp_path {uwsgi};\nscgi_temp_path {scgi};\n\
-             {upstream}\nserver {{\nlisten {addr};\ninclude {snippet};\n}}\n}}\n",
-            pid = temp("nginx.pid"),
-            log = temp("error.log"),
-            body = temp("body"),
-            proxy = temp("proxy"),
-            fcgi = temp("fastcgi"),
-            uwsgi = temp("uwsgi"),
-            scgi = temp("scgi"),
-            snippet = snippet.display(),
-        );
-        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let mut child = Command::new(&binary)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nginx");
-        let deadline = std::time::Instant::now() + STEP;
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                break; // its port was taken: try another
-            }
-            if std::net::TcpStream::connect(addr).is_ok() {
-                return Some((child, addr, dir));
-            }
-            assert!(std::time::Instant::now() < deadline, "nginx did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("nginx did not start in five attempts");
+/// `upstream.conf` pointing at `nodes`.
+fn upstream(nodes: &[Node]) -> String {
+    read("cluster/upstream.conf")
+        .replace("10.0.0.11:8080", &nodes[0].addr.to_string())
+        .replace("10.0.0.12:8080", &nodes[1].addr.to_string())
+        .replace("10.0.0.13:8080", &nodes[2].addr.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,36 +75,30 @@ async fn the_example_deployment_serves_every_device_through_nginx() {
     for index in 0..3 {
         nodes.push(Node::start(node_config(index, &redis.url("redis"), &secret)).await);
     }
-    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
-    let Some((mut nginx, addr, _dir)) = nginx(&addrs) else {
+    let Some(binary) = nginx::binary() else {
         return;
     };
-    let url = url::Url::parse(&format!("http://{addr}")).unwrap();
+    let nginx = Nginx::start(&binary, &upstream(&nodes)).await;
+    let url = nginx.url();
     let mut backends = Vec::new();
     let mut daemons = Vec::new();
     for device in ["laptop", "desktop", "tablet"] {
         let backend = FakeOllama::start().await;
-        daemons.push(TestDaemon::start(daemon_config(
-            &url,
-            "alice",
-            device,
-            &backend.url(),
-        )));
+        daemons.push(TestDaemon::dial(&url, "alice", device, &backend));
         backends.push((device, backend));
         // One at a time, so nginx's round robin spreads them.
-        let deadline = tokio::time::Instant::now() + STEP;
-        while nodes
-            .iter()
-            .map(|n| n.registry.devices_of("alice").len())
-            .sum::<usize>()
-            < daemons.len()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{device} did not connect"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(
+            &format!("{device} did not connect"),
+            Duration::from_millis(20),
+            async || {
+                let connected: usize = nodes
+                    .iter()
+                    .map(|n| n.registry.devices_of("alice").len())
+                    .sum();
+                connected >= daemons.len()
+            },
+        )
+        .await;
     }
     let holding = nodes
         .iter()
@@ -190,42 +123,21 @@ async fn the_example_deployment_serves_every_device_through_nginx() {
     // Every device, several times: nginx sends the requests to every node in turn.
     for (device, backend) in &backends {
         for round in 0..3 {
-            let response = client()
+            let request = client()
                 .post(format!("{url}api/generate"))
                 .bearer_auth(token("alice", Scope::Client))
                 .header("x-cloudllm-device", *device)
-                .json(&json!({"model": "fake", "prompt": format!("{device}-{round}")}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200, "{device} round {round}");
-            response.bytes().await.unwrap();
+                .json(&json!({"model": "fake", "prompt": format!("{device}-{round}")}));
+            served(request, &format!("{device} round {round}")).await;
         }
         assert_eq!(backend.records.hit_count(), 3, "{device}");
     }
     let mut forwarded = 0.0;
     for node in &nodes {
-        let text = client()
-            .get(node.api("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        forwarded += text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("cloudllm_cluster_forwarded_out_total ")?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or(0.0);
+        forwarded += node.metric("cloudllm_cluster_forwarded_out_total").await;
     }
     assert!(
         forwarded > 0.0,
         "no request needed a hop: the test proved nothing"
     );
-    let _ = nginx.kill();
-    let _ = nginx.wait();
 }
