@@ -14,7 +14,7 @@
 //!
 //! The fake backend is a fake: it speaks enough of Ollama's API shape to exercise streaming,
 //! cancellation and failures deterministically. Conformance with the real Ollama is tested
-//! against the genuine server (`real_ollama`).
+//! against the genuine server, which `real_ollama` starts.
 
 pub mod browser;
 pub mod close_proxy;
@@ -23,6 +23,7 @@ pub mod fake_ollama;
 pub mod metrics;
 pub mod nginx;
 pub mod oidc;
+pub mod real_ollama;
 pub mod redis;
 mod requests;
 mod stack;
