@@ -2,7 +2,8 @@
 //! API's shape naming the limit (413 for bodies), a long stream is ended at the tier's
 //! `max_stream`, a device over the device limit is refused at `/tunnel` and its daemon says why
 //! in `status`, failed authentications are limited per client address (`X-Forwarded-For` only
-//! from trusted proxies) — and a premium user is never touched by a free user's exhaustion.
+//! from trusted proxies, and garbage in it neither hides a client behind its proxy nor gives
+//! it a fresh budget) — and a premium user is never touched by a free user's exhaustion.
 
 use std::time::Duration;
 
@@ -300,6 +301,21 @@ async fn failed_authentications_are_limited_per_client_address() {
     assert_eq!(response.status(), 200);
 }
 
+/// The status of a request to `url` with a forged token, sent by `client` with
+/// `X-Forwarded-For: forwarded_for`.
+async fn forged_from(client: &reqwest::Client, url: &str, forwarded_for: &str) -> u16 {
+    let request = client
+        .get(url)
+        .bearer_auth("forged")
+        .header("x-forwarded-for", forwarded_for)
+        .send();
+    let response = tokio::time::timeout(STEP, request)
+        .await
+        .expect("request timed out")
+        .expect("request");
+    response.status().as_u16()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_counts_only_behind_a_trusted_proxy() {
     let mut config = config();
@@ -309,26 +325,10 @@ async fn forwarded_for_counts_only_behind_a_trusted_proxy() {
     let url = users.relay.api("/api/tags");
     let good = tiered("bob", Scope::Client, "premium");
     let proxy = client_from("127.0.0.1");
-    let bad_from = |client: &reqwest::Client, who: &str| {
-        client
-            .get(&url)
-            .bearer_auth("forged")
-            .header("x-forwarded-for", who)
-            .send()
-    };
     // Through the trusted proxy, each forwarded address has its own budget.
-    assert_eq!(
-        bad_from(&proxy, "198.51.100.1").await.unwrap().status(),
-        401
-    );
-    assert_eq!(
-        bad_from(&proxy, "198.51.100.1").await.unwrap().status(),
-        401
-    );
-    assert_eq!(
-        bad_from(&proxy, "198.51.100.1").await.unwrap().status(),
-        429
-    );
+    assert_eq!(forged_from(&proxy, &url, "198.51.100.1").await, 401);
+    assert_eq!(forged_from(&proxy, &url, "198.51.100.1").await, 401);
+    assert_eq!(forged_from(&proxy, &url, "198.51.100.1").await, 429);
     let other = proxy
         .get(&url)
         .bearer_auth(&good)
@@ -341,16 +341,27 @@ async fn forwarded_for_counts_only_behind_a_trusted_proxy() {
     // From an untrusted peer the header is ignored: its failures count against the peer,
     // whatever address it claims.
     let stranger = client_from("127.0.0.3");
-    assert_eq!(
-        bad_from(&stranger, "203.0.113.1").await.unwrap().status(),
-        401
-    );
-    assert_eq!(
-        bad_from(&stranger, "203.0.113.2").await.unwrap().status(),
-        401
-    );
-    assert_eq!(
-        bad_from(&stranger, "203.0.113.3").await.unwrap().status(),
-        429
-    );
+    assert_eq!(forged_from(&stranger, &url, "203.0.113.1").await, 401);
+    assert_eq!(forged_from(&stranger, &url, "203.0.113.2").await, 401);
+    assert_eq!(forged_from(&stranger, &url, "203.0.113.3").await, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_forwarded_for_neither_hides_the_client_nor_gives_it_a_fresh_budget() {
+    let mut config = relay_config();
+    config.auth_failures_per_minute = 2;
+    config.trusted_proxies = vec!["127.0.0.8".parse().unwrap()];
+    let relay = TestRelay::start(config).await;
+    let url = relay.api("/api/tags");
+    let proxy = client_from("127.0.0.8");
+    // The client prepends garbage; the proxy appends the address it saw. The failures are
+    // the client's …
+    assert_eq!(forged_from(&proxy, &url, "x, 198.51.100.1").await, 401);
+    assert_eq!(forged_from(&proxy, &url, "x, 198.51.100.1").await, 401);
+    assert_eq!(forged_from(&proxy, &url, "x, 198.51.100.1").await, 429);
+    // … so without the garbage it is still over budget …
+    assert_eq!(forged_from(&proxy, &url, "198.51.100.1").await, 429);
+    // … and the proxy's other clients are untouched.
+    assert_eq!(forged_from(&proxy, &url, "198.51.100.2").await, 401);
+    assert_eq!(forged_from(&proxy, &url, "x").await, 401);
 }

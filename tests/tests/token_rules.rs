@@ -1,8 +1,7 @@
 //! Token validation and the per-address failure budget, seen from outside: the same rules for
-//! every token (`nbf`, no `crit`, a `sub` that can be logged) on the API and the tunnel; a
-//! valid token passes from an address over its failure budget while bad ones still get 429;
-//! and garbage in `X-Forwarded-For` neither hides a client behind its proxy nor gives it a
-//! fresh budget.
+//! every token (`nbf`, no `crit`, a `sub` that can be logged) on the API and the tunnel; and a
+//! valid token passes from an address over its failure budget while bad ones still get 429.
+//! (`X-Forwarded-For` and the budget: `limits.rs`.)
 
 use cloudllm_e2e::tokens::{now_unix, sign, sign_with_header};
 use cloudllm_e2e::{Stack, client_from, relay_config, send, token, tunnel_upgrade};
@@ -106,31 +105,4 @@ async fn a_valid_token_passes_from_an_address_over_its_failure_budget() {
         let response = nat.get(&url).bearer_auth(&token).send().await.unwrap();
         assert_eq!(response.status(), 429);
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_in_forwarded_for_neither_hides_the_client_nor_gives_it_a_fresh_budget() {
-    let mut config = relay_config();
-    config.auth_failures_per_minute = 2;
-    config.trusted_proxies = vec!["127.0.0.8".parse().unwrap()];
-    let stack = Stack::with_relay_config(config).await;
-    let url = stack.relay.api("/api/tags");
-    let proxy = client_from("127.0.0.8");
-    let bad_as = |xff: &'static str| {
-        proxy
-            .get(&url)
-            .bearer_auth("forged")
-            .header("x-forwarded-for", xff)
-            .send()
-    };
-    // The client prepends garbage; the proxy appends the address it saw. The failures are
-    // the client's …
-    assert_eq!(bad_as("x, 198.51.100.1").await.unwrap().status(), 401);
-    assert_eq!(bad_as("x, 198.51.100.1").await.unwrap().status(), 401);
-    assert_eq!(bad_as("x, 198.51.100.1").await.unwrap().status(), 429);
-    // … so without the garbage it is still over budget …
-    assert_eq!(bad_as("198.51.100.1").await.unwrap().status(), 429);
-    // … and the proxy's other clients are untouched.
-    assert_eq!(bad_as("198.51.100.2").await.unwrap().status(), 401);
-    assert_eq!(bad_as("x").await.unwrap().status(), 401);
 }
