@@ -73,13 +73,10 @@ async fn generate_across(nodes: &[Node], prompt: &str) -> (FakeOllama, TestDaemo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_entering_at_any_node_reaches_every_device() {
-    let Some(TestCluster {
-        nodes,
-        redis: _redis,
-    }) = three_nodes().await
-    else {
+    let Some(cluster) = three_nodes().await else {
         return;
     };
+    let nodes = &cluster.nodes;
     let (laptop, _d1) = device(&nodes[0], "alice", "laptop", &["alpha:latest"]).await;
     let (desktop, _d2) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
     let (_server, _d3) = device(&nodes[2], "bob", "server", &["gamma:latest"]).await;
@@ -89,7 +86,7 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
     nodes[2]
         .wait_for_remote("alice", &["desktop", "laptop"])
         .await;
-    for node in &nodes {
+    for node in nodes {
         // alice's model lists merge across the nodes, whichever node answers.
         let get = |path: &str| {
             client()
@@ -186,13 +183,10 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_crosses_the_hop_line_by_line_and_hanging_up_stops_it() {
-    let Some(TestCluster {
-        nodes,
-        redis: _redis,
-    }) = three_nodes().await
-    else {
+    let Some(cluster) = three_nodes().await else {
         return;
     };
+    let nodes = &cluster.nodes;
     let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
     nodes[0].wait_for_remote("alice", &["desktop"]).await;
     // 10 lines 150 ms apart: the first reaches the caller long before the last is produced.
@@ -227,13 +221,10 @@ async fn a_stream_crosses_the_hop_line_by_line_and_hanging_up_stops_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_or_late_node_to_node_request_is_refused() {
-    let Some(TestCluster {
-        nodes,
-        redis: _redis,
-    }) = three_nodes().await
-    else {
+    let Some(cluster) = three_nodes().await else {
         return;
     };
+    let nodes = &cluster.nodes;
     let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
     nodes[1].wait_for_devices("alice", 1).await;
     let peer = reqwest::Client::builder()
@@ -257,35 +248,32 @@ async fn a_forged_or_late_node_to_node_request_is_refused() {
         );
         headers
     };
-    let send_signed = |headers: http::HeaderMap| peer.post(&url).headers(headers).body("{}").send();
-    let send = |secret: &str, at: u128| send_signed(signed(secret, at));
+    let send_signed = |headers: http::HeaderMap| send(peer.post(&url).headers(headers).body("{}"));
+    let signed_at = |secret: &str, at: u128| send_signed(signed(secret, at));
     // Unsigned: refused, and nothing reaches the device.
-    let unsigned = peer
-        .post(&url)
-        .header("x-cloudllm-peer-node", "n1")
-        .header("x-cloudllm-peer-user", "616c696365")
-        .header("x-cloudllm-device", "alice-desktop")
-        .send()
-        .await
-        .unwrap();
+    let unsigned = send(
+        peer.post(&url)
+            .header("x-cloudllm-peer-node", "n1")
+            .header("x-cloudllm-peer-user", "616c696365")
+            .header("x-cloudllm-device", "alice-desktop"),
+    )
+    .await;
     assert_eq!(unsigned.status(), 401);
     // Signed with another secret.
-    let forged = send("not-the-cluster-secret-not-the-cluster-secret", now)
-        .await
-        .unwrap();
+    let forged = signed_at("not-the-cluster-secret-not-the-cluster-secret", now).await;
     assert_eq!(forged.status(), 401);
     // Signed properly, but a minute ago: a replay.
-    let late = send(CLUSTER_SECRET, now - 60_000).await.unwrap();
+    let late = signed_at(CLUSTER_SECRET, now - 60_000).await;
     assert_eq!(late.status(), 401);
     assert_eq!(shows(&backend), 0);
     // Signed properly and fresh: served.
     let captured = signed(CLUSTER_SECRET, now);
-    let fresh = send_signed(captured.clone()).await.unwrap();
+    let fresh = send_signed(captured.clone()).await;
     assert_eq!(fresh.status(), 200);
     assert_eq!(shows(&backend), 1);
     // The same signed request captured on the wire and sent again at once, well within the
     // clock window: refused, and nothing more reaches the device.
-    let replayed = send_signed(captured).await.unwrap();
+    let replayed = send_signed(captured).await;
     assert_eq!(replayed.status(), 401);
     assert!(replayed.text().await.unwrap().contains("already used"));
     assert_eq!(shows(&backend), 1);
@@ -301,17 +289,14 @@ async fn a_forged_or_late_node_to_node_request_is_refused() {
 async fn audit_lines_name_the_node() {
     let dir = cloudllm_e2e::scratch_dir();
     let audit_log = |name: &str| dir.join(format!("{name}.audit")).display().to_string();
-    let Some(TestCluster {
-        nodes,
-        redis: _redis,
-    }) = TestCluster::start(&["n1", "n2"], |config, cluster| {
+    let Some(cluster) = TestCluster::start(&["n1", "n2"], |config, cluster| {
         config.audit_log = Some(audit_log(&cluster.node));
     })
     .await
     else {
         return;
     };
-    let (_backend, _daemon) = generate_across(&nodes, "audited").await;
+    let (_backend, _daemon) = generate_across(&cluster.nodes, "audited").await;
     let line = wait_for(Duration::from_millis(50), async || {
         let text = std::fs::read_to_string(dir.join("n1.audit")).unwrap_or_default();
         match text.lines().find(|l| l.contains("\"event\":\"request\"")) {
@@ -376,13 +361,10 @@ async fn nodes_reach_redis_over_tls_with_a_private_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloudllm_open_code_minted_on_one_node_works_once_on_any_other() {
-    let Some(TestCluster {
-        nodes,
-        redis: _redis,
-    }) = three_nodes().await
-    else {
+    let Some(cluster) = three_nodes().await else {
         return;
     };
+    let nodes = &cluster.nodes;
     // The daemon's `cloudllm open` reaches one node through the balancer …
     let minted = send_for_json(
         client()

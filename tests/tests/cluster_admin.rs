@@ -68,15 +68,16 @@ fn config_file(redis_url: &str) -> PathBuf {
 async fn an_operator_lists_the_nodes_and_drops_a_users_tunnels_everywhere() {
     // A refresh a second: the device counts `status` shows follow quickly.
     let ttl = Duration::from_secs(3);
-    let Some(TestCluster { mut nodes, redis }) =
+    let Some(mut cluster) =
         TestCluster::start(&["n1", "n2"], |_, cluster| cluster.presence_ttl = ttl).await
     else {
         return;
     };
+    let nodes = &mut cluster.nodes;
     let backend = FakeOllama::start().await;
-    let _alice = laptop_and_desktop(&nodes, &backend).await;
+    let _alice = laptop_and_desktop(nodes, &backend).await;
     let _bob = nodes[0].connect("bob", "laptop", &backend).await;
-    let file = config_file(&redis.url("valkey"));
+    let file = config_file(&cluster.redis.url("valkey"));
     let file = file.to_str().unwrap();
 
     // Status: both nodes live, with the devices each holds.

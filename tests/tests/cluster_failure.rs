@@ -79,16 +79,10 @@ async fn until_served(node: &Node, device: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_s_devices_come_back_through_another_node() {
-    let Some((
-        TestCluster {
-            mut nodes,
-            redis: _redis,
-        },
-        backend,
-    )) = nodes(TTL).await
-    else {
+    let Some((mut cluster, backend)) = nodes(TTL).await else {
         return;
     };
+    let nodes = &mut cluster.nodes;
     let balancer = Balancer::start(vec![nodes[0].addr, nodes[1].addr]).await;
     // The laptop dials through the balancer (lands on n1); the desktop dials n1 itself and
     // cannot come back once n1 is gone.
@@ -135,16 +129,10 @@ async fn a_killed_node_s_devices_come_back_through_another_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_shut_down_gracefully_removes_its_presence_at_once() {
     // A long TTL: only the removal, not expiry, can make the device vanish in time.
-    let Some((
-        TestCluster {
-            mut nodes,
-            redis: _redis,
-        },
-        backend,
-    )) = nodes(Duration::from_secs(60)).await
-    else {
+    let Some((mut cluster, backend)) = nodes(Duration::from_secs(60)).await else {
         return;
     };
+    let nodes = &mut cluster.nodes;
     let _desktop = nodes[1].connect("alice", "desktop", &backend).await;
     nodes[0].wait_for_remote("alice", &["desktop"]).await;
     nodes[1].stop().await;
@@ -153,12 +141,13 @@ async fn a_node_shut_down_gracefully_removes_its_presence_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_nodes_serve_their_own_tunnels_and_rebuild_presence_after() {
-    let Some((TestCluster { nodes, mut redis }, backend)) = nodes(TTL).await else {
+    let Some((mut cluster, backend)) = nodes(TTL).await else {
         return;
     };
-    let _devices = laptop_and_desktop(&nodes, &backend).await;
-    let url = redis.url("redis");
-    redis.stop();
+    let nodes = &cluster.nodes;
+    let _devices = laptop_and_desktop(nodes, &backend).await;
+    let url = cluster.redis.url("redis");
+    cluster.redis.stop();
     // Degraded: said on /readyz (still 200: its own tunnels serve) and /metrics.
     wait_until(
         "n1 never said it was degraded",
@@ -178,7 +167,7 @@ async fn without_redis_nodes_serve_their_own_tunnels_and_rebuild_presence_after(
     // n1 still serves its own laptop.
     until_served(&nodes[0], "laptop").await;
     // Redis comes back empty; presence is rebuilt and every node reaches every device again.
-    redis.restart().await;
+    cluster.redis.restart().await;
     let restarted = tokio::time::Instant::now();
     nodes[2]
         .wait_for_remote("alice", &["desktop", "laptop"])
@@ -200,10 +189,11 @@ async fn without_redis_nodes_serve_their_own_tunnels_and_rebuild_presence_after(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_channel_reaches_every_node_at_once() {
     // A long TTL, so refreshes (every 20 s) cannot be what acts.
-    let Some((TestCluster { nodes, redis }, backend)) = nodes(Duration::from_secs(60)).await else {
+    let Some((cluster, backend)) = nodes(Duration::from_secs(60)).await else {
         return;
     };
-    let url = redis.url("valkey");
+    let nodes = &cluster.nodes;
+    let url = cluster.redis.url("valkey");
     wait_subscribed(&url).await;
     // The same device id dialling a second node: the first closes its stale tunnel at once.
     let _old = nodes[0].connect("alice", "laptop", &backend).await;
@@ -239,11 +229,11 @@ async fn the_control_channel_reaches_every_node_at_once() {
 async fn a_redis_that_stops_answering_costs_requests_one_wait_a_second_at_most() {
     // No node on the cluster's own Redis: n1 reaches it through a path that can go silent (no
     // FIN, no RST), and every command then waits for its timeout.
-    let Some(TestCluster { redis, nodes: _ }) = TestCluster::start(&[], |_, _| {}).await else {
+    let Some(cluster) = TestCluster::start(&[], |_, _| {}).await else {
         return;
     };
     let backend = FakeOllama::start().await;
-    let path = StallProxy::start(redis.addr).await;
+    let path = StallProxy::start(cluster.redis.addr).await;
     let node = Node::on(&format!("redis://{}", path.addr), "n1", |_, _| {}).await;
     let _laptop = node.connect("alice", "laptop", &backend).await;
     until_served(&node, "laptop").await;

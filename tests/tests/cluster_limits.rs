@@ -18,15 +18,12 @@ const DEVICES_REFUSED: &str = "cloudllm_rate_limited_total{limit=\"devices\"}";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_limit_counts_devices_on_every_node() {
-    let Some(TestCluster {
-        nodes,
-        redis: _redis,
-    }) = nodes(|tier| tier.devices = 2).await
-    else {
+    let Some(cluster) = nodes(|tier| tier.devices = 2).await else {
         return;
     };
+    let nodes = &cluster.nodes;
     let backend = FakeOllama::start().await;
-    let _devices = laptop_and_desktop(&nodes, &backend).await;
+    let _devices = laptop_and_desktop(nodes, &backend).await;
     // A third device, on a node that holds none of alice's: refused at the door.
     let _tablet = TestDaemon::dial(&nodes[2].url(), "alice", "tablet", &backend);
     wait_until(
@@ -38,12 +35,10 @@ async fn the_device_limit_counts_devices_on_every_node() {
     assert_eq!(nodes[2].registry.devices_of("alice").len(), 0);
 
     // Two devices racing for the last place on two nodes at once: exactly one gets it.
-    let TestCluster {
-        nodes: racing,
-        redis: _redis2,
-    } = self::nodes(|tier| tier.devices = 1)
+    let racing = self::nodes(|tier| tier.devices = 1)
         .await
         .expect("Redis, as for the first cluster");
+    let racing = &racing.nodes;
     let _a = TestDaemon::dial(&racing[0].url(), "bob", "a", &backend);
     let _b = TestDaemon::dial(&racing[1].url(), "bob", "b", &backend);
     wait_for(Duration::from_millis(20), async || {
@@ -65,10 +60,7 @@ async fn the_device_limit_counts_devices_on_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_and_per_minute_count_on_every_node() {
-    let Some(TestCluster {
-        nodes,
-        redis: _redis,
-    }) = nodes(|tier| {
+    let Some(cluster) = nodes(|tier| {
         tier.concurrent_requests = 2;
         tier.requests_per_minute = 6;
     })
@@ -76,6 +68,7 @@ async fn requests_in_flight_and_per_minute_count_on_every_node() {
     else {
         return;
     };
+    let nodes = &cluster.nodes;
     let backend = FakeOllama::start().await;
     let _daemon = nodes[0].connect("alice", "laptop", &backend).await;
     nodes[2].wait_for_remote("alice", &["laptop"]).await;
