@@ -8,53 +8,16 @@
 //! Otherwise a failure to start is a test failure (they must run in CI), with the script's
 //! message saying what is missing.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use cloudllm_e2e::real_ollama::{self, MODEL};
 use cloudllm_e2e::{
     STEP, TestDaemon, TestRelay, assert_ollama_error, client, daemon_config, relay_config,
     take_lines, token,
 };
 use cloudllm_relay::Scope;
 use serde_json::json;
-use tokio::sync::OnceCell;
 use tokio::time::timeout;
-use url::Url;
-
-const MODEL: &str = "smollm2:135m";
-
-/// The first start installs the server (about a minute); later starts take seconds.
-const START_TIMEOUT: Duration = Duration::from_secs(600);
-
-static OLLAMA: OnceCell<Option<Url>> = OnceCell::const_new();
-
-async fn real_ollama() -> Option<Url> {
-    OLLAMA
-        .get_or_init(|| async {
-            if let Ok(url) = std::env::var("CLOUDLLM_REAL_OLLAMA_URL") {
-                return Some(Url::parse(&url).expect("CLOUDLLM_REAL_OLLAMA_URL is a URL"));
-            }
-            if std::env::var("CLOUDLLM_SKIP_REAL_OLLAMA").as_deref() == Ok("1") {
-                eprintln!("skipping: CLOUDLLM_SKIP_REAL_OLLAMA=1");
-                return None;
-            }
-            let tool = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/real-ollama");
-            let output = timeout(START_TIMEOUT, tokio::process::Command::new(&tool).arg("start").output())
-                .await
-                .expect("scripts/real-ollama start timed out")
-                .unwrap_or_else(|e| panic!("running {}: {e}", tool.display()));
-            assert!(
-                output.status.success(),
-                "scripts/real-ollama start failed (CLOUDLLM_SKIP_REAL_OLLAMA=1 skips these tests): {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let url = stdout.lines().last().expect("real-ollama printed its URL").trim();
-            Some(Url::parse(url).expect("real-ollama URL"))
-        })
-        .await
-        .clone()
-}
 
 struct Through {
     relay: TestRelay,
@@ -64,7 +27,7 @@ struct Through {
 
 impl Through {
     async fn start() -> Option<Through> {
-        let ollama = real_ollama().await?;
+        let ollama = real_ollama::url().await?;
         let relay = TestRelay::start(relay_config()).await;
         let daemon = TestDaemon::start(daemon_config(&relay.url(), "alice", "desktop", &ollama));
         relay.wait_for_devices("alice", 1).await;

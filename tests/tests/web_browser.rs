@@ -27,17 +27,11 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use cloudllm_e2e::browser::{FakeChat, assert_screenshots, repo, run_script, tools_ready};
-use cloudllm_e2e::{TestDaemon, TestRelay, daemon_config, relay_config, token};
+use cloudllm_e2e::browser::{FakeChat, assert_screenshots, run_script, tools_ready};
+use cloudllm_e2e::{TestDaemon, TestRelay, daemon_config, real_ollama, relay_config, token};
 use cloudllm_relay::config::TierLimits;
 use cloudllm_relay::{Keys, Scope};
-use tokio::time::timeout;
-use url::Url;
 
-const REAL_MODEL: &str = "smollm2:135m";
-
-/// The first start of the real Ollama installs it (about a minute); later starts take seconds.
-const OLLAMA_START: Duration = Duration::from_secs(600);
 /// The whole browser run: a dozen checks, two of them waiting for a real model on a CPU.
 const BROWSER_RUN: Duration = Duration::from_secs(480);
 /// The run of `features.mjs`: fake models only, but one wait for a rate limit to lift.
@@ -63,54 +57,13 @@ const TEST_PNG_BASE64: &str = "iVBORw0KGgoAAAANSUhEUgAAABgAAAAYCAIAAABvFaqvAAAAL
 /// its tokens past the Stop check's bounds, so the two tests of this file take turns.
 static ONE_CHROMIUM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The real Ollama's log, when `scripts/real-ollama` started the server (its GIN lines show
-/// when each request ended): `None` for a server started elsewhere.
-fn real_ollama_log(ollama: &Url) -> Option<std::path::PathBuf> {
-    let output = std::process::Command::new(repo().join("scripts/real-ollama"))
-        .arg("path")
-        .output()
-        .ok()?;
-    let cache = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    let log = std::path::Path::new(&cache).join(format!("serve-{}.log", ollama.port()?));
-    log.exists().then_some(log)
-}
-
-async fn real_ollama() -> Option<Url> {
-    if let Ok(url) = std::env::var("CLOUDLLM_REAL_OLLAMA_URL") {
-        return Some(Url::parse(&url).expect("CLOUDLLM_REAL_OLLAMA_URL is a URL"));
-    }
-    if std::env::var("CLOUDLLM_SKIP_REAL_OLLAMA").as_deref() == Ok("1") {
-        return None;
-    }
-    let tool = repo().join("scripts/real-ollama");
-    let output = timeout(
-        OLLAMA_START,
-        tokio::process::Command::new(&tool).arg("start").output(),
-    )
-    .await
-    .expect("scripts/real-ollama start timed out")
-    .unwrap_or_else(|e| panic!("running {}: {e}", tool.display()));
-    assert!(
-        output.status.success(),
-        "scripts/real-ollama start failed (CLOUDLLM_SKIP_WEB_TEST=1 skips this test): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let url = stdout
-        .lines()
-        .last()
-        .expect("real-ollama printed its URL")
-        .trim();
-    Some(Url::parse(url).expect("real-ollama URL"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_page_in_chromium() {
     if !tools_ready().await {
         return;
     }
     let _turn = ONE_CHROMIUM.lock().await;
-    let Some(ollama) = real_ollama().await else {
+    let Some(ollama) = real_ollama::url().await else {
         eprintln!(
             "skipping the browser test: CLOUDLLM_SKIP_REAL_OLLAMA=1 (it needs the real Ollama)"
         );
@@ -150,7 +103,7 @@ async fn the_web_page_in_chromium() {
     let expired = cloudllm_e2e::keys()
         .issue("alice", Scope::Client, None, Duration::ZERO)
         .expect("an expired token");
-    let ollama_log = real_ollama_log(&ollama);
+    let ollama_log = real_ollama::log(&ollama);
     if ollama_log.is_none() {
         eprintln!(
             "the real Ollama was started elsewhere: Stop is checked against its log only when scripts/real-ollama started it"
@@ -164,7 +117,7 @@ async fn the_web_page_in_chromium() {
         "bob": token("bob", Scope::Client),
         "forged": forged,
         "expired": expired,
-        "real_model": REAL_MODEL,
+        "real_model": real_ollama::MODEL,
         "real_device": "desktop",
         "fake_device": "laptop",
         "cors_port": cors_port,
