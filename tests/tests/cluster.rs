@@ -61,6 +61,14 @@ fn shows(backend: &FakeOllama) -> usize {
         .count()
 }
 
+/// [`three_nodes`] and alice's desktop (model `beta`) on the second, once that node holds it.
+async fn three_nodes_and_a_desktop() -> Option<(TestCluster, FakeOllama, TestDaemon)> {
+    let cluster = three_nodes().await?;
+    let (backend, daemon) = device(&cluster.nodes[1], "alice", "desktop", &["beta:latest"]).await;
+    cluster.nodes[1].wait_for_devices("alice", 1).await;
+    Some((cluster, backend, daemon))
+}
+
 /// Generates on `nodes[0]` as alice, served by her desktop on `nodes[1]`, once the first node
 /// sees it.
 async fn generate_across(nodes: &[Node], prompt: &str) -> (FakeOllama, TestDaemon) {
@@ -183,11 +191,10 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_crosses_the_hop_line_by_line_and_hanging_up_stops_it() {
-    let Some(cluster) = three_nodes().await else {
+    let Some((cluster, backend, _daemon)) = three_nodes_and_a_desktop().await else {
         return;
     };
     let nodes = &cluster.nodes;
-    let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
     nodes[0].wait_for_remote("alice", &["desktop"]).await;
     // 10 lines 150 ms apart: the first reaches the caller long before the last is produced.
     let paced = json!({"model": "beta", "prompt": "paced", "options": {"num_predict": 10}, "fake_interval_ms": 150});
@@ -221,17 +228,14 @@ async fn a_stream_crosses_the_hop_line_by_line_and_hanging_up_stops_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_or_late_node_to_node_request_is_refused() {
-    let Some(cluster) = three_nodes().await else {
+    let Some((cluster, backend, _daemon)) = three_nodes_and_a_desktop().await else {
         return;
     };
-    let nodes = &cluster.nodes;
-    let (backend, _daemon) = device(&nodes[1], "alice", "desktop", &["beta:latest"]).await;
-    nodes[1].wait_for_devices("alice", 1).await;
     let peer = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
         .unwrap();
-    let url = format!("http://{}/api/show", nodes[1].peer_addr);
+    let url = format!("http://{}/api/show", cluster.nodes[1].peer_addr);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -278,7 +282,7 @@ async fn a_forged_or_late_node_to_node_request_is_refused() {
     assert!(replayed.text().await.unwrap().contains("already used"));
     assert_eq!(shows(&backend), 1);
     assert_eq!(
-        nodes[1]
+        cluster.nodes[1]
             .metric("cloudllm_cluster_forwarded_refused_total")
             .await,
         4.0
