@@ -35,10 +35,10 @@ async fn the_device_limit_counts_devices_on_every_node() {
     assert_eq!(nodes[2].registry.devices_of("alice").len(), 0);
 
     // Two devices racing for the last place on two nodes at once: exactly one gets it.
-    let racing = self::nodes(|tier| tier.devices = 1)
+    let second = self::nodes(|tier| tier.devices = 1)
         .await
         .expect("Redis, as for the first cluster");
-    let racing = &racing.nodes;
+    let racing = &second.nodes;
     let _a = TestDaemon::dial(&racing[0].url(), "bob", "a", &backend);
     let _b = TestDaemon::dial(&racing[1].url(), "bob", "b", &backend);
     wait_for(Duration::from_millis(20), async || {
