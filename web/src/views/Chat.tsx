@@ -2,6 +2,7 @@
 // messages and the composer. State lives here; requests go through the API client and the chat
 // logic, storage through the store.
 
+import type { ComponentChildren } from 'preact';
 import { useCallback, useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { Client } from '../api/client';
 import { ApiError, type DeviceInfo, type ModelTag } from '../api/types';
@@ -388,39 +389,23 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
           <button type="button" class="icon menu" aria-label="Conversations" onClick={() => setMenuOpen(!menuOpen)}>
             ☰
           </button>
-          <label class="picker">
-            <span class="sr">Model</span>
-            <select
-              value={model}
-              onChange={(e) => setModel((e.target as HTMLSelectElement).value)}
-              data-testid="model"
-              disabled={!!busy}
-            >
-              {!choices.length && <option value="">no models</option>}
-              {choices.map((c) => (
-                <option key={c.name} value={c.name}>
-                  {c.devices.length && !device ? `${c.name} — ${c.devices.join(', ')}` : c.name}
+          <Picker label="Model" testid="model" value={model} onChange={setModel} disabled={!!busy}>
+            {!choices.length && <option value="">no models</option>}
+            {choices.map((c) => (
+              <option key={c.name} value={c.name}>
+                {c.devices.length && !device ? `${c.name} — ${c.devices.join(', ')}` : c.name}
+              </option>
+            ))}
+          </Picker>
+          {devices.length > 1 && (
+            <Picker label="Device" testid="device" value={device} onChange={setDevice} disabled={!!busy}>
+              <option value="">any device</option>
+              {devices.map((d) => (
+                <option key={d.id} value={d.name}>
+                  {d.name}
                 </option>
               ))}
-            </select>
-          </label>
-          {devices.length > 1 && (
-            <label class="picker">
-              <span class="sr">Device</span>
-              <select
-                value={device}
-                onChange={(e) => setDevice((e.target as HTMLSelectElement).value)}
-                data-testid="device"
-                disabled={!!busy}
-              >
-                <option value="">any device</option>
-                {devices.map((d) => (
-                  <option key={d.id} value={d.name}>
-                    {d.name}
-                  </option>
-                ))}
-              </select>
-            </label>
+            </Picker>
           )}
           <span class={`status ${devices.length ? 'online' : 'offline'}`} data-testid="device-status">
             {devices.length ? (devices.length === 1 ? `${devices[0]?.name} online` : `${devices.length} devices online`) : 'offline'}
@@ -475,5 +460,30 @@ export function Chat(props: { session: Session; onSignOut: (why?: string) => voi
         />
       </main>
     </div>
+  );
+}
+
+/** One of the bar's pickers (model, device): a `<select>` named for screen readers, which
+ * cannot change while an answer streams. */
+function Picker(props: {
+  label: string;
+  testid: string;
+  value: string;
+  onChange: (value: string) => void;
+  disabled: boolean;
+  children: ComponentChildren;
+}) {
+  return (
+    <label class="picker">
+      <span class="sr">{props.label}</span>
+      <select
+        value={props.value}
+        onChange={(e) => props.onChange((e.target as HTMLSelectElement).value)}
+        data-testid={props.testid}
+        disabled={props.disabled}
+      >
+        {props.children}
+      </select>
+    </label>
   );
 }
