@@ -121,12 +121,12 @@ enum Command {
         /// slower; it counts in a pass of its own).
         #[arg(long)]
         no_perf: bool,
-        /// Also write a CPU profile of every process under load (`perf record -e cpu-clock`)
-        /// into DIR.
+        /// Also write a CPU profile of every process (`perf record -e cpu-clock`) into DIR, one
+        /// for the sequential requests and one under load: DIR/PATH-PROCESS-PHASE.data.
         #[arg(long, value_name = "DIR")]
         perf_record: Option<PathBuf>,
-        /// How long the load of perf's pass lasts, e.g. `10s` for a profile with more samples
-        /// [default: 3s; 1s with --quick].
+        /// How long the load of perf's pass lasts (and about as long its sequential requests),
+        /// e.g. `10s` for a profile with more samples [default: 3s; 1s with --quick].
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         perf_load: Option<Duration>,
         /// The relay writes its audit log (a JSON line per request) into a file: what keeping

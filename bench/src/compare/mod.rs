@@ -115,8 +115,11 @@ pub fn run(options: &Options) -> anyhow::Result<Comparison> {
     let mut plan = Plan::new(options.quick);
     if let Some(load) = options.perf_load {
         plan.count_duration = load;
+        // As many sequential requests as take about that long (≈ 0.25 ms each through two
+        // proxies), for a profile of that phase with as many samples.
+        plan.count_requests = plan.count_requests.max((load.as_millis() * 4) as usize);
         // Each path's counting pass is that much longer.
-        plan.budget += load * MAX_PATHS;
+        plan.budget += load * 2 * MAX_PATHS;
     }
     let load_before = figures::load_average();
     let backend_runtime = stack::runtime(BACKEND_THREADS)?;
@@ -526,11 +529,15 @@ async fn count_syscalls(
         for (i, attach) in attach.iter().enumerate() {
             let out = dir.join(format!("{path_slug}-{i}-{phase:?}.csv"));
             sessions.push(Session::count_syscalls(attach, &out)?);
-            if let (Phase::Load, Some(record)) = (phase, record) {
+            if let Some(record) = record {
                 std::fs::create_dir_all(record)
                     .with_context(|| format!("creating {}", record.display()))?;
                 let label = &m.components[i].0;
-                let out = record.join(format!("{path_slug}-{}.data", slug(label)));
+                let phase = match phase {
+                    Phase::Sequential => "sequential",
+                    Phase::Load => "load",
+                };
+                let out = record.join(format!("{path_slug}-{}-{phase}.data", slug(label)));
                 recordings.push(Session::record(attach, &out)?);
             }
         }
