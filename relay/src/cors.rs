@@ -8,15 +8,15 @@
 //! same-origin. Tokens travel in `Authorization`, never in cookies, so the relay never allows
 //! credentials: `*` opens the API to any page that holds a token, not to the user's cookies.
 
-use std::future::Future;
-use std::pin::Pin;
+use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use cloudllm_proto as proto;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+
+use crate::around::Around;
 
 /// How long a browser may cache a preflight's answer: 10 minutes (Chromium's cap is 2 hours);
 /// a config change reaches browsers within that.
@@ -92,119 +92,41 @@ impl Cors {
     }
 }
 
-/// The layer on `/api/*` and `/v1/*`. A plain tower layer rather than
-/// `axum::middleware::from_fn`, which boxes two futures and a service per request: this one
-/// wraps the inner future in place, and leaves a request without `Origin` (every non-browser
-/// caller) untouched.
-#[derive(Clone)]
-pub struct CorsLayer {
-    cors: Arc<Cors>,
-}
+/// The policy as the layer on `/api/*` and `/v1/*` (`AroundLayer(cors)`): it leaves a
+/// request without `Origin` (every non-browser caller) untouched, answers a preflight itself,
+/// and marks the API's answers to a browser.
+impl Around for Arc<Cors> {
+    /// `None` for a request without `Origin` (left as it is), else the
+    /// `Access-Control-Allow-Origin` value if the origin is allowed.
+    type Note = Option<Option<HeaderValue>>;
 
-impl CorsLayer {
-    /// The layer enforcing `cors`.
-    pub fn new(cors: Arc<Cors>) -> Self {
-        CorsLayer { cors }
-    }
-}
-
-impl<S> tower_layer::Layer<S> for CorsLayer {
-    type Service = CorsService<S>;
-
-    fn layer(&self, inner: S) -> CorsService<S> {
-        CorsService {
-            cors: self.cors.clone(),
-            inner,
-        }
-    }
-}
-
-/// A service behind [`CorsLayer`].
-#[derive(Clone)]
-pub struct CorsService<S> {
-    cors: Arc<Cors>,
-    inner: S,
-}
-
-impl<S> tower_service::Service<Request> for CorsService<S>
-where
-    S: tower_service::Service<Request, Response = Response>,
-{
-    type Response = Response;
-    type Error = S::Error;
-    type Future = CorsFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
+    fn request(&self, req: &mut Request) -> ControlFlow<Response, Self::Note> {
         let Some(origin) = req.headers().get(header::ORIGIN) else {
-            return CorsFuture::Inner {
-                inner: self.inner.call(req),
-                origin: None,
-            };
+            return ControlFlow::Continue(None);
         };
-        let allowed = self.cors.allow(origin);
+        let allowed = self.allow(origin);
         let preflight = req.method() == Method::OPTIONS
             && req
                 .headers()
                 .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
         if preflight {
-            return CorsFuture::Answered {
-                response: Some(preflight_response(allowed)),
-            };
+            return ControlFlow::Break(preflight_response(allowed));
         }
-        CorsFuture::Inner {
-            inner: self.inner.call(req),
-            origin: Some(allowed),
-        }
+        ControlFlow::Continue(Some(allowed))
     }
-}
 
-pin_project_lite::pin_project! {
-    /// The response of a [`CorsService`].
-    #[project = CorsFutureProjection]
-    pub enum CorsFuture<F> {
-        /// The API's answer; `origin` is `None` for a request without `Origin` (left as it is),
-        /// else the `Access-Control-Allow-Origin` value if the origin is allowed.
-        Inner {
-            #[pin]
-            inner: F,
-            origin: Option<Option<HeaderValue>>,
-        },
-        /// The relay's own answer to a preflight.
-        Answered { response: Option<Response> },
-    }
-}
-
-impl<F, E> Future for CorsFuture<F>
-where
-    F: Future<Output = Result<Response, E>>,
-{
-    type Output = Result<Response, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            CorsFutureProjection::Inner { inner, origin } => {
-                let mut response = ready!(inner.poll(cx))?;
-                if let Some(allowed) = origin.take() {
-                    let headers = response.headers_mut();
-                    vary(headers);
-                    if let Some(allow) = allowed {
-                        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-                        headers.insert(
-                            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                            HeaderValue::from_static(EXPOSED_HEADERS),
-                        );
-                    }
-                }
-                Poll::Ready(Ok(response))
-            }
-            CorsFutureProjection::Answered { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(response)),
-                None => Poll::Pending,
-            },
+    fn response(note: Self::Note, response: &mut Response) {
+        let Some(allowed) = note else {
+            return;
+        };
+        let headers = response.headers_mut();
+        vary(headers);
+        if let Some(allow) = allowed {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+            headers.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static(EXPOSED_HEADERS),
+            );
         }
     }
 }

@@ -9,7 +9,8 @@
 //! - `server` accepts connections ([`tls`] terminates TLS) under the caps on unauthenticated
 //!   connections ([`connections`]) and serves HTTP/1.1 on them, plain TCP thread-per-core with
 //!   each user's connections on one thread (`shards`); `client_addr` finds the
-//!   client's address behind trusted proxies, `request_id` tags every request.
+//!   client's address behind trusted proxies, `request_id` tags every request (an in-place
+//!   layer, `around`, as `cors` is).
 //! - `admission` lets a caller in, the same way on every route: the address's failure budget
 //!   ([`limits`]), the token ([`auth`], with an identity provider's keys from [`jwks`]), the
 //!   tier ([`config`]).
@@ -25,6 +26,7 @@
 //! This file wires them together: [`serve`] starts a relay and the router maps routes to them.
 
 mod admission;
+mod around;
 pub mod audit;
 pub mod auth;
 mod client_addr;
@@ -355,7 +357,7 @@ fn router(state: Arc<AppState>, with_metrics: bool) -> anyhow::Result<Router> {
     let api = Router::new()
         .route("/api/{*rest}", any(proxy::forward))
         .route("/v1/{*rest}", any(proxy::forward))
-        .layer(cors::CorsLayer::new(cors));
+        .layer(around::AroundLayer(cors));
     let site = web::Site::new(&state.config)?;
     Ok(router
         .route("/healthz", get(|| async { "ok\n" }))
@@ -374,7 +376,7 @@ fn router(state: Arc<AppState>, with_metrics: bool) -> anyhow::Result<Router> {
             )
                 .into_response()
         })
-        .layer(request_id::Tag)
+        .layer(around::AroundLayer(request_id::Tag))
         .layer(axum::Extension(Arc::new(web::OpenCodes::default())))
         .with_state(state))
 }

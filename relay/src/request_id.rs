@@ -3,83 +3,35 @@
 //! (401, 429, 404, the tunnel's refusals) carry one too, and the proxy passes the same id to
 //! the device, its logs and the audit log.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::ops::ControlFlow;
 
 use axum::extract::Request;
 use axum::response::Response;
 use cloudllm_proto as proto;
 use http::{HeaderMap, HeaderValue};
 
+use crate::around::Around;
+
 /// Longest caller-chosen id kept; a longer one is replaced (it ends up in logs).
 const MAX_ID_BYTES: usize = 128;
 
-/// The layer that gives every request an id (the caller's, or a new one) and puts it on the
-/// response. A plain tower layer rather than `axum::middleware::from_fn`, which boxes two
-/// futures and a service per request: this one wraps the inner future in place.
+/// What gives every request an id (the caller's, or a new one) and puts it on the response,
+/// as an in-place layer: `AroundLayer(Tag)`.
 #[derive(Clone, Copy, Default)]
 pub struct Tag;
 
-impl<S> tower_layer::Layer<S> for Tag {
-    type Service = Tagged<S>;
+impl Around for Tag {
+    type Note = HeaderValue;
 
-    fn layer(&self, inner: S) -> Tagged<S> {
-        Tagged { inner }
-    }
-}
-
-/// A service behind [`Tag`].
-#[derive(Clone)]
-pub struct Tagged<S> {
-    inner: S,
-}
-
-impl<S> tower_service::Service<Request> for Tagged<S>
-where
-    S: tower_service::Service<Request, Response = Response>,
-{
-    type Response = Response;
-    type Error = S::Error;
-    type Future = TaggedFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request) -> Self::Future {
+    fn request(&self, req: &mut Request) -> ControlFlow<Response, HeaderValue> {
         let id = request_id(req.headers());
         req.headers_mut()
             .insert(proto::HEADER_REQUEST_ID, id.clone());
-        TaggedFuture {
-            inner: self.inner.call(req),
-            id: Some(id),
-        }
+        ControlFlow::Continue(id)
     }
-}
 
-pin_project_lite::pin_project! {
-    /// The response of a [`Tagged`] service, with the request's id put on it.
-    pub struct TaggedFuture<F> {
-        #[pin]
-        inner: F,
-        id: Option<HeaderValue>,
-    }
-}
-
-impl<F, E> Future for TaggedFuture<F>
-where
-    F: Future<Output = Result<Response, E>>,
-{
-    type Output = Result<Response, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut response = ready!(this.inner.poll(cx))?;
-        if let Some(id) = this.id.take() {
-            response.headers_mut().insert(proto::HEADER_REQUEST_ID, id);
-        }
-        Poll::Ready(Ok(response))
+    fn response(id: HeaderValue, response: &mut Response) {
+        response.headers_mut().insert(proto::HEADER_REQUEST_ID, id);
     }
 }
 

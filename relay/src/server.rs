@@ -107,23 +107,59 @@ pub(crate) async fn accept_failed(err: io::Error) {
 /// connections finish their requests, as `axum::serve`'s graceful shutdown does. Each
 /// connection is served on the current runtime (TLS's; plain TCP uses [`serve_sharded`]).
 pub(crate) async fn serve_http<L: Accept>(
-    mut listener: L,
+    listener: L,
     app: Router,
     read_timeout: Duration,
     stop: CancellationToken,
 ) -> io::Result<()> {
-    let connections = TaskTracker::new();
-    loop {
-        let incoming = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.cancelled() => break,
-        };
+    let stopped = stop.clone();
+    accept_until(listener, &stopped, |incoming, connections| {
         connections.spawn(serve_connection(
             incoming,
             app.clone(),
             read_timeout,
             stop.clone(),
         ));
+    })
+    .await
+}
+
+/// Serves plain TCP as [`serve_http`] does, each connection on the shard of the user its
+/// first request names ([`crate::shards`]). Accepting and placing run here; from its first
+/// request on, a connection is the shard's alone.
+pub(crate) async fn serve_sharded(
+    listener: PlainListener,
+    shards: Arc<Shards>,
+    app: Router,
+    read_timeout: Duration,
+    stop: CancellationToken,
+) -> io::Result<()> {
+    let stopped = stop.clone();
+    accept_until(listener, &stopped, |incoming, connections| {
+        connections.spawn(place(
+            incoming,
+            (shards.clone(), connections.clone()),
+            app.clone(),
+            read_timeout,
+            stop.clone(),
+        ));
+    })
+    .await
+}
+
+/// Takes each admitted connection from `listener` to `serve` until `stop`; then waits for
+/// the connections `serve` put in its tracker to end.
+async fn accept_until<L: Accept>(
+    mut listener: L,
+    stop: &CancellationToken,
+    mut serve: impl FnMut(Incoming<L::Io>, &TaskTracker),
+) -> io::Result<()> {
+    let connections = TaskTracker::new();
+    loop {
+        tokio::select! {
+            incoming = listener.accept() => serve(incoming, &connections),
+            () = stop.cancelled() => break,
+        }
     }
     drop(listener);
     connections.close();
@@ -131,67 +167,47 @@ pub(crate) async fn serve_http<L: Accept>(
     Ok(())
 }
 
-/// Serves plain TCP as [`serve_http`] does, each connection on the shard of the user its
-/// first request names ([`crate::shards`]). Accepting and placing run here; from its first
-/// request on, a connection is the shard's alone.
-pub(crate) async fn serve_sharded(
-    mut listener: PlainListener,
-    shards: Arc<Shards>,
+/// Moves a plain connection to the shard its first request names, and serves it there (in
+/// `connections`).
+async fn place(
+    incoming: Incoming<TcpStream>,
+    (shards, connections): (Arc<Shards>, TaskTracker),
     app: Router,
     read_timeout: Duration,
     stop: CancellationToken,
-) -> io::Result<()> {
-    let connections = TaskTracker::new();
-    loop {
-        let incoming = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.cancelled() => break,
-        };
-        let (shards, app, stop, tracker) = (
-            shards.clone(),
-            app.clone(),
-            stop.clone(),
-            connections.clone(),
-        );
-        connections.spawn(async move {
-            let Incoming { io, peer, slot } = incoming;
-            let mut head = vec![0; crate::shards::PEEK_BYTES];
-            // The first bytes, left in the socket for hyper. A client silent for as long as
-            // hyper would wait for a request head is closed as hyper would close it.
-            let peeked = tokio::select! {
-                peeked = tokio::time::timeout(read_timeout, io.peek(&mut head)) => peeked,
-                () = slot.evicted() => return,
-                () = stop.cancelled() => return,
-            };
-            let Ok(Ok(read @ 1..)) = peeked else {
-                debug!(%peer, "connection closed before its first request");
-                return;
-            };
-            let shard = shards.for_head(&head[..read]).clone();
-            drop(shards);
-            // Off this runtime's reactor, onto the shard's (`from_std` there).
-            let io = match io.into_std() {
-                Ok(io) => io,
-                Err(err) => return debug!(%peer, error = %err, "connection lost while placing it"),
-            };
-            tracker.spawn_on(
-                async move {
-                    match TcpStream::from_std(io) {
-                        Ok(io) => {
-                            let incoming = Incoming { io, peer, slot };
-                            serve_connection(incoming, app, read_timeout, stop).await;
-                        }
-                        Err(err) => debug!(%peer, error = %err, "connection lost while placing it"),
-                    }
-                },
-                &shard,
-            );
-        });
-    }
-    drop(listener);
-    connections.close();
-    connections.wait().await;
-    Ok(())
+) {
+    let Incoming { io, peer, slot } = incoming;
+    let mut head = vec![0; crate::shards::PEEK_BYTES];
+    // The first bytes, left in the socket for hyper. A client silent for as long as hyper
+    // would wait for a request head is closed as hyper would close it.
+    let peeked = tokio::select! {
+        peeked = tokio::time::timeout(read_timeout, io.peek(&mut head)) => peeked,
+        () = slot.evicted() => return,
+        () = stop.cancelled() => return,
+    };
+    let Ok(Ok(read @ 1..)) = peeked else {
+        debug!(%peer, "connection closed before its first request");
+        return;
+    };
+    let shard = shards.for_head(&head[..read]).clone();
+    drop(shards);
+    // Off this runtime's reactor, onto the shard's (`from_std` there).
+    let io = match io.into_std() {
+        Ok(io) => io,
+        Err(err) => return debug!(%peer, error = %err, "connection lost while placing it"),
+    };
+    connections.spawn_on(
+        async move {
+            match TcpStream::from_std(io) {
+                Ok(io) => {
+                    let incoming = Incoming { io, peer, slot };
+                    serve_connection(incoming, app, read_timeout, stop).await;
+                }
+                Err(err) => debug!(%peer, error = %err, "connection lost while placing it"),
+            }
+        },
+        &shard,
+    );
 }
 
 /// Serves HTTP/1.1 on one admitted connection until it closes, or until `stop` (then its

@@ -219,14 +219,8 @@ impl FakeChat {
             .route("/api/chat", post(chat))
             .route("/fake/requests", get(requests))
             .with_state(fake.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the fake");
-        let addr = listener.local_addr().expect("the fake's address");
+        let (addr, task) = crate::serve_on_loopback(app, "fake").await;
         let url = Url::parse(&format!("http://{addr}")).expect("the fake's URL");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
         (url, fake, task)
     }
 

@@ -355,6 +355,19 @@ pub async fn wait_until(what: &str, every: Duration, mut done: impl AsyncFnMut()
     .await
 }
 
+/// Serves `app` on a fresh loopback port (a test's stand-in for some other server, named
+/// `what` in a failure); the task serves until aborted or the runtime ends.
+pub async fn serve_on_loopback(app: axum::Router, what: &str) -> (SocketAddr, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|err| panic!("bind the {what}: {err}"));
+    let addr = listener.local_addr().expect("a bound address");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
 /// Waits until a daemon answers on its IPC socket at `socket`. The file alone is not enough:
 /// it exists from `bind` on, and a connection before `listen` is refused.
 pub async fn wait_for_socket(socket: &std::path::Path) {

@@ -188,13 +188,7 @@ impl KeyServer {
         let app = Router::new()
             .route("/jwks", get(serve_jwks))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind key server");
-        let addr = listener.local_addr().expect("key server address");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (addr, task) = cloudllm_e2e::serve_on_loopback(app, "key server").await;
         KeyServer {
             url: format!("http://{addr}/jwks").parse().expect("URL"),
             state,
