@@ -11,15 +11,44 @@ export async function signIn(page, relay, token) {
   await page.getByTestId('new-chat').waitFor({ timeout: STEP });
 }
 
+/** The last text each page was given to send, for `finished`. */
+const lastSent = new WeakMap();
+
 /** Types `text` in the message box and presses Enter. */
 export async function send(page, text) {
+  lastSent.set(page, text);
   await page.getByTestId('input').fill(text);
   await page.getByTestId('input').press('Enter');
 }
 
-/** Waits until the current answer is finished (Send is back) and returns its text. */
+/** Waits until the answer to the last message sent is finished and returns its text. Send
+ * being back is not enough: right after Enter the page may not have taken the message yet
+ * (Send is still there, next to the previous answer), or may show the new answer empty before
+ * its first token. So: that message is the last question shown, no answer is streaming, Send is
+ * back, and the answer has text. */
 export async function finished(page) {
-  await page.getByTestId('send').waitFor({ timeout: STEP });
+  const question = (lastSent.get(page) ?? '').split('\n')[0].trim();
+  await page
+    .waitForFunction(
+      (question) => {
+        const questions = document.querySelectorAll('[data-testid="msg-user"]');
+        const asked = questions[questions.length - 1]?.textContent ?? '';
+        const answers = document.querySelectorAll('[data-testid="answer"]');
+        const answer = answers[answers.length - 1]?.textContent ?? '';
+        return (
+          asked.includes(question) &&
+          !document.querySelector('.msg .cursor') &&
+          document.querySelector('[data-testid="send"]') &&
+          answer.trim() !== ''
+        );
+      },
+      question,
+      { timeout: STEP },
+    )
+    .catch(async () => {
+      const answer = await page.getByTestId('answer').last().innerText().catch(() => '(none)');
+      assert(false, `no finished answer to ${JSON.stringify(question)} within ${STEP} ms; the last answer: ${answer}`);
+    });
   return page.getByTestId('answer').last().innerText();
 }
 
