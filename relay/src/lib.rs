@@ -245,29 +245,24 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
     let app = router(state.clone(), metrics_addr.is_none())?;
     let read_timeout = state.config.client_read_timeout;
     // Plain TCP is served thread-per-core (`shards`); TLS on this runtime.
+    let http = server::Http {
+        app,
+        read_timeout,
+        stop: shutdown.clone(),
+    };
     let (server, shards): (Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>, _) =
         match &tls {
             Some(tls) => (
-                Box::pin(server::serve_http(
-                    tls.listener(listener, keepalive, gate),
-                    app,
-                    read_timeout,
-                    shutdown.clone(),
-                )),
+                Box::pin(http.serve(tls.listener(listener, keepalive, gate))),
                 None,
             ),
             None => {
                 let cores = std::thread::available_parallelism().map_or(1, usize::from);
                 let shards = Arc::new(shards::Shards::start(cores).context("starting threads")?);
                 info!(threads = shards.len(), "serving plain HTTP thread-per-core");
+                let listener = server::PlainListener::new(listener, keepalive, gate);
                 (
-                    Box::pin(server::serve_sharded(
-                        server::PlainListener::new(listener, keepalive, gate),
-                        shards.clone(),
-                        app,
-                        read_timeout,
-                        shutdown.clone(),
-                    )),
+                    Box::pin(http.serve_sharded(listener, shards.clone())),
                     Some(shards),
                 )
             }

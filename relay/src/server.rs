@@ -2,8 +2,8 @@
 //!
 //! A listener ([`PlainListener`], or TLS's, which finishes handshakes first) yields connections
 //! already admitted by the caps on unauthenticated connections ([`crate::connections`]);
-//! [`serve_http`] runs hyper's HTTP/1.1 server on each, with WebSocket upgrades for `/tunnel`,
-//! a bound on slow request heads, and a graceful end on shutdown; [`serve_sharded`] does the
+//! [`Http::serve`] runs hyper's HTTP/1.1 server on each, with WebSocket upgrades for `/tunnel`,
+//! a bound on slow request heads, and a graceful end on shutdown; [`Http::serve_sharded`] does the
 //! same for plain TCP with each connection on the shard of its user ([`crate::shards`]).
 
 use std::future::Future;
@@ -103,48 +103,135 @@ pub(crate) async fn accept_failed(err: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// Serves HTTP/1.1 (with upgrades, for `/tunnel`) on `listener` until `stop`, then lets open
-/// connections finish their requests, as `axum::serve`'s graceful shutdown does. Each
-/// connection is served on the current runtime (TLS's; plain TCP uses [`serve_sharded`]).
-pub(crate) async fn serve_http<L: Accept>(
-    listener: L,
-    app: Router,
-    read_timeout: Duration,
-    stop: CancellationToken,
-) -> io::Result<()> {
-    let stopped = stop.clone();
-    accept_until(listener, &stopped, |incoming, connections| {
-        connections.spawn(serve_connection(
-            incoming,
-            app.clone(),
-            read_timeout,
-            stop.clone(),
-        ));
-    })
-    .await
+/// HTTP/1.1 serving (with upgrades, for `/tunnel`): the router and the bounds every
+/// connection gets. Unlike `axum::serve`, it bounds slow clients: a connection that has not
+/// sent a whole request head within `read_timeout` (a slowloris, an idle keep-alive connection,
+/// or one that never sends a byte) is closed; one that the caps on unauthenticated connections
+/// close to make room is dropped at once; and on `stop`, each connection finishes the request
+/// in flight, as `axum::serve`'s graceful shutdown does.
+#[derive(Clone)]
+pub(crate) struct Http {
+    /// The relay's routes.
+    pub app: Router,
+    /// Longest wait for a request head.
+    pub read_timeout: Duration,
+    /// Cancelled when the relay stops accepting.
+    pub stop: CancellationToken,
 }
 
-/// Serves plain TCP as [`serve_http`] does, each connection on the shard of the user its
-/// first request names ([`crate::shards`]). Accepting and placing run here; from its first
-/// request on, a connection is the shard's alone.
-pub(crate) async fn serve_sharded(
-    listener: PlainListener,
-    shards: Arc<Shards>,
-    app: Router,
-    read_timeout: Duration,
-    stop: CancellationToken,
-) -> io::Result<()> {
-    let stopped = stop.clone();
-    accept_until(listener, &stopped, |incoming, connections| {
-        connections.spawn(place(
-            incoming,
-            (shards.clone(), connections.clone()),
-            app.clone(),
+impl Http {
+    /// Serves every connection of `listener` on the current runtime (TLS's; plain TCP uses
+    /// [`Http::serve_sharded`]) until `stop`, then waits for them to finish.
+    pub(crate) async fn serve<L: Accept>(self, listener: L) -> io::Result<()> {
+        accept_until(listener, &self.stop.clone(), |incoming, connections| {
+            connections.spawn(self.clone().connection(incoming));
+        })
+        .await
+    }
+
+    /// Serves plain TCP as [`Http::serve`] does, each connection on the shard of the user its
+    /// first request names ([`crate::shards`]). Accepting and placing run here; from its
+    /// first request on, a connection is the shard's alone.
+    pub(crate) async fn serve_sharded(
+        self,
+        listener: PlainListener,
+        shards: Arc<Shards>,
+    ) -> io::Result<()> {
+        accept_until(listener, &self.stop.clone(), |incoming, connections| {
+            let placing = self
+                .clone()
+                .place(incoming, shards.clone(), connections.clone());
+            connections.spawn(placing);
+        })
+        .await
+    }
+
+    /// Moves a plain connection to the shard its first request names, and serves it there (in
+    /// `connections`).
+    async fn place(
+        self,
+        incoming: Incoming<TcpStream>,
+        shards: Arc<Shards>,
+        connections: TaskTracker,
+    ) {
+        let Incoming { io, peer, slot } = incoming;
+        let mut head = vec![0; crate::shards::PEEK_BYTES];
+        // The first bytes, left in the socket for hyper. A client silent for as long as hyper
+        // would wait for a request head is closed as hyper would close it.
+        let peeked = tokio::select! {
+            peeked = tokio::time::timeout(self.read_timeout, io.peek(&mut head)) => peeked,
+            () = slot.evicted() => return,
+            () = self.stop.cancelled() => return,
+        };
+        let Ok(Ok(read @ 1..)) = peeked else {
+            debug!(%peer, "connection closed before its first request");
+            return;
+        };
+        let shard = shards.for_head(&head[..read]).clone();
+        drop(shards);
+        // Off this runtime's reactor, onto the shard's (`from_std` there).
+        let io = match io.into_std() {
+            Ok(io) => io,
+            Err(err) => return debug!(%peer, error = %err, "connection lost while placing it"),
+        };
+        connections.spawn_on(
+            async move {
+                match TcpStream::from_std(io) {
+                    Ok(io) => self.connection(Incoming { io, peer, slot }).await,
+                    Err(err) => debug!(%peer, error = %err, "connection lost while placing it"),
+                }
+            },
+            &shard,
+        );
+    }
+
+    /// Serves HTTP/1.1 on one admitted connection until it closes, or until `stop`.
+    async fn connection<Io>(self, incoming: Incoming<Io>)
+    where
+        Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        let Http {
+            app,
             read_timeout,
-            stop.clone(),
-        ));
-    })
-    .await
+            stop,
+        } = self;
+        let Incoming { io, peer, slot } = incoming;
+        // The handlers read the peer address as `ConnectInfo`, as with axum's own server, and
+        // mark the connection authenticated through its slot: both go into each request's
+        // extensions here. (As router layers, added per connection, they re-wrapped every
+        // route and boxed two more services into each request's path.)
+        let request_slot = slot.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<IncomingBody>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            req.extensions_mut().insert(request_slot.clone());
+            // A router is always ready: no `poll_ready` before the call.
+            app.clone().call(req)
+        });
+        // HTTP/1.1 only (TLS offers no other protocol either): hyper-util's automatic version
+        // detection would wait for the first bytes without any timeout.
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(read_timeout)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::pin!(connection);
+        let served = tokio::select! {
+            served = connection.as_mut() => served,
+            () = slot.evicted() => {
+                debug!(%peer, "unauthenticated connection closed to make room");
+                return;
+            }
+            () = stop.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(err) = served {
+            debug!(error = %err, %peer, "connection ended with an error");
+        }
+    }
 }
 
 /// Takes each admitted connection from `listener` to `serve` until `stop`; then waits for
@@ -165,100 +252,6 @@ async fn accept_until<L: Accept>(
     connections.close();
     connections.wait().await;
     Ok(())
-}
-
-/// Moves a plain connection to the shard its first request names, and serves it there (in
-/// `connections`).
-async fn place(
-    incoming: Incoming<TcpStream>,
-    (shards, connections): (Arc<Shards>, TaskTracker),
-    app: Router,
-    read_timeout: Duration,
-    stop: CancellationToken,
-) {
-    let Incoming { io, peer, slot } = incoming;
-    let mut head = vec![0; crate::shards::PEEK_BYTES];
-    // The first bytes, left in the socket for hyper. A client silent for as long as hyper
-    // would wait for a request head is closed as hyper would close it.
-    let peeked = tokio::select! {
-        peeked = tokio::time::timeout(read_timeout, io.peek(&mut head)) => peeked,
-        () = slot.evicted() => return,
-        () = stop.cancelled() => return,
-    };
-    let Ok(Ok(read @ 1..)) = peeked else {
-        debug!(%peer, "connection closed before its first request");
-        return;
-    };
-    let shard = shards.for_head(&head[..read]).clone();
-    drop(shards);
-    // Off this runtime's reactor, onto the shard's (`from_std` there).
-    let io = match io.into_std() {
-        Ok(io) => io,
-        Err(err) => return debug!(%peer, error = %err, "connection lost while placing it"),
-    };
-    connections.spawn_on(
-        async move {
-            match TcpStream::from_std(io) {
-                Ok(io) => {
-                    let incoming = Incoming { io, peer, slot };
-                    serve_connection(incoming, app, read_timeout, stop).await;
-                }
-                Err(err) => debug!(%peer, error = %err, "connection lost while placing it"),
-            }
-        },
-        &shard,
-    );
-}
-
-/// Serves HTTP/1.1 on one admitted connection until it closes, or until `stop` (then its
-/// request in flight finishes first). Unlike `axum::serve`, it bounds slow clients: a
-/// connection that has not sent a whole request head within `read_timeout` (a slowloris, an
-/// idle keep-alive connection, or one that never sends a byte) is closed; and one that the
-/// caps on unauthenticated connections close to make room is dropped at once.
-async fn serve_connection<Io>(
-    incoming: Incoming<Io>,
-    app: Router,
-    read_timeout: Duration,
-    stop: CancellationToken,
-) where
-    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let Incoming { io, peer, slot } = incoming;
-    // The handlers read the peer address as `ConnectInfo`, as with axum's own server, and mark
-    // the connection authenticated through its slot: both go into each request's extensions
-    // here. (As router layers, added per connection, they re-wrapped every route and boxed two
-    // more services into each request's path.)
-    let request_slot = slot.clone();
-    let service = hyper::service::service_fn(move |mut req: Request<IncomingBody>| {
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(peer));
-        req.extensions_mut().insert(request_slot.clone());
-        // A router is always ready: no `poll_ready` before the call.
-        app.clone().call(req)
-    });
-    // HTTP/1.1 only (TLS offers no other protocol either): hyper-util's automatic version
-    // detection would wait for the first bytes without any timeout.
-    let connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(read_timeout)
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    tokio::pin!(connection);
-    let served = tokio::select! {
-        served = connection.as_mut() => served,
-        () = slot.evicted() => {
-            debug!(%peer, "unauthenticated connection closed to make room");
-            return;
-        }
-        () = stop.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(err) = served {
-        debug!(error = %err, %peer, "connection ended with an error");
-    }
 }
 
 /// Socket options for every accepted connection, plain or TLS.
