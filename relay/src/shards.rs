@@ -112,9 +112,12 @@ pub(crate) fn user_of(head: &[u8]) -> Option<String> {
 fn bearer_token(head: &[u8]) -> Option<&str> {
     // Only complete lines: the last piece may have been cut by the peek.
     let complete = &head[..head.windows(2).rposition(|w| w == b"\r\n")?];
-    let mut lines = complete.split(|&b| b == b'\n').skip(1); // the request line
-    lines.find_map(|line| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut headers = complete
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .skip(1) // the request line
+        .take_while(|line| !line.is_empty()); // the body is not the head
+    headers.find_map(|line| {
         let (name, value) = line.split_at(line.iter().position(|&b| b == b':')?);
         if !name.eq_ignore_ascii_case(b"authorization") {
             return None;
@@ -160,6 +163,10 @@ mod tests {
             ),
             // The request line is not a header, and a cut line is not read.
             format!("authorization: Bearer {token}\r\n\r\n"),
+            // Nor is the body.
+            format!(
+                "POST /api/chat HTTP/1.1\r\nhost: relay\r\n\r\nauthorization: Bearer {token}\r\n"
+            ),
             cut,
         ];
         for head in heads {
