@@ -261,3 +261,85 @@ pub(crate) fn tune_socket(tcp: &tokio::net::TcpStream, keepalive: &socket2::TcpK
     // Probes keep NAT and firewall state alive while a request waits for its first token.
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(keepalive);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use axum::routing::get;
+    use base64::Engine as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A token naming `sub` (unsigned: placement never verifies; the handler below never asks).
+    fn token(sub: &str) -> String {
+        let payload = format!(r#"{{"sub":"{sub}"}}"#);
+        let encode = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.c2ln", encode(r#"{"alg":"HS256"}"#), encode(&payload))
+    }
+
+    /// The name of the thread that served one request on a fresh connection.
+    async fn served_on(addr: SocketAddr, token: Option<&str>) -> String {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let auth = token
+            .map(|t| format!("authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request =
+            format!("GET /thread HTTP/1.1\r\nhost: relay\r\n{auth}connection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut response))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_users_connections_are_all_served_on_one_shard_and_anonymous_ones_in_turn() {
+        let shards = Arc::new(Shards::start(4).expect("shards"));
+        let app = Router::new().route(
+            "/thread",
+            get(|| async { std::thread::current().name().unwrap_or("?").to_owned() }),
+        );
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = tcp.local_addr().expect("address");
+        let gate = Gate::new(64, 64, Vec::new(), Arc::default());
+        let stop = CancellationToken::new();
+        let http = Http {
+            app,
+            read_timeout: Duration::from_secs(10),
+            stop: stop.clone(),
+        };
+        let listener = PlainListener::new(tcp, socket2::TcpKeepalive::new(), gate);
+        let server = tokio::spawn(http.serve_sharded(listener, shards));
+
+        for user in ["alice", "bob", "carol"] {
+            let mut threads = HashSet::new();
+            for _ in 0..5 {
+                threads.insert(served_on(addr, Some(&token(user))).await);
+            }
+            assert_eq!(threads.len(), 1, "{user}'s connections on {threads:?}");
+            let thread = threads.into_iter().next().unwrap_or_default();
+            assert!(
+                thread.starts_with("relay-shard-"),
+                "{user} served on {thread}"
+            );
+        }
+        let mut anonymous = HashSet::new();
+        for _ in 0..8 {
+            anonymous.insert(served_on(addr, None).await);
+        }
+        assert_eq!(anonymous.len(), 4, "{anonymous:?}");
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops")
+            .expect("server task")
+            .expect("served");
+    }
+}
