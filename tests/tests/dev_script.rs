@@ -218,6 +218,8 @@ fn with_ollama_down_it_still_starts_and_stops_at_once() {
     let port = free_port();
     let mut dev = Dev::start(port, "http://127.0.0.1:9");
     dev.wait_for("Ctrl-C stops", START_BOUND);
+    // Said on stderr before the banner on stdout, but the two pipes are read apart: wait for it.
+    dev.wait_for("Ollama is not answering", START_BOUND);
     assert!(
         dev.seen
             .iter()
