@@ -2,8 +2,9 @@
 //! their library entry points on `127.0.0.1:0`, a fake Ollama backend for exact timing and fault
 //! injection, a TCP proxy that can stall a connection, and a WebSocket proxy that closes the
 //! tunnel with a chosen close code. [`Stack`] starts the usual relay, fake Ollama and daemon in
-//! one call; the request helpers bound every HTTP exchange by [`STEP`]. `tokens` signs hand-made claims for tests of what the relay
-//! refuses; `metrics` reads a relay's `/metrics`, which tests wait on instead of sleeping.
+//! one call; the request helpers bound every HTTP exchange by [`STEP`]. `tokens` signs
+//! hand-made claims for tests of what the relay refuses; `metrics` reads a relay's `/metrics`,
+//! which tests wait on instead of sleeping.
 //!
 //! `nginx` runs a real nginx with the snippet operators include, in front of a relay or a
 //! cluster; `cluster` runs relay nodes on a real Redis (`redis`).
