@@ -1,5 +1,6 @@
-// What the chat runs (run.mjs, features.mjs) do to the page as a person would: sign in with a
-// pasted token, pick from a picker, send a message, wait for the answer to finish.
+// What the chat runs (run.mjs, features.mjs, conversations.mjs, oidc.mjs) do to the page as a
+// person would: sign in with a pasted token, pick from a picker, send a message, wait for the
+// answer to finish.
 
 import { STEP, assert } from './harness.mjs';
 

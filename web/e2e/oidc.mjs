@@ -8,6 +8,7 @@
 
 import { readFileSync } from 'node:fs';
 import { STEP, assert, check, finish, freshPage, launch, shot } from './harness.mjs';
+import { finished, send } from './chat.mjs';
 
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const relay = config.relay.replace(/\/$/, '');
@@ -24,11 +25,10 @@ async function session(page) {
   return JSON.parse((await page.evaluate(() => localStorage.getItem('cloudllm.session'))) ?? 'null');
 }
 
-async function send(page, text) {
-  await page.getByTestId('input').fill(text);
-  await page.getByTestId('input').press('Enter');
-  await page.getByTestId('send').waitFor({ timeout: STEP });
-  return page.getByTestId('answer').last().innerText();
+/** Sends `text` as a person would and returns the finished answer. */
+async function ask(page, text) {
+  await send(page, text);
+  return finished(page);
 }
 
 const page = await freshPage();
@@ -81,7 +81,7 @@ await check("Sign in goes through the provider's login and consent and comes bac
 
 await check("a message goes to the user's device with the provider's token", async () => {
   await page.getByTestId('model').selectOption(config.model);
-  const answer = await send(page, 'Hello through the identity provider.');
+  const answer = await ask(page, 'Hello through the identity provider.');
   assert(answer.includes('bold'), `answer: ${answer}`);
   assert(chats.length === 1 && chats[0] === `Bearer ${first.token}`, 'the chat did not carry the signed-in token');
 });
@@ -103,7 +103,7 @@ await check('the token is renewed before it expires (half-way for a short-lived 
   assert(claims(next.token).jti !== claims(first.token).jti && claims(next.token).exp > claims(first.token).exp, 'the same token again');
   assert(claims(next.token).sub === config.user, 'another user');
   assert(next.refresh?.token, 'the renewed session lost its refresh token');
-  const answer = await send(page, 'Still there?');
+  const answer = await ask(page, 'Still there?');
   assert(answer.includes('bold'), `answer: ${answer}`);
   assert(chats.at(-1) === `Bearer ${next.token}`, 'the chat after the refresh used the old token');
 });
