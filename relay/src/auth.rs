@@ -220,7 +220,7 @@ impl Keys {
 
     /// [`Keys::verify`], fetching the identity provider's keys only if `fetch` allows. A token
     /// that verified in the last minute is taken from the cache (see [`cache`] for why that is
-    /// safe), its `exp` and `nbf` checked again.
+    /// safe), within its `exp` and `nbf`.
     pub async fn verify_with(&self, token: &str, fetch: KeyFetch) -> Result<Claims, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Invalid);
@@ -228,10 +228,8 @@ impl Keys {
         let now = unix_now();
         let hash = cache::hash(token);
         let current_key = |kid: &str| self.jwks.as_ref().and_then(|jwks| jwks.cached(kid));
-        match self.verified.lookup(&hash, now, current_key) {
-            cache::Hit::Valid(claims) => return Ok(claims),
-            cache::Hit::Refused(err) => return Err(err),
-            cache::Hit::Miss => {}
+        if let Some(claims) = self.verified.lookup(&hash, now, current_key) {
+            return Ok(claims);
         }
         let (claims, key) = self.verify_uncached(token, fetch).await?;
         self.verified.insert(hash, &claims, key, now);

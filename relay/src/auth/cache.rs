@@ -5,8 +5,10 @@
 //! bytes, the key and the clock; the same bytes checked with the same key give the same claims.
 //! So the cache is keyed by the SHA-256 of the whole token (a token that differs in any byte,
 //! e.g. the same claims with a forged signature, misses and is verified in full), holds only
-//! tokens that passed every check, and still checks what depends on the clock — `exp` and
-//! `nbf`, with the same [`LEEWAY_SECS`](super::LEEWAY_SECS) — on every use. What depends on the
+//! tokens that passed every check, and still checks what depends on the clock on every use: an
+//! entry lasts until the token's `exp` (with the same [`LEEWAY_SECS`](super::LEEWAY_SECS)),
+//! and one whose `nbf` lies ahead again (a clock stepped back) misses; a miss is verified in
+//! full, which says why a token is refused. What depends on the
 //! key is checked too: an entry of a provider-signed token remembers the key that verified it
 //! and counts only while the identity provider's key set still holds that very key (a
 //! rotation or a refresh that drops it makes the entry miss); the relay's own secret lives as
@@ -17,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{AuthError, Claims, LEEWAY_SECS};
+use super::{Claims, LEEWAY_SECS};
 use crate::jwks::JwksKey;
 
 /// Longest a verified token is trusted without verifying it again: 60 s, so a change the cache
@@ -57,49 +59,33 @@ pub(super) fn hash(token: &str) -> TokenHash {
     hash
 }
 
-/// What a cache lookup found.
-pub(super) enum Hit {
-    /// The token verified before and still holds: its claims.
-    Valid(Claims),
-    /// The token verified before but the clock now refuses it.
-    Refused(AuthError),
-    /// Not cached (or no longer valid): verify it in full.
-    Miss,
-}
-
 impl VerifiedTokens {
-    /// The claims of the token hashed to `hash` if it verified before, checking `exp` and `nbf`
-    /// at `now` and that `current_key(kid)` is still the key that verified it.
+    /// The claims of the token hashed to `hash` if it verified before and still holds at `now`
+    /// (its entry not past `until`, its `nbf` not ahead), with `current_key(kid)` still the key
+    /// that verified it; `None`: verify it in full.
     pub(super) fn lookup(
         &self,
         hash: &TokenHash,
         now: u64,
         current_key: impl FnOnce(&str) -> Option<Arc<JwksKey>>,
-    ) -> Hit {
+    ) -> Option<Claims> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(entry) = entries.get(hash) else {
-            return Hit::Miss;
-        };
-        if now > entry.until {
+        let entry = entries.get(hash)?;
+        let stale = now > entry.until
+            || entry.key.as_ref().is_some_and(|(kid, key)| {
+                !current_key(kid).is_some_and(|current| Arc::ptr_eq(&current, key))
+            })
+            || entry
+                .claims
+                .other
+                .get("nbf")
+                .and_then(serde_json::Value::as_u64)
+                .is_some_and(|nbf| nbf > now.saturating_add(LEEWAY_SECS));
+        if stale {
             entries.remove(hash);
-            return Hit::Miss;
+            return None;
         }
-        if let Some((kid, key)) = &entry.key
-            && !current_key(kid).is_some_and(|current| Arc::ptr_eq(&current, key))
-        {
-            entries.remove(hash);
-            return Hit::Miss;
-        }
-        let claims = &entry.claims;
-        if claims.exp.saturating_add(LEEWAY_SECS) < now {
-            return Hit::Refused(AuthError::Expired);
-        }
-        if let Some(nbf) = claims.other.get("nbf").and_then(serde_json::Value::as_u64)
-            && nbf > now.saturating_add(LEEWAY_SECS)
-        {
-            return Hit::Refused(AuthError::NotYetValid);
-        }
-        Hit::Valid(claims.clone())
+        Some(entry.claims.clone())
     }
 
     /// Remembers a token that passed every check at `now`.
@@ -153,20 +139,20 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_token_is_refused_past_its_exp_and_not_trusted_past_the_ttl() {
+    fn a_cached_token_misses_past_its_exp_and_past_the_ttl() {
         let verified = VerifiedTokens::default();
         let at = 1_000_000;
         let claims = claims_until(at + 10);
         let hash = hash("token");
         verified.insert(hash, &claims, None, at);
-        let valid = |now| matches!(verified.lookup(&hash, now, |_| None), Hit::Valid(_));
+        let valid = |now| verified.lookup(&hash, now, |_| None).is_some();
         assert!(valid(at + 10 + LEEWAY_SECS), "within exp's leeway");
         assert!(!valid(at + 10 + LEEWAY_SECS + 1), "past exp and its leeway");
 
         // A long-lived token is verified again after the TTL.
         let claims = claims_until(at + 86_400);
         verified.insert(hash, &claims, None, at);
-        let valid = |now| matches!(verified.lookup(&hash, now, |_| None), Hit::Valid(_));
+        let valid = |now| verified.lookup(&hash, now, |_| None).is_some();
         assert!(valid(at + TTL_SECS));
         assert!(!valid(at + TTL_SECS + 1));
     }
@@ -184,9 +170,8 @@ mod tests {
         };
         let (old, new) = (key("old"), key("new"));
         let hash = hash("token");
-        let hit = |current: Option<Arc<JwksKey>>| {
-            matches!(verified.lookup(&hash, at, move |_| current), Hit::Valid(_))
-        };
+        let hit =
+            |current: Option<Arc<JwksKey>>| verified.lookup(&hash, at, move |_| current).is_some();
         verified.insert(hash, &claims, Some(("k1".to_owned(), old.clone())), at);
         assert!(hit(Some(old.clone())), "the same key still holds");
         // The provider replaced the key under the same id: verify in full (the entry is dropped).
