@@ -72,15 +72,17 @@ pub(super) async fn route(
         .map(str::to_owned);
     // In a cluster, the user's devices on the other nodes too (one Redis round trip), unless
     // the request names a device this node holds.
-    let named_here = wanted.as_deref().is_some_and(|wanted| {
-        state
-            .registry
-            .devices_of(user)
-            .iter()
-            .any(|d| d.name == wanted || d.id == wanted)
-    });
+    let named_here = || {
+        wanted.as_deref().is_some_and(|wanted| {
+            state
+                .registry
+                .devices_of(user)
+                .iter()
+                .any(|d| d.name == wanted || d.id == wanted)
+        })
+    };
     let remote = match &state.cluster {
-        Some(cluster) if !named_here => cluster.remote_devices(user).await,
+        Some(cluster) if !named_here() => cluster.remote_devices(user).await,
         _ => Vec::new(),
     };
     let several = wanted.is_none() && state.registry.count(user) + remote.len() > 1;
