@@ -97,12 +97,6 @@ pub struct Cluster {
     pub(crate) peers: peer::Peers,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// A Redis client for `config`'s `redis_url` (and `ca_file`); connects on first use.
 fn redis_client(config: &ClusterConfig) -> anyhow::Result<redis::Client> {
     let url = config.redis_url()?;

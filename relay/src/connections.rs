@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::warn;
 
-use crate::limits::lock;
+use crate::lock;
 use crate::metrics::Metrics;
 
 /// How long a new connection may take to authenticate before a newcomer may push it out of a

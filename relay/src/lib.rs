@@ -298,6 +298,15 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
     })
 }
 
+/// Locks `mutex`, poisoned or not. Only for state whose every update is finished before the
+/// lock is released (the relay's maps and caches): a panicking holder cannot have left a
+/// half-made change, so the state is as good after a panic as before.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Prunes idle limiter state every [`limits::PRUNE_INTERVAL`] until shutdown.
 async fn prune(limits: Arc<limits::Limits>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(limits::PRUNE_INTERVAL);

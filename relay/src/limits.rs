@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::lock;
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -206,15 +208,6 @@ fn auth_refusal(wait: Duration) -> Refusal {
             wait.as_secs_f64().ceil().max(1.0)
         ),
     }
-}
-
-/// Locks `mutex`, poisoned or not. Only for state whose every update is finished before the
-/// lock is released (here and in [`crate::connections`]): a panicking holder cannot have left a
-/// half-made change, so the state is as good after a panic as before.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One admitted request; dropping it ends the request for the concurrency limit.

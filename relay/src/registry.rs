@@ -40,13 +40,6 @@ pub enum RouteError {
     NoModel(String, String),
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every update is one call: a panicking holder cannot leave a half-made change.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// All connected devices, grouped by user, and every user's open tunnels.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -260,13 +253,11 @@ impl Registry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Device>>>> {
         // The map stays consistent even if a holder panicked: every update is one call.
-        self.by_user
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.by_user)
     }
 
     fn lock_tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        lock(&self.tunnels)
+        crate::lock(&self.tunnels)
     }
 }
 

@@ -69,7 +69,7 @@ impl VerifiedTokens {
         now: u64,
         current_key: impl FnOnce(&str) -> Option<Arc<JwksKey>>,
     ) -> Option<Claims> {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = crate::lock(&self.entries);
         let entry = entries.get(hash)?;
         let stale = now > entry.until
             || entry.key.as_ref().is_some_and(|(kid, key)| {
@@ -100,7 +100,7 @@ impl VerifiedTokens {
             .exp
             .saturating_add(LEEWAY_SECS)
             .min(now.saturating_add(TTL_SECS));
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = crate::lock(&self.entries);
         if entries.len() >= CAPACITY && !entries.contains_key(&hash) {
             entries.retain(|_, entry| entry.until >= now);
             if entries.len() >= CAPACITY
@@ -122,7 +122,7 @@ impl VerifiedTokens {
     /// How many tokens are remembered.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+        crate::lock(&self.entries).len()
     }
 }
 

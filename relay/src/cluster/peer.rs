@@ -28,8 +28,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::lock;
 use crate::AppState;
+use crate::lock;
 
 /// The node that sent a forwarded request.
 pub const HEADER_PEER_NODE: &str = "x-cloudllm-peer-node";

@@ -17,7 +17,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Change, Cluster, Held, lock};
+use super::{Change, Cluster, Held};
+use crate::lock;
 use crate::registry::Device;
 
 /// A hash of each node's device count at its last refresh, for `cluster status`.

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::lock;
+use crate::lock;
 
 /// Longest a request waits for its device's tunnel to open an HTTP/2 session: the session
 /// starts without a round trip, so only a tunnel that is dying takes this long.

@@ -70,7 +70,7 @@ pub enum MintError {
 impl OpenCodes {
     /// A new code for `user` (with their `tier`), valid for [`OPEN_CODE_TTL`] from `now`.
     pub fn mint(&self, user: &str, tier: Option<&str>, now: Instant) -> Result<String, MintError> {
-        let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut codes = crate::lock(&self.codes);
         codes.retain(|_, pending| pending.expires > now);
         if codes.len() >= MAX_CODES {
             return Err(MintError::Full);
@@ -94,7 +94,7 @@ impl OpenCodes {
 
     /// Takes `code` if it is live: the user and tier it was minted for. A code works once.
     pub fn take(&self, code: &str, now: Instant) -> Option<(String, Option<String>)> {
-        let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut codes = crate::lock(&self.codes);
         let pending = codes.remove(code)?;
         (pending.expires > now).then_some((pending.user, pending.tier))
     }
