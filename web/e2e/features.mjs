@@ -10,7 +10,7 @@
 import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { STEP, assert, check, finish, freshPage, launch, shot } from './harness.mjs';
+import { STEP, assert, check, expectCount, finish, freshPage, launch, shot } from './harness.mjs';
 import { choose, finished, send, signIn } from './chat.mjs';
 
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
@@ -112,7 +112,7 @@ await check('export the conversations as JSON, then import them in another brows
   assert((await other.getByTestId('conversation').count()) === 0, 'a new browser has no conversations');
   await other.locator('input[type="file"][accept*="json"]').setInputFiles(file);
   await other.getByText('Imported 2 conversation(s).').waitFor({ timeout: STEP });
-  assert((await other.getByTestId('conversation').count()) === 2, 'the imported conversations are not listed');
+  await expectCount(other.getByTestId('conversation'), 2, 'the imported conversations are not listed');
   await other.getByTestId('conversation').filter({ hasText: 'first question' }).click();
   await other.getByTestId('msg-user').getByText('edited question').waitFor({ timeout: STEP });
   await shot(other, 'imported');

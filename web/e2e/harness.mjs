@@ -53,6 +53,18 @@ export function assert(condition, message) {
   if (!condition) throw new Error(message);
 }
 
+/** Waits until `locator` matches exactly `n` elements: the page updates lists after storing,
+ * so a count read once right after an action can be the one before it. */
+export async function expectCount(locator, n, message) {
+  const deadline = Date.now() + STEP;
+  let count = await locator.count();
+  while (count !== n && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    count = await locator.count();
+  }
+  assert(count === n, `${message} (${count}, not ${n})`);
+}
+
 /** Saves a screenshot named `name`; also a check that something is on screen. */
 export async function shot(page, name) {
   if (shots) await page.screenshot({ path: join(shots, `${name}.png`) });

@@ -8,7 +8,7 @@
 
 import { createServer } from 'node:http';
 import { readFileSync, statSync } from 'node:fs';
-import { STEP, assert, check, finish, freshPage, launch, shot } from './harness.mjs';
+import { STEP, assert, check, expectCount, finish, freshPage, launch, shot } from './harness.mjs';
 import { choose, finished, send, signIn as signInAt } from './chat.mjs';
 
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
@@ -193,7 +193,7 @@ await check('the conversations are still there after a reload', async () => {
   await alice.reload();
   await alice.getByTestId('new-chat').waitFor({ timeout: STEP });
   await alice.getByTestId('conversation').first().waitFor({ timeout: STEP });
-  assert((await alice.getByTestId('conversation').count()) === before, 'same count after reload');
+  await expectCount(alice.getByTestId('conversation'), before, 'same count after reload');
   await alice.getByTestId('conversation').first().click();
   await alice.getByTestId('msg-user').first().waitFor({ timeout: STEP });
 });
