@@ -21,12 +21,12 @@ use anyhow::Context;
 use bytes::Bytes;
 use cloudllm_daemon::backoff::Backoff;
 use cloudllm_proto::{self as proto, Control, Hello};
+use cloudllm_tunnel::mux::RecvBody;
 use cloudllm_tunnel::server::{self, RelaySignals, Served};
 use cloudllm_tunnel::{Link, Liveness};
 use futures_util::SinkExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -207,13 +207,12 @@ async fn serve(
     }
     let signals = RelaySignals::default();
     let link = Link::new(ws, Liveness::default(), signals.handler());
-    let service = service_fn(|req: Request<Incoming>| {
+    let service = service_fn(|req: Request<RecvBody>| {
         let response = answer(req.uri().path());
         async move { Ok::<_, Infallible>(response) }
     });
-    let builder = cloudllm_tunnel::h2_server(Liveness::default());
     let closing = CancellationToken::new();
-    let served = server::serve(link, &builder, service, &closing);
+    let served = server::serve(link, service, &closing);
     tokio::pin!(served);
     let mut registered = false;
     let ended = loop {

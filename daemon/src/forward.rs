@@ -1,4 +1,4 @@
-//! The daemon's HTTP/2 service: what the relay may ask through the tunnel.
+//! The daemon's service: what the relay may ask through the tunnel.
 //!
 //! Every request is a user's, checked against the [allowlist](crate::allowlist) (endpoint,
 //! method, path parameter) and forwarded to the local Ollama with its body streamed both ways.
@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cloudllm_proto as proto;
+use cloudllm_tunnel::mux::RecvBody;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -80,7 +80,7 @@ const MAX_QUOTED_BYTES: usize = 64;
 
 /// Forwards tunnel requests to the local Ollama.
 pub struct Forwarder {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RecvBody>,
     /// Ollama's URL without a trailing slash; request paths are appended to it.
     base: String,
     state: Arc<State>,
@@ -124,7 +124,7 @@ impl Forwarder {
     /// Serves one request that came through the tunnel.
     pub async fn serve(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RecvBody>,
     ) -> Result<Response<TunnelBody>, std::convert::Infallible> {
         let path = req.uri().path();
         let refusal = match allowlist::check(req.method().as_str(), path, self.allow_management) {
@@ -173,7 +173,7 @@ impl Forwarder {
     }
 
     /// Forwards `req` to Ollama's `target` path (the allowlist's checked form, no query).
-    async fn forward(&self, req: Request<Incoming>, target: &str) -> Response<TunnelBody> {
+    async fn forward(&self, req: Request<RecvBody>, target: &str) -> Response<TunnelBody> {
         let started = tokio::time::Instant::now();
         let in_flight = self.state.begin_request();
         let (mut parts, body) = req.into_parts();
@@ -361,12 +361,11 @@ mod tests {
     }
 
     /// A burst of tokens that Ollama wrote at once leaves the daemon as a few 16 KiB frames,
-    /// not one frame (one HTTP/2 frame and one tunnel message) per token, although hyper's
+    /// not one frame (one tunnel frame) per token, although hyper's
     /// HTTP/1 client hands the body over one chunk at a time. One thread, so that the count
     /// does not depend on how busy the machine is (12 frames here, loaded or not).
     #[tokio::test]
     async fn a_burst_from_ollama_leaves_as_a_few_large_frames() {
-        use hyper_util::rt::TokioIo;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         const LINES: usize = 2_000;
@@ -396,27 +395,35 @@ mod tests {
             let _ = conn.read(&mut byte).await;
         });
 
-        // The forwarder behind an HTTP/1 server, so the test can send it a real request.
+        // The forwarder behind a real tunnel session over an in-memory WebSocket, as the
+        // relay reaches it.
         let state = State::new("test".to_owned(), "file".to_owned());
         let forwarder =
             Arc::new(Forwarder::new(ollama_url, false, "test".to_owned(), state).unwrap());
-        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front_addr = front.local_addr().unwrap();
+        let (relay_end, daemon_end) = tokio::io::duplex(1 << 20);
+        let relay_ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            relay_end,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let daemon_ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            daemon_end,
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        let liveness = cloudllm_tunnel::Liveness::default();
+        let daemon_link = cloudllm_tunnel::Link::new(daemon_ws, liveness, Box::new(|_| {}));
+        let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(async move {
-            let (conn, _) = front.accept().await.unwrap();
             let service = hyper::service::service_fn(move |req| forwarder.clone().serve(req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(conn), service)
-                .await;
+            let _ = cloudllm_tunnel::server::serve(daemon_link, service, &stop).await;
         });
-
-        let stream = tokio::net::TcpStream::connect(front_addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let relay_link = cloudllm_tunnel::Link::new(relay_ws, liveness, Box::new(|_| {}));
+        let (sender, _cut, session) = cloudllm_tunnel::mux::client::connect(relay_link);
+        tokio::spawn(session);
         let request = Request::post("/api/generate")
-            .header(header::HOST, "daemon")
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
         let mut body = sender.send_request(request).await.unwrap().into_body();

@@ -253,9 +253,8 @@ async fn serve(
             forwarder.clone().serve(req).instrument(span)
         })
     };
-    let builder = cloudllm_tunnel::h2_server(config.liveness());
     let closing = CancellationToken::new();
-    let served = server::serve(link, &builder, service, &closing);
+    let served = server::serve(link, service, &closing);
     tokio::pin!(served);
     let mut registered = false;
     let ended = loop {

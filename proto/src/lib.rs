@@ -13,9 +13,10 @@ pub mod endpoints;
 pub mod ipc;
 
 /// Version of the tunnel protocol. The daemon sends it when it dials and in its [`Hello`];
-/// the relay refuses versions it does not speak. Version 2 opens HTTP/2 sessions on demand
-/// and carries control messages as WebSocket text.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// the relay refuses versions it does not speak. Version 2 opened HTTP/2 sessions on demand,
+/// with control messages as WebSocket text; version 3 keeps both but carries sessions as the
+/// tunnel's own multiplexer (`tunnel/src/mux`) instead of HTTP/2.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Path on the relay where daemons open their tunnel (WebSocket upgrade).
 pub const TUNNEL_PATH: &str = "/tunnel";

@@ -4,7 +4,6 @@
 //! connection is closed within a bounded time, and meanwhile another user is served through
 //! their own healthy daemon.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +11,6 @@ use cloudllm_e2e::{STEP, Stack, relay_config, token, tunnel_ws_request};
 use cloudllm_proto as proto;
 use cloudllm_relay::{RelayConfig, Scope};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
@@ -283,12 +281,12 @@ async fn garbage_and_oversized_websocket_messages_on_the_tunnel_close_it() {
     alice_is_served(&stack).await;
 }
 
-/// A hostile daemon's HTTP/2 side: a real hyper server whose bytes pass through the test, so
-/// it can answer properly and then misbehave.
+/// A hostile daemon, written by hand on the tunnel's frames: it answers every request with an
+/// empty model list until the test makes it misbehave.
 struct Relayed {
     /// Sends control messages (WebSocket text) as the daemon.
     say: tokio::sync::mpsc::Sender<String>,
-    /// Stops forwarding the server's bytes and sends these raw bytes instead.
+    /// Stops answering and sends these raw bytes as a binary message instead.
     inject: tokio::sync::mpsc::Sender<Vec<u8>>,
     /// Stops reading the tunnel at all (the WebSocket, and so the TCP socket).
     stop_reading: tokio_util::sync::CancellationToken,
@@ -296,20 +294,30 @@ struct Relayed {
     ended: tokio_util::sync::CancellationToken,
 }
 
-/// Sends `hello` as the daemon's first message on `ws`, then runs an HTTP/2 server for the
-/// relay's first session that answers every path with an empty model list. The server's
-/// bytes flow once the relay has opened the session. Returns the controls.
+/// The fake daemon's answer to the requests in one message from the relay: a 200 with an
+/// empty model list on each stream a request head opened.
+fn answers(message: Bytes) -> Option<Bytes> {
+    use cloudllm_tunnel::mux::frame::{self, Frame};
+    let mut out = bytes::BytesMut::new();
+    for frame in frame::Frames::new(message) {
+        if let Ok(Frame::Request { id, .. }) = frame {
+            frame::put_response(
+                &mut out,
+                id,
+                http::StatusCode::OK,
+                &http::HeaderMap::new(),
+                false,
+            )
+            .unwrap();
+            frame::put_data(&mut out, id, br#"{"models":[]}"#, true);
+        }
+    }
+    (!out.is_empty()).then(|| out.freeze())
+}
+
+/// Sends `hello` as the daemon's first message on `ws`, then answers the relay's requests
+/// (see [`answers`]) until told otherwise. Returns the controls.
 fn serve_over(ws: WebSocketStream<TcpStream>, hello: Message) -> Relayed {
-    let (server_io, pump_io) = tokio::io::duplex(64 * 1024);
-    let service = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| {
-        let body = Bytes::from_static(br#"{"models":[]}"#);
-        async move { Ok::<_, Infallible>(http::Response::new(Full::new(body))) }
-    });
-    tokio::spawn(async move {
-        let _ = cloudllm_tunnel::h2_server(cloudllm_tunnel::Liveness::default())
-            .serve_connection(hyper_util::rt::TokioIo::new(server_io), service)
-            .await;
-    });
     let (say, mut said) = tokio::sync::mpsc::channel::<String>(4);
     let (inject, mut injected) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let stop_reading = tokio_util::sync::CancellationToken::new();
@@ -322,19 +330,12 @@ fn serve_over(ws: WebSocketStream<TcpStream>, hello: Message) -> Relayed {
         if sink.send(hello).await.is_err() {
             return;
         }
-        let (mut from_server, mut to_server) = tokio::io::split(pump_io);
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut forwarding = true;
-        let mut session_open = false;
+        let mut answering = true;
         loop {
             tokio::select! {
-                read = from_server.read(&mut buf), if forwarding && session_open => match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => if sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() { return },
-                },
                 bytes = injected.recv() => match bytes {
                     Some(bytes) => {
-                        forwarding = false;
+                        answering = false;
                         if sink.send(Message::Binary(bytes.into())).await.is_err() { return }
                     }
                     None => return,
@@ -345,8 +346,11 @@ fn serve_over(ws: WebSocketStream<TcpStream>, hello: Message) -> Relayed {
                 },
                 message = stream.next(), if !stop.is_cancelled() => match message {
                     Some(Ok(Message::Binary(data))) => {
-                        session_open = true;
-                        if to_server.write_all(&data).await.is_err() { return }
+                        if let Some(answer) = answers(data).filter(|_| answering)
+                            && sink.send(Message::Binary(answer)).await.is_err()
+                        {
+                            return;
+                        }
                     }
                     Some(Ok(_)) => {}
                     None | Some(Err(_)) => return,
@@ -376,21 +380,23 @@ fn good_hello() -> Message {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_that_turns_to_invalid_http2_is_dropped() {
+async fn a_daemon_that_turns_to_invalid_frames_is_dropped() {
     let stack = Stack::with_relay_config(hostile_config()).await;
     for garbage in [
-        // A frame header announcing 16 MiB, over any frame size the relay allows.
-        vec![0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01],
-        // A SETTINGS frame on a stream (must be stream 0), with a bad length.
+        // A data frame announcing 16 MiB in a message of nine bytes.
+        vec![0, 0, 0, 1, 3, 0x01, 0, 0, 0],
+        // A window frame granting nothing.
+        vec![0, 0, 0, 1, 5, 0, 0, 0, 4, 0, 0, 0, 0],
+        // A request head sent to the relay, which only sends them.
         vec![
-            0x00, 0x00, 0x05, 0x04, 0x00, 0x00, 0x00, 0x00, 0x03, 1, 2, 3, 4, 5,
+            0, 0, 0, 9, 1, 0, 0, 0, 10, 0, 3, b'G', b'E', b'T', 0, 1, b'/', 0, 0,
         ],
         noise(7, 2000),
     ] {
         let ws = dial_tunnel(&stack, "mallory").await;
         let relayed = serve_over(ws, good_hello());
         stack.relay.wait_for_devices("mallory", 1).await;
-        // A request opens the tunnel's HTTP/2 session, which works; then the daemon turns.
+        // A request opens the tunnel's session, which works; then the daemon turns.
         let response = stack.relay.get_as("mallory", "/api/tags").await;
         assert_eq!(response.status(), 200);
         alice_is_served(&stack).await;
@@ -399,7 +405,7 @@ async fn a_daemon_that_turns_to_invalid_http2_is_dropped() {
         no_device_left(&stack, "mallory").await;
         timeout(CLOSE_BOUND, relayed.ended.cancelled())
             .await
-            .expect("the relay kept a tunnel speaking invalid HTTP/2 open");
+            .expect("the relay kept a tunnel sending invalid frames open");
         assert!(started.elapsed() < CLOSE_BOUND);
         alice_is_served(&stack).await;
     }
@@ -443,7 +449,7 @@ async fn a_daemon_that_never_reads_is_dropped_and_its_requests_fail_in_time() {
     let ws = dial_tunnel(&stack, "mallory").await;
     let relayed = serve_over(ws, good_hello());
     stack.relay.wait_for_devices("mallory", 1).await;
-    // The daemon stops reading its socket: no pongs, no HTTP/2, nothing.
+    // The daemon stops reading its socket: no pongs, no answers, nothing.
     relayed.stop_reading.cancel();
     // A request to it meanwhile ends (502) instead of hanging.
     let started = Instant::now();

@@ -2,20 +2,23 @@
 //!
 //! A tunnel is one WebSocket connection, dialled out by the daemon ([`Link`]). Its text
 //! messages carry control messages ([`cloudllm_proto::Control`]); its binary messages carry
-//! HTTP/2 sessions, one at a time, which the relay opens when a request comes and closes when
-//! the device has been idle a while: the relay is the HTTP/2 client and the daemon the server,
-//! one stream per user request. HTTP/2 (hyper's) gives multiplexing, per-stream flow control,
-//! cancellation in both directions and PING liveness; an idle tunnel holds no HTTP/2 state at
-//! all, only its WebSocket. This crate supplies the link, a session's byte stream ([`WsIo`]),
-//! the daemon's session loop ([`server::serve`]), the HTTP/2 settings both ends must use
-//! ([`h2_client`], [`h2_server`]), the merging of token bursts into large frames
-//! ([`coalesce`]), the relay's read-ahead for its small WebSocket reads ([`ReadAhead`]), and the
-//! bounded reading of whole bodies from the network that relay and daemon share ([`body`]).
+//! sessions, one at a time, which the relay opens when a request comes and closes when the
+//! device has been idle a while. A session is the tunnel's own multiplexer ([`mux`]): the relay
+//! opens one stream per user request and the daemon answers it, with per-stream flow control
+//! and cancellation both ways; liveness is the link's own WebSocket pings and silence bound. An
+//! idle tunnel holds no session state at all, only its WebSocket. This crate supplies the link,
+//! the multiplexer, the daemon's session loop ([`server::serve`]), the merging of token bursts
+//! into large frames ([`coalesce`]), the relay's read-ahead for its small WebSocket reads
+//! ([`ReadAhead`]), the bounded reading of whole bodies from the network that relay and daemon
+//! share ([`body`]), header hygiene at each hop ([`headers`]), and the HTTP/2 settings of the
+//! relay cluster's node-to-node connections ([`h2_client`], [`h2_server`]: HTTP/2 over TCP
+//! between relay nodes, not inside the tunnel).
 
 pub mod body;
 pub mod coalesce;
 pub mod headers;
 mod link;
+pub mod mux;
 mod read_ahead;
 pub mod server;
 mod ws_io;
@@ -136,4 +139,12 @@ pub fn h2_server(liveness: Liveness) -> hyper::server::conn::http2::Builder<Toki
         .keep_alive_interval(liveness.ping_interval)
         .keep_alive_timeout(liveness.timeout);
     builder
+}
+
+/// Locks `mutex`, also after a holder panicked: every change under the tunnel's locks is one
+/// short step, so a panicking holder cannot leave a half-made change.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

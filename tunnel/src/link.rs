@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::Liveness;
+use crate::{Liveness, lock};
 
 /// What [`Link::next`] found on the tunnel.
 #[derive(Debug)]
@@ -367,6 +367,19 @@ where
         Poll::Ready(Ok(()))
     }
 
+    /// Queues `message` as one binary message, once the socket has room.
+    pub(crate) fn poll_send_binary(
+        &mut self,
+        cx: &mut Context<'_>,
+        message: &Bytes,
+    ) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(to_io)?;
+        let message = Message::Binary(message.clone());
+        Pin::new(&mut self.ws).start_send(message).map_err(to_io)?;
+        self.unflushed = true;
+        Poll::Ready(Ok(()))
+    }
+
     /// Flushes everything queued on the socket.
     pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(Pin::new(&mut self.ws).poll_flush(cx)).map_err(to_io)?;
@@ -399,11 +412,4 @@ impl Outbox {
         drop(queue);
         self.shared.waker.wake();
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every update is one push or pop: a panicking holder cannot leave a half-made change.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

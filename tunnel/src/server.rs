@@ -1,25 +1,23 @@
-//! The daemon's end of a tunnel: answer each HTTP/2 session the relay opens, for as long as
-//! the link lives.
+//! The daemon's end of a tunnel: answer each session the relay opens, for as long as the link
+//! lives.
 //!
-//! The relay opens a session by sending its first bytes (the HTTP/2 preface) on an idle link;
-//! this end then serves HTTP/2 on it with [`h2_server`](crate::h2_server) until the session's
-//! connection ends, tells the peer with [`Link::end_session`], and waits for the next one.
+//! The relay opens a session by sending its first message (a request) on an idle link; this
+//! end then serves it with [`mux::server::serve_session`](crate::mux::server::serve_session)
+//! until the relay ends it, tells the peer with [`Link::end_session`], and waits for the next
+//! one.
 
 use std::error::Error as StdError;
-use std::io;
 
-use bytes::Bytes;
-use hyper::body::{Body, Incoming as IncomingBody};
-use hyper::rt::bounds::Http2ServerConnExec;
-use hyper::server::conn::http2;
-use hyper::service::HttpService;
-use hyper_util::rt::TokioIo;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::service::Service;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
 
+use crate::ControlHandler;
 use crate::link::{Incoming, Link};
-use crate::{ControlHandler, WsIo};
+use crate::mux::{BoxError, RecvBody};
 
 /// What the relay tells this end, as cancelled tokens: the daemon's control handler.
 #[derive(Clone, Default)]
@@ -56,22 +54,20 @@ pub enum Served<S> {
     Failed(Box<dyn StdError + Send + Sync>),
 }
 
-/// Serves every HTTP/2 session the peer opens on `link` with `service`, until the WebSocket
-/// closes or fails, or `stop` is cancelled. On `stop`, a session in flight gets a GOAWAY and
-/// its streams run to their end: bound the wait by dropping this future.
+/// Serves every session the peer opens on `link` with `service`, until the WebSocket closes or
+/// fails, or `stop` is cancelled. On `stop`, a session in flight refuses new requests and its
+/// requests in flight run to their end: bound the wait by dropping this future.
 pub async fn serve<S, Svc, B>(
     mut link: Link<S>,
-    builder: &http2::Builder<hyper_util::rt::TokioExecutor>,
     service: Svc,
     stop: &CancellationToken,
 ) -> Served<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Svc: HttpService<IncomingBody, ResBody = B> + Clone,
-    Svc::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-    hyper_util::rt::TokioExecutor: Http2ServerConnExec<Svc::Future, B>,
+    S: AsyncRead + AsyncWrite + Unpin,
+    Svc: Service<Request<RecvBody>, Response = Response<B>>,
+    Svc::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
 {
     loop {
         let first = tokio::select! {
@@ -85,15 +81,12 @@ where
             },
             () = stop.cancelled() => return Served::Stopped(Box::new(link)),
         };
-        let (returned, result) = session(link, first, builder, service.clone(), stop).await;
-        let Ok(returned) = returned else {
-            return Served::Failed("an HTTP/2 session lost the tunnel's link".into());
-        };
-        link = returned.link;
+        let ended = crate::mux::server::serve_session(link, first, &service, stop).await;
+        link = ended.link;
         if link.is_closed() {
             return Served::Closed(link.peer_close().cloned());
         }
-        if let Err(err) = result {
+        if let Err(err) = ended.result {
             return Served::Failed(err.into());
         }
         if stop.is_cancelled() {
@@ -101,45 +94,10 @@ where
             let _ = link.send(&cloudllm_proto::Control::SessionEnd).await;
             return Served::Stopped(Box::new(link));
         }
-        if let Err(err) = link.end_session(returned.peer_ended).await {
+        if let Err(err) = link.end_session(ended.peer_ended).await {
             return Served::Failed(err.into());
         }
     }
-}
-
-/// Runs one session to its end; returns the link (through the session stream's drop) and how
-/// the HTTP/2 connection ended.
-async fn session<S, Svc, B>(
-    link: Link<S>,
-    first: Bytes,
-    builder: &http2::Builder<hyper_util::rt::TokioExecutor>,
-    service: Svc,
-    stop: &CancellationToken,
-) -> (
-    Result<crate::ws_io::Returned<S>, tokio::sync::oneshot::error::RecvError>,
-    Result<(), io::Error>,
-)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Svc: HttpService<IncomingBody, ResBody = B>,
-    Svc::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-    hyper_util::rt::TokioExecutor: Http2ServerConnExec<Svc::Future, B>,
-{
-    let (io, back) = WsIo::lend(link, first);
-    let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service));
-    let ended = tokio::select! {
-        ended = connection.as_mut() => ended,
-        () = stop.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.as_mut().await
-        }
-    };
-    // Dropping the connection drops the stream, which sends the link back.
-    drop(connection);
-    let result = ended.map_err(|err| io::Error::other(with_causes(&err)));
-    (back.await, result)
 }
 
 /// `err` and its causes, `: `-separated. hyper's errors print only their own kind
@@ -161,6 +119,8 @@ pub fn with_causes(err: &dyn StdError) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
 
     #[derive(Debug, thiserror::Error)]

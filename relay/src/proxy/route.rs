@@ -317,13 +317,12 @@ pub(super) async fn forward_to(
     };
     let (mut request, watch) = outgoing(req, request_id, cap, received, sniff_model);
     *request.uri_mut() = uri;
-    *request.version_mut() = http::Version::HTTP_2;
 
     let in_flight = device.begin_request();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let sent = match device.sender().await {
-        Ok(mut sender) => sender
+        Ok(sender) => sender
             .send_request(request)
             .await
             .map_err(|err| err.to_string()),

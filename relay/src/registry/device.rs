@@ -10,8 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
-use hyper::client::conn::http2::SendRequest;
+use cloudllm_tunnel::mux::client::Client;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +34,7 @@ pub struct Device {
     pub tunnel_id: u64,
     /// The HTTP/2 session open on the tunnel, if any. Holding it keeps the session open; the
     /// tunnel task puts it here and takes it away (see [`crate::tunnel`]).
-    session: Mutex<Option<SendRequest<Body>>>,
+    session: Mutex<Option<Client>>,
     /// Wakes the tunnel task: a request is waiting for a session.
     wanted: Notify,
     /// Requests waiting for a session.
@@ -112,7 +111,7 @@ impl Device {
 
     /// A handle to send requests on this tunnel's HTTP/2 session, once one is open: the
     /// tunnel task opens one on demand.
-    pub async fn sender(&self) -> Result<SendRequest<Body>, Offline> {
+    pub async fn sender(&self) -> Result<Client, Offline> {
         // The common case, a session already open, takes one lock and no waiting list.
         if let Some(session) = self.open_sender() {
             return Ok(session);
@@ -139,7 +138,7 @@ impl Device {
     }
 
     /// The open session's handle, unless there is none or its connection has ended.
-    fn open_sender(&self) -> Option<SendRequest<Body>> {
+    fn open_sender(&self) -> Option<Client> {
         lock(&self.session)
             .as_ref()
             .filter(|s| !s.is_closed())
@@ -159,7 +158,7 @@ impl Device {
     }
 
     /// Makes `session` the one requests use (for the tunnel task).
-    pub fn open_session(&self, session: SendRequest<Body>) {
+    pub fn open_session(&self, session: Client) {
         *lock(&self.session) = Some(session);
         self.opened.notify_waiters();
     }

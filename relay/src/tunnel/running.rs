@@ -14,10 +14,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use bytes::Bytes;
 use cloudllm_proto::{self as proto, Control};
-use cloudllm_tunnel::{Incoming, Outbox, Returned, WsIo};
+use cloudllm_tunnel::mux::Ended;
+use cloudllm_tunnel::mux::client::Cut;
+use cloudllm_tunnel::{Incoming, Outbox};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{debug, info, warn};
@@ -215,17 +215,13 @@ async fn session(
     expiry: tokio::time::Instant,
 ) -> Result<Option<TunnelLink>, Stop> {
     let outbox = link.outbox();
-    let (io, back) = WsIo::lend(link, Bytes::new());
-    let (sender, connection) = cloudllm_tunnel::h2_client(state.config.liveness())
-        .handshake::<_, Body>(TokioIo::new(io))
-        .await
-        .map_err(|err| Stop::Failed(anyhow::Error::new(err).context("HTTP/2 handshake")))?;
+    let (sender, cut, connection) = cloudllm_tunnel::mux::client::connect(link);
     let mut connection = tokio::spawn(connection);
     device.open_session(sender);
     let _open = state.metrics.session_open();
     debug!("session open");
     let mut drained = None;
-    let mut cut = false;
+    let mut cut_short = false;
     let ended = loop {
         tokio::select! {
             ended = &mut connection => break ended,
@@ -237,28 +233,30 @@ async fn session(
                 state.registry.remove(device);
                 let deadline = reason.deadline(state, expiry);
                 drained = Some((reason, deadline));
-                match drain_session(state, device, &outbox, &mut connection, reason, deadline).await {
-                    Some(ended) => break ended,
-                    None => {
-                        cut = true;
-                        break Ok(Ok(()));
-                    }
-                }
+                let (ended, was_cut) =
+                    drain_session(state, device, &outbox, &mut connection, &cut, reason, deadline).await;
+                cut_short = was_cut;
+                break ended;
             }
         }
     };
-    // However the session ended, its handle goes too (it holds hyper's request queue).
+    // However the session ended, its handle goes too.
     device.close_session();
-    let Ok(Returned { link, peer_ended }) = back.await else {
+    let Ok(Ended {
+        link,
+        peer_ended,
+        result,
+    }) = ended
+    else {
         return Err(Stop::Failed(anyhow::anyhow!(
-            "HTTP/2 session lost the tunnel's link"
+            "the tunnel session's task failed"
         )));
     };
     debug!("session closed");
     state.trimmer.freed();
     if let Some((reason, deadline)) = drained {
         let mut link = link;
-        if !cut && !link.is_closed() {
+        if !cut_short && !link.is_closed() {
             // Ended as after an idle period: the daemon's session ends now instead of waiting
             // for a peer that has gone (until its HTTP/2 keepalive gives up), and the daemon,
             // idle again, reads the close that follows as the end of the tunnel rather than of
@@ -272,14 +270,10 @@ async fn session(
     if link.is_closed() {
         return Ok(None);
     }
-    match ended {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            return Err(Stop::Failed(
-                anyhow::Error::new(err).context("tunnel session"),
-            ));
-        }
-        Err(err) => return Err(Stop::Failed(anyhow::anyhow!("tunnel session task: {err}"))),
+    if let Err(err) = result {
+        return Err(Stop::Failed(
+            anyhow::Error::new(err).context("tunnel session"),
+        ));
     }
     let mut link = link;
     link.end_session(peer_ended)
@@ -308,32 +302,33 @@ impl Drop for Disconnect {
     }
 }
 
-/// The task running a tunnel's HTTP/2 session.
-type Connection = tokio::task::JoinHandle<hyper::Result<()>>;
+/// The task running a tunnel's session.
+type Connection = tokio::task::JoinHandle<Ended<super::TunnelIo>>;
 
 /// Drains a tunnel with a session open: asks the daemon to drain unless the tunnel was
 /// replaced (a drained daemon dials again at once; a replaced one must not), lets go of the
 /// session (no new requests reach the device: it has already left the registry), and gives
 /// in-flight streams until `deadline` to finish before cutting the session. Relay shutdown
-/// shortens a replaced tunnel's wait to the shutdown grace. `None` if the session was cut.
+/// shortens a replaced tunnel's wait to the shutdown grace. Returns how the session ended and
+/// whether it was cut.
 async fn drain_session(
     state: &AppState,
     device: &Device,
     outbox: &Outbox,
     connection: &mut Connection,
+    cut: &Cut,
     reason: Drain,
     mut deadline: tokio::time::Instant,
-) -> Option<Result<hyper::Result<()>, tokio::task::JoinError>> {
+) -> (Result<Ended<super::TunnelIo>, tokio::task::JoinError>, bool) {
     if !matches!(reason, Drain::Replaced) {
-        // The session's stream holds the link; the link's outbox reaches the daemon all the
-        // same.
+        // The session holds the link; the link's outbox reaches the daemon all the same.
         outbox.push(Control::Drain);
     }
     device.close_session();
     let mut shutdown_seen = matches!(reason, Drain::Shutdown);
     loop {
         tokio::select! {
-            ended = &mut *connection => return Some(ended),
+            ended = &mut *connection => return (ended, false),
             () = tokio::time::sleep_until(deadline) => break,
             () = state.shutdown.cancelled(), if !shutdown_seen => {
                 shutdown_seen = true;
@@ -342,10 +337,8 @@ async fn drain_session(
         }
     }
     warn!("tunnel still busy after the grace period: cut");
-    connection.abort();
-    // The aborted task drops the session, which sends the link back.
-    let _ = connection.await;
-    None
+    cut.cut();
+    (connection.await, true)
 }
 
 /// Ends an idle tunnel the relay no longer serves: closes a replaced one at once with

@@ -1,0 +1,208 @@
+//! The multiplexer end to end over an in-memory WebSocket: a relay-side client and a
+//! daemon-side session, with handlers that stream, stall and notice being dropped.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio::io::DuplexStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{Client, connect};
+use super::{Error, Reason, RecvBody};
+use crate::{Link, Liveness, STREAM_WINDOW};
+
+type Handler = Arc<dyn Fn(Request<RecvBody>) -> Response<AnyBody> + Send + Sync>;
+type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// A client whose requests a session answers with `handler`; `stop` drains the session.
+async fn session(handler: Handler, stop: CancellationToken) -> Client {
+    let (relay_end, daemon_end) = tokio::io::duplex(256 * 1024);
+    let relay_ws = WebSocketStream::from_raw_socket(relay_end, Role::Server, None).await;
+    let daemon_ws = WebSocketStream::from_raw_socket(daemon_end, Role::Client, None).await;
+    let daemon: Link<DuplexStream> = Link::new(daemon_ws, Liveness::default(), Box::new(|_| {}));
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |req| {
+            let response = handler(req);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let _ = crate::server::serve(daemon, service, &stop).await;
+    });
+    let relay = Link::new(relay_ws, Liveness::default(), Box::new(|_| {}));
+    let (client, _cut, connection) = connect(relay);
+    tokio::spawn(connection);
+    client
+}
+
+fn full(bytes: impl Into<Bytes>) -> AnyBody {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+/// A body of `chunks` chunks of `size` bytes, counting in `sent` how many the session took.
+fn counted(chunks: usize, size: usize, sent: Arc<AtomicUsize>) -> AnyBody {
+    let stream = futures_util::stream::iter(0..chunks).map(move |_| {
+        sent.fetch_add(size, Ordering::SeqCst);
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'x'; size])))
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+#[tokio::test]
+async fn bodies_larger_than_the_window_cross_whole_both_ways() {
+    let echo: Handler = Arc::new(|req: Request<RecvBody>| {
+        let (stream_tx, stream_rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut body = req.into_body();
+            while let Some(frame) = body.frame().await {
+                let data = frame.unwrap().into_data().unwrap();
+                let _ = stream_tx.send(Ok(http_body::Frame::data(data))).await;
+            }
+        });
+        let stream = tokio_stream_from(stream_rx);
+        Response::new(StreamBody::new(stream).boxed_unsync())
+    });
+    let client = session(echo, CancellationToken::new()).await;
+    let sent: Vec<u8> = (0..5 * STREAM_WINDOW as usize)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let response = client
+        .send_request(
+            Request::post("/api/chat")
+                .body(Full::new(Bytes::from(sent.clone())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let got = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "the echoed body differs");
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, Infallible>>,
+) -> impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, Infallible>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn a_stalled_reader_holds_one_window_and_stops_only_its_stream() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let handler: Handler = Arc::new(move |req: Request<RecvBody>| {
+        if req.uri().path() == "/big" {
+            Response::new(counted(1000, 1024, counter.clone()))
+        } else {
+            Response::new(full("small"))
+        }
+    });
+    let client = session(handler, CancellationToken::new()).await;
+    // Its head is read, its body never.
+    let stalled = client
+        .send_request(Request::get("/big").body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let small = client
+            .send_request(
+                Request::get("/small")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = small.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "small");
+    }
+    // The daemon's side took at most a window (plus the chunk in hand) of the stalled body.
+    let taken = sent.load(Ordering::SeqCst);
+    assert!(
+        taken <= STREAM_WINDOW as usize + 2 * 1024,
+        "{taken} bytes taken for a reader that reads nothing"
+    );
+    // Once read, the rest flows.
+    let got = stalled.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got.len(), 1000 * 1024);
+}
+
+#[tokio::test]
+async fn dropping_the_response_body_stops_the_handlers_body() {
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+    let dropped_tx = Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let handler: Handler = Arc::new(move |_req| {
+        // An endless body that reports when it is dropped.
+        struct Guard(Option<tokio::sync::oneshot::Sender<()>>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                if let Some(tx) = self.0.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        let guard = Guard(dropped_tx.lock().unwrap().take());
+        let stream = futures_util::stream::unfold(guard, |guard| async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Some((
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"token\n"))),
+                guard,
+            ))
+        });
+        Response::new(StreamBody::new(stream).boxed_unsync())
+    });
+    let client = session(handler, CancellationToken::new()).await;
+    let response = client
+        .send_request(
+            Request::post("/api/generate")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "token\n");
+    drop(body);
+    tokio::time::timeout(Duration::from_secs(5), dropped_rx)
+        .await
+        .expect("the handler's body was not dropped after the caller went away")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_draining_session_refuses_new_requests_and_finishes_those_in_flight() {
+    let stop = CancellationToken::new();
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let handler: Handler = Arc::new(move |_req| {
+        let mut release = release_rx.clone();
+        let stream = futures_util::stream::once(async move {
+            let _ = release.wait_for(|r| *r).await;
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"done")))
+        });
+        Response::new(StreamBody::new(stream).boxed_unsync())
+    });
+    let client = session(handler, stop.clone()).await;
+    let in_flight = client
+        .send_request(Request::get("/slow").body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    stop.cancel();
+    let refused = client
+        .send_request(Request::get("/new").body(Full::new(Bytes::new())).unwrap())
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::Reset(Reason::Refused)) | Err(Error::Closed(_))
+        ),
+        "{refused:?}"
+    );
+    release_tx.send(true).unwrap();
+    let body = in_flight.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "done");
+}
