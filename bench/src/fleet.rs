@@ -4,7 +4,7 @@
 //! directories and Ollama health checks; the relay sees none of that. A fleet device is the
 //! daemon's tunnel and nothing else, built from the same parts: a WebSocket dialled with the
 //! agent token and device headers ([`cloudllm_tunnel::ws_config`]), the hello, the relay's
-//! HTTP/2 sessions served with [`cloudllm_tunnel::server::serve`] and
+//! sessions served with [`cloudllm_tunnel::server::serve`] and
 //! [`cloudllm_tunnel::h2_server`], and the daemon's own reconnect policy
 //! ([`cloudllm_daemon::backoff::Backoff`], full jitter): redial at once after a drain, after a
 //! random delay otherwise. There is no Ollama behind it: it answers `/api/version` itself (so
@@ -186,7 +186,7 @@ fn tunnel_request(device: &Device) -> anyhow::Result<tungstenite::handshake::cli
 /// Response body of a fleet device.
 type FleetBody = BoxBody<Bytes, Infallible>;
 
-/// Serves one tunnel until it ends: hello, then the relay's HTTP/2 sessions.
+/// Serves one tunnel until it ends: hello, then the relay's sessions.
 async fn serve(
     mut ws: WebSocketStream<TcpStream>,
     stats: &Stats,

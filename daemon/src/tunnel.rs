@@ -1,4 +1,4 @@
-//! The daemon's end of the tunnel: dial the relay, serve HTTP/2 over the WebSocket, and
+//! The daemon's end of the tunnel: dial the relay, serve the sessions the relay opens on the WebSocket, and
 //! redial for ever with backoff, reporting each step in the daemon's [`State`].
 //!
 //! A tunnel ends in one of five ways: the relay asked it to drain (it is restarting), or the
@@ -204,7 +204,7 @@ pub async fn run(
     }
 }
 
-/// Serves one established WebSocket until it ends: says hello, then answers the HTTP/2
+/// Serves one established WebSocket until it ends: says hello, then answers the
 /// sessions the relay opens, and keeps the relay's view of this device's models current.
 async fn serve(
     mut ws: tokio_tungstenite::WebSocketStream<Box<dyn dial::Stream>>,
@@ -280,7 +280,7 @@ async fn serve(
             () = stop.retire.cancelled(), if !closing.is_cancelled() => closing.cancel(),
         }
         if closing.is_cancelled() {
-            // GOAWAY: no new streams; the ones in flight finish within the limit.
+            // Draining: new requests are refused; the ones in flight finish within the limit.
             let grace = config.shutdown_grace;
             let limit = if stop.retire.is_cancelled() && !stop.now.is_cancelled() {
                 RETIRE_DRAIN

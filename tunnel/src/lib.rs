@@ -31,25 +31,27 @@ pub use link::{ControlHandler, Incoming, Link, Outbox};
 pub use read_ahead::{READ_AHEAD, ReadAhead};
 pub use ws_io::{Returned, WsIo};
 
-/// Per-stream HTTP/2 flow-control window: 64 KiB. With hyper's larger defaults, many streams of
-/// small NDJSON chunks make h2 answer `GOAWAY(ENHANCE_YOUR_CALM, too_many_data_frames)` and kill
-/// every stream of the tunnel; 64 KiB per stream with a large connection window was measured to
-/// survive it, stalled readers included.
+/// Per-stream flow-control window, in each direction: 64 KiB. A stream's reader grants more as it
+/// consumes (see [`mux`]), so a reader that stalls holds at most this much. Also the per-stream
+/// window of the cluster's node-to-node HTTP/2, where hyper's larger defaults made h2 answer
+/// `GOAWAY(ENHANCE_YOUR_CALM, too_many_data_frames)` under many streams of small chunks.
 pub const STREAM_WINDOW: u32 = 64 * 1024;
 
-/// Connection-wide HTTP/2 window: 64 MiB, so that a few stalled readers (each holding at most
-/// [`STREAM_WINDOW`]) can never exhaust the connection window and block the other streams.
+/// Connection-wide window of the cluster's node-to-node HTTP/2: 64 MiB, so that a few stalled
+/// readers (each holding at most [`STREAM_WINDOW`]) can never exhaust it and block the other
+/// streams.
 pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
-/// Most concurrent streams (user requests) one tunnel carries. The daemon announces it; the
-/// relay queues nothing past it (hyper waits for a free slot).
+/// Most concurrent streams (user requests) one tunnel session carries: the relay answers a
+/// request past it with an error, the daemon refuses one. Tier concurrency limits normally
+/// stop a user well before.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 /// Largest header block accepted on the tunnel, in bytes: far above any real request, far
 /// below what would let a peer make us buffer without end.
 pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
-/// Largest WebSocket message we send: one full HTTP/2 frame (16 KiB of payload and its 9-byte
+/// Largest WebSocket message we send: one full data frame (16 KiB of payload and its 9-byte
 /// header), so a merged 16 KiB chunk of tokens crosses as one message. Bigger messages add
 /// latency for the streams queued behind them; smaller ones add per-message overhead.
 pub const MAX_WS_MESSAGE_OUT: usize = 16 * 1024 + 9;
@@ -73,7 +75,7 @@ pub const DAEMON_WS_READ_BUFFER: usize = 8 * 1024;
 /// How each end finds out that its peer is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Liveness {
-    /// How often to send a WebSocket ping (and an HTTP/2 PING while a session is open).
+    /// How often to send a WebSocket ping (and, between relay nodes, an HTTP/2 PING).
     pub ping_interval: Duration,
     /// How long a PING may go unanswered (and the socket stay silent after the last ping was
     /// due) before the peer is declared dead.
@@ -110,7 +112,7 @@ pub fn ws_config(read_buffer: usize) -> tokio_tungstenite::tungstenite::protocol
         .max_frame_size(Some(MAX_WS_MESSAGE_IN))
 }
 
-/// The relay's end: an HTTP/2 client builder with the tunnel's windows and PING liveness.
+/// An HTTP/2 client builder for node-to-node forwarding, with these windows and PING liveness.
 pub fn h2_client(liveness: Liveness) -> hyper::client::conn::http2::Builder<TokioExecutor> {
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -125,7 +127,7 @@ pub fn h2_client(liveness: Liveness) -> hyper::client::conn::http2::Builder<Toki
     builder
 }
 
-/// The daemon's end: an HTTP/2 server builder with the tunnel's windows, stream limit and PING
+/// An HTTP/2 server builder for node-to-node forwarding, with these windows, stream limit and PING
 /// liveness.
 pub fn h2_server(liveness: Liveness) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

@@ -1,6 +1,6 @@
-//! [`Link`]: the tunnel's WebSocket, kept alive, carrying control messages and HTTP/2 sessions.
+//! [`Link`]: the tunnel's WebSocket, kept alive, carrying control messages and sessions.
 //!
-//! A link outlives the HTTP/2 sessions it carries. While no session runs, its owner (the
+//! A link outlives the sessions it carries. While no session runs, its owner (the
 //! tunnel task at either end) reads it with [`Link::next`]; while one runs, it is lent to the
 //! session's [`WsIo`](crate::WsIo). Either way the link itself:
 //! - sends a WebSocket ping every interval and fails when nothing at all has arrived from the
@@ -35,9 +35,9 @@ use crate::{Liveness, lock};
 /// What [`Link::next`] found on the tunnel.
 #[derive(Debug)]
 pub enum Incoming {
-    /// Bytes of an HTTP/2 session (a binary message).
+    /// Bytes of a session (a binary message).
     Data(Bytes),
-    /// The peer's [`Control::SessionEnd`]: its HTTP/2 session is over.
+    /// The peer's [`Control::SessionEnd`]: its session is over.
     SessionEnd,
     /// The WebSocket has closed (see [`Link::peer_close`]).
     Closed,
@@ -190,7 +190,7 @@ where
         .await;
     }
 
-    /// Ends this end's part of an HTTP/2 session whose connection is gone: tells the peer,
+    /// Ends this end's part of a session whose connection is gone: tells the peer,
     /// then (unless `peer_ended`) waits for the peer to say the same, dropping the ended
     /// session's last bytes. Afterwards the link is idle. A peer that does not answer within
     /// the liveness bound is an error.

@@ -45,7 +45,7 @@ impl RelaySignals {
 
 /// How [`serve`] ended.
 pub enum Served<S> {
-    /// `stop` was cancelled: the session in flight (if any) finished after a GOAWAY. The link
+    /// `stop` was cancelled: the session in flight (if any) finished after new requests were refused. The link
     /// is idle and still open; close it with the reason.
     Stopped(Box<Link<S>>),
     /// The peer closed the WebSocket, with this close frame if it sent one.

@@ -1,4 +1,4 @@
-//! One connected device: its tunnel's HTTP/2 session (opened on demand), its requests in
+//! One connected device: its tunnel's session (opened on demand), its requests in
 //! flight, its model list, and whether it is still the device's live tunnel.
 //!
 //! Requests and the tunnel task meet here. A request asks for a session and waits (at most
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lock;
 
-/// Longest a request waits for its device's tunnel to open an HTTP/2 session: the session
+/// Longest a request waits for its device's tunnel to open a session: the session
 /// starts without a round trip, so only a tunnel that is dying takes this long.
 const SESSION_WAIT: Duration = Duration::from_secs(10);
 
@@ -32,7 +32,7 @@ pub struct Device {
     pub name: String,
     /// Unique per tunnel, so a replaced tunnel never unregisters its successor.
     pub tunnel_id: u64,
-    /// The HTTP/2 session open on the tunnel, if any. Holding it keeps the session open; the
+    /// The session open on the tunnel, if any. Holding it keeps the session open; the
     /// tunnel task puts it here and takes it away (see [`crate::tunnel`]).
     session: Mutex<Option<Client>>,
     /// Wakes the tunnel task: a request is waiting for a session.
@@ -109,7 +109,7 @@ impl Device {
             .any(|m| canonical_model(m) == wanted)
     }
 
-    /// A handle to send requests on this tunnel's HTTP/2 session, once one is open: the
+    /// A handle to send requests on this tunnel's session, once one is open: the
     /// tunnel task opens one on demand.
     pub async fn sender(&self) -> Result<Client, Offline> {
         // The common case, a session already open, takes one lock and no waiting list.

@@ -1,11 +1,11 @@
-//! A registered tunnel's life: idle as a bare WebSocket, an HTTP/2 session while requests
+//! A registered tunnel's life: idle as a bare WebSocket, a session while requests
 //! flow, and its end — closed by the daemon, or drained by the relay.
 //!
-//! An idle tunnel holds only its WebSocket: the HTTP/2 session (hyper's client, with its
+//! An idle tunnel holds only its WebSocket: the session (its multiplexer state, with its
 //! buffers and tables) opens when a request comes and closes after `session_idle` without
 //! requests. A tunnel lives no longer than its agent token: once the token's `exp` plus
 //! `token_grace` has passed, the device leaves the registry and the tunnel is drained. On relay
-//! shutdown each tunnel is drained too: the daemon sends GOAWAY, lets in-flight streams finish
+//! shutdown each tunnel is drained too: the daemon refuses new requests, lets in-flight streams finish
 //! and reconnects (to the next relay, or with a fresh token) at once. A tunnel replaced by a
 //! newer one with the same device id lets its requests finish (within [`REPLACED_GRACE`]) and
 //! is closed with [`proto::CLOSE_REPLACED`], which tells its daemon not to dial again by itself.
@@ -147,7 +147,7 @@ enum Served {
 }
 
 /// Serves a registered device's tunnel: idle (its WebSocket only) until a request for the
-/// device comes; then an HTTP/2 session, which serves every request until the device has had
+/// device comes; then a session, which serves every request until the device has had
 /// none for `session_idle`; then idle again.
 async fn serve(
     state: &AppState,
@@ -204,7 +204,7 @@ enum Stop {
     Drained(Drain, tokio::time::Instant, Box<TunnelLink>),
 }
 
-/// Runs one HTTP/2 session on `link` for the requests waiting and those that follow, until
+/// Runs one session on `link` for the requests waiting and those that follow, until
 /// the device has been idle for `session_idle`. Returns the idle link, or `None` if the
 /// WebSocket closed.
 async fn session(
@@ -258,7 +258,7 @@ async fn session(
         let mut link = link;
         if !cut_short && !link.is_closed() {
             // Ended as after an idle period: the daemon's session ends now instead of waiting
-            // for a peer that has gone (until its HTTP/2 keepalive gives up), and the daemon,
+            // for a peer that has gone (until its silence bound passes), and the daemon,
             // idle again, reads the close that follows as the end of the tunnel rather than of
             // a session gone wrong.
             if let Err(err) = link.end_session(peer_ended).await {
