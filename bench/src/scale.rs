@@ -75,7 +75,7 @@ pub async fn idle_and_storm(
 ) -> anyhow::Result<()> {
     figures.setup.push(format!(
         "idle tunnels: relay = `cloudllm-relay serve` process; devices = fleet tunnels \
-         (WebSocket, hello, HTTP/2 sessions on demand) in the benchmark process, {DEVICES_PER_USER} per \
+         (WebSocket, hello, sessions on demand) in the benchmark process, {DEVICES_PER_USER} per \
          user, dialled {BATCH} at a time; RSS = relay VmRSS after minus before, {SETTLE:?} after \
          the last registered"
     ));

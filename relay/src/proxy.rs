@@ -1,5 +1,5 @@
 //! The user-facing API: `/api/*` (Ollama) and `/v1/*` (OpenAI-compatible), forwarded as one
-//! HTTP/2 stream each to one of the caller's own devices.
+//! tunnel stream each to one of the caller's own devices.
 //!
 //! A request passes [admission](crate::admission) (the address's failure budget, the client
 //! token, the tier) and its tier's request limits here; then

@@ -31,10 +31,9 @@ pub use link::{ControlHandler, Incoming, Link, Outbox};
 pub use read_ahead::{READ_AHEAD, ReadAhead};
 pub use ws_io::{Returned, WsIo};
 
-/// Per-stream flow-control window, in each direction: 64 KiB. A stream's reader grants more as it
-/// consumes (see [`mux`]), so a reader that stalls holds at most this much. Also the per-stream
-/// window of the cluster's node-to-node HTTP/2, where hyper's larger defaults made h2 answer
-/// `GOAWAY(ENHANCE_YOUR_CALM, too_many_data_frames)` under many streams of small chunks.
+/// Per-stream window of the cluster's node-to-node HTTP/2: 64 KiB. With hyper's larger defaults,
+/// many streams of small NDJSON chunks made h2 answer `GOAWAY(ENHANCE_YOUR_CALM,
+/// too_many_data_frames)`. (The tunnel's own window is [`mux::WINDOW`].)
 pub const STREAM_WINDOW: u32 = 64 * 1024;
 
 /// Connection-wide window of the cluster's node-to-node HTTP/2: 64 MiB, so that a few stalled

@@ -310,17 +310,13 @@ pub(super) async fn forward_to(
     sniff_model: bool,
     req: Request,
 ) -> Response {
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uri = match format!("http://tunnel{path}").parse() {
-        Ok(uri) => uri,
-        Err(_) => return api.error(StatusCode::BAD_REQUEST, "malformed request path"),
-    };
-    let (mut request, watch) = outgoing(req, request_id, cap, received, sniff_model);
-    *request.uri_mut() = uri;
-
+    // The tunnel carries the path and query only; hyper has already checked them.
+    let (request, watch) = outgoing(req, request_id, cap, received, sniff_model);
     let in_flight = device.begin_request();
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    // For the debug line only: not copied when it is off.
+    let path = tracing::enabled!(tracing::Level::DEBUG).then(|| request.uri().path().to_owned());
+    let path = path.as_deref().unwrap_or_default();
     let sent = match device.sender().await {
         Ok(sender) => sender
             .send_request(request)

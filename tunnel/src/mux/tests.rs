@@ -15,9 +15,10 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
+use super::WINDOW;
 use super::client::{Client, connect};
 use super::{Error, Reason, RecvBody};
-use crate::{Link, Liveness, STREAM_WINDOW};
+use crate::{Link, Liveness};
 
 type Handler = Arc<dyn Fn(Request<RecvBody>) -> Response<AnyBody> + Send + Sync>;
 type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
@@ -69,9 +70,7 @@ async fn bodies_larger_than_the_window_cross_whole_both_ways() {
         Response::new(StreamBody::new(stream).boxed_unsync())
     });
     let client = session(echo, CancellationToken::new()).await;
-    let sent: Vec<u8> = (0..5 * STREAM_WINDOW as usize)
-        .map(|i| (i % 251) as u8)
-        .collect();
+    let sent: Vec<u8> = (0..5 * WINDOW as usize).map(|i| (i % 251) as u8).collect();
     let response = client
         .send_request(
             Request::post("/api/chat")
@@ -97,7 +96,7 @@ async fn a_stalled_reader_holds_one_window_and_stops_only_its_stream() {
     let counter = sent.clone();
     let handler: Handler = Arc::new(move |req: Request<RecvBody>| {
         if req.uri().path() == "/big" {
-            Response::new(counted(1000, 1024, counter.clone()))
+            Response::new(counted(2000, 1024, counter.clone()))
         } else {
             Response::new(full("small"))
         }
@@ -123,12 +122,12 @@ async fn a_stalled_reader_holds_one_window_and_stops_only_its_stream() {
     // The daemon's side took at most a window (plus the chunk in hand) of the stalled body.
     let taken = sent.load(Ordering::SeqCst);
     assert!(
-        taken <= STREAM_WINDOW as usize + 2 * 1024,
+        taken <= WINDOW as usize + 2 * 1024,
         "{taken} bytes taken for a reader that reads nothing"
     );
     // Once read, the rest flows.
     let got = stalled.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(got.len(), 1000 * 1024);
+    assert_eq!(got.len(), 2000 * 1024);
 }
 
 #[tokio::test]
