@@ -21,7 +21,6 @@ mod link;
 pub mod mux;
 mod read_ahead;
 pub mod server;
-mod ws_io;
 
 use std::time::Duration;
 
@@ -29,7 +28,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use link::{ControlHandler, Incoming, Link, Outbox};
 pub use read_ahead::{READ_AHEAD, ReadAhead};
-pub use ws_io::{Returned, WsIo};
 
 /// Per-stream window of the cluster's node-to-node HTTP/2: 64 KiB. With hyper's larger defaults,
 /// many streams of small NDJSON chunks made h2 answer `GOAWAY(ENHANCE_YOUR_CALM,

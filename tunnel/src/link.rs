@@ -2,7 +2,7 @@
 //!
 //! A link outlives the sessions it carries. While no session runs, its owner (the
 //! tunnel task at either end) reads it with [`Link::next`]; while one runs, it is lent to the
-//! session's [`WsIo`](crate::WsIo). Either way the link itself:
+//! session's connection ([`mux`](crate::mux)). Either way the link itself:
 //! - sends a WebSocket ping every interval and fails when nothing at all has arrived from the
 //!   peer for too long, so a peer that vanished without a FIN is noticed within
 //!   [`Liveness::detection_bound`];
@@ -351,22 +351,6 @@ where
         }
     }
 
-    /// Sends `payload` as one binary message of the current session.
-    pub(crate) fn poll_send_data(
-        &mut self,
-        cx: &mut Context<'_>,
-        payload: &mut bytes::BytesMut,
-    ) -> Poll<io::Result<()>> {
-        if payload.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(to_io)?;
-        let message = Message::Binary(payload.split().freeze());
-        Pin::new(&mut self.ws).start_send(message).map_err(to_io)?;
-        self.unflushed = true;
-        Poll::Ready(Ok(()))
-    }
-
     /// Queues `message` as one binary message, once the socket has room.
     pub(crate) fn poll_send_binary(
         &mut self,
@@ -413,3 +397,6 @@ impl Outbox {
         self.shared.waker.wake();
     }
 }
+
+#[cfg(test)]
+mod tests;
