@@ -112,7 +112,9 @@ impl Shared {
     }
 }
 
-/// Wakers collected under the lock, woken after it is released.
+/// Wakers collected under the lock, woken after it is released: declared before the lock's
+/// guard, so that they are woken when dropped on every path, early returns included (a driver
+/// waker taken from the session and never woken would leave its output unsent).
 #[derive(Default)]
 struct Wakes {
     driver: Option<Waker>,
@@ -120,11 +122,16 @@ struct Wakes {
 }
 
 impl Wakes {
-    fn wake(self) {
-        if let Some(driver) = self.driver {
+    /// Wakes now (the same as dropping).
+    fn wake(self) {}
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        if let Some(driver) = self.driver.take() {
             driver.wake();
         }
-        for waker in self.others {
+        for waker in self.others.drain(..) {
             waker.wake();
         }
     }

@@ -205,3 +205,35 @@ async fn a_draining_session_refuses_new_requests_and_finishes_those_in_flight() 
     let body = in_flight.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "done");
 }
+
+#[tokio::test]
+async fn a_request_too_large_to_send_fails_alone_and_the_session_goes_on() {
+    let handler: Handler = Arc::new(|_req| Response::new(full("ok")));
+    let client = session(handler, CancellationToken::new()).await;
+    // The session is up and its connection task idle.
+    let first = client
+        .send_request(Request::get("/a").body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "ok");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let huge = "v".repeat(70 * 1024);
+    let refused = client
+        .send_request(
+            Request::get("/b")
+                .header("x-huge", huge.as_str())
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert!(matches!(refused, Err(Error::HeadTooLarge)), "{refused:?}");
+    let next = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.send_request(Request::get("/c").body(Full::new(Bytes::new())).unwrap()),
+    )
+    .await
+    .expect("the session stalled after a refused head")
+    .unwrap();
+    assert_eq!(next.into_body().collect().await.unwrap().to_bytes(), "ok");
+}
