@@ -90,6 +90,23 @@ impl LogBuffer {
             .with_writer(self.make_writer())
     }
 
+    /// A layer that writes each event once, as plain text, into this buffer and into `also`
+    /// (the daemon's standard error when it has no colour).
+    pub fn plain_layer<S, W>(
+        self: &Arc<Self>,
+        also: W,
+    ) -> impl tracing_subscriber::Layer<S> + Send + Sync + 'static
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+        W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    {
+        use tracing_subscriber::fmt::writer::MakeWriterExt;
+        tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .fmt_fields(PlainFields::default())
+            .with_writer(also.and(self.make_writer()))
+    }
+
     /// A writer for `tracing_subscriber::fmt().with_writer(...)`: each event becomes a line.
     pub fn make_writer(self: &Arc<Self>) -> impl Fn() -> LineWriter + Send + Sync + 'static {
         let buffer = self.clone();

@@ -44,14 +44,24 @@ fn main() -> std::process::ExitCode {
         || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     // Lines go out in batches (warnings at once): no system call per logged line.
     let (log_output, flush_log) = cloudllm_lifecycle::log_output::BatchedStderr::new();
+    // Standard error in colour takes a layer of its own beside the plain lines of
+    // `cloudllm logs`; without colour (a service's log, a file) one layer formats each line
+    // once and writes it to both (the daemon logs a line per request).
+    let colour = cloudllm_lifecycle::stderr_in_colour();
+    let buffer = LogBuffer::global();
+    let (coloured, plain) = if colour {
+        let stderr = tracing_subscriber::fmt::layer()
+            .with_ansi(true)
+            .with_writer(log_output)
+            .with_filter(filter());
+        (Some(stderr), buffer.layer().with_filter(filter()).boxed())
+    } else {
+        let both = buffer.plain_layer(log_output).with_filter(filter());
+        (None, both.boxed())
+    };
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(cloudllm_lifecycle::stderr_in_colour())
-                .with_writer(log_output)
-                .with_filter(filter()),
-        )
-        .with(LogBuffer::global().layer().with_filter(filter()))
+        .with(plain)
+        .with(coloured)
         .init();
     #[cfg(windows)]
     let result = if cli.service {
