@@ -83,8 +83,9 @@ struct Core {
     driver: Option<Waker>,
     /// Set once the session has ended (or is ending for new streams): why.
     ended: Option<Arc<str>>,
-    /// The relay's handles ([`client::Client`]) still alive; the daemon's side keeps 1.
-    handles: usize,
+    /// Every [`client::Client`] of the session is gone: no new streams will come (never on
+    /// the daemon's side).
+    released: bool,
     /// The next stream id the relay gives.
     next_id: u32,
     /// The relay cut the session short: the connection returns at once.
@@ -100,7 +101,7 @@ impl Shared {
                 messages: Vec::new(),
                 driver: None,
                 ended: None,
-                handles: 1,
+                released: false,
                 next_id: 1,
                 cut: false,
             }),
@@ -138,21 +139,24 @@ impl Drop for Wakes {
 }
 
 impl Core {
-    /// Makes room for a frame of `len` bytes in the current message, starting a new message
-    /// when it would outgrow [`MAX_WS_MESSAGE_OUT`], and notes that the driver must send.
-    fn room(&mut self, len: usize, wakes: &mut Wakes) -> &mut BytesMut {
-        if !self.out.is_empty() && self.out.len() + len > MAX_WS_MESSAGE_OUT {
-            let full = self.out.split().freeze();
+    /// Appends one frame, written by `encode`, to the current message; a frame that would make
+    /// the message outgrow [`MAX_WS_MESSAGE_OUT`] starts the next one. Notes that the driver
+    /// must send. `encode` writes nothing when it fails.
+    fn put<R>(&mut self, wakes: &mut Wakes, encode: impl FnOnce(&mut BytesMut) -> R) -> R {
+        let start = self.out.len();
+        let encoded = encode(&mut self.out);
+        if start > 0 && self.out.len() > MAX_WS_MESSAGE_OUT {
+            let full = self.out.split_to(start).freeze();
             self.messages.push(full);
         }
         if wakes.driver.is_none() {
             wakes.driver = self.driver.take();
         }
-        &mut self.out
+        encoded
     }
 
     fn reset(&mut self, id: u32, reason: Reason, wakes: &mut Wakes) {
-        frame::put_reset(self.room(frame::HEADER_LEN + 1, wakes), id, reason);
+        self.put(wakes, |out| frame::put_reset(out, id, reason));
     }
 
     /// Removes stream `id` once neither half of this side uses it; a stream left before both

@@ -24,13 +24,14 @@ pub struct Client {
     _handle: Arc<Handle>,
 }
 
-/// Counts the clients: dropping the last tells the connection no new streams will come.
+/// Shared by a session's clients: dropping the last tells the connection no new streams will
+/// come.
 struct Handle(Arc<Shared>);
 
 impl Drop for Handle {
     fn drop(&mut self) {
         let mut core = self.0.lock();
-        core.handles = 0;
+        core.released = true;
         let driver = core.driver.take();
         drop(core);
         if let Some(driver) = driver {
@@ -103,7 +104,7 @@ where
             let written = conn.poll_write(cx)?.is_ready();
             if written && conn.idle() {
                 let core = conn.shared.lock();
-                let quiet = core.streams.is_empty() && (core.handles == 0 || core.ended.is_some());
+                let quiet = core.streams.is_empty() && (core.released || core.ended.is_some());
                 drop(core);
                 if over || quiet {
                     return Poll::Ready(Ok(()));
@@ -237,9 +238,10 @@ impl Client {
             id = id.wrapping_add(1).max(1);
         }
         core.next_id = id.wrapping_add(1).max(1);
-        let len = frame::HEADER_LEN + path.len() + 64;
-        let out = core.room(len, &mut wakes);
-        frame::put_request(out, id, method, path, headers, end).map_err(|_| Error::HeadTooLarge)?;
+        core.put(&mut wakes, |out| {
+            frame::put_request(out, id, method, path, headers, end)
+        })
+        .map_err(|_| Error::HeadTooLarge)?;
         core.streams.insert(id, Stream::new(false, end));
         drop(core);
         wakes.wake();

@@ -189,25 +189,24 @@ impl Answering {
             self.done = true;
             return None;
         }
-        let mut head = bytes::BytesMut::new();
+        let id = self.id;
         let mut end = end;
-        if frame::put_response(&mut head, self.id, status, headers, end).is_err() {
-            head.clear();
+        let sent = core.put(&mut wakes, |out| {
+            frame::put_response(out, id, status, headers, end)
+        });
+        if sent.is_err() {
             let mut plain = http::HeaderMap::new();
             plain.insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain"),
             );
-            let _ = frame::put_response(&mut head, self.id, StatusCode::BAD_GATEWAY, &plain, false);
-            frame::put_data(
-                &mut head,
-                self.id,
-                b"Ollama's response headers are too large for the tunnel",
-                true,
-            );
+            let message = b"Ollama's response headers are too large for the tunnel";
+            core.put(&mut wakes, |out| {
+                let _ = frame::put_response(out, id, StatusCode::BAD_GATEWAY, &plain, false);
+                frame::put_data(out, id, message, true);
+            });
             end = true;
         }
-        core.room(head.len(), &mut wakes).extend_from_slice(&head);
         if end && let Some(stream) = core.streams.get_mut(&self.id) {
             stream.sent_end = true;
             stream.writer_gone = true;

@@ -183,8 +183,7 @@ fn read(
         if stream.unacked >= WINDOW_UPDATE_AT && !stream.recv_end {
             let increment = std::mem::take(&mut stream.unacked);
             stream.recv_allowed += increment;
-            let out = core.room(frame::HEADER_LEN + 4, wakes);
-            frame::put_window(out, id, increment);
+            core.put(wakes, |out| frame::put_window(out, id, increment));
         }
         return Poll::Ready(Some(Ok(data)));
     }
@@ -331,7 +330,7 @@ where
                 self.finished = true;
             }
             let chunk = self.pending.split_to(n);
-            frame::put_data(core.room(frame::HEADER_LEN + n, wakes), id, &chunk, end);
+            core.put(wakes, |out| frame::put_data(out, id, &chunk, end));
             if end {
                 core.settle(id, wakes);
                 return Poll::Ready(());
