@@ -6,7 +6,7 @@
 //! decides anything: the look, tooltip and menu all come from the pure [`view`] function.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use tao::event::{Event, StartCause};
@@ -57,6 +57,7 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
         })
         .collect::<Result<HashMap<_, _>, tray_icon::BadIcon>>()
         .context("drawing the icons")?;
+    let icon_dir = icon_dir().context("creating a directory for the icon's image files")?;
     let mut tray: Option<Tray> = None;
     // What the daemon said last; kept outside the icon, which exists only once the loop runs.
     let mut state = TrayState::Starting;
@@ -69,6 +70,7 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
             // The icon is created once the loop runs: macOS needs its application running first.
             Event::NewEvents(StartCause::Init) => {
                 match Tray::new(
+                    icon_dir.path(),
                     icons.clone(),
                     view(&state, web_page.as_deref(), failure.as_deref()),
                 ) {
@@ -130,6 +132,28 @@ pub fn run(socket: PathBuf, wait_for_tray: std::time::Duration) -> anyhow::Resul
     })
 }
 
+/// A directory of this process's own (mode 0700, removed when the tray ends) for the image
+/// files the Linux tray hands to the desktop, in `$XDG_RUNTIME_DIR` when there is one.
+///
+/// Why: by default every program built on `tray-icon` writes `tray-icon/tray-icon-<id>-<n>.png`
+/// under one shared directory and deletes the previous file on each change, so two trays
+/// running at once (two users on one machine without a runtime directory, or two daemons'
+/// trays) delete each other's images and show a broken icon or a stale one.
+fn icon_dir() -> std::io::Result<tempfile::TempDir> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_absolute() && dir.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("cloudllm-tray-");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o700));
+    }
+    builder.tempdir_in(base)
+}
+
 /// The icon, its menu, and what they show now.
 struct Tray {
     icon: TrayIcon,
@@ -142,10 +166,11 @@ struct Tray {
 }
 
 impl Tray {
-    fn new(icons: HashMap<Look, Icon>, shown: View) -> anyhow::Result<Tray> {
+    fn new(icon_dir: &Path, icons: HashMap<Look, Icon>, shown: View) -> anyhow::Result<Tray> {
         let (menu, items) = build_menu(&shown.menu)?;
         let icon = TrayIconBuilder::new()
             .with_id("cloudllm")
+            .with_temp_dir_path(icon_dir)
             .with_icon(icons[&shown.look].clone())
             .with_tooltip(&shown.tooltip)
             .with_menu(Box::new(menu))

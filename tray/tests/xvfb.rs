@@ -134,7 +134,13 @@ fn start_trayer(display: &str) -> Child {
 /// The tray binary on `display`, without a session bus (so AppIndicator falls back to XEmbed).
 /// What it asks the desktop to open is written to `opened`, one line each, by a stand-in
 /// `xdg-open` found first on its `PATH`.
-fn start_tray(display: &str, socket: &Path, log: &Path, opened: &Path) -> Child {
+fn start_tray(
+    display: &str,
+    socket: &Path,
+    log: &Path,
+    opened: &Path,
+    runtime_dir: &Path,
+) -> Child {
     let bin = opened.with_file_name("bin");
     std::fs::create_dir_all(&bin).expect("bin dir");
     let opener = bin.join("xdg-open");
@@ -154,6 +160,7 @@ fn start_tray(display: &str, socket: &Path, log: &Path, opened: &Path) -> Child 
         .arg("--socket")
         .arg(socket)
         .env("DISPLAY", display)
+        .env("XDG_RUNTIME_DIR", runtime_dir)
         .env_remove("WAYLAND_DISPLAY")
         .env_remove("DBUS_SESSION_BUS_ADDRESS")
         .env("RUST_LOG", "info")
@@ -287,8 +294,14 @@ fn parse_ppm(data: &[u8]) -> Vec<u8> {
 }
 
 /// Waits until `look`'s icon is on screen (in `region` if given); returns the screenshot and
-/// how long it took.
-async fn wait_for_look(display: &str, look: Look, region: Option<Rect>) -> (Shot, Duration) {
+/// how long it took. On failure the panic says which looks the last screen held and what the
+/// tray (whose standard error is `tray_log`) had logged, and keeps that screen for a look.
+async fn wait_for_look(
+    display: &str,
+    look: Look,
+    region: Option<Rect>,
+    tray_log: &Path,
+) -> (Shot, Duration) {
     let started = Instant::now();
     loop {
         let shot = Shot::take(display).await;
@@ -299,8 +312,15 @@ async fn wait_for_look(display: &str, look: Look, region: Option<Rect>) -> (Shot
             let path = scratch_file("last-screen.ppm");
             let header = format!("P6\n{WIDTH} {HEIGHT}\n255\n");
             let _ = std::fs::write(&path, [header.as_bytes(), &shot.rgb].concat());
+            let seen: Vec<(Look, usize)> = Look::ALL
+                .into_iter()
+                .map(|other| (other, shot.count(colour(other), None)))
+                .filter(|&(_, pixels)| pixels > 0)
+                .collect();
+            let logged = std::fs::read_to_string(tray_log).unwrap_or_default();
             panic!(
-                "the {look:?} icon never showed (in {region:?}); last screen: {}",
+                "the {look:?} icon never showed (in {region:?}); pixels of each look on the \
+                 last screen: {seen:?} (kept in {}); the tray logged:\n{logged}",
                 path.display()
             );
         }
@@ -395,6 +415,8 @@ struct Tray {
     opened: PathBuf,
     /// Where its icon is on the screen.
     icon: Rect,
+    /// Its `XDG_RUNTIME_DIR`.
+    runtime_dir: PathBuf,
 }
 
 impl Tray {
@@ -403,9 +425,10 @@ impl Tray {
     async fn start_connected(desktop: &Desktop, socket: &Path) -> (Tray, Shot) {
         let log = scratch_file("tray.log");
         let opened = scratch_file("opened.txt");
-        let process = start_tray(&desktop.display, socket, &log, &opened);
+        let runtime_dir = cloudllm_e2e::scratch_dir();
+        let process = start_tray(&desktop.display, socket, &log, &opened, &runtime_dir);
         eprintln!("tray log: {}", log.display());
-        let (shot, _) = wait_for_look(&desktop.display, Look::Connected, None).await;
+        let (shot, _) = wait_for_look(&desktop.display, Look::Connected, None, &log).await;
         let icon = shot
             .bounds(colour(Look::Connected))
             .expect("the icon's pixels");
@@ -414,8 +437,23 @@ impl Tray {
             log,
             opened,
             icon,
+            runtime_dir,
         };
         (tray, shot)
+    }
+
+    /// What the runtime directory holds, by name.
+    fn runtime_entries(&self) -> Vec<String> {
+        std::fs::read_dir(&self.runtime_dir)
+            .expect("the tray's runtime directory")
+            .map(|entry| {
+                entry
+                    .expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect()
     }
 
     /// What the tray has logged so far.
@@ -453,13 +491,41 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     );
     let connected_pixels = shot.region(icon);
 
+    // The images handed to the desktop are in a directory of the tray's own, not in the
+    // `tray-icon` directory every program built on the same library shares.
+    let entries = tray.runtime_entries();
+    assert!(
+        matches!(&entries[..], [name] if name.starts_with("cloudllm-tray-")),
+        "the runtime directory holds {entries:?}"
+    );
+    let icon_dir = tray.runtime_dir.join(&entries[0]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&icon_dir)
+            .expect("icon dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", icon_dir.display());
+    }
+    assert!(
+        std::fs::read_dir(&icon_dir)
+            .expect("icon dir")
+            .any(|entry| entry
+                .expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".png")),
+        "no icon image in {}",
+        icon_dir.display()
+    );
+
     // "Disconnect" (the first item that can be picked) closes the daemon's tunnel.
     open_menu(display, icon).await;
     xdotool(display, &["key", "Down", "Return"]).await;
     let disconnected_at =
         wait_for_connection(&socket, |c| matches!(c, Connection::Disconnected)).await;
     relay.wait_for_devices("alice", 0).await;
-    let (shot, _) = wait_for_look(display, Look::Disconnected, Some(icon)).await;
+    let (shot, _) = wait_for_look(display, Look::Disconnected, Some(icon), &tray.log).await;
     let shown_after = disconnected_at.elapsed();
     assert!(
         shown_after <= UPDATE_BOUND,
@@ -482,7 +548,7 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     let connected_at =
         wait_for_connection(&socket, |c| matches!(c, Connection::Connected { .. })).await;
     relay.wait_for_devices("alice", 1).await;
-    wait_for_look(display, Look::Connected, Some(icon)).await;
+    wait_for_look(display, Look::Connected, Some(icon), &tray.log).await;
     let shown_after = connected_at.elapsed();
     assert!(
         shown_after <= UPDATE_BOUND,
@@ -518,7 +584,7 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
 
     // The daemon dies: the tray shows it, stays up, and picks the daemon up again when it is back.
     drop(daemon);
-    wait_for_look(display, Look::NoDaemon, Some(icon)).await;
+    wait_for_look(display, Look::NoDaemon, Some(icon), &tray.log).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         tray.process.try_wait().expect("tray status").is_none(),
@@ -530,11 +596,11 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
     config.ollama_url = closed_port_url();
     let daemon = TestDaemon::start(config);
     relay.wait_for_devices("alice", 1).await;
-    wait_for_look(display, Look::Error, Some(icon)).await;
+    wait_for_look(display, Look::Error, Some(icon), &tray.log).await;
 
     // The relay goes away: the daemon keeps re-dialling, shown as the ring.
     relay.stop().await;
-    wait_for_look(display, Look::Connecting, Some(icon)).await;
+    wait_for_look(display, Look::Connecting, Some(icon), &tray.log).await;
 
     // "Quit" (the last item) ends the tray, not the daemon.
     open_menu(display, icon).await;
@@ -544,6 +610,11 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
         .expect("the tray did not quit")
         .expect("tray status");
     assert!(exit.success(), "tray exit: {exit:?}\n{}", tray.log_text());
+    assert_eq!(
+        tray.runtime_entries(),
+        Vec::<String>::new(),
+        "the icon directory outlived the tray"
+    );
     assert!(matches!(
         status(&socket).await.connection,
         Connection::Reconnecting { .. }
