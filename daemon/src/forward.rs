@@ -169,6 +169,18 @@ impl Forwarder {
                 &format!("{} is not an endpoint cloudllm exposes", quoted(path)),
             ),
         };
+        // The caller's method and path, escaped: they have not passed the allowlist.
+        info!(
+            request_id = req
+                .headers()
+                .get(proto::HEADER_REQUEST_ID)
+                .and_then(|id| id.to_str().ok())
+                .unwrap_or("-"),
+            method = ?quoted(req.method().as_str()),
+            path = ?quoted(path),
+            status = refusal.status().as_u16(),
+            "request refused"
+        );
         Ok(refusal)
     }
 
@@ -184,37 +196,44 @@ impl Forwarder {
         parts.version = http::Version::HTTP_11;
         parts.headers = forwarded_headers(std::mem::take(&mut parts.headers));
         parts.headers.insert(header::HOST, self.ollama_host.clone());
-        let method = parts.method.clone();
-        // Visible ASCII only (`to_str`), so it cannot break a log line.
         let request_id = parts
             .headers
             .get(proto::HEADER_REQUEST_ID)
             .cloned()
             .unwrap_or(HeaderValue::from_static("-"));
-        let request_id = request_id.to_str().unwrap_or("-");
+        let mut line = RequestLine {
+            request_id,
+            method: parts.method.clone(),
+            path: target.to_owned(),
+            status: 0,
+            started,
+            headers_after: Duration::ZERO,
+            bytes: 0,
+            _in_flight: in_flight,
+        };
 
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(response) => {
-                info!(
-                    request_id,
-                    %method,
-                    path = %target,
-                    status = response.status().as_u16(),
-                    headers_after = ?started.elapsed(),
-                    "request"
-                );
+                line.status = response.status().as_u16();
+                line.headers_after = started.elapsed();
                 let (mut parts, body) = response.into_parts();
                 strip_response(&mut parts.headers);
                 // Tokens Ollama produced faster than they are sent go as one frame; the
-                // request counts as in flight until its body ends or the caller goes away.
+                // request counts as in flight, and is logged, once its body ends or the caller
+                // goes away.
                 let body = Coalesce::new(body).map_frame(move |frame| {
-                    let _ = &in_flight;
+                    // The whole line moves into the closure, not just the field it counts in.
+                    let line = &mut line;
+                    if let Some(data) = frame.data_ref() {
+                        line.bytes += data.len() as u64;
+                    }
                     frame
                 });
                 Response::from_parts(parts, body.map_err(Into::into).boxed())
             }
             Err(err) => {
-                warn!(request_id, path = %target, error = %err, "Ollama request failed");
+                line.status = StatusCode::BAD_GATEWAY.as_u16();
+                warn!(request_id = line.id(), path = %target, error = %err, "Ollama request failed");
                 let cause = std::error::Error::source(&err)
                     .map_or_else(|| err.to_string(), ToString::to_string);
                 error(
@@ -228,6 +247,48 @@ impl Forwarder {
                 )
             }
         }
+    }
+}
+
+/// The log line of one forwarded request, written when it is dropped: once its response has
+/// ended or the caller went away. The session writes a response's last frames before it drops
+/// the response (see `mux::server`), so formatting the line never delays them: inline, before
+/// the answer went out, it was the largest single cost on a request's path through the daemon
+/// (issue 19).
+struct RequestLine {
+    request_id: HeaderValue,
+    method: http::Method,
+    path: String,
+    /// Ollama's status; 0 until it answered.
+    status: u16,
+    started: tokio::time::Instant,
+    /// Until Ollama's response head.
+    headers_after: Duration,
+    /// Response body bytes passed on.
+    bytes: u64,
+    /// The request counts as in flight as long as its line is not written.
+    _in_flight: crate::state::RequestGuard,
+}
+
+impl RequestLine {
+    /// The request id, visible ASCII only (`to_str`), so it cannot break a log line.
+    fn id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+}
+
+impl Drop for RequestLine {
+    fn drop(&mut self) {
+        info!(
+            request_id = self.id(),
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes = self.bytes,
+            headers_after = ?self.headers_after,
+            took = ?self.started.elapsed(),
+            "request"
+        );
     }
 }
 

@@ -431,3 +431,91 @@ async fn readyz_says_ready_and_waits_for_the_identity_providers_keys() {
         200
     );
 }
+
+/// The daemon's log line for `request_id` (from its log buffer, as `cloudllm logs` shows it),
+/// once it is there.
+async fn daemon_request_line(request_id: &str) -> String {
+    let needle = format!("request_id=\"{request_id}\" ");
+    let started = tokio::time::Instant::now();
+    loop {
+        let lines = cloudllm_daemon::logs::LogBuffer::global().recent(1000);
+        if let Some(line) = lines.into_iter().find(|line| line.contains(&needle)) {
+            return line;
+        }
+        assert!(
+            started.elapsed() < STEP,
+            "the daemon logged no line for {request_id}: {:?}",
+            cloudllm_daemon::logs::LogBuffer::global().recent(5)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_logs_each_request_once_its_response_has_ended() {
+    let stack = Stack::start().await;
+    let response = stack
+        .post("/api/generate")
+        .header("x-request-id", "log-line-ended")
+        .json(&json!({"model": "fake", "prompt": "logged", "options": {"num_predict": 5}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await.unwrap();
+    let line = daemon_request_line("log-line-ended").await;
+    for field in [
+        "method=POST".to_owned(),
+        "path=/api/generate".to_owned(),
+        "status=200".to_owned(),
+        format!("bytes={}", body.len()),
+        "took=".to_owned(),
+        "headers_after=".to_owned(),
+    ] {
+        assert!(line.contains(&field), "{field} is not in: {line}");
+    }
+
+    // A caller who leaves before the end: the line says how much was passed on.
+    let mut response = stack
+        .post("/api/generate")
+        .header("x-request-id", "log-line-left")
+        .json(
+            &json!({"prompt": "left", "options": {"num_predict": 100000}, "fake_interval_ms": 10}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let first = timeout(STEP, response.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("a first chunk");
+    drop(response);
+    let line = daemon_request_line("log-line-left").await;
+    let bytes: u64 = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("bytes="))
+        .expect("a bytes field")
+        .parse()
+        .expect("a number");
+    assert!(
+        bytes >= first.len() as u64 && bytes < 100_000,
+        "{bytes} bytes logged for a stream left after {} bytes: {line}",
+        first.len()
+    );
+
+    // One the allowlist turns away: its own line, with the status it got.
+    let response = stack
+        .post("/api/pull")
+        .header("x-request-id", "log-line-refused")
+        .json(&json!({"model": "fake"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    let line = daemon_request_line("log-line-refused").await;
+    assert!(
+        line.contains("request refused") && line.contains("status=403"),
+        "{line}"
+    );
+}

@@ -42,6 +42,8 @@ where
     let mut conn = Conn::new(link, shared.clone());
     let mut arrived: Vec<(u32, RequestHead)> = Vec::new();
     let mut handlers = FuturesUnordered::new();
+    // Bodies of responses sent whole, dropped once the answers are written.
+    let mut spent: Vec<Pump<B>> = Vec::new();
     let mut stopping = pin!(stop.cancelled());
 
     let first = {
@@ -74,13 +76,18 @@ where
                 *request.headers_mut() = head.headers;
                 handlers.push(respond(shared.clone(), id, service.call(request)));
             }
-            while let Poll::Ready(Some(())) = handlers.poll_next_unpin(cx) {}
+            while let Poll::Ready(Some(answered)) = handlers.poll_next_unpin(cx) {
+                spent.extend(answered);
+            }
             if matches!(read, Read::Over) && conn.link.is_closed() {
                 // Nowhere to send the answers: the handlers are dropped (and with them the
                 // requests to Ollama).
                 return Poll::Ready(Ok(()));
             }
             let written = conn.poll_write(cx)?.is_ready();
+            // What the service does when its response is dropped (the daemon writes its log
+            // line) comes after the answers went out, not on their way.
+            spent.clear();
             let ending = matches!(read, Read::Over) || refusing;
             if ending && handlers.is_empty() && written && conn.idle() {
                 return Poll::Ready(Ok(()));
@@ -123,8 +130,9 @@ fn on_frame(
 }
 
 /// Answers stream `id` with what `handler` gives, body included; stops (dropping the handler
-/// or the body) as soon as the relay resets the stream.
-async fn respond<F, B, E>(shared: Arc<Shared>, id: u32, handler: F)
+/// or the body) as soon as the relay resets the stream. Gives back the spent body of a
+/// response it sent whole, for the session to drop once the answer is written.
+async fn respond<F, B, E>(shared: Arc<Shared>, id: u32, handler: F) -> Option<Pump<B>>
 where
     F: Future<Output = Result<Response<B>, E>>,
     B: Body,
@@ -151,25 +159,25 @@ where
     .await;
     let response = match answered {
         // Reset by the relay, or the session is over.
-        None => return,
+        None => return None,
         Some(Ok(response)) => response,
         Some(Err(_)) => {
             answering.reset(Reason::Internal);
-            return;
+            return None;
         }
     };
     let (parts, body) = response.into_parts();
     let end = body.is_end_stream();
-    let Some(body_follows) = answering.head(parts.status, &parts.headers, end) else {
-        return;
-    };
+    // `None`: the stream is gone.
+    let body_follows = answering.head(parts.status, &parts.headers, end)?;
     answering.done = true;
+    let mut pump = Pump::new(body);
     if body_follows {
-        let mut pump = Pump::new(body);
         std::future::poll_fn(|cx| pump.poll_send(cx, &shared, id)).await;
         // Dropped while sending (the session ended): the pump resets nothing; the session's
         // end has already failed the stream at the relay.
     }
+    Some(pump)
 }
 
 /// A stream being answered; dropped before its head went out, it is reset.

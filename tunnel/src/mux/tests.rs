@@ -237,3 +237,100 @@ async fn a_request_too_large_to_send_fails_alone_and_the_session_goes_on() {
     .unwrap();
     assert_eq!(next.into_body().collect().await.unwrap().to_bytes(), "ok");
 }
+
+/// The daemon's end of the pipe, counting the bytes its session wrote.
+struct Counting {
+    inner: DuplexStream,
+    written: Arc<AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for Counting {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counting {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        self.written.fetch_add(written, Ordering::SeqCst);
+        std::task::Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_response_sent_whole_is_dropped_only_after_it_is_written() {
+    let written = Arc::new(AtomicUsize::new(0));
+    // How much the session had written when the handler's response body was dropped.
+    let at_drop = Arc::new(std::sync::Mutex::new(None::<usize>));
+    let (relay_end, daemon_end) = tokio::io::duplex(256 * 1024);
+    let daemon_end = Counting {
+        inner: daemon_end,
+        written: written.clone(),
+    };
+    let relay_ws = WebSocketStream::from_raw_socket(relay_end, Role::Server, None).await;
+    let daemon_ws = WebSocketStream::from_raw_socket(daemon_end, Role::Client, None).await;
+    let daemon = Link::new(daemon_ws, Liveness::default(), Box::new(|_| {}));
+    let (written_seen, at_drop_set) = (written.clone(), at_drop.clone());
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |_req: Request<RecvBody>| {
+            struct Guard(Arc<AtomicUsize>, Arc<std::sync::Mutex<Option<usize>>>);
+            impl Drop for Guard {
+                fn drop(&mut self) {
+                    *self.1.lock().unwrap() = Some(self.0.load(Ordering::SeqCst));
+                }
+            }
+            let guard = Guard(written_seen.clone(), at_drop_set.clone());
+            let body = full("the answer").map_frame(move |frame| {
+                let _guard = &guard;
+                frame
+            });
+            async move { Ok::<_, Infallible>(Response::new(body.boxed_unsync())) }
+        });
+        let _ = crate::server::serve(daemon, service, &CancellationToken::new()).await;
+    });
+    let relay = Link::new(relay_ws, Liveness::default(), Box::new(|_| {}));
+    let (client, _cut, connection) = connect(relay);
+    tokio::spawn(connection);
+
+    let response = client
+        .send_request(
+            Request::get("/api/version")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "the answer"
+    );
+    let at_drop = at_drop.lock().unwrap().expect("the body was dropped");
+    assert_eq!(
+        at_drop,
+        written.load(Ordering::SeqCst),
+        "the body was dropped before its answer was written"
+    );
+}
