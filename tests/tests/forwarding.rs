@@ -519,3 +519,21 @@ async fn the_daemon_logs_each_request_once_its_response_has_ended() {
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_larger_than_the_tunnel_carries_get_431_and_the_tunnel_goes_on() {
+    let stack = Stack::start().await;
+    // Well within what the relay reads from a client, over what one tunnel request carries.
+    let mut request = stack.post("/api/show");
+    for n in 0..20 {
+        request = request.header(format!("x-padding-{n}"), "p".repeat(4000));
+    }
+    let response = timeout(STEP, request.send()).await.unwrap().unwrap();
+    assert_ollama_error(response, 431, "fewer or shorter headers").await;
+    // The next request on the same tunnel is served.
+    let response = timeout(STEP, stack.post("/api/show").send())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}

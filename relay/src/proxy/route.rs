@@ -318,10 +318,18 @@ pub(super) async fn forward_to(
     let path = tracing::enabled!(tracing::Level::DEBUG).then(|| request.uri().path().to_owned());
     let path = path.as_deref().unwrap_or_default();
     let sent = match device.sender().await {
-        Ok(sender) => sender
-            .send_request(request)
-            .await
-            .map_err(|err| err.to_string()),
+        Ok(sender) => match sender.send_request(request).await {
+            Err(cloudllm_tunnel::mux::Error::HeadTooLarge) => {
+                return api.error(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    &format!(
+                        "the request's headers come to more than the {} bytes the tunnel carries; send fewer or shorter headers",
+                        cloudllm_tunnel::MAX_HEADER_LIST_BYTES
+                    ),
+                );
+            }
+            sent => sent.map_err(|err| err.to_string()),
+        },
         Err(offline) => Err(offline.to_string()),
     };
     let sent = sent.map(|response| {
