@@ -334,3 +334,56 @@ async fn a_response_sent_whole_is_dropped_only_after_it_is_written() {
         "the body was dropped before its answer was written"
     );
 }
+
+#[test]
+fn outgoing_messages_hold_whole_frames_within_the_bound() {
+    use super::frame::{self, Frames};
+    use crate::{MAX_WS_MESSAGE_IN, MAX_WS_MESSAGE_OUT};
+
+    let shared = super::Shared::new();
+    let mut core = shared.lock();
+    let mut wakes = super::Wakes::default();
+    let full_chunk = vec![b'x'; frame::MAX_DATA];
+    let mut large = http::HeaderMap::new();
+    large.insert(
+        "x-large",
+        http::HeaderValue::from_str(&"h".repeat(40 * 1024)).unwrap(),
+    );
+    let mut put = 0;
+    for id in 0..60u32 {
+        // Small frames, data of every size up to a full frame, now and then a large head.
+        core.put(&mut wakes, |out| {
+            frame::put_data(out, id, b"token\n", false)
+        });
+        let size = (id as usize * 4_099) % (frame::MAX_DATA + 1);
+        core.put(&mut wakes, |out| {
+            frame::put_data(out, id, &full_chunk[..size], false)
+        });
+        core.put(&mut wakes, |out| frame::put_window(out, id, 1_000));
+        put += 3;
+        if id % 15 == 0 {
+            core.put(&mut wakes, |out| {
+                frame::put_response(out, id, http::StatusCode::OK, &large, false)
+            })
+            .unwrap();
+            put += 1;
+        }
+    }
+    let mut messages = std::collections::VecDeque::new();
+    core.take_output(&mut messages);
+    let mut read = 0;
+    for message in messages {
+        let frames = Frames::new(message.clone())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("a message of whole frames");
+        assert!(
+            message.len() <= MAX_WS_MESSAGE_OUT || frames.len() == 1,
+            "a message of {} frames is {} bytes",
+            frames.len(),
+            message.len()
+        );
+        assert!(message.len() <= MAX_WS_MESSAGE_IN);
+        read += frames.len();
+    }
+    assert_eq!(read, put, "every frame put went out once");
+}
