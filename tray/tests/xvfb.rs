@@ -442,8 +442,9 @@ impl Tray {
         (tray, shot)
     }
 
-    /// What the runtime directory holds, by name.
-    fn runtime_entries(&self) -> Vec<String> {
+    /// The tray's icon directories and any shared `tray-icon` directory in its runtime
+    /// directory, by name (the desktop libraries may keep other things there).
+    fn icon_dirs(&self) -> Vec<String> {
         std::fs::read_dir(&self.runtime_dir)
             .expect("the tray's runtime directory")
             .map(|entry| {
@@ -453,6 +454,7 @@ impl Tray {
                     .to_string_lossy()
                     .into_owned()
             })
+            .filter(|name| name.starts_with("cloudllm-tray-") || name.starts_with("tray-icon"))
             .collect()
     }
 
@@ -493,7 +495,7 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
 
     // The images handed to the desktop are in a directory of the tray's own, not in the
     // `tray-icon` directory every program built on the same library shares.
-    let entries = tray.runtime_entries();
+    let entries = tray.icon_dirs();
     assert!(
         matches!(&entries[..], [name] if name.starts_with("cloudllm-tray-")),
         "the runtime directory holds {entries:?}"
@@ -611,7 +613,7 @@ async fn the_icon_follows_the_daemon_and_its_menu_drives_it() {
         .expect("tray status");
     assert!(exit.success(), "tray exit: {exit:?}\n{}", tray.log_text());
     assert_eq!(
-        tray.runtime_entries(),
+        tray.icon_dirs(),
         Vec::<String>::new(),
         "the icon directory outlived the tray"
     );
