@@ -129,8 +129,9 @@ impl Forwarder {
         let path = req.uri().path();
         let refusal = match allowlist::check(req.method().as_str(), path, self.allow_management) {
             Verdict::Allow(target) => {
+                // Owned, so that the request can move on (the log line keeps it).
                 let target = target.into_owned();
-                return Ok(self.forward(req, &target).await);
+                return Ok(self.forward(req, target).await);
             }
             Verdict::ManagementDisabled => error(
                 path,
@@ -185,13 +186,13 @@ impl Forwarder {
     }
 
     /// Forwards `req` to Ollama's `target` path (the allowlist's checked form, no query).
-    async fn forward(&self, req: Request<RecvBody>, target: &str) -> Response<TunnelBody> {
+    async fn forward(&self, req: Request<RecvBody>, target: String) -> Response<TunnelBody> {
         let started = tokio::time::Instant::now();
         let in_flight = self.state.begin_request();
         let (mut parts, body) = req.into_parts();
         parts.uri = match format!("{}{target}", self.base).parse() {
             Ok(uri) => uri,
-            Err(_) => return error(target, StatusCode::BAD_REQUEST, "malformed request path"),
+            Err(_) => return error(&target, StatusCode::BAD_REQUEST, "malformed request path"),
         };
         parts.version = http::Version::HTTP_11;
         parts.headers = forwarded_headers(std::mem::take(&mut parts.headers));
@@ -204,7 +205,7 @@ impl Forwarder {
         let mut line = RequestLine {
             request_id,
             method: parts.method.clone(),
-            path: target.to_owned(),
+            path: target,
             status: 0,
             started,
             headers_after: Duration::ZERO,
@@ -233,11 +234,11 @@ impl Forwarder {
             }
             Err(err) => {
                 line.status = StatusCode::BAD_GATEWAY.as_u16();
-                warn!(request_id = line.id(), path = %target, error = %err, "Ollama request failed");
+                warn!(request_id = line.id(), path = %line.path, error = %err, "Ollama request failed");
                 let cause = std::error::Error::source(&err)
                     .map_or_else(|| err.to_string(), ToString::to_string);
                 error(
-                    target,
+                    &line.path,
                     StatusCode::BAD_GATEWAY,
                     &format!(
                         "cannot reach Ollama at {} on device {:?} ({cause}). Start Ollama there (`ollama serve`) \

@@ -262,8 +262,6 @@ fn on_stream_frame(
 /// limit allows (at most [`MAX_CONCURRENT_STREAMS`](crate::MAX_CONCURRENT_STREAMS)).
 pub const WINDOW: u32 = 256 * 1024;
 
-const INITIAL_WINDOW: u32 = WINDOW;
-
 /// A reader grants more window once its consumer has taken this many bytes: a quarter of the
 /// window, so the sender rarely waits and window frames stay few.
-const WINDOW_UPDATE_AT: u32 = INITIAL_WINDOW / 4;
+const WINDOW_UPDATE_AT: u32 = WINDOW / 4;

@@ -18,6 +18,12 @@ use crate::Liveness;
 
 type Controls = Arc<std::sync::Mutex<Vec<Control>>>;
 
+/// Short intervals for the tests that run on a paused clock: a ping every 2 s, dead after 5 s.
+const QUICK: Liveness = Liveness {
+    ping_interval: Duration::from_secs(2),
+    timeout: Duration::from_secs(3),
+};
+
 /// A link over an in-memory socket, the raw WebSocket of its peer, and the control
 /// messages the link's handler got.
 async fn pair(liveness: Liveness) -> (Link<DuplexStream>, WebSocketStream<DuplexStream>, Controls) {
@@ -84,10 +90,7 @@ async fn the_outbox_sends_while_the_owner_waits_for_data() {
 
 #[tokio::test(start_paused = true)]
 async fn a_peer_that_stops_reading_fails_a_send_within_the_bound() {
-    let liveness = Liveness {
-        ping_interval: Duration::from_secs(2),
-        timeout: Duration::from_secs(3),
-    };
+    let liveness = QUICK;
     // A socket with room for 64 bytes, and a peer that never reads.
     let (mut link, _peer, _) = pair_with_buffer(liveness, 64).await;
     let big = Control::Models {
@@ -112,10 +115,7 @@ async fn unreadable_control_messages_fail_the_link() {
 
 #[tokio::test(start_paused = true)]
 async fn silent_peer_is_declared_dead_within_the_bound_and_pinged_before() {
-    let liveness = Liveness {
-        ping_interval: Duration::from_secs(2),
-        timeout: Duration::from_secs(3),
-    };
+    let liveness = QUICK;
     let (mut link, mut peer, _) = pair(liveness).await;
     let start = Instant::now();
     let reader = tokio::spawn(async move {
@@ -176,10 +176,7 @@ async fn pongs_measure_the_round_trip() {
 
 #[tokio::test(start_paused = true)]
 async fn a_peer_that_keeps_talking_stays_alive() {
-    let liveness = Liveness {
-        ping_interval: Duration::from_secs(2),
-        timeout: Duration::from_secs(3),
-    };
+    let liveness = QUICK;
     let (mut link, mut peer, _) = pair(liveness).await;
     let reader = tokio::spawn(async move { link.next().await });
     for _ in 0..10 {

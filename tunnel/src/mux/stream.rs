@@ -9,7 +9,7 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 
 use super::frame::{self, MAX_DATA, ProtocolError, Reason, ResponseHead};
-use super::{BoxError, Core, Error, INITIAL_WINDOW, Shared, WINDOW_UPDATE_AT, Wakes};
+use super::{BoxError, Core, Error, Shared, WINDOW, WINDOW_UPDATE_AT, Wakes};
 
 /// A stream as one side sees it.
 pub(super) struct Stream {
@@ -46,13 +46,13 @@ impl Stream {
         Stream {
             recv: VecDeque::new(),
             recv_end,
-            recv_allowed: INITIAL_WINDOW,
+            recv_allowed: WINDOW,
             unacked: 0,
             reader: None,
             reader_gone: false,
             head: None,
             answered: false,
-            credit: INITIAL_WINDOW,
+            credit: WINDOW,
             writer: None,
             sent_end,
             writer_gone: sent_end,

@@ -26,9 +26,22 @@ type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 /// A client whose requests a session answers with `handler`; `stop` drains the session.
 async fn session(handler: Handler, stop: CancellationToken) -> Client {
     let (relay_end, daemon_end) = tokio::io::duplex(256 * 1024);
+    session_over(relay_end, daemon_end, handler, stop).await
+}
+
+/// [`session`] over a pipe whose daemon end is `daemon_end` (wrapped, say, to watch it).
+async fn session_over<S>(
+    relay_end: DuplexStream,
+    daemon_end: S,
+    handler: Handler,
+    stop: CancellationToken,
+) -> Client
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let relay_ws = WebSocketStream::from_raw_socket(relay_end, Role::Server, None).await;
     let daemon_ws = WebSocketStream::from_raw_socket(daemon_end, Role::Client, None).await;
-    let daemon: Link<DuplexStream> = Link::new(daemon_ws, Liveness::default(), Box::new(|_| {}));
+    let daemon = Link::new(daemon_ws, Liveness::default(), Box::new(|_| {}));
     tokio::spawn(async move {
         let service = hyper::service::service_fn(move |req| {
             let response = handler(req);
@@ -290,30 +303,22 @@ async fn a_response_sent_whole_is_dropped_only_after_it_is_written() {
         inner: daemon_end,
         written: written.clone(),
     };
-    let relay_ws = WebSocketStream::from_raw_socket(relay_end, Role::Server, None).await;
-    let daemon_ws = WebSocketStream::from_raw_socket(daemon_end, Role::Client, None).await;
-    let daemon = Link::new(daemon_ws, Liveness::default(), Box::new(|_| {}));
     let (written_seen, at_drop_set) = (written.clone(), at_drop.clone());
-    tokio::spawn(async move {
-        let service = hyper::service::service_fn(move |_req: Request<RecvBody>| {
-            struct Guard(Arc<AtomicUsize>, Arc<std::sync::Mutex<Option<usize>>>);
-            impl Drop for Guard {
-                fn drop(&mut self) {
-                    *self.1.lock().unwrap() = Some(self.0.load(Ordering::SeqCst));
-                }
+    let handler: Handler = Arc::new(move |_req| {
+        struct Guard(Arc<AtomicUsize>, Arc<std::sync::Mutex<Option<usize>>>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                *self.1.lock().unwrap() = Some(self.0.load(Ordering::SeqCst));
             }
-            let guard = Guard(written_seen.clone(), at_drop_set.clone());
-            let body = full("the answer").map_frame(move |frame| {
-                let _guard = &guard;
-                frame
-            });
-            async move { Ok::<_, Infallible>(Response::new(body.boxed_unsync())) }
+        }
+        let guard = Guard(written_seen.clone(), at_drop_set.clone());
+        let body = full("the answer").map_frame(move |frame| {
+            let _guard = &guard;
+            frame
         });
-        let _ = crate::server::serve(daemon, service, &CancellationToken::new()).await;
+        Response::new(body.boxed_unsync())
     });
-    let relay = Link::new(relay_ws, Liveness::default(), Box::new(|_| {}));
-    let (client, _cut, connection) = connect(relay);
-    tokio::spawn(connection);
+    let client = session_over(relay_end, daemon_end, handler, CancellationToken::new()).await;
 
     let response = client
         .send_request(
