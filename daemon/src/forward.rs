@@ -19,9 +19,6 @@ use cloudllm_tunnel::mux::RecvBody;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tracing::{info, warn};
 use url::Url;
 
@@ -29,6 +26,7 @@ use cloudllm_tunnel::coalesce::Coalesce;
 
 use crate::allowlist::{self, Verdict};
 use crate::state::State;
+use crate::upstream::{self, Upstream};
 
 /// Response body of the tunnel service.
 pub type TunnelBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -80,9 +78,10 @@ const MAX_QUOTED_BYTES: usize = 64;
 
 /// Forwards tunnel requests to the local Ollama.
 pub struct Forwarder {
-    client: Client<HttpConnector, RecvBody>,
-    /// Ollama's URL without a trailing slash; request paths are appended to it.
-    base: String,
+    upstream: Upstream<RecvBody>,
+    /// The path of Ollama's URL without a trailing slash (usually empty); request paths are
+    /// appended to it.
+    base_path: String,
     state: Arc<State>,
     ollama: Url,
     /// `Host` header Ollama accepts: its own address.
@@ -99,20 +98,22 @@ impl Forwarder {
         device_name: String,
         state: Arc<State>,
     ) -> anyhow::Result<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(OLLAMA_CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        anyhow::ensure!(
+            ollama.scheme() == "http",
+            "Ollama URL {ollama} is not http://: cloudllmd speaks plain HTTP to the local Ollama"
+        );
         let host = ollama
             .host_str()
             .ok_or_else(|| anyhow::anyhow!("Ollama URL {ollama} has no host"))?;
+        let port = ollama.port_or_known_default().unwrap_or(80);
+        let address = format!("{host}:{port}");
         let host = match ollama.port() {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         };
         Ok(Forwarder {
-            client,
-            base: ollama.as_str().trim_end_matches('/').to_owned(),
+            upstream: Upstream::new(address, OLLAMA_CONNECT_TIMEOUT),
+            base_path: ollama.path().trim_end_matches('/').to_owned(),
             state,
             ollama_host: HeaderValue::from_str(&host)?,
             ollama,
@@ -190,7 +191,7 @@ impl Forwarder {
         let started = tokio::time::Instant::now();
         let in_flight = self.state.begin_request();
         let (mut parts, body) = req.into_parts();
-        parts.uri = match format!("{}{target}", self.base).parse() {
+        parts.uri = match format!("{}{target}", self.base_path).parse() {
             Ok(uri) => uri,
             Err(_) => return error(&target, StatusCode::BAD_REQUEST, "malformed request path"),
         };
@@ -213,7 +214,7 @@ impl Forwarder {
             _in_flight: in_flight,
         };
 
-        match self.client.request(Request::from_parts(parts, body)).await {
+        match self.upstream.send(Request::from_parts(parts, body)).await {
             Ok(response) => {
                 line.status = response.status().as_u16();
                 line.headers_after = started.elapsed();
@@ -235,8 +236,11 @@ impl Forwarder {
             Err(err) => {
                 line.status = StatusCode::BAD_GATEWAY.as_u16();
                 warn!(request_id = line.id(), path = %line.path, error = %err, "Ollama request failed");
-                let cause = std::error::Error::source(&err)
-                    .map_or_else(|| err.to_string(), ToString::to_string);
+                let cause = match &err {
+                    upstream::Error::Http(err) => std::error::Error::source(err)
+                        .map_or_else(|| err.to_string(), ToString::to_string),
+                    other => other.to_string(),
+                };
                 error(
                     &line.path,
                     StatusCode::BAD_GATEWAY,

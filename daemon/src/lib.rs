@@ -27,6 +27,7 @@ mod ollama;
 mod state;
 mod supervisor;
 mod tunnel;
+mod upstream;
 pub mod web_open;
 #[cfg(windows)]
 pub mod windows_service;

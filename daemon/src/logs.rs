@@ -47,21 +47,29 @@ impl LogBuffer {
 
     /// Adds one line.
     pub fn push(&self, line: &str) {
-        let mut line = line.trim_end().to_owned();
+        let mut line = line.trim_end();
         if line.len() > MAX_LINE_BYTES {
             let mut cut = MAX_LINE_BYTES;
             while !line.is_char_boundary(cut) {
                 cut -= 1;
             }
-            line.truncate(cut);
+            line = &line[..cut];
         }
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        if lines.len() == KEPT_LINES {
-            lines.pop_front();
-        }
-        lines.push_back(line.clone());
+        // Once the buffer is full, the oldest line's allocation holds the new one: a line a
+        // request costs no allocation here (issue 19).
+        let mut kept = if lines.len() == KEPT_LINES {
+            lines.pop_front().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        kept.clear();
+        kept.push_str(line);
+        lines.push_back(kept);
         drop(lines);
-        let _ = self.new_lines.send(line);
+        if self.new_lines.receiver_count() > 0 {
+            let _ = self.new_lines.send(line.to_owned());
+        }
     }
 
     /// The last `count` lines, oldest first.
@@ -153,7 +161,11 @@ impl Write for LineWriter {
 
 impl Drop for LineWriter {
     fn drop(&mut self) {
-        let text = String::from_utf8_lossy(&self.pending);
+        // The formatter writes UTF-8; anything else is shown with replacement characters.
+        let text = match std::str::from_utf8(&self.pending) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(&self.pending),
+        };
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             self.buffer.push(line);
         }

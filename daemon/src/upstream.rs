@@ -1,0 +1,152 @@
+//! The daemon's HTTP/1.1 connections to the local Ollama, kept open between requests.
+//!
+//! Why not `hyper_util`'s pooled client: per request it parses an absolute URL into a pool key,
+//! checks a connection out through a shared pool, and spawns a task that waits for the
+//! connection to be ready again before putting it back: about 4 % of the daemon's CPU for a
+//! small request (issue 19). Here a request takes the first open connection that is ready for
+//! one (hyper's [`SendRequest::is_ready`]), or opens a new one; the connection goes straight
+//! back into the list once Ollama's response head has arrived, and becomes ready again when
+//! that response's body has ended. So there are as many connections as requests that ran at
+//! once, each reused as soon as it is free.
+//!
+//! A connection Ollama closed while it sat unused is noticed before it is taken
+//! ([`SendRequest::is_closed`]). A request hyper could not write at all goes once more on a new
+//! connection; one written just as Ollama closed (a close this thread had not read yet) may
+//! have reached Ollama, so it is not sent again and fails, as with any HTTP/1 client. Connections
+//! unused for [`IDLE_TIMEOUT`] are closed at the next request.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// How long a connection may sit unused before the next request closes it: as long as
+/// `hyper_util`'s pool keeps one.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Why a request did not reach Ollama or came back without a response.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Connect(std::io::Error),
+    #[error("no connection within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// Connections to one Ollama (see the module docs), for requests with bodies of type `B`.
+pub struct Upstream<B> {
+    /// `host:port` to connect to.
+    address: String,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    /// Open connections, busy or not, each with when it was last handed a request.
+    connections: Mutex<Vec<(SendRequest<B>, Instant)>>,
+}
+
+impl<B> Upstream<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Connections to `address` (`host:port`), each opened within `connect_timeout`.
+    pub fn new(address: String, connect_timeout: Duration) -> Upstream<B> {
+        Upstream {
+            address,
+            connect_timeout,
+            idle_timeout: IDLE_TIMEOUT,
+            connections: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Closes connections unused for `idle` instead of [`IDLE_TIMEOUT`].
+    #[cfg(test)]
+    fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) on a free connection or a new one.
+    pub async fn send(&self, request: Request<B>) -> Result<Response<Incoming>, Error> {
+        let mut request = request;
+        // A reused connection may have closed just as it was taken: then once more on a new
+        // one, which cannot have.
+        let mut reuse = true;
+        loop {
+            let (mut sender, reused) = match reuse.then(|| self.take_free()).flatten() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.put_back(sender);
+                    return Ok(response);
+                }
+                Err(mut failed) => match failed.take_message() {
+                    Some(unsent) if reused => {
+                        request = unsent;
+                        reuse = false;
+                    }
+                    _ => return Err(Error::Http(failed.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Takes the first connection ready for a request, dropping the closed ones and those
+    /// unused for the idle timeout on the way.
+    fn take_free(&self) -> Option<SendRequest<B>> {
+        let now = Instant::now();
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let idle_too_long = |sender: &SendRequest<B>, used: Instant| {
+            sender.is_ready() && now - used > self.idle_timeout
+        };
+        connections.retain(|(sender, used)| !sender.is_closed() && !idle_too_long(sender, *used));
+        let free = connections
+            .iter()
+            .position(|(sender, _)| sender.is_ready())?;
+        Some(connections.swap_remove(free).0)
+    }
+
+    fn put_back(&self, sender: SendRequest<B>) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.push((sender, Instant::now()));
+    }
+
+    /// Opens a connection; its task runs until Ollama or the daemon closes it.
+    async fn connect(&self) -> Result<SendRequest<B>, Error> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.address))
+            .await
+            .map_err(|_| Error::ConnectTimeout(self.connect_timeout))?
+            .map_err(Error::Connect)?;
+        // Tokens go out as Ollama writes them.
+        stream.set_nodelay(true).map_err(Error::Connect)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(Error::Http)?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection to Ollama ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// How many connections are open (busy or free).
+    #[cfg(test)]
+    fn open(&self) -> usize {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.iter().filter(|(s, _)| !s.is_closed()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests;
