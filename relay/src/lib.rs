@@ -15,7 +15,8 @@
 //!   ([`limits`]), the token ([`auth`], with an identity provider's keys from [`jwks`]), the
 //!   tier ([`config`]).
 //! - `tunnel` serves `/tunnel`: daemons' tunnels, kept in the [`registry`] of devices.
-//! - `proxy` serves `/api/*` and `/v1/*`: each request routed to one of the caller's devices.
+//! - `proxy` serves `/api/*` and `/v1/*`: each request routed to one of the caller's devices
+//!   (taken from the connection straight to `proxy::ApiEntry`, not through axum's router).
 //! - [`web`] serves the web page at `/` ([`cors`] opens the API to other origins), and
 //!   `well_known` tells clients how to log in.
 //! - Beside them: the [`audit`] log, [`metrics`], and [`memory`], which gives freed memory back.
@@ -56,7 +57,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use axum::response::IntoResponse;
-use axum::routing::{any, get};
+use axum::routing::get;
 use http::StatusCode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -242,11 +243,14 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         }
         None => None,
     };
+    let cors = Arc::new(cors::Cors::new(&state.config.allowed_origins)?);
+    let api = proxy::ApiEntry::new(state.clone(), cors);
     let app = router(state.clone(), metrics_addr.is_none())?;
     let read_timeout = state.config.client_read_timeout;
     // Plain TCP is served thread-per-core (`shards`); TLS on this runtime.
     let http = server::Http {
         app,
+        api: Some(api),
         read_timeout,
         stop: shutdown.clone(),
     };
@@ -357,18 +361,13 @@ fn router(state: Arc<AppState>, with_metrics: bool) -> anyhow::Result<Router> {
     } else {
         Router::new()
     };
-    let cors = Arc::new(cors::Cors::new(&state.config.allowed_origins)?);
-    let api = Router::new()
-        .route("/api/{*rest}", any(proxy::forward))
-        .route("/v1/{*rest}", any(proxy::forward))
-        .layer(around::AroundLayer(cors));
+    // The API (`/api/…`, `/v1/…`) does not pass through the router: `proxy::ApiEntry`.
     let site = web::Site::new(&state.config)?;
     Ok(router
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route(cloudllm_proto::WELL_KNOWN_PATH, get(well_known::get))
         .route(cloudllm_proto::TUNNEL_PATH, get(tunnel::accept))
-        .merge(api)
         .merge(web::routes(site))
         .fallback(|| async {
             (

@@ -16,9 +16,11 @@
 
 mod accounting;
 mod body;
+mod entry;
 mod hop;
 mod route;
 
+pub(crate) use entry::{ApiEntry, is_api_path};
 use hop::forward_remote;
 pub(crate) use route::serve_forwarded;
 

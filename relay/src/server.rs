@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use futures_util::future::Either;
 use http::Request;
 use hyper::body::Incoming as IncomingBody;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -111,8 +112,11 @@ pub(crate) async fn accept_failed(err: io::Error) {
 /// in flight, as `axum::serve`'s graceful shutdown does.
 #[derive(Clone)]
 pub(crate) struct Http {
-    /// The relay's routes.
+    /// The relay's routes but the API's.
     pub app: Router,
+    /// The API (`/api/…`, `/v1/…`), served without the router; `None`: the router serves
+    /// every path.
+    pub api: Option<crate::proxy::ApiEntry>,
     /// Longest wait for a request head.
     pub read_timeout: Duration,
     /// Cancelled when the relay stops accepting.
@@ -193,6 +197,7 @@ impl Http {
         use hyper_util::rt::{TokioIo, TokioTimer};
         let Http {
             app,
+            api,
             read_timeout,
             stop,
         } = self;
@@ -206,8 +211,15 @@ impl Http {
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
             req.extensions_mut().insert(request_slot.clone());
-            // A router is always ready: no `poll_ready` before the call.
-            app.clone().call(req)
+            match &api {
+                Some(api) if crate::proxy::is_api_path(req.uri().path()) => {
+                    let api = api.clone();
+                    let req = req.map(axum::body::Body::new);
+                    Either::Left(async move { Ok(api.serve(req).await) })
+                }
+                // A router is always ready: no `poll_ready` before the call.
+                _ => Either::Right(app.clone().call(req)),
+            }
         });
         // HTTP/1.1 only (TLS offers no other protocol either): hyper-util's automatic version
         // detection would wait for the first bytes without any timeout.
@@ -311,6 +323,7 @@ mod tests {
         let stop = CancellationToken::new();
         let http = Http {
             app,
+            api: None,
             read_timeout: Duration::from_secs(10),
             stop: stop.clone(),
         };
