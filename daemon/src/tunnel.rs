@@ -24,7 +24,7 @@ use cloudllm_proto::ipc::Connection;
 use cloudllm_proto::{CLOSE_REPLACED, Control, Hello, PROTOCOL_VERSION, Secret, sane_models};
 use cloudllm_tunnel::Link;
 use cloudllm_tunnel::server::{self, RelaySignals, Served};
-use futures_util::SinkExt;
+use futures_util::{FutureExt, SinkExt};
 use hyper::service::service_fn;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -254,7 +254,15 @@ async fn serve(
         })
     };
     let closing = CancellationToken::new();
-    let served = server::serve(link, service, &closing);
+    // The session runs in a task of its own, so that each of its wake-ups (several per
+    // request) does not also poll every branch of the select below (issue 19); it ends with
+    // this function (aborted when dropped).
+    let session = tokio::spawn({
+        let closing = closing.clone();
+        async move { server::serve(link, service, &closing).await }
+    });
+    let served = tokio_util::task::AbortOnDropHandle::new(session)
+        .map(|joined| joined.unwrap_or_else(|err| Served::Failed(Box::new(err))));
     tokio::pin!(served);
     let mut registered = false;
     let ended = loop {
