@@ -83,7 +83,9 @@ where
         loop {
             let (mut sender, reused) = match reuse.then(|| self.take_free()).flatten() {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: opening a connection is rare, and its state inline would make every
+                // request's future (moved into the session's task list) a kilobyte larger.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {

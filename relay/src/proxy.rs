@@ -85,7 +85,7 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
         Err(refusal) => return limited(&state, api, Some(&identity.user), addr, &refusal),
     };
     if let Some(cluster) = &state.cluster {
-        match cluster.admit(&identity.user, tier_name, tier).await {
+        match Box::pin(cluster.admit(&identity.user, tier_name, tier)).await {
             Ok(Some(slot)) => admitted.attach(slot),
             Ok(None) => {}
             Err(refusal) => return limited(&state, api, Some(&identity.user), addr, &refusal),
