@@ -12,8 +12,10 @@
 //! A connection Ollama closed while it sat unused is noticed before it is taken
 //! ([`SendRequest::is_closed`]). A request hyper could not write at all goes once more on a new
 //! connection; one written just as Ollama closed (a close this thread had not read yet) may
-//! have reached Ollama, so it is not sent again and fails, as with any HTTP/1 client. Connections
-//! unused for [`IDLE_TIMEOUT`] are closed at the next request.
+//! have reached Ollama, so it is not sent again and fails, as with any HTTP/1 client. A free
+//! connection not known busy for [`IDLE_TIMEOUT`] (since its last response began, or since a
+//! request found it still answering) is closed at the next request: after a response that
+//! streamed longer than that with no other request meanwhile, its connection is replaced once.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -47,7 +49,8 @@ pub struct Upstream<B> {
     address: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    /// Open connections, busy or not, each with when it was last handed a request.
+    /// Open connections, busy or not, each with when it was last known busy (handed a request,
+    /// or found still answering one).
     connections: Mutex<Vec<(SendRequest<B>, Instant)>>,
 }
 
@@ -103,15 +106,22 @@ where
         }
     }
 
-    /// Takes the first connection ready for a request, dropping the closed ones and those
-    /// unused for the idle timeout on the way.
+    /// Takes the first connection ready for a request, dropping on the way the closed ones and
+    /// the free ones not seen busy for the idle timeout.
     fn take_free(&self) -> Option<SendRequest<B>> {
         let now = Instant::now();
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        let idle_too_long = |sender: &SendRequest<B>, used: Instant| {
-            sender.is_ready() && now - used > self.idle_timeout
-        };
-        connections.retain(|(sender, used)| !sender.is_closed() && !idle_too_long(sender, *used));
+        connections.retain_mut(|(sender, seen_busy)| {
+            if sender.is_closed() {
+                return false;
+            }
+            if !sender.is_ready() {
+                // Still sending a response: not idle.
+                *seen_busy = now;
+                return true;
+            }
+            now - *seen_busy <= self.idle_timeout
+        });
         let free = connections
             .iter()
             .position(|(sender, _)| sender.is_ready())?;
