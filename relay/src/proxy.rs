@@ -93,8 +93,7 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
     }
     // The connection no longer counts against the caps on unauthenticated connections.
     crate::connections::admitted(req.extensions());
-    // Set by the router's outermost layer ([`crate::request_id`]), which also puts it on the
-    // response.
+    // Set by `ApiEntry` ([`crate::request_id`]), which also puts it on the response.
     let request_id = req
         .headers()
         .get(proto::HEADER_REQUEST_ID)

@@ -5,8 +5,8 @@
 //! Why: each API request is the same two steps and one handler, and the router's part in it
 //! (matching, its boxed route, the handler's extractor plumbing) was ≈ 1.5 % of the relay's
 //! CPU per request (issue 19). Every other path (the web app, health, the tunnel upgrade, the
-//! 404 fallback) still goes through the router ([`crate::router`]), which no longer holds the
-//! API routes.
+//! 404 fallback) still goes through the router (`router` in `lib.rs`), which no longer holds
+//! the API routes.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
