@@ -4,16 +4,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::*;
 
 const CONNECT: Duration = Duration::from_secs(5);
 
-/// A fake Ollama: answers every request on every connection with `"ok"`, once `gate` lets it
-/// (one permit per answer); counts the connections it accepted.
-async fn fake_ollama(gate: Arc<Semaphore>) -> (String, Arc<AtomicUsize>) {
+/// A fake Ollama on loopback: runs `answer` on each connection it accepts, in a task of its
+/// own; counts the connections.
+async fn fake_ollama_with<F, Fut>(answer: F) -> (String, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -22,24 +26,33 @@ async fn fake_ollama(gate: Arc<Semaphore>) -> (String, Arc<AtomicUsize>) {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             count.fetch_add(1, Ordering::SeqCst);
-            let gate = gate.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_request| {
-                    let gate = gate.clone();
-                    async move {
-                        gate.acquire().await.unwrap().forget();
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            Bytes::from_static(b"ok"),
-                        )))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            tokio::spawn(answer(stream));
         }
     });
     (address, accepted)
+}
+
+/// A fake Ollama: answers every request on every connection with `"ok"`, once `gate` lets it
+/// (one permit per answer); counts the connections it accepted.
+async fn fake_ollama(gate: Arc<Semaphore>) -> (String, Arc<AtomicUsize>) {
+    fake_ollama_with(move |stream| {
+        let gate = gate.clone();
+        async move {
+            let service = hyper::service::service_fn(move |_request| {
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await.unwrap().forget();
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await
 }
 
 fn get(address: &str) -> Request<Empty<Bytes>> {
@@ -106,26 +119,19 @@ async fn requests_at_once_get_a_connection_each_which_later_ones_reuse() {
 async fn a_connection_ollama_closed_is_replaced_and_the_request_goes_through() {
     // Answers one request per connection, then closes it without saying so beforehand (no
     // `connection: close`), as a restarted Ollama would.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                stream.read_exact(&mut byte).await.unwrap();
-                head.push(byte[0]);
-            }
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await
-                .unwrap();
+    let (address, accepted) = fake_ollama_with(|mut stream: TcpStream| async move {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
         }
-    });
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+    })
+    .await;
     let upstream = Upstream::new(address.clone(), CONNECT);
     for round in 1..=3 {
         let response = upstream.send(get(&address)).await.unwrap();
