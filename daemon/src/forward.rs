@@ -98,24 +98,22 @@ impl Forwarder {
         device_name: String,
         state: Arc<State>,
     ) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            ollama.scheme() == "http",
-            "Ollama URL {ollama} is not http://: cloudllmd speaks plain HTTP to the local Ollama"
-        );
+        // The config's validation keeps `ollama_url` http:// with a host.
         let host = ollama
             .host_str()
             .ok_or_else(|| anyhow::anyhow!("Ollama URL {ollama} has no host"))?;
-        let port = ollama.port_or_known_default().unwrap_or(80);
-        let address = format!("{host}:{port}");
-        let host = match ollama.port() {
-            Some(port) => format!("{host}:{port}"),
-            None => host.to_owned(),
+        let address = format!("{host}:{}", ollama.port_or_known_default().unwrap_or(80));
+        // `Host` names the port only when the URL does, as a browser would.
+        let host = if ollama.port().is_some() {
+            &address
+        } else {
+            host
         };
         Ok(Forwarder {
-            upstream: Upstream::new(address, OLLAMA_CONNECT_TIMEOUT),
             base_path: ollama.path().trim_end_matches('/').to_owned(),
             state,
-            ollama_host: HeaderValue::from_str(&host)?,
+            ollama_host: HeaderValue::from_str(host)?,
+            upstream: Upstream::new(address, OLLAMA_CONNECT_TIMEOUT),
             ollama,
             allow_management,
             device_name,

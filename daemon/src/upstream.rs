@@ -23,6 +23,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -79,31 +80,35 @@ where
 
     /// Sends `request` (origin-form URI, `Host` set) on a free connection or a new one.
     pub async fn send(&self, request: Request<B>) -> Result<Response<Incoming>, Error> {
-        let mut request = request;
-        // A reused connection may have closed just as it was taken: then once more on a new
-        // one, which cannot have.
-        let mut reuse = true;
-        loop {
-            let (mut sender, reused) = match reuse.then(|| self.take_free()).flatten() {
-                Some(sender) => (sender, true),
-                // Boxed: opening a connection is rare, and its state inline would make every
-                // request's future (moved into the session's task list) a kilobyte larger.
-                None => (Box::pin(self.connect()).await?, false),
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    self.put_back(sender);
-                    return Ok(response);
-                }
+        let request = match self.take_free() {
+            None => request,
+            Some(sender) => match self.send_on(sender, request).await {
+                Ok(response) => return Ok(response),
+                // hyper gives a request back when it wrote none of it: the connection closed
+                // as it was taken. Once more on a new one, which cannot have.
                 Err(mut failed) => match failed.take_message() {
-                    Some(unsent) if reused => {
-                        request = unsent;
-                        reuse = false;
-                    }
-                    _ => return Err(Error::Http(failed.into_error())),
+                    Some(unsent) => unsent,
+                    None => return Err(Error::Http(failed.into_error())),
                 },
-            }
-        }
+            },
+        };
+        // Boxed: opening a connection is rare, and its state inline would make every request's
+        // future (moved into the session's task list) a kilobyte larger.
+        let sender = Box::pin(self.connect()).await?;
+        self.send_on(sender, request)
+            .await
+            .map_err(|failed| Error::Http(failed.into_error()))
+    }
+
+    /// Sends `request` on `sender`, which goes back into the list once the response head came.
+    async fn send_on(
+        &self,
+        mut sender: SendRequest<B>,
+        request: Request<B>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<B>>> {
+        let response = sender.try_send_request(request).await?;
+        self.put_back(sender);
+        Ok(response)
     }
 
     /// Takes the first connection ready for a request, dropping on the way the closed ones and
