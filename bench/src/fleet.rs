@@ -197,6 +197,8 @@ async fn serve(
         // `valid_version`: letters, digits and `.+-_` only.
         daemon_version: concat!("bench-fleet-", env!("CARGO_PKG_VERSION")).to_owned(),
         models: Vec::new(),
+        // The fleet measures one connection per device.
+        lanes: false,
     });
     if ws
         .send(tungstenite::Message::Text(hello.to_text().into()))

@@ -94,23 +94,27 @@ pub fn relay_endpoint(relay: &Url, path: &str) -> Url {
     url
 }
 
-/// Opens the tunnel's WebSocket.
+/// Opens the tunnel's WebSocket; with `lane` (`SHARD.KEY`, as the relay asked), one of its
+/// lanes.
 pub async fn dial(
     config: &DaemonConfig,
     tls: &Arc<rustls::ClientConfig>,
-    device_id: &str,
-    token: &cloudllm_proto::Secret,
+    (device_id, token): (&str, &cloudllm_proto::Secret),
+    lane: Option<&str>,
 ) -> Result<WebSocketStream<Box<dyn Stream>>, DialError> {
-    tokio::time::timeout(DIAL_TIMEOUT, dial_inner(config, tls, device_id, token))
-        .await
-        .map_err(|_| DialError::Network(format!("no answer within {DIAL_TIMEOUT:?}")))?
+    tokio::time::timeout(
+        DIAL_TIMEOUT,
+        dial_inner(config, tls, (device_id, token), lane),
+    )
+    .await
+    .map_err(|_| DialError::Network(format!("no answer within {DIAL_TIMEOUT:?}")))?
 }
 
 async fn dial_inner(
     config: &DaemonConfig,
     tls: &Arc<rustls::ClientConfig>,
-    device_id: &str,
-    token: &cloudllm_proto::Secret,
+    (device_id, token): (&str, &cloudllm_proto::Secret),
+    lane: Option<&str>,
 ) -> Result<WebSocketStream<Box<dyn Stream>>, DialError> {
     let net =
         |what: &str, err: &dyn std::fmt::Display| DialError::Network(format!("{what}: {err}"));
@@ -161,6 +165,9 @@ async fn dial_inner(
     );
     headers.insert(proto::HEADER_DEVICE_ID, value(device_id)?);
     headers.insert(proto::HEADER_DEVICE_NAME, value(&config.device_name)?);
+    if let Some(lane) = lane {
+        headers.insert(proto::HEADER_LANE, value(lane)?);
+    }
     headers.insert(
         http::header::USER_AGENT,
         value(concat!("cloudllmd/", env!("CARGO_PKG_VERSION")))?,

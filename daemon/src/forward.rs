@@ -120,6 +120,33 @@ impl Forwarder {
         })
     }
 
+    /// The service a tunnel's sessions (and its lanes') call for each request:
+    /// [`Forwarder::serve`] in a span that names the request id.
+    pub fn service(
+        self: Arc<Self>,
+    ) -> impl hyper::service::Service<
+        Request<RecvBody>,
+        Response = Response<TunnelBody>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Send
+    + 'static {
+        hyper::service::service_fn(move |req: Request<RecvBody>| {
+            // At debug level: the forwarder's own lines name the request id, and a span per
+            // request at info cost every request allocations and formatting in both log
+            // layers even when nothing inside it logs (issue 19).
+            let span = tracing::debug_span!(
+                "stream",
+                request_id = %req
+                    .headers()
+                    .get(proto::HEADER_REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+            );
+            tracing::Instrument::instrument(self.clone().serve(req), span)
+        })
+    }
+
     /// Serves one request that came through the tunnel.
     pub async fn serve(
         self: Arc<Self>,

@@ -7,8 +7,9 @@
 //! How it is laid out: [`run`] (below) opens the IPC socket and starts the tasks. The
 //! `supervisor` owns what should run — credentials, the wish to be connected, settings — and
 //! starts, switches and stops tunnels to match; `tunnel` keeps one tunnel to the relay open
-//! (`dial` opens the WebSocket, `backoff` spaces the retries) and `forward` passes each request
-//! to Ollama within the `allowlist`. `state` is what `cloudllm status` shows; [`ipc`] serves it
+//! (`dial` opens the WebSocket, `backoff` spaces the retries, `lanes` adds connections on
+//! threads of their own while the device is busy) and `forward` passes each request to Ollama
+//! (over `upstream`'s connections) within the `allowlist`. `state` is what `cloudllm status` shows; [`ipc`] serves it
 //! and turns clients' requests into calls on the supervisor. [`login`] runs the OpenID Connect
 //! flows, [`credentials`] keeps their result, [`config`] reads and edits the settings, `ollama`
 //! watches the local Ollama, and [`logs`] keeps recent log lines for `cloudllm logs`.
@@ -21,6 +22,7 @@ pub mod credentials;
 mod dial;
 mod forward;
 pub mod ipc;
+mod lanes;
 pub mod login;
 pub mod logs;
 mod ollama;

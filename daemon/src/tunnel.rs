@@ -25,17 +25,17 @@ use cloudllm_proto::{CLOSE_REPLACED, Control, Hello, PROTOCOL_VERSION, Secret, s
 use cloudllm_tunnel::Link;
 use cloudllm_tunnel::server::{self, RelaySignals, Served};
 use futures_util::{FutureExt, SinkExt};
-use hyper::service::service_fn;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug_span, info, warn};
+use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::DaemonConfig;
 use crate::dial::{self, DialError};
 use crate::forward::Forwarder;
+use crate::lanes::Lanes;
 use crate::state::TunnelReport;
 
 /// A tunnel that stayed up this long counts as good: the next failure backs off from the
@@ -129,7 +129,7 @@ pub async fn run(
             report.set_connection(Connection::Connecting);
         }
         let dialled = tokio::select! {
-            dialled = dial::dial(config, &tls, &session.device_id, &session.token) => dialled,
+            dialled = dial::dial(config, &tls, (&session.device_id, &session.token), None) => dialled,
             () = stop.now.cancelled() => return Ok(Finished::Stopped),
             () = stop.retire.cancelled() => return Ok(Finished::Stopped),
         };
@@ -137,7 +137,7 @@ pub async fn run(
             Ok(ws) => {
                 refused = false;
                 let started = Instant::now();
-                match serve(ws, &session, &forwarder, &report, &stop, &up).await {
+                match serve(ws, (&session, &tls), &forwarder, &report, &stop, &up).await {
                     Ended::Stopped => return Ok(Finished::Stopped),
                     Ended::Replaced if stop.superseded.is_cancelled() => {
                         info!("this device's newer tunnel took over from this one");
@@ -208,7 +208,7 @@ pub async fn run(
 /// sessions the relay opens, and keeps the relay's view of this device's models current.
 async fn serve(
     mut ws: tokio_tungstenite::WebSocketStream<Box<dyn dial::Stream>>,
-    session: &Session,
+    (session, tls): (&Session, &Arc<rustls::ClientConfig>),
     forwarder: &Arc<Forwarder>,
     report: &TunnelReport,
     stop: &Stop,
@@ -225,6 +225,7 @@ async fn serve(
         protocol_version: PROTOCOL_VERSION,
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
         models: sane_models(models.borrow_and_update().clone()),
+        lanes: true,
     });
     let bound = config.liveness().detection_bound();
     let message = Message::Text(hello.to_text().into());
@@ -236,24 +237,15 @@ async fn serve(
     let signals = RelaySignals::default();
     let link = Link::new(ws, config.liveness(), signals.handler()).with_rtt(report.rtt_cell());
     let outbox = link.outbox();
-    let service = {
-        let forwarder = forwarder.clone();
-        service_fn(move |req| {
-            // At debug level: the forwarder's own lines name the request id, and a span per
-            // request at info cost every request allocations and formatting in both log
-            // layers even when nothing inside it logs (issue 19).
-            let span = debug_span!(
-                "stream",
-                request_id = %req
-                    .headers()
-                    .get(cloudllm_proto::HEADER_REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-")
-            );
-            forwarder.clone().serve(req).instrument(span)
-        })
-    };
+    let service = forwarder.clone().service();
     let closing = CancellationToken::new();
+    // Dropped when this function returns: the lanes end with the tunnel's connection.
+    let lanes = Lanes::new(
+        session.clone(),
+        tls.clone(),
+        report.state().clone(),
+        closing.clone(),
+    );
     // The session runs in a task of its own, so that each of its wake-ups (several per
     // request) does not also poll every branch of the select below (issue 19); it ends with
     // this function (aborted when dropped).
@@ -278,6 +270,11 @@ async fn serve(
                 if changed.is_ok() {
                     let models = sane_models(models.borrow_and_update().clone());
                     outbox.push(Control::Models { models });
+                }
+            }
+            () = signals.lanes.notified() => {
+                if let Some(asked) = signals.lanes_asked() {
+                    lanes.open(asked);
                 }
             }
             () = signals.drain.cancelled(), if !closing.is_cancelled() => {

@@ -29,6 +29,12 @@ pub const HEADER_DEVICE_ID: &str = "x-cloudllm-device-id";
 pub const HEADER_DEVICE_NAME: &str = "x-cloudllm-device-name";
 /// Header a user may set on an API request to pick one of their devices by name or id.
 pub const HEADER_DEVICE: &str = "x-cloudllm-device";
+/// Header on a lane's upgrade request (see [`Control::Lanes`]): `SHARD.KEY`, the relay thread
+/// the lane is for and the key the relay gave the tunnel.
+pub const HEADER_LANE: &str = "x-cloudllm-lane";
+/// Most lanes a relay asks one tunnel for: one per relay thread but the tunnel's own, and no
+/// relay runs on more cores than this.
+pub const MAX_LANES: usize = 256;
 /// Request id carried end to end: user → relay → daemon → Ollama, and back on the response.
 pub const HEADER_REQUEST_ID: &str = "x-request-id";
 
@@ -114,6 +120,17 @@ pub enum Control {
     /// ends have sent it the tunnel is idle, and the relay opens the next session by sending
     /// its first bytes.
     SessionEnd,
+    /// Relay → daemon, to a daemon whose hello offered [`Hello::lanes`]: the device is busy;
+    /// open one more connection (a *lane*) for each relay thread in `shards`, each an upgrade
+    /// on the tunnel path with [`HEADER_LANE`] set to `SHARD.KEY`. A lane carries sessions as
+    /// the tunnel does but no control messages beyond them; the relay closes it once the
+    /// device is idle, and the daemon does not dial it again by itself.
+    Lanes {
+        /// The relay threads to open a lane for (at most [`MAX_LANES`]).
+        shards: Vec<u32>,
+        /// Names this tunnel on the relay: 32 hex digits.
+        key: String,
+    },
 }
 
 impl Control {
@@ -135,6 +152,15 @@ pub struct Hello {
     /// The names of the models the device's Ollama has (empty while Ollama is down).
     #[serde(default)]
     pub models: Vec<String>,
+    /// The daemon opens lanes when the relay asks ([`Control::Lanes`]). Absent from older
+    /// daemons' hellos: the relay asks only those that offer.
+    #[serde(default)]
+    pub lanes: bool,
+}
+
+/// Whether `key` is a lane key as the relay makes them: 32 lowercase hex digits.
+pub fn valid_lane_key(key: &str) -> bool {
+    key.len() == 32 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Model names cut to what a tunnel carries: at most [`MAX_MODELS`] non-empty printable
@@ -276,6 +302,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             daemon_version: "0.1.0".into(),
             models: vec!["smollm2:135m".into()],
+            lanes: true,
         };
         let text = Control::Hello(hello.clone()).to_text();
         assert_eq!(
@@ -294,7 +321,34 @@ mod tests {
             r#"{"type":"hello","protocol_version":2,"daemon_version":"0.0.9"}"#,
         )
         .unwrap();
-        assert!(matches!(bare, Control::Hello(Hello { models, .. }) if models.is_empty()));
+        assert!(
+            matches!(bare, Control::Hello(Hello { models, lanes: false, .. }) if models.is_empty())
+        );
+    }
+
+    #[test]
+    fn lanes_name_their_shards_and_a_key() {
+        let lanes = Control::Lanes {
+            shards: vec![1, 3],
+            key: "0123456789abcdef0123456789abcdef".into(),
+        };
+        assert_eq!(
+            lanes.to_text(),
+            r#"{"type":"lanes","shards":[1,3],"key":"0123456789abcdef0123456789abcdef"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Control>(&lanes.to_text()).unwrap(),
+            lanes
+        );
+        assert!(valid_lane_key("0123456789abcdef0123456789abcdef"));
+        for bad in [
+            "",
+            "0123456789ABCDEF0123456789ABCDEF",
+            "0123",
+            "g123456789abcdef0123456789abcdef",
+        ] {
+            assert!(!valid_lane_key(bad), "{bad}");
+        }
     }
 
     #[test]
@@ -329,6 +383,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             daemon_version: "x".repeat(64),
             models,
+            lanes: true,
         });
         assert!(hello.to_text().len() <= MAX_CONTROL_BYTES);
     }

@@ -159,6 +159,9 @@ pub struct RelayConfig {
     /// `[cluster]`: run as one node of a cluster that shares Redis or Valkey (see
     /// [`ClusterConfig`]). Without it the relay runs alone and needs nothing else.
     pub cluster: Option<ClusterConfig>,
+    /// Threads serving plain HTTP (one connection each, thread-per-core); 0, the default, is
+    /// one per core. Ignored with `[tls]`, which is served on the main runtime.
+    pub threads: usize,
 }
 
 /// `[web_login]`: the web page's own client at the `[login]` provider.
@@ -178,6 +181,9 @@ fn default_web_scopes() -> Vec<String> {
         .map(String::from)
         .to_vec()
 }
+
+/// Most `threads` a relay runs: every one may hold a lane of each busy tunnel.
+pub const MAX_THREADS: usize = cloudllm_proto::MAX_LANES;
 
 impl Default for RelayConfig {
     fn default() -> Self {
@@ -225,6 +231,7 @@ impl Default for RelayConfig {
             allowed_origins: Vec::new(),
             web_login: None,
             cluster: None,
+            threads: 0,
         }
     }
 }
@@ -324,6 +331,11 @@ impl RelayConfig {
                 && self.max_unauthenticated_connections_per_address > 0,
             "max_unauthenticated_connections and max_unauthenticated_connections_per_address must be above zero \
              (with zero, no client could ever connect)"
+        );
+        anyhow::ensure!(
+            self.threads <= MAX_THREADS,
+            "threads is {}: at most {MAX_THREADS} (0 means one per core)",
+            self.threads
         );
         anyhow::ensure!(
             !self.session_idle.is_zero(),

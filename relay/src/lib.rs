@@ -88,6 +88,9 @@ struct AppState {
     trimmer: Arc<memory::Trimmer>,
     /// This node's part in a cluster, with `[cluster]`.
     cluster: Option<Arc<cluster::Cluster>>,
+    /// The shards busy devices are asked to open lanes to (`tunnel::lane`): the shard count
+    /// when plain HTTP is served on more than one and the relay runs alone, else 0.
+    lanes: usize,
 }
 
 /// A running relay.
@@ -189,7 +192,20 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
         Some((cluster, listener, addr)) => (Some(cluster), Some((listener, addr))),
         None => (None, None),
     };
+    // Plain TCP is served thread-per-core (`shards`); TLS on this runtime.
+    let threads = match (&tls, config.threads) {
+        (Some(_), _) => 0,
+        (None, 0) => std::thread::available_parallelism().map_or(1, usize::from),
+        (None, threads) => threads,
+    };
+    // In a cluster a lane's upgrade could reach another node than its tunnel's.
+    let lanes = if threads > 1 && cluster.is_none() {
+        threads
+    } else {
+        0
+    };
     let state = Arc::new(AppState {
+        lanes,
         config,
         audit,
         jwks: jwks.clone(),
@@ -247,7 +263,6 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
     let api = proxy::ApiEntry::new(state.clone(), cors);
     let app = router(state.clone(), metrics_addr.is_none())?;
     let read_timeout = state.config.client_read_timeout;
-    // Plain TCP is served thread-per-core (`shards`); TLS on this runtime.
     let http = server::Http {
         app,
         api: Some(api),
@@ -261,12 +276,11 @@ pub async fn serve(mut config: RelayConfig, shutdown: CancellationToken) -> anyh
                 None,
             ),
             None => {
-                let cores = std::thread::available_parallelism().map_or(1, usize::from);
-                let shards = Arc::new(shards::Shards::start(cores).context("starting threads")?);
+                let shards = Arc::new(shards::Shards::start(threads).context("starting threads")?);
                 info!(threads = shards.len(), "serving plain HTTP thread-per-core");
                 let listener = server::PlainListener::new(listener, keepalive, gate);
                 (
-                    Box::pin(http.serve_sharded(listener, shards.clone())),
+                    Box::pin(http.serve_sharded(listener, shards.clone(), registry.clone())),
                     Some(shards),
                 )
             }

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub sessions: Counter,
     /// Tunnels open: handshaking, registered, and replaced ones still closing.
     pub tunnels_open: Gauge,
+    /// Lanes open: busy tunnels' extra connections, one per relay thread.
+    pub lanes_open: Gauge,
     /// Connections that have not carried an admitted request yet (TLS handshakes included).
     pub unauthenticated: Gauge,
     /// New connections closed at accept because a cap on unauthenticated connections was full.
@@ -111,6 +113,7 @@ impl Default for Metrics {
             sessions_open: Gauge::default(),
             sessions: Counter::default(),
             tunnels_open: Gauge::default(),
+            lanes_open: Gauge::default(),
             unauthenticated: Gauge::default(),
             connections_refused: Family::default(),
             connections_evicted: Family::default(),
@@ -173,6 +176,11 @@ impl Default for Metrics {
             "tunnel_sessions",
             "HTTP/2 sessions opened on tunnels",
             metrics.sessions.clone(),
+        );
+        registry.register(
+            "tunnel_lanes_open",
+            "Lanes open: busy tunnels' extra connections, one per relay thread",
+            metrics.lanes_open.clone(),
         );
         registry.register(
             "tunnels_open",
@@ -280,6 +288,12 @@ impl Metrics {
         self.sessions.inc();
         self.sessions_open.inc();
         SessionOpen(self.sessions_open.clone())
+    }
+
+    /// Counts a lane as open until the returned guard drops.
+    pub fn lane_open(&self) -> SessionOpen {
+        self.lanes_open.inc();
+        SessionOpen(self.lanes_open.clone())
     }
 
     /// Counts a tunnel as open until the returned guard drops.

@@ -236,6 +236,22 @@ impl Registry {
         }
     }
 
+    /// Whether a device of `user` is asked for lanes (see [`Device::with_lanes`]).
+    pub fn has_lanes(&self, user: &str) -> bool {
+        self.lock()
+            .get(user)
+            .is_some_and(|devices| devices.iter().any(|d| d.has_lanes()))
+    }
+
+    /// The registered device of `user` with `id` whose lane key is `key`.
+    pub fn lane_device(&self, user: &str, id: &str, key: &str) -> Option<Arc<Device>> {
+        self.lock()
+            .get(user)?
+            .iter()
+            .find(|d| d.id == id && d.lane_key().as_deref() == Some(key))
+            .cloned()
+    }
+
     /// Every connected device.
     pub fn all(&self) -> Vec<Arc<Device>> {
         self.lock().values().flatten().cloned().collect()

@@ -24,6 +24,7 @@ use tower_service::Service as _;
 use tracing::{debug, warn};
 
 use crate::connections::{Gate, Slot};
+use crate::registry::Registry;
 use crate::shards::Shards;
 
 /// A connection the gate admitted.
@@ -136,15 +137,19 @@ impl Http {
     /// Serves plain TCP as [`Http::serve`] does, each connection on the shard of the user its
     /// first request names ([`crate::shards`]). Accepting and placing run here; from its
     /// first request on, a connection is the shard's alone.
+    /// `registry` tells which users' devices have lanes (their connections go round the shards).
     pub(crate) async fn serve_sharded(
         self,
         listener: PlainListener,
         shards: Arc<Shards>,
+        registry: Arc<Registry>,
     ) -> io::Result<()> {
         accept_until(listener, &self.stop.clone(), |incoming, connections| {
-            let placing = self
-                .clone()
-                .place(incoming, shards.clone(), connections.clone());
+            let placing = self.clone().place(
+                incoming,
+                (shards.clone(), registry.clone()),
+                connections.clone(),
+            );
             connections.spawn(placing);
         })
         .await
@@ -155,7 +160,7 @@ impl Http {
     async fn place(
         self,
         incoming: Incoming<TcpStream>,
-        shards: Arc<Shards>,
+        (shards, registry): (Arc<Shards>, Arc<Registry>),
         connections: TaskTracker,
     ) {
         let Incoming { io, peer, slot } = incoming;
@@ -171,8 +176,10 @@ impl Http {
             debug!(%peer, "connection closed before its first request");
             return;
         };
-        let shard = shards.for_head(&head[..read]).clone();
-        drop(shards);
+        let shard = shards
+            .for_head(&head[..read], |user| registry.has_lanes(user))
+            .clone();
+        drop((shards, registry));
         // Off this runtime's reactor, onto the shard's (`from_std` there).
         let io = match io.into_std() {
             Ok(io) => io,
@@ -328,7 +335,8 @@ mod tests {
             stop: stop.clone(),
         };
         let listener = PlainListener::new(tcp, socket2::TcpKeepalive::new(), gate);
-        let server = tokio::spawn(http.serve_sharded(listener, shards));
+        let registry = Arc::new(Registry::default());
+        let server = tokio::spawn(http.serve_sharded(listener, shards, registry));
 
         for user in ["alice", "bob", "carol"] {
             let mut threads = HashSet::new();

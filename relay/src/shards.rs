@@ -1,13 +1,17 @@
 //! Thread-per-core serving: one single-threaded runtime per core (a *shard*), and each plain
-//! TCP connection served on the shard of the user its first request names.
+//! TCP connection served on the shard its first request calls for.
 //!
 //! Why: a request crosses two tasks in the relay, the client's HTTP/1 connection and the
-//! device's tunnel (HTTP/2 over a WebSocket). On tokio's work-stealing runtime the two often
-//! sit on different cores, and every request then wakes a second thread: measured, that
-//! hand-off was most of what the relay spent per request above a plain hyper proxy
-//! (docs/performance.md). Here the tunnel upgrade and the API calls of one user land on one
-//! shard, so a request and its tunnel run on one thread, while different users spread over
-//! every core.
+//! device's tunnel. On tokio's work-stealing runtime the two often sit on different cores, and
+//! every request then wakes a second thread: measured, that hand-off was most of what the relay
+//! spent per request above a plain hyper proxy (docs/performance.md). Here a request and the
+//! tunnel connection it uses run on one thread, while the work spreads over every core:
+//! - A device's tunnel and its *lanes* (more connections of the same tunnel, one per shard,
+//!   which the relay asks a busy device for: `tunnel::lane`) each land on their own shard;
+//!   a lane's upgrade names its shard in its `x-cloudllm-lane` header.
+//! - A user whose device opens lanes has their connections go to the shards in turn: each
+//!   shard has a lane of that device. Other users' connections go to the shard of the user
+//!   their first request names (where that user's tunnel is too); so do the tunnels.
 //!
 //! The user is read from the bearer token in the first request head the client sent, without
 //! verifying it: placement decides only where the work runs, and every request is verified as
@@ -17,8 +21,9 @@
 //! all the same, crossing threads as before.
 //!
 //! TLS connections stay on the main runtime: a TLS stream cannot move between runtimes, and
-//! its first request cannot be read before its handshake.
+//! its first request cannot be read before its handshake. Lanes are not asked for then.
 
+use std::cell::Cell;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,6 +36,17 @@ use tokio::sync::oneshot;
 /// user: 8 KiB, hyper's own first read. A bearer token from an identity provider is 1–2 KiB;
 /// a head whose token starts further on goes to the shards in turn.
 pub(crate) const PEEK_BYTES: usize = 8 * 1024;
+
+thread_local! {
+    /// The index of the shard this thread runs, on shard threads.
+    static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The index of the shard the calling thread runs; `None` off the shards (TLS connections,
+/// the main runtime).
+pub(crate) fn current() -> Option<usize> {
+    CURRENT.with(Cell::get)
+}
 
 /// The shards: their runtimes' handles. Dropping the last `Shards` ends their threads, and
 /// with them every task still running there (as a process exit would).
@@ -59,6 +75,7 @@ impl Shards {
             std::thread::Builder::new()
                 .name(format!("relay-shard-{index}"))
                 .spawn(move || {
+                    CURRENT.with(|current| current.set(Some(index)));
                     // Ends when the sender is dropped; the runtime, dropped after it, drops
                     // the tasks left on it.
                     let _ = runtime.block_on(stopped);
@@ -78,11 +95,18 @@ impl Shards {
         self.handles.len()
     }
 
-    /// The runtime to serve a connection whose first request head starts with `head`.
-    pub(crate) fn for_head(&self, head: &[u8]) -> &Handle {
-        &self.handles[self.index_for(user_of(head))]
+    /// The runtime to serve a connection whose first request head starts with `head`: the
+    /// shard a lane's upgrade names; for a user that `spreads` (their device has lanes), the
+    /// next shard in turn; else the user's own shard.
+    pub(crate) fn for_head(&self, head: &[u8], spreads: impl Fn(&str) -> bool) -> &Handle {
+        if let Some(shard) = lane_of(head).filter(|&shard| shard < self.handles.len()) {
+            return &self.handles[shard];
+        }
+        let user = user_of(head).filter(|user| !spreads(user));
+        &self.handles[self.index_for(user)]
     }
 
+    /// The shard of `user`; the next in turn for none.
     fn index_for(&self, user: Option<String>) -> usize {
         let n = self.handles.len();
         match user {
@@ -90,6 +114,13 @@ impl Shards {
             None => self.next.fetch_add(1, Ordering::Relaxed) % n,
         }
     }
+}
+
+/// The shard a lane's upgrade request names (`x-cloudllm-lane: SHARD.KEY`); the key is
+/// checked where the upgrade is served.
+fn lane_of(head: &[u8]) -> Option<usize> {
+    let value = header(head, cloudllm_proto::HEADER_LANE)?;
+    value.split_once('.')?.0.parse().ok()
 }
 
 /// The user (`sub`) of the bearer token in a request head, unverified; `None` when the bytes
@@ -107,9 +138,18 @@ pub(crate) fn user_of(head: &[u8]) -> Option<String> {
     serde_json::from_slice::<Subject>(&json).ok().map(|s| s.sub)
 }
 
-/// The token of the first complete `Authorization: Bearer …` line in `head`, before the blank
-/// line that ends the head.
+/// The token of the first complete `Authorization: Bearer …` line in `head`.
 fn bearer_token(head: &[u8]) -> Option<&str> {
+    let (scheme, token) = header(head, "authorization")?.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+/// The value (trimmed) of the first complete `name` header line in `head`, before the blank
+/// line that ends the head.
+fn header<'h>(head: &'h [u8], name: &str) -> Option<&'h str> {
     // Only complete lines: the last piece may have been cut by the peek.
     let complete = &head[..head.windows(2).rposition(|w| w == b"\r\n")?];
     let mut headers = complete
@@ -118,16 +158,11 @@ fn bearer_token(head: &[u8]) -> Option<&str> {
         .skip(1) // the request line
         .take_while(|line| !line.is_empty()); // the body is not the head
     headers.find_map(|line| {
-        let (name, value) = line.split_at(line.iter().position(|&b| b == b':')?);
-        if !name.eq_ignore_ascii_case(b"authorization") {
+        let (found, value) = line.split_at(line.iter().position(|&b| b == b':')?);
+        if !found.eq_ignore_ascii_case(name.as_bytes()) {
             return None;
         }
-        let value = std::str::from_utf8(&value[1..]).ok()?.trim();
-        let (scheme, token) = value.split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim())
-            .filter(|token| !token.is_empty())
+        Some(std::str::from_utf8(&value[1..]).ok()?.trim())
     })
 }
 
@@ -188,12 +223,37 @@ mod tests {
             "GET / HTTP/1.1\r\nauthorization: Bearer {}\r\n\r\n",
             jwt(r#"{"sub":"alice"}"#)
         );
-        let name = shards
-            .for_head(head.as_bytes())
-            .spawn(async { std::thread::current().name().map(str::to_owned) })
-            .await
-            .unwrap();
+        let on_shard = |head: &str, spreads: bool| {
+            shards
+                .for_head(head.as_bytes(), |_| spreads)
+                .spawn(async { (std::thread::current().name().map(str::to_owned), current()) })
+        };
+        let (name, index) = on_shard(&head, false).await.unwrap();
         assert_eq!(name, Some(format!("relay-shard-{alice}")));
+        assert_eq!(index, Some(alice));
+        assert_eq!(current(), None, "the test's own thread is no shard");
+        // Once alice's device has lanes, her connections go round the shards.
+        let spread: Vec<usize> =
+            futures_util::future::join_all((0..4).map(|_| on_shard(&head, true)))
+                .await
+                .into_iter()
+                .map(|placed| placed.unwrap().1.unwrap())
+                .collect();
+        let mut sorted = spread.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [0, 1, 2, 3], "{spread:?}");
+        // A lane's upgrade lands on the shard it names, whatever its user.
+        for shard in 0..4 {
+            let lane = format!(
+                "GET /tunnel HTTP/1.1\r\nAuthorization: Bearer {}\r\nX-Cloudllm-Lane: {shard}.{}\r\n\r\n",
+                jwt(r#"{"sub":"alice"}"#),
+                "0".repeat(32)
+            );
+            assert_eq!(on_shard(&lane, false).await.unwrap().1, Some(shard));
+        }
+        // A shard out of range is no lane: the head goes where its user does.
+        let wild = head.replace("\r\n\r\n", "\r\nx-cloudllm-lane: 9.k\r\n\r\n");
+        assert_eq!(on_shard(&wild, false).await.unwrap().1, Some(alice));
     }
 
     #[tokio::test]

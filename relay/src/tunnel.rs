@@ -5,14 +5,17 @@
 //! WebSocket; so are the device headers, the tier's device limit and the user's bound on open
 //! tunnels, each refused with a status and a message that says what to do. The tunnel itself:
 //! - [`hello`] reads and checks the daemon's hello (and escapes what reaches a log),
-//! - [`running`] keeps the device registered for as long as the tunnel lives and runs an
-//!   HTTP/2 client session over it whenever requests need one, until it closes or is drained.
+//! - [`running`] keeps the device registered for as long as the tunnel lives and runs a
+//!   session over it whenever requests need one, until it closes or is drained,
+//! - [`lane`] serves a busy tunnel's lanes: more connections of the same daemon, one per relay
+//!   thread, each with a session of its own (the upgrade names its tunnel's key and thread).
 //!
 //! One device id has one tunnel: a newer tunnel with the same user and device id takes the
 //! older one's place in the registry (see [`running`]). Every tunnel, whatever its state, holds
 //! one of its user's [`TUNNELS_PER_DEVICE`] × `devices` slots from before the upgrade to its end.
 
 mod hello;
+mod lane;
 mod running;
 
 use std::net::IpAddr;
@@ -81,17 +84,33 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
         Ok(device) => device,
         Err(message) => return plain(StatusCode::BAD_REQUEST, &message),
     };
+    if let Some(lane) = req.headers().get(proto::HEADER_LANE) {
+        let (device, shard) = match lane::find(&state, &identity.user, &device_id, lane) {
+            Ok(found) => found,
+            Err((status, message)) => return plain(status, &message),
+        };
+        let (accept_key, on_upgrade) = match websocket(&mut req) {
+            Ok(websocket) => websocket,
+            Err(message) => return plain(StatusCode::BAD_REQUEST, message),
+        };
+        let span = info_span!(
+            "lane",
+            user = %escaped(&identity.user),
+            device = %escaped(&device.name),
+            shard
+        );
+        let run = lane::run(state.clone(), device, shard, on_upgrade);
+        state.tasks.spawn(run.instrument(span));
+        return switching_protocols(accept_key);
+    }
     let others = state.device_others(&identity.user, &device_id).await;
     if others.len() >= max_devices {
         let refusal = device_limit(tier_name, max_devices, &others);
         return limited(&state, Some(&identity.user), addr, &refusal);
     }
-    let accept_key = match websocket_key(req.headers()) {
-        Ok(key) => key,
+    let (accept_key, on_upgrade) = match websocket(&mut req) {
+        Ok(websocket) => websocket,
         Err(message) => return plain(StatusCode::BAD_REQUEST, message),
-    };
-    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return plain(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
     // Counted from here to the task's end, whatever becomes of the tunnel.
     let max_tunnels = max_devices.saturating_mul(TUNNELS_PER_DEVICE);
@@ -126,7 +145,21 @@ pub async fn accept(State(state): State<Arc<AppState>>, mut req: Request) -> Res
         }
         .instrument(span),
     );
+    switching_protocols(accept_key)
+}
 
+/// The accept key and the upgrade of a request that asks for a WebSocket; else why not.
+fn websocket(req: &mut Request) -> Result<(HeaderValue, hyper::upgrade::OnUpgrade), &'static str> {
+    let accept_key = websocket_key(req.headers())?;
+    let on_upgrade = req
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or("connection cannot be upgraded")?;
+    Ok((accept_key, on_upgrade))
+}
+
+/// The answer that upgrades the connection to a WebSocket.
+fn switching_protocols(accept_key: HeaderValue) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();

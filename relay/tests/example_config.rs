@@ -104,6 +104,7 @@ fn every_setting_is_named_and_loads() {
         allowed_origins,
         web_login,
         cluster,
+        threads,
     } = config;
     for (name, set) in [
         ("secret", secret.is_some()),
@@ -144,6 +145,7 @@ fn every_setting_is_named_and_loads() {
     assert_eq!(shutdown_grace, defaults.shutdown_grace);
     assert_eq!(client_read_timeout, defaults.client_read_timeout);
     assert_eq!(token_grace, defaults.token_grace);
+    assert_eq!(threads, defaults.threads);
     let cluster = cluster.unwrap();
     assert_eq!(
         cluster.redis_url().unwrap(),

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -44,6 +44,8 @@ pub struct Records {
     /// Paths of the requests that came through the tunnel (they carry an `x-request-id`; the
     /// daemon's own health polls do not).
     pub hits: Mutex<Vec<String>>,
+    /// The daemon's connection (its address) each of those requests came on, in order.
+    pub hit_peers: Mutex<Vec<SocketAddr>>,
     /// For each stream tag, when each line was produced.
     pub produced: Mutex<HashMap<String, Vec<Instant>>>,
     /// For each stream tag, when and how it ended.
@@ -146,6 +148,7 @@ impl FakeOllama {
             .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(records.clone());
         let task = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
         FakeOllama {
@@ -172,6 +175,9 @@ async fn record_hit(
     next: Next,
 ) -> Response {
     if req.headers().contains_key("x-request-id") {
+        if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+            records.hit_peers.lock().unwrap().push(*peer);
+        }
         records
             .hits
             .lock()

@@ -376,6 +376,7 @@ fn good_hello() -> Message {
         protocol_version: proto::PROTOCOL_VERSION,
         daemon_version: "0.0.0-hostile".into(),
         models: vec!["m:latest".into()],
+        lanes: false,
     })
 }
 
@@ -418,12 +419,14 @@ async fn a_daemon_whose_hello_is_invalid_never_registers() {
         protocol_version: proto::PROTOCOL_VERSION,
         daemon_version: "x".into(),
         models: Vec::new(),
+        lanes: false,
     };
     too_big.daemon_version = "x".repeat(proto::MAX_CONTROL_BYTES + 10);
     let old = proto::Hello {
         protocol_version: 1,
         daemon_version: "x".into(),
         models: Vec::new(),
+        lanes: false,
     };
     for hello in [
         Message::Text("not json".into()),

@@ -73,6 +73,7 @@ async fn hello(ws: &mut Ws, daemon_version: &str) {
         protocol_version: proto::PROTOCOL_VERSION,
         daemon_version: daemon_version.to_owned(),
         models: vec!["m:latest".into()],
+        lanes: false,
     });
     timeout(STEP, ws.send(Message::Text(hello.to_text().into())))
         .await

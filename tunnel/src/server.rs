@@ -7,11 +7,13 @@
 //! one.
 
 use std::error::Error as StdError;
+use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
 use http_body::Body;
 use hyper::service::Service;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
 
@@ -28,18 +30,49 @@ pub struct RelaySignals {
     /// The relay asks this tunnel to drain
     /// ([`Control::Drain`](cloudllm_proto::Control::Drain)).
     pub drain: CancellationToken,
+    /// Notified when the relay asks for lanes
+    /// ([`Control::Lanes`](cloudllm_proto::Control::Lanes)); [`RelaySignals::lanes_asked`]
+    /// takes what it asked for.
+    pub lanes: Arc<Notify>,
+    asked: Arc<Mutex<Option<LanesAsked>>>,
+}
+
+/// Lanes the relay asked for: one connection per relay thread in `shards`, each presenting
+/// `key` (checked: at most [`MAX_LANES`](cloudllm_proto::MAX_LANES) shards, no repeats, a
+/// well-formed key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LanesAsked {
+    /// The relay threads.
+    pub shards: Vec<u32>,
+    /// The tunnel's lane key.
+    pub key: String,
 }
 
 impl RelaySignals {
     /// The link's control handler that cancels these tokens; other control messages (which
-    /// relays do not send) are ignored.
+    /// relays do not send) are ignored, and so is a request for lanes that is not well-formed.
     pub fn handler(&self) -> ControlHandler {
         let signals = self.clone();
         Box::new(move |control| match control {
             cloudllm_proto::Control::Ready => signals.ready.cancel(),
             cloudllm_proto::Control::Drain => signals.drain.cancel(),
+            cloudllm_proto::Control::Lanes { mut shards, key } => {
+                shards.sort_unstable();
+                shards.dedup();
+                if shards.len() <= cloudllm_proto::MAX_LANES && cloudllm_proto::valid_lane_key(&key)
+                {
+                    *signals.asked.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(LanesAsked { shards, key });
+                    signals.lanes.notify_one();
+                }
+            }
             _ => {}
         })
+    }
+
+    /// The lanes the relay last asked for, once (see [`RelaySignals::lanes`]).
+    pub fn lanes_asked(&self) -> Option<LanesAsked> {
+        self.asked.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -126,6 +159,48 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("connection error")]
     struct Outer(#[source] io::Error);
+
+    #[test]
+    fn well_formed_requests_for_lanes_are_kept_for_the_daemon() {
+        let signals = RelaySignals::default();
+        let mut handler = signals.handler();
+        let key = "0123456789abcdef0123456789abcdef".to_owned();
+        handler(cloudllm_proto::Control::Lanes {
+            shards: vec![3, 1, 3],
+            key: "not a key".into(),
+        });
+        handler(cloudllm_proto::Control::Lanes {
+            shards: vec![0; cloudllm_proto::MAX_LANES + 1],
+            key: key.clone(),
+        });
+        // Repeats count once: MAX_LANES + 1 zeros are one shard.
+        assert_eq!(
+            signals.lanes_asked(),
+            Some(LanesAsked {
+                shards: vec![0],
+                key: key.clone()
+            })
+        );
+        let too_many: Vec<u32> = (0..=cloudllm_proto::MAX_LANES as u32).collect();
+        handler(cloudllm_proto::Control::Lanes {
+            shards: too_many,
+            key: key.clone(),
+        });
+        assert_eq!(signals.lanes_asked(), None);
+        handler(cloudllm_proto::Control::Lanes {
+            shards: vec![3, 1, 3],
+            key: key.clone(),
+        });
+        assert_eq!(
+            signals.lanes_asked(),
+            Some(LanesAsked {
+                shards: vec![1, 3],
+                key
+            })
+        );
+        // Taken once.
+        assert_eq!(signals.lanes_asked(), None);
+    }
 
     #[test]
     fn errors_are_reported_with_their_causes() {

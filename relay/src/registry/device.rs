@@ -1,4 +1,4 @@
-//! One connected device: its tunnel's session (opened on demand), its requests in
+//! One connected device: its tunnel's session (opened on demand), its lanes, its requests in
 //! flight, its model list, and whether it is still the device's live tunnel.
 //!
 //! Requests and the tunnel task meet here. A request asks for a session and waits (at most
@@ -6,7 +6,7 @@
 //! the tunnel task learns from here when a session is wanted, when the device has been idle
 //! long enough to close it, and when a newer tunnel has replaced this one.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,7 +42,12 @@ pub struct Device {
     /// Wakes the waiting requests: a session opened, or the tunnel is gone.
     opened: Notify,
     /// The tunnel is gone: no session will open again.
-    gone: AtomicBool,
+    gone: CancellationToken,
+    /// Names this tunnel to its lanes' upgrades, when the relay asks it for lanes (see
+    /// `tunnel::lane`).
+    lane_key: Option<[u8; 16]>,
+    /// The sessions of the tunnel's lanes, by the shard each runs on.
+    lanes: Mutex<Vec<(usize, Client)>>,
     /// A newer tunnel with the same user and device id took this one's place in the registry.
     replaced: CancellationToken,
     /// Requests in flight on this tunnel, for least-busy routing.
@@ -69,7 +74,9 @@ impl Device {
             wanted: Notify::new(),
             waiting: AtomicUsize::new(0),
             opened: Notify::new(),
-            gone: AtomicBool::new(false),
+            gone: CancellationToken::new(),
+            lane_key: None,
+            lanes: Mutex::default(),
             replaced: CancellationToken::new(),
             in_flight: AtomicUsize::new(0),
             last_active: AtomicU64::new(0),
@@ -77,6 +84,76 @@ impl Device {
             models: Mutex::default(),
             observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The same device, asked for lanes when busy (its daemon offered them and the relay runs
+    /// more than one shard).
+    pub fn with_lanes(mut self) -> Self {
+        let mut key = [0; 16];
+        // Without randomness, no lanes: the tunnel alone serves the device.
+        if getrandom::fill(&mut key).is_ok() {
+            self.lane_key = Some(key);
+        }
+        self
+    }
+
+    /// Whether the relay asks this tunnel for lanes.
+    pub fn has_lanes(&self) -> bool {
+        self.lane_key.is_some()
+    }
+
+    /// The key a lane of this tunnel presents (32 hex digits), if it has lanes.
+    pub fn lane_key(&self) -> Option<String> {
+        let key = self.lane_key?;
+        Some(key.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The shards of `0..shards` other than `own` that have no lane of this tunnel: empty
+    /// unless it has lanes.
+    pub fn lanes_missing(&self, shards: usize, own: usize) -> Vec<u32> {
+        if self.lane_key.is_none() {
+            return Vec::new();
+        }
+        let lanes = lock(&self.lanes);
+        (0..shards)
+            .filter(|&shard| {
+                shard != own && !lanes.iter().any(|(s, c)| *s == shard && !c.is_closed())
+            })
+            .map(|shard| shard as u32)
+            .collect()
+    }
+
+    /// Makes `lane` the session that requests served on `shard` use, unless a live lane has
+    /// that shard already or the tunnel is gone; then returns false.
+    pub fn attach_lane(&self, shard: usize, lane: Client) -> bool {
+        let mut lanes = lock(&self.lanes);
+        lanes.retain(|(_, c)| !c.is_closed());
+        if self.gone.is_cancelled() || lanes.iter().any(|(s, _)| *s == shard) {
+            return false;
+        }
+        lanes.push((shard, lane));
+        true
+    }
+
+    /// Lets go of the lane on `shard`: no new request uses it, and it ends once the streams
+    /// in flight end.
+    pub fn detach_lane(&self, shard: usize) {
+        lock(&self.lanes).retain(|(s, _)| *s != shard);
+    }
+
+    /// How many lanes are attached.
+    pub fn lanes(&self) -> usize {
+        lock(&self.lanes).len()
+    }
+
+    /// The lane of the shard the caller runs on, if there is a live one.
+    fn lane_here(&self) -> Option<Client> {
+        self.lane_key?;
+        let shard = crate::shards::current()?;
+        lock(&self.lanes)
+            .iter()
+            .find(|(s, c)| *s == shard && !c.is_closed())
+            .map(|(_, c)| c.clone())
     }
 
     /// Tells `observer` whenever the models change from now on (for the registry).
@@ -110,8 +187,11 @@ impl Device {
     }
 
     /// A handle to send requests on this tunnel's session, once one is open: the
-    /// tunnel task opens one on demand.
+    /// tunnel task opens one on demand. On a shard with a lane of this tunnel, the lane's.
     pub async fn sender(&self) -> Result<Client, Offline> {
+        if let Some(lane) = self.lane_here() {
+            return Ok(lane);
+        }
         // The common case, a session already open, takes one lock and no waiting list.
         if let Some(session) = self.open_sender() {
             return Ok(session);
@@ -122,7 +202,7 @@ impl Device {
             tokio::pin!(opened);
             // Registered before the checks, so a session opened in between is not missed.
             opened.as_mut().enable();
-            if self.gone.load(Ordering::Acquire) {
+            if self.gone.is_cancelled() {
                 return Err(Offline);
             }
             if let Some(session) = self.open_sender() {
@@ -177,9 +257,18 @@ impl Device {
     /// Marks the tunnel gone: waiting and later requests get [`Offline`] (for the tunnel
     /// task).
     pub fn set_gone(&self) {
-        self.gone.store(true, Ordering::Release);
+        self.gone.cancel();
         self.close_session();
+        lock(&self.lanes).clear();
         self.opened.notify_waiters();
+    }
+
+    /// Waits until the tunnel is gone or replaced: its lanes end then (for their tasks).
+    pub async fn ended(&self) {
+        tokio::select! {
+            () = self.gone.cancelled() => {}
+            () = self.replaced.cancelled() => {}
+        }
     }
 
     /// Waits until a newer tunnel with the same user and device id has replaced this one (for

@@ -65,7 +65,11 @@ pub(super) async fn open(
             hello.daemon_version.len()
         );
     }
-    let device = Arc::new(Device::new(user, id, name));
+    let mut device = Device::new(user, id, name);
+    if hello.lanes && state.lanes > 1 {
+        device = device.with_lanes();
+    }
+    let device = Arc::new(device);
     let offered = hello.models.len();
     let models = proto::sane_models(hello.models);
     if models.len() < offered {
@@ -163,6 +167,7 @@ fn kind(control: &Control) -> &'static str {
         Control::Models { .. } => "models",
         Control::Drain => "drain",
         Control::SessionEnd => "session_end",
+        Control::Lanes { .. } => "lanes",
     }
 }
 

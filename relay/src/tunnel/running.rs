@@ -220,6 +220,7 @@ async fn session(
     device.open_session(sender);
     let _open = state.metrics.session_open();
     debug!("session open");
+    ask_for_lanes(state, device, &outbox);
     let mut drained = None;
     let mut cut_short = false;
     let ended = loop {
@@ -280,6 +281,19 @@ async fn session(
         .await
         .map_err(|err| Stop::Failed(anyhow::Error::new(err).context("ending a session")))?;
     Ok(Some(link))
+}
+
+/// Asks the daemon of a device that has just become busy for a lane on each shard that has
+/// none (see [`super::lane`]); nothing for a device without lanes.
+fn ask_for_lanes(state: &AppState, device: &Device, outbox: &Outbox) {
+    let (Some(key), Some(own)) = (device.lane_key(), crate::shards::current()) else {
+        return;
+    };
+    let shards = device.lanes_missing(state.lanes, own);
+    if !shards.is_empty() {
+        debug!(?shards, "asking the daemon for lanes");
+        outbox.push(Control::Lanes { shards, key });
+    }
 }
 
 /// Records a tunnel's end in the audit log when dropped, however `run` returns.

@@ -1,0 +1,178 @@
+//! The daemon's end of a busy tunnel's lanes: one more connection to the relay per relay
+//! thread the relay names, each served on a thread of its own.
+//!
+//! A tunnel is one connection served by one thread here and one on the relay; when a device
+//! is busy, those two threads are the bottleneck while other cores wait. So the relay asks
+//! (`Control::Lanes`, to daemons whose hello offers lanes) for a lane to each of its other
+//! threads. Each lane is dialled like the tunnel, with the lane header naming the relay thread
+//! and the tunnel's key, then serves sessions as the tunnel does, on its own thread with its
+//! own single-threaded runtime and its own connections to Ollama: no request crosses threads
+//! on either side. The relay closes a lane once the device is idle; a lane that fails is not
+//! dialled again until the relay asks. Lanes belong to their tunnel: they drain when it
+//! drains and end when it ends (see [`Lanes`]). Every lane's request goes through the same
+//! [`Forwarder`] checks as the tunnel's.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use cloudllm_tunnel::Link;
+use cloudllm_tunnel::server::{self, LanesAsked, Served};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, debug_span, warn};
+
+use crate::dial;
+use crate::forward::Forwarder;
+use crate::state::State;
+use crate::tunnel::Session;
+
+/// The lanes of one tunnel connection. Dropping it ends them at once.
+pub struct Lanes {
+    session: Session,
+    tls: Arc<rustls::ClientConfig>,
+    state: Arc<State>,
+    /// The relay threads that have a lane running.
+    running: Arc<Mutex<HashSet<u32>>>,
+    /// Cancelled when the tunnel drains: the lanes refuse new requests and close once those
+    /// in flight have finished.
+    drain: CancellationToken,
+    /// Cancelled on drop: the lanes end now.
+    cut: CancellationToken,
+}
+
+impl Lanes {
+    /// No lanes yet, for a tunnel that drains when `drain` is cancelled.
+    pub fn new(
+        session: Session,
+        tls: Arc<rustls::ClientConfig>,
+        state: Arc<State>,
+        drain: CancellationToken,
+    ) -> Lanes {
+        Lanes {
+            session,
+            tls,
+            state,
+            running: Arc::default(),
+            drain,
+            cut: CancellationToken::new(),
+        }
+    }
+
+    /// Opens the lanes the relay asked for, except those running already.
+    pub fn open(&self, asked: LanesAsked) {
+        for shard in asked.shards {
+            if self.drain.is_cancelled() || !lock(&self.running).insert(shard) {
+                continue;
+            }
+            let lane = Lane {
+                session: self.session.clone(),
+                tls: self.tls.clone(),
+                state: self.state.clone(),
+                header: format!("{shard}.{}", asked.key),
+                drain: self.drain.clone(),
+                cut: self.cut.clone(),
+                running: Running {
+                    shards: self.running.clone(),
+                    shard,
+                },
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("cloudllmd-lane-{shard}"))
+                .spawn(move || lane.run());
+            if let Err(err) = spawned {
+                // Its `Running` went with the closure: the shard may be asked for again.
+                warn!(error = %err, "cannot start a thread for a lane; the tunnel carries its requests");
+            }
+        }
+    }
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        self.cut.cancel();
+    }
+}
+
+/// One lane, before its thread runs it.
+struct Lane {
+    session: Session,
+    tls: Arc<rustls::ClientConfig>,
+    state: Arc<State>,
+    /// The lane header's value: `SHARD.KEY`.
+    header: String,
+    drain: CancellationToken,
+    cut: CancellationToken,
+    running: Running,
+}
+
+impl Lane {
+    /// Runs the lane on the calling thread until it ends.
+    fn run(self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(err) => return warn!(error = %err, "cannot start a runtime for a lane"),
+        };
+        let span = debug_span!("lane", shard = self.running.shard);
+        let cut = self.cut.clone();
+        runtime.block_on(
+            async move {
+                tokio::select! {
+                    () = self.serve() => {}
+                    () = cut.cancelled() => debug!("tunnel ended: lane cut"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Dials the lane and serves its sessions until the relay closes it or the tunnel drains.
+    async fn serve(self) {
+        let config = &self.session.config;
+        let forwarder = match Forwarder::new(
+            config.ollama_url.clone(),
+            config.allow_model_management,
+            config.device_name.clone(),
+            self.state.clone(),
+        ) {
+            Ok(forwarder) => Arc::new(forwarder),
+            Err(err) => return warn!(error = %err, "lane not opened"),
+        };
+        let identity = (self.session.device_id.as_str(), &self.session.token);
+        let ws = match dial::dial(config, &self.tls, identity, Some(&self.header)).await {
+            Ok(ws) => ws,
+            // The tunnel carries the requests of this relay thread meanwhile.
+            Err(err) => return debug!(error = %err, "lane not opened"),
+        };
+        debug!("lane up");
+        // Relays send nothing but sessions on a lane.
+        let link = Link::new(ws, config.liveness(), Box::new(|_| {}));
+        match server::serve(link, forwarder.service(), &self.drain).await {
+            Served::Stopped(mut link) => link.close(CloseCode::Normal, "tunnel draining").await,
+            Served::Closed(_) => debug!("lane closed by the relay"),
+            Served::Failed(err) => {
+                debug!(error = %server::with_causes(err.as_ref()), "lane failed")
+            }
+        }
+    }
+}
+
+/// Marks a relay thread's lane as running until dropped.
+struct Running {
+    shards: Arc<Mutex<HashSet<u32>>>,
+    shard: u32,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        lock(&self.shards).remove(&self.shard);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

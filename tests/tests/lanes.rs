@@ -1,0 +1,196 @@
+//! Lanes: a busy device's daemon opens one more connection to each other relay thread, and a
+//! request served on a thread goes over that thread's lane (its own daemon thread and its own
+//! connection to Ollama); the lanes close once the device is idle, and the relay refuses a
+//! lane that names no tunnel, the wrong thread, or a thread that has one.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use cloudllm_e2e::{STEP, Stack, TestRelay, relay_config, token, tunnel_ws_request};
+use cloudllm_relay::Scope;
+use futures_util::StreamExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// The relay's threads in these tests.
+const THREADS: usize = 3;
+
+/// The relay's `session_idle` in these tests.
+const SESSION_IDLE: Duration = Duration::from_millis(500);
+
+/// The relay's gauge of lanes open.
+const LANES_OPEN: &str = "cloudllm_tunnel_lanes_open";
+
+fn config() -> cloudllm_relay::RelayConfig {
+    let mut config = relay_config();
+    config.threads = THREADS;
+    config.session_idle = SESSION_IDLE;
+    config
+}
+
+/// Waits until the relay has `open` lanes open; panics after a bound.
+async fn wait_lanes(relay: &TestRelay, open: f64) {
+    let started = Instant::now();
+    while relay.metric(LANES_OPEN).await != open {
+        assert!(started.elapsed() < STEP, "lanes open did not become {open}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /api/tags` as alice on a connection of its own (placed anew by the relay).
+async fn tags_on_a_new_connection(stack: &Stack) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let response = timeout(
+        STEP,
+        client
+            .get(stack.relay.api("/api/tags"))
+            .bearer_auth(token("alice", Scope::Client))
+            .send(),
+    )
+    .await
+    .expect("answered in time")
+    .expect("answered");
+    assert_eq!(response.status(), 200);
+}
+
+/// The daemon's connections to Ollama that alice's requests came on since `from` hits.
+fn backend_connections(stack: &Stack, from: usize) -> HashSet<std::net::SocketAddr> {
+    let peers = stack.backend.records.hit_peers.lock().unwrap();
+    peers[from..].iter().copied().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_device_gets_a_lane_to_every_other_thread_until_it_is_idle() {
+    let stack = Stack::with_relay_config(config()).await;
+    // Connected and idle: the tunnel alone.
+    assert_eq!(stack.relay.metric(LANES_OPEN).await, 0.0);
+
+    // The first request makes the device busy: the relay asks for a lane to each other thread.
+    tags_on_a_new_connection(&stack).await;
+    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+
+    // Connections now go round the threads, and each thread's requests go over its own lane:
+    // requests one after the other reach Ollama on one connection per thread (the tunnel's and
+    // each lane's own), where the tunnel alone would reuse one.
+    let before = stack.backend.records.hit_peers.lock().unwrap().len();
+    for _ in 0..THREADS * 3 {
+        tags_on_a_new_connection(&stack).await;
+    }
+    assert_eq!(backend_connections(&stack, before).len(), THREADS);
+
+    // A stream over a lane arrives whole.
+    for _ in 0..THREADS {
+        let response = stack
+            .post("/api/generate")
+            .json(&serde_json::json!({
+                "model": "fake", "prompt": "p", "options": {"num_predict": 20}
+            }))
+            .send()
+            .await
+            .unwrap();
+        let body = timeout(STEP, response.text()).await.unwrap().unwrap();
+        assert_eq!(body.lines().count(), 21, "{body}");
+    }
+
+    // Idle for session_idle: the lanes close with the session; the tunnel stays.
+    wait_lanes(&stack.relay, 0.0).await;
+    assert_eq!(stack.relay.relay.registry.count("alice"), 1);
+
+    // The next busy period asks for them again.
+    tags_on_a_new_connection(&stack).await;
+    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_end_with_their_tunnel() {
+    let stack = Stack::with_relay_config(config()).await;
+    tags_on_a_new_connection(&stack).await;
+    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+    let Stack {
+        relay,
+        daemon,
+        backend: _backend,
+        ..
+    } = stack;
+    daemon.stop().await.expect("the daemon stops");
+    wait_lanes(&relay, 0.0).await;
+    assert_eq!(relay.relay.registry.count("alice"), 0);
+}
+
+/// Dials a lane upgrade as alice's device with `lane` as the lane header; the upgrade's
+/// status, and for an accepted one the close code the relay ends it with.
+async fn dial_lane(stack: &Stack, device_id: &str, lane: &str) -> (u16, Option<u16>) {
+    let mut request = tunnel_ws_request(&stack.relay, "alice", device_id, "laptop");
+    request
+        .headers_mut()
+        .insert(cloudllm_proto::HEADER_LANE, lane.parse().unwrap());
+    let tcp = TcpStream::connect(stack.relay.relay.addr).await.unwrap();
+    match timeout(STEP, tokio_tungstenite::client_async(request, tcp))
+        .await
+        .expect("lane dial timed out")
+    {
+        Ok((mut ws, response)) => {
+            let code = timeout(STEP, async {
+                while let Some(message) = ws.next().await {
+                    if let Ok(Message::Close(frame)) = message {
+                        return frame.map(|f| u16::from(f.code));
+                    }
+                }
+                None
+            })
+            .await
+            .expect("the relay closed the lane");
+            (response.status().as_u16(), code)
+        }
+        Err(tungstenite::Error::Http(response)) => (response.status().as_u16(), None),
+        Err(err) => panic!("lane dial: {err}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_refuses_lanes_it_did_not_ask_for() {
+    let stack = Stack::with_relay_config(config()).await;
+    tags_on_a_new_connection(&stack).await;
+    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+    let device = stack.relay.relay.registry.devices_of("alice").remove(0);
+    let key = device.lane_key().expect("alice's tunnel has lanes");
+    let other_key = "0".repeat(32);
+    assert_ne!(key, other_key);
+    // Not SHARD.KEY.
+    assert_eq!(dial_lane(&stack, &device.id, "lane").await, (400, None));
+    assert_eq!(dial_lane(&stack, &device.id, "1.short").await, (400, None));
+    // A key no tunnel has.
+    assert_eq!(
+        dial_lane(&stack, &device.id, &format!("1.{other_key}")).await,
+        (410, None)
+    );
+    // Another device's id with the right key.
+    assert_eq!(
+        dial_lane(&stack, "other", &format!("1.{key}")).await,
+        (410, None)
+    );
+    // A thread the relay does not run: the upgrade lands on another.
+    assert_eq!(
+        dial_lane(&stack, &device.id, &format!("{THREADS}.{key}"))
+            .await
+            .0,
+        409
+    );
+    // A thread whose lane is open already: upgraded, then closed as a policy violation.
+    let own = (0..THREADS)
+        .find(|&shard| device.lanes_missing(THREADS, shard).is_empty())
+        .expect("the tunnel's own thread is the one without a lane");
+    let laned = (own + 1) % THREADS;
+    assert_eq!(
+        dial_lane(&stack, &device.id, &format!("{laned}.{key}")).await,
+        (101, Some(1008))
+    );
+    // The lanes the daemon opened are still there, and requests are served.
+    assert_eq!(stack.relay.metric(LANES_OPEN).await, (THREADS - 1) as f64);
+    tags_on_a_new_connection(&stack).await;
+}
