@@ -117,15 +117,16 @@ impl Lane {
         };
         let span = debug_span!("lane", shard = self.running.shard);
         let cut = self.cut.clone();
-        runtime.block_on(
-            async move {
-                tokio::select! {
-                    () = self.serve() => {}
-                    () = cut.cancelled() => debug!("tunnel ended: lane cut"),
-                }
+        runtime.block_on(async move {
+            // In a task of its own: what `block_on` polls itself is woken through the
+            // runtime's waker (three system calls per wake-up), a task on this thread is not.
+            let serving = tokio::spawn(self.serve().instrument(span));
+            let serving = tokio_util::task::AbortOnDropHandle::new(serving);
+            tokio::select! {
+                _ = serving => {}
+                () = cut.cancelled() => debug!("tunnel ended: lane cut"),
             }
-            .instrument(span),
-        );
+        });
     }
 
     /// Dials the lane and serves its sessions until the relay closes it or the tunnel drains.
