@@ -6,7 +6,7 @@
 //! the tunnel task learns from here when a session is wanted, when the device has been idle
 //! long enough to close it, and when a newer tunnel has replaced this one.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ pub struct Device {
     /// Wakes the waiting requests: a session opened, or the tunnel is gone.
     opened: Notify,
     /// The tunnel is gone: no session will open again.
-    gone: CancellationToken,
+    gone: AtomicBool,
     /// Names this tunnel to its lanes' upgrades, when the relay asks it for lanes (see
     /// `tunnel::lane`).
     lane_key: Option<[u8; 16]>,
@@ -74,7 +74,7 @@ impl Device {
             wanted: Notify::new(),
             waiting: AtomicUsize::new(0),
             opened: Notify::new(),
-            gone: CancellationToken::new(),
+            gone: AtomicBool::new(false),
             lane_key: None,
             lanes: Mutex::default(),
             replaced: CancellationToken::new(),
@@ -128,7 +128,7 @@ impl Device {
     pub fn attach_lane(&self, shard: usize, lane: Client) -> bool {
         let mut lanes = lock(&self.lanes);
         lanes.retain(|(_, c)| !c.is_closed());
-        if self.gone.is_cancelled() || lanes.iter().any(|(s, _)| *s == shard) {
+        if self.gone.load(Ordering::Acquire) || lanes.iter().any(|(s, _)| *s == shard) {
             return false;
         }
         lanes.push((shard, lane));
@@ -202,7 +202,7 @@ impl Device {
             tokio::pin!(opened);
             // Registered before the checks, so a session opened in between is not missed.
             opened.as_mut().enable();
-            if self.gone.is_cancelled() {
+            if self.gone.load(Ordering::Acquire) {
                 return Err(Offline);
             }
             if let Some(session) = self.open_sender() {
@@ -257,7 +257,7 @@ impl Device {
     /// Marks the tunnel gone: waiting and later requests get [`Offline`] (for the tunnel
     /// task).
     pub fn set_gone(&self) {
-        self.gone.cancel();
+        self.gone.store(true, Ordering::Release);
         self.close_session();
         lock(&self.lanes).clear();
         self.opened.notify_waiters();
@@ -265,8 +265,20 @@ impl Device {
 
     /// Waits until the tunnel is gone or replaced: its lanes end then (for their tasks).
     pub async fn ended(&self) {
+        let gone = async {
+            loop {
+                // `set_gone` wakes the waiters of `opened` (as does each session's opening).
+                let opened = self.opened.notified();
+                tokio::pin!(opened);
+                opened.as_mut().enable();
+                if self.gone.load(Ordering::Acquire) {
+                    return;
+                }
+                opened.await;
+            }
+        };
         tokio::select! {
-            () = self.gone.cancelled() => {}
+            () = gone => {}
             () = self.replaced.cancelled() => {}
         }
     }
@@ -415,6 +427,28 @@ mod tests {
         // Nobody waits any more: a stale wake-up does not count as wanting a session.
         let wanted = tokio::time::timeout(Duration::from_secs(1), device.session_wanted()).await;
         assert!(wanted.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lanes_hear_when_their_tunnel_is_gone_or_replaced() {
+        use futures_util::FutureExt;
+        let gone = device();
+        let ended = tokio::spawn({
+            let device = gone.clone();
+            async move { device.ended().await }
+        });
+        assert!(gone.ended().now_or_never().is_none(), "ended while live");
+        // A session opening wakes the waiters too: not an end.
+        gone.opened.notify_waiters();
+        assert!(gone.ended().now_or_never().is_none(), "ended by a session");
+        gone.set_gone();
+        tokio::time::timeout(Duration::from_secs(1), ended)
+            .await
+            .expect("the lane heard the tunnel is gone")
+            .unwrap();
+        let replaced = device();
+        replaced.mark_replaced();
+        assert!(replaced.ended().now_or_never().is_some());
     }
 
     #[tokio::test(start_paused = true)]
