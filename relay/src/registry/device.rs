@@ -43,11 +43,9 @@ pub struct Device {
     opened: Notify,
     /// The tunnel is gone: no session will open again.
     gone: AtomicBool,
-    /// Names this tunnel to its lanes' upgrades, when the relay asks it for lanes (see
-    /// `tunnel::lane`).
-    lane_key: Option<[u8; 16]>,
-    /// The sessions of the tunnel's lanes, by the shard each runs on.
-    lanes: Mutex<Vec<(usize, Client)>>,
+    /// The tunnel's lanes, when the relay asks it for lanes (see `tunnel::lane`): boxed, so
+    /// that the many idle tunnels without lanes carry a pointer only.
+    lanes: Option<Box<Lanes>>,
     /// A newer tunnel with the same user and device id took this one's place in the registry.
     replaced: CancellationToken,
     /// Requests in flight on this tunnel, for least-busy routing.
@@ -75,8 +73,7 @@ impl Device {
             waiting: AtomicUsize::new(0),
             opened: Notify::new(),
             gone: AtomicBool::new(false),
-            lane_key: None,
-            lanes: Mutex::default(),
+            lanes: None,
             replaced: CancellationToken::new(),
             in_flight: AtomicUsize::new(0),
             last_active: AtomicU64::new(0),
@@ -92,65 +89,68 @@ impl Device {
         let mut key = [0; 16];
         // Without randomness, no lanes: the tunnel alone serves the device.
         if getrandom::fill(&mut key).is_ok() {
-            self.lane_key = Some(key);
+            self.lanes = Some(Box::new(Lanes {
+                key,
+                sessions: Mutex::default(),
+            }));
         }
         self
     }
 
     /// Whether the relay asks this tunnel for lanes.
     pub fn has_lanes(&self) -> bool {
-        self.lane_key.is_some()
+        self.lanes.is_some()
     }
 
     /// The key a lane of this tunnel presents (32 hex digits), if it has lanes.
     pub fn lane_key(&self) -> Option<String> {
-        let key = self.lane_key?;
-        Some(key.iter().map(|b| format!("{b:02x}")).collect())
+        let lanes = self.lanes.as_ref()?;
+        Some(lanes.key.iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// The shards of `0..shards` other than `own` that have no lane of this tunnel: empty
     /// unless it has lanes.
     pub fn lanes_missing(&self, shards: usize, own: usize) -> Vec<u32> {
-        if self.lane_key.is_none() {
+        let Some(lanes) = &self.lanes else {
             return Vec::new();
-        }
-        let lanes = lock(&self.lanes);
+        };
+        let sessions = lock(&lanes.sessions);
         (0..shards)
             .filter(|&shard| {
-                shard != own && !lanes.iter().any(|(s, c)| *s == shard && !c.is_closed())
+                shard != own && !sessions.iter().any(|(s, c)| *s == shard && !c.is_closed())
             })
             .map(|shard| shard as u32)
             .collect()
     }
 
     /// Makes `lane` the session that requests served on `shard` use, unless a live lane has
-    /// that shard already or the tunnel is gone; then returns false.
+    /// that shard already, the tunnel has no lanes or is gone; then returns false.
     pub fn attach_lane(&self, shard: usize, lane: Client) -> bool {
-        let mut lanes = lock(&self.lanes);
-        lanes.retain(|(_, c)| !c.is_closed());
-        if self.gone.load(Ordering::Acquire) || lanes.iter().any(|(s, _)| *s == shard) {
+        let Some(lanes) = &self.lanes else {
+            return false;
+        };
+        let mut sessions = lock(&lanes.sessions);
+        sessions.retain(|(_, c)| !c.is_closed());
+        if self.gone.load(Ordering::Acquire) || sessions.iter().any(|(s, _)| *s == shard) {
             return false;
         }
-        lanes.push((shard, lane));
+        sessions.push((shard, lane));
         true
     }
 
     /// Lets go of the lane on `shard`: no new request uses it, and it ends once the streams
     /// in flight end.
     pub fn detach_lane(&self, shard: usize) {
-        lock(&self.lanes).retain(|(s, _)| *s != shard);
-    }
-
-    /// How many lanes are attached.
-    pub fn lanes(&self) -> usize {
-        lock(&self.lanes).len()
+        if let Some(lanes) = &self.lanes {
+            lock(&lanes.sessions).retain(|(s, _)| *s != shard);
+        }
     }
 
     /// The lane of the shard the caller runs on, if there is a live one.
     fn lane_here(&self) -> Option<Client> {
-        self.lane_key?;
+        let lanes = self.lanes.as_ref()?;
         let shard = crate::shards::current()?;
-        lock(&self.lanes)
+        lock(&lanes.sessions)
             .iter()
             .find(|(s, c)| *s == shard && !c.is_closed())
             .map(|(_, c)| c.clone())
@@ -259,7 +259,9 @@ impl Device {
     pub fn set_gone(&self) {
         self.gone.store(true, Ordering::Release);
         self.close_session();
-        lock(&self.lanes).clear();
+        if let Some(lanes) = &self.lanes {
+            lock(&lanes.sessions).clear();
+        }
         self.opened.notify_waiters();
     }
 
@@ -333,6 +335,15 @@ impl Device {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
+}
+
+/// A tunnel's lanes (see [`Device::with_lanes`]).
+#[derive(Debug)]
+struct Lanes {
+    /// Names the tunnel to its lanes' upgrades.
+    key: [u8; 16],
+    /// The lanes' sessions, by the shard each runs on.
+    sessions: Mutex<Vec<(usize, Client)>>,
 }
 
 /// Marks one request in flight on a device; dropping it ends the request.
