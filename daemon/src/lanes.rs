@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use cloudllm_tunnel::Link;
 use cloudllm_tunnel::server::{self, LanesAsked, Served};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
@@ -31,8 +32,8 @@ pub struct Lanes {
     session: Session,
     tls: Arc<rustls::ClientConfig>,
     state: Arc<State>,
-    /// The relay threads that have a lane running.
-    running: Arc<Mutex<HashSet<u32>>>,
+    /// The lanes running.
+    running: Arc<Threads>,
     /// Cancelled when the tunnel drains: the lanes refuse new requests and close once those
     /// in flight have finished.
     drain: CancellationToken,
@@ -61,7 +62,7 @@ impl Lanes {
     /// Opens the lanes the relay asked for, except those running already.
     pub fn open(&self, asked: LanesAsked) {
         for shard in asked.shards {
-            if self.drain.is_cancelled() || !lock(&self.running).insert(shard) {
+            if self.drain.is_cancelled() || !lock(&self.running.shards).insert(shard) {
                 continue;
             }
             let lane = Lane {
@@ -72,7 +73,7 @@ impl Lanes {
                 drain: self.drain.clone(),
                 cut: self.cut.clone(),
                 running: Running {
-                    shards: self.running.clone(),
+                    threads: self.running.clone(),
                     shard,
                 },
             };
@@ -83,6 +84,22 @@ impl Lanes {
                 // Its `Running` went with the closure: the shard may be asked for again.
                 warn!(error = %err, "cannot start a thread for a lane; the tunnel carries its requests");
             }
+        }
+    }
+}
+
+impl Lanes {
+    /// Waits until no lane runs: once the tunnel drains, each ends after its requests in
+    /// flight.
+    pub async fn finished(&self) {
+        loop {
+            let ended = self.running.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if lock(&self.running.shards).is_empty() {
+                return;
+            }
+            ended.await;
         }
     }
 }
@@ -160,15 +177,24 @@ impl Lane {
     }
 }
 
+/// The lanes running, by relay thread.
+#[derive(Default)]
+struct Threads {
+    shards: Mutex<HashSet<u32>>,
+    /// Woken as each lane ends.
+    ended: Notify,
+}
+
 /// Marks a relay thread's lane as running until dropped.
 struct Running {
-    shards: Arc<Mutex<HashSet<u32>>>,
+    threads: Arc<Threads>,
     shard: u32,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        lock(&self.shards).remove(&self.shard);
+        lock(&self.threads.shards).remove(&self.shard);
+        self.threads.ended.notify_waiters();
     }
 }
 

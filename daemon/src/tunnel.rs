@@ -292,10 +292,17 @@ async fn serve(
             } else {
                 grace
             };
+            // The lanes' requests too: the lanes end when this function returns.
+            let drained = async {
+                let served = served.as_mut().await;
+                lanes.finished().await;
+                served
+            };
+            tokio::pin!(drained);
             let finished = tokio::select! {
-                finished = tokio::time::timeout(limit, served.as_mut()) => finished.ok(),
+                finished = tokio::time::timeout(limit, drained.as_mut()) => finished.ok(),
                 () = stop.now.cancelled(), if limit != grace => {
-                    tokio::time::timeout(grace, served.as_mut()).await.ok()
+                    tokio::time::timeout(grace, drained.as_mut()).await.ok()
                 }
             };
             match finished {

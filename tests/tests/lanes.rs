@@ -194,3 +194,50 @@ async fn the_relay_refuses_lanes_it_did_not_ask_for() {
     assert_eq!(stack.relay.metric(LANES_OPEN).await, (THREADS - 1) as f64);
     tags_on_a_new_connection(&stack).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_flight_on_lanes_finish_when_the_relay_shuts_down() {
+    let stack = Stack::with_relay_config(config()).await;
+    tags_on_a_new_connection(&stack).await;
+    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+
+    // One slow stream per relay thread, each on a connection of its own: the tunnel carries
+    // one, the lanes the others.
+    let before = stack.backend.records.hit_peers.lock().unwrap().len();
+    let mut streams = Vec::new();
+    for n in 0..THREADS {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let mut response = client
+            .post(stack.relay.api("/api/generate"))
+            .bearer_auth(token("alice", Scope::Client))
+            .json(&serde_json::json!({
+                "prompt": format!("lane {n}"), "options": {"num_predict": 20},
+                "fake_interval_ms": 25,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let first = timeout(STEP, response.chunk()).await.unwrap().unwrap();
+        streams.push((response, first.unwrap().to_vec()));
+    }
+    assert_eq!(backend_connections(&stack, before).len(), THREADS);
+
+    // SIGTERM: every stream, on the tunnel and on the lanes, runs to its end.
+    stack.relay.begin_shutdown();
+    for (mut response, mut body) in streams {
+        while let Some(chunk) = timeout(STEP, response.chunk()).await.unwrap().unwrap() {
+            body.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8(body).unwrap();
+        assert_eq!(text.lines().count(), 21, "{text}");
+        assert!(
+            text.lines().last().unwrap().contains(r#""done":true"#),
+            "{text}"
+        );
+    }
+}
