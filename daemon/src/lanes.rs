@@ -9,7 +9,7 @@
 //! own single-threaded runtime and its own connections to Ollama: no request crosses threads
 //! on either side. The relay closes a lane once the device is idle; a lane that fails is not
 //! dialled again until the relay asks. Lanes belong to their tunnel: they drain when it
-//! drains and end when it ends (see [`Lanes`]). Every lane's request goes through the same
+//! drains or its connection ends, finishing the requests they carry (see [`Lanes`]). Every lane's request goes through the same
 //! [`Forwarder`] checks as the tunnel's.
 
 use std::collections::HashSet;
@@ -25,9 +25,9 @@ use tracing::{Instrument, debug, debug_span, warn};
 use crate::dial;
 use crate::forward::Forwarder;
 use crate::state::State;
-use crate::tunnel::Session;
+use crate::tunnel::{RETIRE_DRAIN, Session};
 
-/// The lanes of one tunnel connection. Dropping it ends them at once.
+/// The lanes of one tunnel connection. Dropping it drains them (see [`Lanes::drop`]).
 pub struct Lanes {
     session: Session,
     tls: Arc<rustls::ClientConfig>,
@@ -104,9 +104,28 @@ impl Lanes {
     }
 }
 
-impl Drop for Lanes {
-    fn drop(&mut self) {
+impl Lanes {
+    /// Ends every lane now, with whatever it has in flight.
+    pub fn cut(&self) {
         self.cut.cancel();
+    }
+}
+
+impl Drop for Lanes {
+    /// The tunnel's connection has ended: the lanes drain (as the relay's ends of them do),
+    /// and are cut if still busy after [`RETIRE_DRAIN`].
+    fn drop(&mut self) {
+        self.drain.cancel();
+        let cut = self.cut.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !lock(&self.running.shards).is_empty() => {
+                runtime.spawn(async move {
+                    tokio::time::sleep(RETIRE_DRAIN).await;
+                    cut.cancel();
+                });
+            }
+            _ => cut.cancel(),
+        }
     }
 }
 

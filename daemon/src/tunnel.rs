@@ -239,7 +239,7 @@ async fn serve(
     let outbox = link.outbox();
     let service = forwarder.clone().service();
     let closing = CancellationToken::new();
-    // Dropped when this function returns: the lanes end with the tunnel's connection.
+    // Dropped when this function returns: the lanes drain with the tunnel's connection.
     let lanes = Lanes::new(
         session.clone(),
         tls.clone(),
@@ -312,6 +312,7 @@ async fn serve(
                         ?limit,
                         "in-flight requests still running after the drain limit: cut"
                     );
+                    lanes.cut();
                     break Served::Failed("cut after the drain limit".into());
                 }
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cloudllm_e2e::{STEP, Stack, TestRelay, relay_config, token, tunnel_ws_request};
 use cloudllm_relay::Scope;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -195,14 +195,25 @@ async fn the_relay_refuses_lanes_it_did_not_ask_for() {
     tags_on_a_new_connection(&stack).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_in_flight_on_lanes_finish_when_the_relay_shuts_down() {
-    let stack = Stack::with_relay_config(config()).await;
-    tags_on_a_new_connection(&stack).await;
-    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+/// A slow stream in flight, with what has arrived of it.
+type InFlight = (reqwest::Response, Vec<u8>);
 
-    // One slow stream per relay thread, each on a connection of its own: the tunnel carries
-    // one, the lanes the others.
+/// Makes alice's device busy, waits for its lanes, and starts one slow stream per relay thread,
+/// each on a connection of its own: the tunnel carries one, the lanes the others (checked).
+/// Returns the lanes' streams and the tunnel's.
+async fn a_slow_stream_per_thread(stack: &Stack) -> (Vec<InFlight>, InFlight) {
+    // Before there are lanes, the tunnel carries the request: its connection to Ollama is
+    // the one this request came on.
+    tags_on_a_new_connection(stack).await;
+    let tunnel_peer = *stack
+        .backend
+        .records
+        .hit_peers
+        .lock()
+        .unwrap()
+        .last()
+        .unwrap();
+    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
     let before = stack.backend.records.hit_peers.lock().unwrap().len();
     let mut streams = Vec::new();
     for n in 0..THREADS {
@@ -225,10 +236,18 @@ async fn streams_in_flight_on_lanes_finish_when_the_relay_shuts_down() {
         let first = timeout(STEP, response.chunk()).await.unwrap().unwrap();
         streams.push((response, first.unwrap().to_vec()));
     }
-    assert_eq!(backend_connections(&stack, before).len(), THREADS);
+    assert_eq!(backend_connections(stack, before).len(), THREADS);
+    let peers = stack.backend.records.hit_peers.lock().unwrap()[before..].to_vec();
+    let on_tunnel = peers
+        .iter()
+        .position(|peer| *peer == tunnel_peer)
+        .expect("one stream on the tunnel");
+    let tunnels = streams.remove(on_tunnel);
+    (streams, tunnels)
+}
 
-    // SIGTERM: every stream, on the tunnel and on the lanes, runs to its end.
-    stack.relay.begin_shutdown();
+/// Reads each stream to its end; panics unless every one arrives whole.
+async fn all_arrive_whole(streams: Vec<InFlight>) {
     for (mut response, mut body) in streams {
         while let Some(chunk) = timeout(STEP, response.chunk()).await.unwrap().unwrap() {
             body.extend_from_slice(&chunk);
@@ -240,4 +259,44 @@ async fn streams_in_flight_on_lanes_finish_when_the_relay_shuts_down() {
             "{text}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_flight_on_lanes_finish_when_the_relay_shuts_down() {
+    let stack = Stack::with_relay_config(config()).await;
+    let (mut streams, on_tunnel) = a_slow_stream_per_thread(&stack).await;
+    streams.push(on_tunnel);
+    // SIGTERM: every stream, on the tunnel and on the lanes, runs to its end.
+    stack.relay.begin_shutdown();
+    all_arrive_whole(streams).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_flight_on_lanes_finish_when_another_tunnel_takes_the_device() {
+    let stack = Stack::with_relay_config(config()).await;
+    let (streams, on_tunnel) = a_slow_stream_per_thread(&stack).await;
+    // The tunnel's own stream goes away (the caller hung up): the tunnel carries nothing.
+    drop(on_tunnel);
+    // Another connection with alice's device id: the relay closes her daemon's tunnel as
+    // replaced at once, and the lanes' streams still run to their end.
+    let old = stack.relay.relay.registry.devices_of("alice").remove(0);
+    let request = tunnel_ws_request(&stack.relay, "alice", &old.id, "laptop");
+    let tcp = TcpStream::connect(stack.relay.relay.addr).await.unwrap();
+    let (mut ws, _) = timeout(STEP, tokio_tungstenite::client_async(request, tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    let hello = cloudllm_proto::Control::Hello(cloudllm_proto::Hello {
+        protocol_version: cloudllm_proto::PROTOCOL_VERSION,
+        daemon_version: "0.0.0-other".into(),
+        models: Vec::new(),
+        lanes: false,
+    });
+    ws.send(Message::Text(hello.to_text().into()))
+        .await
+        .unwrap();
+    timeout(STEP, old.replaced())
+        .await
+        .expect("the tunnel was replaced");
+    all_arrive_whole(streams).await;
 }
