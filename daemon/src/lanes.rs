@@ -9,8 +9,8 @@
 //! own single-threaded runtime and its own connections to Ollama: no request crosses threads
 //! on either side. The relay closes a lane once the device is idle; a lane that fails is not
 //! dialled again until the relay asks. Lanes belong to their tunnel: they drain when it
-//! drains or its connection ends, finishing the requests they carry (see [`Lanes`]). Every lane's request goes through the same
-//! [`Forwarder`] checks as the tunnel's.
+//! drains or its connection ends, finishing the requests they carry (see [`Lanes`]). Every
+//! lane's request goes through the same [`Forwarder`] checks as the tunnel's.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
