@@ -37,7 +37,8 @@ pub struct Lanes {
     /// Cancelled when the tunnel drains: the lanes refuse new requests and close once those
     /// in flight have finished.
     drain: CancellationToken,
-    /// Cancelled on drop: the lanes end now.
+    /// Cancelled: the lanes end now, with whatever they carry ([`Lanes::cut`], or a while
+    /// after the drop).
     cut: CancellationToken,
 }
 
@@ -86,9 +87,7 @@ impl Lanes {
             }
         }
     }
-}
 
-impl Lanes {
     /// Waits until no lane runs: once the tunnel drains, each ends after its requests in
     /// flight.
     pub async fn finished(&self) {
@@ -102,9 +101,7 @@ impl Lanes {
             ended.await;
         }
     }
-}
 
-impl Lanes {
     /// Ends every lane now, with whatever it has in flight.
     pub fn cut(&self) {
         self.cut.cancel();
