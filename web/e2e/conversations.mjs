@@ -138,6 +138,8 @@ await check("a conversation's system prompt goes first in its requests, and in n
   await page.getByTestId('new-chat').click();
   await send(page, 'A plain question');
   await finished(page);
+  // The list shows the new conversation once it is saved, a moment after its answer ends.
+  await page.getByTestId('conversation').first().filter({ hasText: 'A plain question' }).waitFor({ timeout: STEP });
   // Back to the first conversation (the second most recent): its prompt is still sent.
   await page.getByTestId('conversation').nth(1).click();
   await page.getByTestId('msg-user').filter({ hasText: asked[1] }).waitFor({ timeout: STEP });
