@@ -38,13 +38,18 @@ async fn wait_lanes(relay: &TestRelay, open: f64) {
     }
 }
 
-/// `GET /api/tags` as alice on a connection of its own (placed anew by the relay).
-async fn tags_on_a_new_connection(stack: &Stack) {
-    let client = reqwest::Client::builder()
+/// An HTTP client that opens a connection for each request: each is placed anew by the relay.
+fn unpooled() -> reqwest::Client {
+    reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(0)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// `GET /api/tags` as alice on a connection of its own.
+async fn tags_on_a_new_connection(stack: &Stack) {
+    let client = unpooled();
     let response = timeout(
         STEP,
         client
@@ -217,12 +222,7 @@ async fn a_slow_stream_per_thread(stack: &Stack) -> (Vec<InFlight>, InFlight) {
     let before = stack.backend.records.hit_peers.lock().unwrap().len();
     let mut streams = Vec::new();
     for n in 0..THREADS {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
-        let mut response = client
+        let mut response = unpooled()
             .post(stack.relay.api("/api/generate"))
             .bearer_auth(token("alice", Scope::Client))
             .json(&serde_json::json!({
