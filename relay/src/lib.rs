@@ -7,14 +7,15 @@
 //!
 //! The modules, in the order a request meets them:
 //! - `server` accepts connections ([`tls`] terminates TLS) under the caps on unauthenticated
-//!   connections ([`connections`]) and serves HTTP/1.1 on them, plain TCP thread-per-core with
-//!   each user's connections on one thread (`shards`); `client_addr` finds the
-//!   client's address behind trusted proxies, `request_id` tags every request (an in-place
-//!   layer, `around`, as `cors` is).
+//!   connections ([`connections`]) and serves HTTP/1.1 on them, plain TCP thread-per-core
+//!   with each request on the thread of the tunnel or lane that carries it (`shards`);
+//!   `client_addr` finds the client's address behind trusted proxies, `request_id` tags every
+//!   request (an in-place layer, `around`, as `cors` is).
 //! - `admission` lets a caller in, the same way on every route: the address's failure budget
 //!   ([`limits`]), the token ([`auth`], with an identity provider's keys from [`jwks`]), the
 //!   tier ([`config`]).
-//! - `tunnel` serves `/tunnel`: daemons' tunnels, kept in the [`registry`] of devices.
+//! - `tunnel` serves `/tunnel`: daemons' tunnels, kept in the [`registry`] of devices, and
+//!   busy tunnels' lanes (one more connection per thread).
 //! - `proxy` serves `/api/*` and `/v1/*`: each request routed to one of the caller's devices
 //!   (taken from the connection straight to `proxy::ApiEntry`, not through axum's router).
 //! - [`web`] serves the web page at `/` ([`cors`] opens the API to other origins), and

@@ -2,7 +2,7 @@
 //!
 //! This is the relay's only state, and it lives exactly as long as the tunnels do. Isolation
 //! between users is enforced here: a lookup only ever sees the devices of the user it names.
-//! Each device's own state — its HTTP/2 session, requests in flight, models — is `device`.
+//! Each device's own state — its session and lanes, requests in flight, models — is `device`.
 //!
 //! Two counts bound what one user holds. Registered devices (distinct device ids) are bounded
 //! by the tier's `devices` when a tunnel registers. Open tunnels — handshaking, registered, and
