@@ -1,8 +1,9 @@
 //! Wire types and names shared by every cloudllm component.
 //!
 //! The tunnel is a WebSocket dialled out by the daemon. Its text messages carry [`Control`]
-//! messages (JSON); its binary messages carry HTTP/2 sessions, opened by the relay on demand
-//! (the relay is the HTTP/2 client and the daemon the server). Everything the two ends must
+//! messages (JSON); its binary messages carry sessions of the tunnel's multiplexer, opened by
+//! the relay on demand (the relay sends requests, the daemon answers them). A busy tunnel may
+//! get lanes: more WebSockets of the same tunnel ([`Control::Lanes`]). Everything the two ends must
 //! agree on — header names, the control messages, the protocol version and the table of Ollama
 //! endpoints a tunnel carries ([`endpoints`]) — lives here so that neither side can drift. This
 //! crate does no I/O.
@@ -99,7 +100,7 @@ pub const REPLACED_REASON: &str = "replaced by another connection with the same 
 ///
 /// The order on a tunnel: the daemon sends [`Control::Hello`] first; the relay answers
 /// [`Control::Ready`] once the device is registered (or closes the WebSocket with the reason).
-/// After that either end may send the others at any time, also while an HTTP/2 session runs.
+/// After that either end may send the others at any time, also while a session runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Control {
@@ -116,7 +117,7 @@ pub enum Control {
     /// Relay → daemon: the relay is going away (restart, token past expiry). The daemon lets
     /// the requests in flight finish, closes the tunnel and dials again at once.
     Drain,
-    /// Either way: this end's HTTP/2 session is over; no more of its bytes follow. Once both
+    /// Either way: this end's session is over; no more of its bytes follow. Once both
     /// ends have sent it the tunnel is idle, and the relay opens the next session by sending
     /// its first bytes.
     SessionEnd,
