@@ -3,10 +3,10 @@
 //! The tunnel is a WebSocket dialled out by the daemon. Its text messages carry [`Control`]
 //! messages (JSON); its binary messages carry sessions of the tunnel's multiplexer, opened by
 //! the relay on demand (the relay sends requests, the daemon answers them). A busy tunnel may
-//! get lanes: more WebSockets of the same tunnel ([`Control::Lanes`]). Everything the two ends must
-//! agree on — header names, the control messages, the protocol version and the table of Ollama
-//! endpoints a tunnel carries ([`endpoints`]) — lives here so that neither side can drift. This
-//! crate does no I/O.
+//! get lanes: more WebSockets of the same tunnel ([`Control::Lanes`]). Everything the two ends
+//! must agree on — header names, the control messages, the protocol version and the table of
+//! Ollama endpoints a tunnel carries ([`endpoints`]) — lives here so that neither side can
+//! drift. This crate does no I/O.
 
 use serde::{Deserialize, Serialize};
 
