@@ -1,6 +1,7 @@
 //! The relay in plain HTTP behind a real nginx configured with exactly the snippet the README
 //! points operators to (`packaging/nginx/cloudllm-relay.conf`): the daemon's WebSocket upgrade
-//! on `/tunnel` passes, and a streamed answer reaches the client line by line, not buffered.
+//! on `/tunnel` passes, a streamed answer reaches the client line by line, not buffered, and a
+//! busy device's lanes (one more WebSocket per relay thread) come up through it.
 //!
 //! Needs the `nginx` binary (Debian package `nginx`); `CLOUDLLM_SKIP_NGINX_TEST=1` skips the test
 //! where it is missing.
@@ -18,7 +19,10 @@ async fn behind_nginx_the_tunnel_connects_and_streams_arrive_line_by_line() {
     let Some(binary) = nginx::binary() else {
         return;
     };
-    let relay = TestRelay::start(relay_config()).await;
+    let mut config = relay_config();
+    // Three threads: the device gets a lane to each of the two its tunnel is not on.
+    config.threads = 3;
+    let relay = TestRelay::start(config).await;
     let upstream = format!(
         "upstream cloudllm_relay {{ server {}; keepalive 8; }}",
         relay.relay.addr
@@ -69,5 +73,16 @@ async fn behind_nginx_the_tunnel_connects_and_streams_arrive_line_by_line() {
     )
     .await;
     assert_eq!(tags.status(), 200);
+
+    // The requests above made the device busy: its lanes' upgrades, each naming its relay
+    // thread, pass through nginx to the thread they name.
+    let started = std::time::Instant::now();
+    while relay.metric("cloudllm_tunnel_lanes_open").await != 2.0 {
+        assert!(
+            started.elapsed() < cloudllm_e2e::STEP,
+            "the lanes did not come up through nginx"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     relay.stop().await;
 }
