@@ -442,4 +442,18 @@ mod tests {
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("client_read_timeout"), "{err}");
     }
+
+    #[test]
+    fn threads_default_to_one_per_core_and_are_bounded() {
+        let mut config = parsed("secret = \"0123456789abcdef0123456789abcdef\"\nthreads = 256");
+        assert_eq!(config.threads, MAX_THREADS);
+        assert!(config.validate().is_ok());
+        config.threads = MAX_THREADS + 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("threads is 257") && err.contains("at most 256"),
+            "{err}"
+        );
+        assert_eq!(RelayConfig::default().threads, 0, "one per core");
+    }
 }

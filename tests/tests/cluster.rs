@@ -187,6 +187,14 @@ async fn a_request_entering_at_any_node_reaches_every_device() {
         "node-to-node headers reached the device: {echoed:?}"
     );
     assert!(!echoed.contains_key("authorization"));
+    // No node asks its busy devices for lanes: a lane's upgrade could reach another node.
+    for node in nodes {
+        assert!(
+            node.registry.all().iter().all(|d| !d.has_lanes()),
+            "{}",
+            node.name
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use cloudllm_e2e::{STEP, Stack, TestRelay, relay_config, token, tunnel_ws_request};
+use cloudllm_e2e::{STEP, Stack, next_chunk, relay_config, send, token, tunnel_ws_request};
 use cloudllm_relay::Scope;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 /// The relay's threads in these tests.
@@ -29,15 +29,6 @@ fn config() -> cloudllm_relay::RelayConfig {
     config
 }
 
-/// Waits until the relay has `open` lanes open; panics after a bound.
-async fn wait_lanes(relay: &TestRelay, open: f64) {
-    let started = Instant::now();
-    while relay.metric(LANES_OPEN).await != open {
-        assert!(started.elapsed() < STEP, "lanes open did not become {open}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// An HTTP client that opens a connection for each request: each is placed anew by the relay.
 fn unpooled() -> reqwest::Client {
     reqwest::Client::builder()
@@ -49,18 +40,10 @@ fn unpooled() -> reqwest::Client {
 
 /// `GET /api/tags` as alice on a connection of its own.
 async fn tags_on_a_new_connection(stack: &Stack) {
-    let client = unpooled();
-    let response = timeout(
-        STEP,
-        client
-            .get(stack.relay.api("/api/tags"))
-            .bearer_auth(token("alice", Scope::Client))
-            .send(),
-    )
-    .await
-    .expect("answered in time")
-    .expect("answered");
-    assert_eq!(response.status(), 200);
+    let request = unpooled()
+        .get(stack.relay.api("/api/tags"))
+        .bearer_auth(token("alice", Scope::Client));
+    assert_eq!(send(request).await.status(), 200);
 }
 
 /// The daemon's connections to Ollama that alice's requests came on since `from` hits.
@@ -77,7 +60,10 @@ async fn a_busy_device_gets_a_lane_to_every_other_thread_until_it_is_idle() {
 
     // The first request makes the device busy: the relay asks for a lane to each other thread.
     tags_on_a_new_connection(&stack).await;
-    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+    stack
+        .relay
+        .wait_metric(LANES_OPEN, (THREADS - 1) as f64)
+        .await;
 
     // Connections now go round the threads, and each thread's requests go over its own lane:
     // requests one after the other reach Ollama on one connection per thread (the tunnel's and
@@ -103,19 +89,25 @@ async fn a_busy_device_gets_a_lane_to_every_other_thread_until_it_is_idle() {
     }
 
     // Idle for session_idle: the lanes close with the session; the tunnel stays.
-    wait_lanes(&stack.relay, 0.0).await;
+    stack.relay.wait_metric(LANES_OPEN, 0.0).await;
     assert_eq!(stack.relay.relay.registry.count("alice"), 1);
 
     // The next busy period asks for them again.
     tags_on_a_new_connection(&stack).await;
-    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+    stack
+        .relay
+        .wait_metric(LANES_OPEN, (THREADS - 1) as f64)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lanes_end_with_their_tunnel() {
     let stack = Stack::with_relay_config(config()).await;
     tags_on_a_new_connection(&stack).await;
-    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+    stack
+        .relay
+        .wait_metric(LANES_OPEN, (THREADS - 1) as f64)
+        .await;
     let Stack {
         relay,
         daemon,
@@ -123,7 +115,7 @@ async fn lanes_end_with_their_tunnel() {
         ..
     } = stack;
     daemon.stop().await.expect("the daemon stops");
-    wait_lanes(&relay, 0.0).await;
+    relay.wait_metric(LANES_OPEN, 0.0).await;
     assert_eq!(relay.relay.registry.count("alice"), 0);
 }
 
@@ -161,7 +153,10 @@ async fn dial_lane(stack: &Stack, device_id: &str, lane: &str) -> (u16, Option<u
 async fn the_relay_refuses_lanes_it_did_not_ask_for() {
     let stack = Stack::with_relay_config(config()).await;
     tags_on_a_new_connection(&stack).await;
-    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+    stack
+        .relay
+        .wait_metric(LANES_OPEN, (THREADS - 1) as f64)
+        .await;
     let device = stack.relay.relay.registry.devices_of("alice").remove(0);
     let key = device.lane_key().expect("alice's tunnel has lanes");
     let other_key = "0".repeat(32);
@@ -218,23 +213,24 @@ async fn a_slow_stream_per_thread(stack: &Stack) -> (Vec<InFlight>, InFlight) {
         .unwrap()
         .last()
         .unwrap();
-    wait_lanes(&stack.relay, (THREADS - 1) as f64).await;
+    stack
+        .relay
+        .wait_metric(LANES_OPEN, (THREADS - 1) as f64)
+        .await;
     let before = stack.backend.records.hit_peers.lock().unwrap().len();
     let mut streams = Vec::new();
     for n in 0..THREADS {
-        let mut response = unpooled()
+        let request = unpooled()
             .post(stack.relay.api("/api/generate"))
             .bearer_auth(token("alice", Scope::Client))
             .json(&serde_json::json!({
                 "prompt": format!("lane {n}"), "options": {"num_predict": 20},
                 "fake_interval_ms": 25,
-            }))
-            .send()
-            .await
-            .unwrap();
+            }));
+        let mut response = send(request).await;
         assert_eq!(response.status(), 200);
-        let first = timeout(STEP, response.chunk()).await.unwrap().unwrap();
-        streams.push((response, first.unwrap().to_vec()));
+        let first = next_chunk(&mut response).await.expect("a first line");
+        streams.push((response, first.to_vec()));
     }
     assert_eq!(backend_connections(stack, before).len(), THREADS);
     let peers = stack.backend.records.hit_peers.lock().unwrap()[before..].to_vec();
@@ -249,7 +245,7 @@ async fn a_slow_stream_per_thread(stack: &Stack) -> (Vec<InFlight>, InFlight) {
 /// Reads each stream to its end; panics unless every one arrives whole.
 async fn all_arrive_whole(streams: Vec<InFlight>) {
     for (mut response, mut body) in streams {
-        while let Some(chunk) = timeout(STEP, response.chunk()).await.unwrap().unwrap() {
+        while let Some(chunk) = next_chunk(&mut response).await {
             body.extend_from_slice(&chunk);
         }
         let text = String::from_utf8(body).unwrap();

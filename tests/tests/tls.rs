@@ -196,6 +196,8 @@ async fn the_daemon_tunnels_over_the_relays_own_tls_and_untrusting_clients_fail(
     let lines = take_lines(&mut buf);
     assert_eq!(lines.len(), 6);
     assert_eq!(lines.last().unwrap()["done"], true);
+    // Served on the main runtime, a TLS relay asks no tunnel for lanes (its daemon offers them).
+    assert!(relay.relay.registry.all().iter().all(|d| !d.has_lanes()));
     relay.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
