@@ -99,12 +99,13 @@ pub fn relay_endpoint(relay: &Url, path: &str) -> Url {
 pub async fn dial(
     config: &DaemonConfig,
     tls: &Arc<rustls::ClientConfig>,
-    (device_id, token): (&str, &cloudllm_proto::Secret),
+    device_id: &str,
+    token: &cloudllm_proto::Secret,
     lane: Option<&str>,
 ) -> Result<WebSocketStream<Box<dyn Stream>>, DialError> {
     tokio::time::timeout(
         DIAL_TIMEOUT,
-        dial_inner(config, tls, (device_id, token), lane),
+        dial_inner(config, tls, device_id, token, lane),
     )
     .await
     .map_err(|_| DialError::Network(format!("no answer within {DIAL_TIMEOUT:?}")))?
@@ -113,7 +114,8 @@ pub async fn dial(
 async fn dial_inner(
     config: &DaemonConfig,
     tls: &Arc<rustls::ClientConfig>,
-    (device_id, token): (&str, &cloudllm_proto::Secret),
+    device_id: &str,
+    token: &cloudllm_proto::Secret,
     lane: Option<&str>,
 ) -> Result<WebSocketStream<Box<dyn Stream>>, DialError> {
     let net =

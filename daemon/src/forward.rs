@@ -25,6 +25,7 @@ use url::Url;
 use cloudllm_tunnel::coalesce::Coalesce;
 
 use crate::allowlist::{self, Verdict};
+use crate::config::DaemonConfig;
 use crate::state::State;
 use crate::upstream::{self, Upstream};
 
@@ -118,6 +119,17 @@ impl Forwarder {
             allow_management,
             device_name,
         })
+    }
+
+    /// The forwarder the daemon's settings describe (Ollama's URL, model management, the
+    /// device's name).
+    pub fn for_config(config: &DaemonConfig, state: Arc<State>) -> anyhow::Result<Self> {
+        Forwarder::new(
+            config.ollama_url.clone(),
+            config.allow_model_management,
+            config.device_name.clone(),
+            state,
+        )
     }
 
     /// The service a tunnel's sessions (and its lanes') call for each request:

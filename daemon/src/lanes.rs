@@ -165,17 +165,12 @@ impl Lane {
     /// Dials the lane and serves its sessions until the relay closes it or the tunnel drains.
     async fn serve(self) {
         let config = &self.session.config;
-        let forwarder = match Forwarder::new(
-            config.ollama_url.clone(),
-            config.allow_model_management,
-            config.device_name.clone(),
-            self.state.clone(),
-        ) {
+        let forwarder = match Forwarder::for_config(config, self.state.clone()) {
             Ok(forwarder) => Arc::new(forwarder),
             Err(err) => return warn!(error = %err, "lane not opened"),
         };
-        let identity = (self.session.device_id.as_str(), &self.session.token);
-        let ws = match dial::dial(config, &self.tls, identity, Some(&self.header)).await {
+        let (device_id, token) = (&self.session.device_id, &self.session.token);
+        let ws = match dial::dial(config, &self.tls, device_id, token, Some(&self.header)).await {
             Ok(ws) => ws,
             // The tunnel carries the requests of this relay thread meanwhile.
             Err(err) => return debug!(error = %err, "lane not opened"),

@@ -113,12 +113,7 @@ pub async fn run(
     let state = report.state();
     let config = &session.config;
     let tls = dial::tls_config(config)?;
-    let forwarder = Arc::new(Forwarder::new(
-        config.ollama_url.clone(),
-        config.allow_model_management,
-        config.device_name.clone(),
-        state.clone(),
-    )?);
+    let forwarder = Arc::new(Forwarder::for_config(config, state.clone())?);
     let mut backoff = Backoff::new(config.reconnect_max);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     // The relay refused the token at the latest upgrade it answered: "login required" stays
@@ -129,7 +124,7 @@ pub async fn run(
             report.set_connection(Connection::Connecting);
         }
         let dialled = tokio::select! {
-            dialled = dial::dial(config, &tls, (&session.device_id, &session.token), None) => dialled,
+            dialled = dial::dial(config, &tls, &session.device_id, &session.token, None) => dialled,
             () = stop.now.cancelled() => return Ok(Finished::Stopped),
             () = stop.retire.cancelled() => return Ok(Finished::Stopped),
         };
@@ -137,7 +132,7 @@ pub async fn run(
             Ok(ws) => {
                 refused = false;
                 let started = Instant::now();
-                match serve(ws, (&session, &tls), &forwarder, &report, &stop, &up).await {
+                match serve(ws, &session, &tls, &forwarder, &report, &stop, &up).await {
                     Ended::Stopped => return Ok(Finished::Stopped),
                     Ended::Replaced if stop.superseded.is_cancelled() => {
                         info!("this device's newer tunnel took over from this one");
@@ -208,7 +203,8 @@ pub async fn run(
 /// sessions the relay opens, and keeps the relay's view of this device's models current.
 async fn serve(
     mut ws: tokio_tungstenite::WebSocketStream<Box<dyn dial::Stream>>,
-    (session, tls): (&Session, &Arc<rustls::ClientConfig>),
+    session: &Session,
+    tls: &Arc<rustls::ClientConfig>,
     forwarder: &Arc<Forwarder>,
     report: &TunnelReport,
     stop: &Stop,

@@ -147,7 +147,8 @@ impl Http {
         accept_until(listener, &self.stop.clone(), |incoming, connections| {
             let placing = self.clone().place(
                 incoming,
-                (shards.clone(), registry.clone()),
+                shards.clone(),
+                registry.clone(),
                 connections.clone(),
             );
             connections.spawn(placing);
@@ -160,7 +161,8 @@ impl Http {
     async fn place(
         self,
         incoming: Incoming<TcpStream>,
-        (shards, registry): (Arc<Shards>, Arc<Registry>),
+        shards: Arc<Shards>,
+        registry: Arc<Registry>,
         connections: TaskTracker,
     ) {
         let Incoming { io, peer, slot } = incoming;
